@@ -1,0 +1,214 @@
+"""All storage access goes through this module (fsspec): local paths, s3://, gs://, http(s)://, memory://.
+
+Every other module passes URLs and an optional ``options`` mapping (fsspec storage options, e.g.
+``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3). Credentials may also come from the
+environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``FSSPEC_S3_ENDPOINT_URL``...). Options are
+never logged and never written to outputs: use :func:`redact` before showing a URL.
+
+Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
+local disks we write a temporary sibling and rename it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+
+Options = Mapping[str, Any] | None
+T = TypeVar("T")
+
+# Errors that say the object is not there or not ours to read: retrying cannot help.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+)
+
+
+class StorageError(RuntimeError):
+    """An I/O failure that persisted after the allowed retries."""
+
+
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the backend path for ``url``. Instances are cached by fsspec."""
+    kwargs = dict(options or {})
+    if _is_http(url):
+        # One pooled client session per process (connection reuse), bounded timeouts.
+        import aiohttp
+
+        kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=60, sock_connect=10)})
+    return url_to_fs(url, **kwargs)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components onto a URL or local path with '/'."""
+    return posixpath.join(base.rstrip("/"), *parts) if parts else base
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def redact(url: str) -> str:
+    """The URL without user info or query string (which can carry credentials or signatures)."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def with_retries(
+    operation: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 4,
+    base_delay: float = 0.2,
+    max_delay: float = 5.0,
+) -> T:
+    """Run ``operation``; retry transient errors with exponential backoff and jitter.
+
+    Permanent errors (missing object, permission, bad value) are raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as exc:  # transient: connection reset, 5xx, timeouts...
+            if attempt == attempts:
+                raise StorageError(f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, options: Options = None) -> bytes:
+    """The whole object at ``url``. Raises FileNotFoundError when absent, StorageError when I/O keeps failing."""
+    fs, path = filesystem(url, options)
+    return with_retries(lambda: fs.cat_file(path), what=f"read {redact(url)}")
+
+
+def read_text(url: str, options: Options = None) -> str:
+    return read_bytes(url, options).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes, options: Options = None) -> None:
+    """Write ``data`` to ``url`` atomically (whole object or nothing), creating parent folders."""
+    fs, path = filesystem(url, options)
+    if is_local(url):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+
+
+def write_text(url: str, text: str, options: Options = None) -> None:
+    write_bytes(url, text.encode("utf-8"), options)
+
+
+def exists(url: str, options: Options = None) -> bool:
+    fs, path = filesystem(url, options)
+    return bool(with_retries(lambda: fs.exists(path), what=f"stat {redact(url)}"))
+
+
+def info(url: str, options: Options = None) -> dict[str, Any]:
+    """Backend metadata of one object (size, ETag/mtime where the backend has them)."""
+    fs, path = filesystem(url, options)
+    return with_retries(lambda: fs.info(path), what=f"stat {redact(url)}")
+
+
+def list_files(prefix: str, options: Options = None, suffix: str = "") -> list[str]:
+    """Sorted full URLs of the objects directly under ``prefix`` whose names end with ``suffix``.
+
+    A missing prefix lists as empty.
+    """
+    fs, path = filesystem(prefix, options)
+    try:
+        entries = with_retries(lambda: fs.ls(path, detail=True, refresh=True), what=f"list {redact(prefix)}")
+    except FileNotFoundError:
+        return []
+    names = sorted(
+        posixpath.basename(e["name"].rstrip("/"))
+        for e in entries
+        if e.get("type") != "directory" and e["name"].endswith(suffix)
+    )
+    return [join(prefix, n) for n in names if not n.startswith(".tmp-")]
+
+
+def glob(pattern: str, options: Options = None) -> list[str]:
+    """Sorted full URLs matching a glob pattern, with the pattern's protocol kept."""
+    fs, path = filesystem(pattern, options)
+    matches = with_retries(lambda: fs.glob(path), what=f"glob {redact(pattern)}")
+    return sorted(fs.unstrip_protocol(m) if not is_local(pattern) else m for m in matches)
+
+
+def isdir(url: str, options: Options = None) -> bool:
+    fs, path = filesystem(url, options)
+    return bool(with_retries(lambda: fs.isdir(path), what=f"stat {redact(url)}"))
+
+
+def remove(url: str, options: Options = None, recursive: bool = False) -> None:
+    """Remove an object (or a whole prefix with ``recursive``); a missing one is not an error."""
+    fs, path = filesystem(url, options)
+    try:
+        with_retries(lambda: fs.rm(path, recursive=recursive), what=f"remove {redact(url)}")
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def open_input(url: str, options: Options = None) -> Iterator[IO[bytes]]:
+    """A seekable binary file for random-access readers (pyarrow reads Parquet footers and row groups)."""
+    fs, path = filesystem(url, options)
+    f = with_retries(lambda: fs.open(path, "rb"), what=f"open {redact(url)}")
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def download(url: str, local_path: str, options: Options = None) -> None:
+    """Copy an object to a local file (for libraries that need a path, e.g. faiss.read_index)."""
+    data = read_bytes(url, options)
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    with open(local_path, "wb") as f:
+        f.write(data)
+
+
+def upload(local_path: str, url: str, options: Options = None) -> None:
+    """Copy a local file to ``url`` atomically."""
+    with open(local_path, "rb") as f:
+        write_bytes(url, f.read(), options)
