@@ -11,6 +11,7 @@ local disks we write a temporary sibling and rename it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -18,7 +19,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,9 +49,32 @@ def _is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
+# Keys of a per-protocol options mapping, e.g. {"s3": {"endpoint_url": ...}, "https": {...}}.
+PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https"})
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def options_for(url: str, options: Options) -> dict[str, Any]:
+    """The storage options that apply to ``url``.
+
+    ``options`` is either per protocol (``{"s3": {...}, "https": {...}}``) or flat; flat options are
+    object-store credentials/endpoints and apply to object-store URLs only, never to local paths or http(s)
+    (so one run can read images over https and write to s3).
+    """
+    if not options:
+        return {}
+    protocol = protocol_of(url)
+    if any(k in PROTOCOLS and isinstance(v, Mapping) for k, v in options.items()):
+        return dict(options.get(protocol) or {})
+    return {} if protocol in ("file", "local", "memory", "http", "https") else dict(options)
+
+
 def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the backend path for ``url``. Instances are cached by fsspec."""
-    kwargs = dict(options or {})
+    kwargs = options_for(url, options)
     if _is_http(url):
         # One pooled client session per process (connection reuse), bounded timeouts.
         import aiohttp
@@ -65,7 +89,23 @@ def join(base: str, *parts: str) -> str:
 
 
 def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    return protocol_of(url) in ("file", "local")
+
+
+def options_from_env() -> dict[str, Any] | None:
+    """Storage options from ``LANDMARK_INDEX_STORAGE_OPTIONS`` (JSON), so secrets never go on a command line."""
+    raw = os.environ.get("LANDMARK_INDEX_STORAGE_OPTIONS")
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"LANDMARK_INDEX_STORAGE_OPTIONS is not valid JSON ({exc.msg}); expected an object"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError("LANDMARK_INDEX_STORAGE_OPTIONS must be a JSON object of fsspec storage options")
+    return value
 
 
 def redact(url: str) -> str:
@@ -98,9 +138,13 @@ def with_retries(
             raise
         except Exception as exc:  # transient: connection reset, 5xx, timeouts...
             if attempt == attempts:
-                raise StorageError(f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+                raise StorageError(
+                    f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay)
+            log.warning(
+                "%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -183,10 +227,8 @@ def isdir(url: str, options: Options = None) -> bool:
 def remove(url: str, options: Options = None, recursive: bool = False) -> None:
     """Remove an object (or a whole prefix with ``recursive``); a missing one is not an error."""
     fs, path = filesystem(url, options)
-    try:
+    with suppress(FileNotFoundError):
         with_retries(lambda: fs.rm(path, recursive=recursive), what=f"remove {redact(url)}")
-    except FileNotFoundError:
-        pass
 
 
 @contextmanager

@@ -1,0 +1,122 @@
+"""Descriptor store: round trips, atomic commits, selective local reads, accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage, store
+from pipeline.store import ErrorRecord, LocalFeatures, StoreSettings
+
+
+def _features(rng: np.random.Generator, n: int, dim: int = 128) -> LocalFeatures:
+    desc = rng.standard_normal((n, dim)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    return LocalFeatures(
+        keypoints=rng.uniform(0, 500, (n, 2)).astype(np.float32),
+        scales=rng.choice([0.5, 1.0, 2.0], n).astype(np.float32),
+        scores=rng.uniform(0, 10, n).astype(np.float32),
+        descriptors=desc,
+    )
+
+
+def _shard(rng: np.random.Generator, prefix: str, n: int, dim: int = 16):
+    ids = [f"{prefix}{i:03d}" for i in rng.permutation(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    local = [_features(rng, int(rng.integers(0, 40))) for _ in range(n)]
+    return ids, vectors, local
+
+
+def test_round_trip_float32_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    ids, vectors, local = _shard(rng, "a", 20)
+    settings = StoreSettings(global_dtype="float32", local_dtype="float32", row_group_size=4)
+    store.write_shard(str(tmp_path), 0, ids, vectors, local, settings=settings)
+    got_ids, got_vectors = store.read_global(str(tmp_path))
+    by_id = dict(zip(got_ids, got_vectors, strict=True))
+    for i, image_id in enumerate(ids):
+        np.testing.assert_array_equal(by_id[image_id], vectors[i])
+    got_local = store.read_local(str(tmp_path), ids)
+    for i, image_id in enumerate(ids):
+        for name in ("keypoints", "scales", "scores", "descriptors"):
+            np.testing.assert_array_equal(getattr(got_local[image_id], name), getattr(local[i], name))
+
+
+def test_float16_and_int8_are_close_and_renormalised(tmp_path):
+    rng = np.random.default_rng(1)
+    ids, vectors, local = _shard(rng, "b", 10)
+    store.write_shard(str(tmp_path), 3, ids, vectors, local, settings=StoreSettings(local_dtype="int8"))
+    _, got = store.read_global(str(tmp_path))
+    assert got.dtype == np.float32
+    got_local = store.read_local(str(tmp_path), ids[:3])
+    for i in range(3):
+        desc = got_local[ids[i]].descriptors
+        if len(desc):
+            np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+            assert np.abs(desc - local[i].descriptors).max() < 0.02
+
+
+def test_only_committed_shards_are_visible(tmp_path):
+    rng = np.random.default_rng(2)
+    ids, vectors, local = _shard(rng, "c", 5)
+    store.write_shard(str(tmp_path), 0, ids, vectors, local)
+    # A writer killed after its data files but before its commit marker: shard 1 must not be read.
+    store.write_shard(str(tmp_path), 1, *_shard(rng, "d", 5))
+    storage.remove(str(tmp_path / "_commits" / "part-00001.json"))
+    assert store.committed_shards(str(tmp_path)) == [0]
+    got_ids, _ = store.read_global(str(tmp_path))
+    assert sorted(got_ids) == sorted(ids)
+    assert store.store_stats(str(tmp_path))["rows"] == 5
+
+
+def test_read_local_reads_only_needed_row_groups(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    ids, vectors, local = _shard(rng, "e", 64)
+    store.write_shard(str(tmp_path), 0, ids, vectors, local, settings=StoreSettings(row_group_size=8))
+    reader = store.LocalReader(str(tmp_path))
+    read_groups: list[list[int]] = []
+    original = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        read_groups.append(list(row_groups))
+        return original(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    wanted = sorted(ids)[:2] + sorted(ids)[-1:]
+    got = reader.read(wanted)
+    assert set(got) == set(wanted)
+    assert read_groups == [[0, 7]]  # sorted ids: the first two in group 0, the last in group 7
+    with pytest.raises(KeyError, match="nope"):
+        reader.read(["nope"])
+
+
+def test_errors_and_accounting(tmp_path):
+    rng = np.random.default_rng(4)
+    ids, vectors, local = _shard(rng, "f", 3)
+    errors = [ErrorRecord("bad1", "file:///x.jpg", "decode", "truncated", "image file is truncated")]
+    commit = store.write_shard(str(tmp_path), 0, ids, vectors, local, errors, rows=4)
+    assert (commit.ok, commit.errors, commit.reasons) == (3, 1, {"truncated": 1})
+    assert store.read_errors(str(tmp_path)).column("reason").to_pylist() == ["truncated"]
+    stats = store.store_stats(str(tmp_path))
+    assert stats == {"shards": 1, "rows": 4, "ok": 3, "errors": 1, "errors_by_reason": {"truncated": 1}}
+    with pytest.raises(ValueError, match="5 manifest rows but 3 ok"):
+        store.write_shard(str(tmp_path), 1, ids, vectors, local, errors, rows=5)
+    with pytest.raises(ValueError, match="appears twice"):
+        dup = [ErrorRecord(ids[0], "u", "fetch", "missing", "")]
+        store.write_shard(str(tmp_path), 1, ids, vectors, local, dup)
+
+
+def test_empty_shard_and_bad_settings(tmp_path):
+    errors = [ErrorRecord("x", "u", "fetch", "missing", "404")]
+    store.write_shard(str(tmp_path), 0, [], np.zeros((0, 8), np.float32), [], errors)
+    ids, vectors = store.read_global(str(tmp_path))
+    assert len(ids) == 0 and vectors.shape == (0, 8)
+    with pytest.raises(ValueError, match="local_dtype='bf16'"):
+        StoreSettings(local_dtype="bf16")
+
+
+def test_run_info_round_trip(tmp_path):
+    assert store.read_run_info(str(tmp_path)) is None
+    store.write_run_info(str(tmp_path), {"preset": "cpu-small", "manifest": "abc"})
+    assert store.read_run_info(str(tmp_path)) == {"preset": "cpu-small", "manifest": "abc"}
