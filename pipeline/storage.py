@@ -254,3 +254,21 @@ def upload(local_path: str, url: str, options: Options = None) -> None:
     """Copy a local file to ``url`` atomically."""
     with open(local_path, "rb") as f:
         write_bytes(url, f.read(), options)
+
+
+def write_parquet(url: str, table: Any, options: Options = None, **write_options: Any) -> None:
+    """Write a pyarrow Table as one Parquet object, atomically (``write_options`` go to pq.write_table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **write_options)
+    write_bytes(url, sink.getvalue().to_pybytes(), options)
+
+
+def read_parquet(url: str, options: Options = None, columns: list[str] | None = None) -> Any:
+    """One Parquet object as a pyarrow Table (only ``columns`` when given)."""
+    import pyarrow.parquet as pq
+
+    with open_input(url, options) as f:
+        return pq.read_table(f, columns=columns)

@@ -159,12 +159,6 @@ def _local_table(ids: Sequence[str], local: Sequence[LocalFeatures], dtype: str)
     )
 
 
-def _write_parquet(url: str, table: pa.Table, options: Options, row_group_size: int | None = None) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_size, compression="zstd")
-    storage.write_bytes(url, sink.getvalue().to_pybytes(), options)
-
-
 def write_shard(
     store_url: str,
     shard: int,
@@ -197,19 +191,21 @@ def write_shard(
 
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable") if n else np.zeros(0, np.int64)
     sorted_ids = [ids[i] for i in order]  # sorted ids keep row-group statistics selective for readers
-    _write_parquet(
+    storage.write_parquet(
         _shard_url(store_url, GLOBAL_DIR, shard),
         _global_table(sorted_ids, global_vectors[order], settings.global_dtype),
         options,
+        compression="zstd",
     )
-    _write_parquet(
+    storage.write_parquet(
         _shard_url(store_url, LOCAL_DIR, shard),
         _local_table(sorted_ids, [local[i] for i in order], settings.local_dtype),
         options,
-        settings.row_group_size,
+        row_group_size=settings.row_group_size,
+        compression="zstd",
     )
     error_table = pa.Table.from_pylist([asdict(e) for e in errors], schema=ERROR_SCHEMA)
-    _write_parquet(_shard_url(store_url, ERRORS_DIR, shard), error_table, options)
+    storage.write_parquet(_shard_url(store_url, ERRORS_DIR, shard), error_table, options)
     commit = ShardCommit(
         shard=shard, rows=rows, ok=n, errors=len(errors), reasons=dict(Counter(e.reason for e in errors))
     )
@@ -234,11 +230,6 @@ def global_shard_urls(store_url: str, options: Options = None) -> list[str]:
     return [_shard_url(store_url, GLOBAL_DIR, s) for s in committed_shards(store_url, options)]
 
 
-def _read_table(url: str, options: Options, columns: list[str] | None = None) -> pa.Table:
-    with storage.open_input(url, options) as f:
-        return pq.read_table(f, columns=columns)
-
-
 def _fixed_size_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     """A fixed_size_list column as an (n, width) array."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -248,7 +239,7 @@ def _fixed_size_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.n
 
 def read_global_shard(url: str, options: Options = None) -> tuple[np.ndarray, np.ndarray]:
     """One global shard file: ids (n,) object array of str, vectors (n, D) float32."""
-    table = _read_table(url, options)
+    table = storage.read_parquet(url, options)
     dim = table.schema.field("global").type.list_size
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     return ids, _fixed_size_to_numpy(table.column("global"), dim).astype(np.float32)
@@ -335,7 +326,7 @@ def read_local(store_url: str, ids: Sequence[str], options: Options = None) -> d
 def read_errors(store_url: str, options: Options = None) -> pa.Table:
     """All error records of committed shards."""
     tables = [
-        _read_table(_shard_url(store_url, ERRORS_DIR, s), options)
+        storage.read_parquet(_shard_url(store_url, ERRORS_DIR, s), options)
         for s in committed_shards(store_url, options)
     ]
     return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()

@@ -1,0 +1,124 @@
+"""The embedded demo dataset: real photos bundled with scikit-image under synthetic viewpoint changes.
+
+A fresh clone can run the whole pipeline on it without network. Each source photo plays a "landmark":
+the index holds several random homographic views of it, the queries are further views, and the ground
+truth says which index images show the same photo (GLDv2 retrieval solution format).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+
+# Colour and grey photos shipped inside scikit-image (no download needed).
+DEMO_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+MAX_SIDE = 480  # small enough for a CPU run of the whole pipeline in a few minutes
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    index_manifest: str  # Parquet manifest of the index images
+    query_manifest: str  # Parquet manifest of the query images
+    ground_truth: str  # GLDv2 retrieval solution CSV: id,images,Usage
+    landmarks: str  # Parquet id → landmark_id of the index images
+
+
+def _photo(name: str) -> np.ndarray:
+    """(H, W, 3) uint8, capped at MAX_SIDE."""
+    from skimage import data, transform
+
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3]
+    scale = MAX_SIDE / max(image.shape[:2])
+    if scale < 1:
+        image = transform.rescale(image, scale, channel_axis=-1, anti_aliasing=True, preserve_range=True)
+    return image.astype(np.uint8)
+
+
+def random_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic viewpoint change: rotation, zoom, shift and a mild perspective tilt."""
+    from skimage import transform
+
+    h, w = image.shape[:2]
+    centre = np.array([w / 2, h / 2])
+    angle = rng.uniform(-0.25, 0.25)
+    zoom = rng.uniform(0.8, 1.25)
+    shift = rng.uniform(-0.08, 0.08, 2) * [w, h]
+    tilt = rng.uniform(-4e-4, 4e-4, 2)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * zoom
+    matrix = np.eye(3)
+    matrix[:2, :2] = rot
+    matrix[:2, 2] = centre + shift - rot @ centre
+    matrix[2, :2] = tilt / max(h, w) * 100
+    warped = transform.warp(
+        image, transform.ProjectiveTransform(matrix).inverse, preserve_range=True, mode="edge"
+    )
+    return warped.astype(np.uint8)
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_demo_dataset(
+    out_url: str, views: int = 4, seed: int = 0, options: storage.Options = None
+) -> DemoDataset:
+    """Write images, manifests and ground truth under ``out_url``; deterministic for a seed."""
+    if views < 1:
+        raise ValueError(f"views={views}; must be ≥ 1")
+    rng = np.random.default_rng(seed)
+    index_rows: list[dict[str, str]] = []
+    query_rows: list[dict[str, str]] = []
+    truth: list[str] = ["id,images,Usage"]
+    for name in DEMO_PHOTOS:
+        photo = _photo(name)
+        names = []
+        for view in range(views):
+            image_id = f"{name}-{view}"
+            url = f"images/{image_id}.jpg"  # relative to the manifest: the folder can move
+            storage.write_bytes(storage.join(out_url, url), _jpeg(random_view(photo, rng)), options)
+            index_rows.append({"id": image_id, "url": url, "landmark_id": name})
+            names.append(image_id)
+        query_id = f"query-{name}"
+        url = f"images/{query_id}.jpg"
+        storage.write_bytes(storage.join(out_url, url), _jpeg(random_view(photo, rng)), options)
+        query_rows.append({"id": query_id, "url": url, "landmark_id": name})
+        truth.append(f"{query_id},{' '.join(names)},Public")
+
+    dataset = DemoDataset(
+        index_manifest=storage.join(out_url, "index.parquet"),
+        query_manifest=storage.join(out_url, "queries.parquet"),
+        ground_truth=storage.join(out_url, "ground_truth.csv"),
+        landmarks=storage.join(out_url, "landmarks.parquet"),
+    )
+    for url, rows in ((dataset.index_manifest, index_rows), (dataset.query_manifest, query_rows)):
+        storage.write_parquet(
+            url, pa.Table.from_pylist([{"id": r["id"], "url": r["url"]} for r in rows]), options
+        )
+    storage.write_parquet(
+        dataset.landmarks,
+        pa.Table.from_pylist([{"id": r["id"], "landmark_id": r["landmark_id"]} for r in index_rows]),
+        options,
+    )
+    storage.write_text(dataset.ground_truth, "\n".join(truth) + "\n", options)
+    return dataset

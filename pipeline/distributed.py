@@ -1,0 +1,402 @@
+"""Distributed extraction on Ray: manifest shards → decode tasks (CPU) → extractor actors (GPU) → shard writers.
+
+Why Ray Core rather than Ray Data: the unit of output is a descriptor shard that must commit atomically and
+account for every manifest row (ok or error record), and resume is derived from commit markers. With Core
+tasks and actors that unit is explicit: each shard's chunks flow decode → extract → one writer task, and
+the driver only moves small references and counts. Ray Data's streaming output has no notion of
+"this shard is complete", and its operator resource reservations starve on small (2-CPU) nodes.
+
+Data path per shard (the driver never touches pixels or descriptors)::
+
+    rows ──► decode_chunk (CPU task, many in parallel) ──► Extractor.extract (actor, one per GPU)
+         ──► write_shard_task (CPU task) ──► OUT/{global,local,errors}/part-K + _commits/part-K.json
+
+Backpressure: at most ``max_chunks_in_flight`` chunks are between decode and extract at any time, so
+object-store memory stays bounded while decode overlaps with extraction. Faults: decode and writer tasks
+are retried by Ray; actors restart and their pending calls are retried (``max_restarts``,
+``max_task_retries``); a killed driver resumes from the commit markers on the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import pipeline
+from pipeline import images, manifest, storage, store
+from pipeline.config import ExtractionConfig, RuntimeOptions
+from pipeline.storage import Options
+from pipeline.store import ErrorRecord, LocalFeatures, StoreSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractionJob:
+    """What to extract and where to: everything that defines the output (recorded in ``_run.json``)."""
+
+    manifest_url: str
+    out_url: str
+    config: ExtractionConfig
+    weights_url: str | None = (
+        None  # None: backbone ImageNet/shared weights or random init (see build_extractor)
+    )
+    store: StoreSettings = field(default_factory=StoreSettings)
+    shard_size: int = 1000  # manifest rows per descriptor shard: ~5k shards for GLDv2's 5M images
+    allowed_schemes: tuple[str, ...] = images.DEFAULT_ALLOWED_SCHEMES
+    max_pixels: int = images.DEFAULT_MAX_PIXELS  # decompression-bomb guard
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}; must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the job runs on Ray: nothing here changes the output."""
+
+    address: str | None = None  # None: start a local Ray (or use the one already initialised)
+    num_extractors: int | None = None  # None: one per GPU, else one CPU actor
+    actor_cpus: float = 1.0  # CPU share of a CPU-only extractor; fractional so decode tasks still run
+    decode_cpus: float = 0.25  # fractional: decode is I/O-bound and must not starve (GUIDE §5)
+    chunk_size: int = 16  # rows per decode task / extractor call
+    max_chunks_in_flight: int = 0  # 0: 4 per extractor
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+
+@dataclass
+class Progress:
+    """Counts as the run goes (sent to the ``on_progress`` callback after every chunk)."""
+
+    total_rows: int
+    skipped_rows: int  # rows of shards already committed by an earlier run
+    done_rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    shards_committed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done_rows / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass(frozen=True)
+class ExtractionSummary:
+    rows: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    shards: int
+    shards_resumed: int  # committed before this run started
+    rows_this_run: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows_this_run / max(self.seconds, 1e-9)
+
+
+# ---------------------------------------------------------------- Ray plumbing
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` or start a local Ray; keep Ray's files out of the home directory."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    temp_dir = os.environ.get("LANDMARK_INDEX_RAY_TMP") or os.path.join(
+        tempfile.gettempdir(), "landmark-index-ray"
+    )
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """Rows of one chunk after fetch + decode: images for the good ones, error records for the rest."""
+
+    ids: list[str]
+    images: list[np.ndarray]  # (3, H, W) uint8 each
+    bboxes: list[tuple[float, float, float, float] | None]
+    errors: list[ErrorRecord]
+
+
+@dataclass(frozen=True)
+class ExtractedChunk:
+    ids: list[str]
+    global_vectors: np.ndarray  # (n, D) float32
+    local: list[LocalFeatures]
+    errors: list[ErrorRecord]
+
+
+def decode_rows(rows: pa.Table, job: ExtractionJob, options: Options) -> DecodedChunk:
+    """Fetch and decode each row; a failing row becomes an error record, never an exception."""
+    ids: list[str] = []
+    decoded: list[np.ndarray] = []
+    bboxes: list[Any] = []
+    errors: list[ErrorRecord] = []
+    for row in rows.to_pylist():
+        try:
+            image = images.load_image(row, options, job.allowed_schemes, job.max_pixels)
+        except images.ImageError as exc:
+            errors.append(
+                ErrorRecord(row["id"], storage.redact(row["url"] or ""), exc.stage, exc.reason, str(exc))
+            )
+            continue
+        ids.append(row["id"])
+        decoded.append(image.numpy())
+        bboxes.append(tuple(row["bbox"]) if row.get("bbox") is not None else None)
+    return DecodedChunk(ids, decoded, bboxes, errors)
+
+
+class ExtractorActor:
+    """A thin Ray actor: loads the model once, then turns decoded chunks into descriptors."""
+
+    def __init__(
+        self, job: ExtractionJob, runtime: RuntimeOptions, options: Options, cpu_threads: int
+    ) -> None:
+        import torch
+
+        from pipeline.extract import build_extractor
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, cpu_threads))
+        self.extractor = build_extractor(job.config, job.weights_url, options=options, runtime=runtime)
+
+    def extract(self, chunk: DecodedChunk) -> ExtractedChunk:
+        import torch
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(im)) for im in chunk.images]
+        try:
+            features = self.extractor.extract(tensors, chunk.bboxes)
+        except Exception:  # isolate the image that breaks the batch: the others still get descriptors
+            return self._one_by_one(chunk, tensors)
+        return _assemble(chunk, list(zip(chunk.ids, features, strict=True)), [])
+
+    def _one_by_one(self, chunk: DecodedChunk, tensors: list[Any]) -> ExtractedChunk:
+        good, failed = [], []
+        for image_id, tensor, bbox in zip(chunk.ids, tensors, chunk.bboxes, strict=True):
+            try:
+                good.append((image_id, self.extractor.extract([tensor], [bbox])[0]))
+            except Exception as exc:
+                failed.append(
+                    ErrorRecord(image_id, "", "extract", "extract_failed", f"{type(exc).__name__}: {exc}")
+                )
+        return _assemble(chunk, good, failed)
+
+
+def _assemble(
+    chunk: DecodedChunk, good: Sequence[tuple[str, Any]], failed: list[ErrorRecord]
+) -> ExtractedChunk:
+    dim = good[0][1].global_descriptor.shape[0] if good else 0
+    vectors = np.stack([f.global_descriptor for _, f in good]) if good else np.zeros((0, dim), np.float32)
+    local = [LocalFeatures(f.keypoints, f.scales, f.scores, f.descriptors) for _, f in good]
+    return ExtractedChunk([i for i, _ in good], vectors.astype(np.float32), local, chunk.errors + failed)
+
+
+def write_chunks(
+    job: ExtractionJob, shard: int, rows: int, options: Options, *chunks: ExtractedChunk
+) -> store.ShardCommit:
+    """Join a shard's extracted chunks and commit the shard."""
+    ids = [i for c in chunks for i in c.ids]
+    dims = {c.global_vectors.shape[1] for c in chunks if len(c.ids)}
+    vectors = (
+        np.concatenate([c.global_vectors for c in chunks if len(c.ids)])
+        if dims
+        else np.zeros((0, job.config.global_dim), np.float32)
+    )
+    local = [f for c in chunks for f in c.local]
+    errors = [e for c in chunks for e in c.errors]
+    return store.write_shard(
+        job.out_url, shard, ids, vectors, local, errors, rows=rows, options=options, settings=job.store
+    )
+
+
+# ---------------------------------------------------------------- run metadata and resume
+
+
+def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) -> dict[str, Any]:
+    from pipeline.model.weights import weights_checksum
+
+    return {
+        "package_version": pipeline.__version__,
+        "preset": job.config.name,
+        "config": job.config.to_dict(),
+        "weights": storage.redact(job.weights_url) if job.weights_url else None,
+        "weights_sha256": weights_checksum(job.weights_url, options) if job.weights_url else None,
+        "manifest": storage.redact(job.manifest_url),
+        "manifest_fingerprint": fingerprint,
+        "manifest_rows": rows,
+        "shard_size": job.shard_size,
+        "store": asdict(job.store),
+    }
+
+
+def _check_resumable(existing: dict[str, Any], wanted: dict[str, Any], out_url: str) -> None:
+    """A store may only be resumed by the run that started it: same manifest, model and encoding."""
+    keys = ("manifest_fingerprint", "config", "weights_sha256", "shard_size", "store")
+    different = [k for k in keys if existing.get(k) != wanted.get(k)]
+    if different:
+        raise ValueError(
+            f"{storage.redact(out_url)} holds descriptors of a different run (differs in: {', '.join(different)}); "
+            "choose a new output location or remove the old store"
+        )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_extraction(
+    job: ExtractionJob,
+    cluster: ClusterOptions = ClusterOptions(),
+    options: Options = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> ExtractionSummary:
+    """Extract descriptors for every manifest row into the store at ``job.out_url``; resume if started.
+
+    Every manifest row ends in exactly one of: descriptors written, or an error record.
+    """
+
+    started = time.monotonic()
+    table = manifest.read_manifest(job.manifest_url, options)
+    info = run_info(job, manifest.manifest_fingerprint(table), table.num_rows, options)
+    existing = store.read_run_info(job.out_url, options)
+    if existing is None:
+        store.write_run_info(job.out_url, info, options)
+    else:
+        _check_resumable(existing, info, job.out_url)
+
+    shards = manifest.split_shards(table, job.shard_size)
+    done = set(store.committed_shards(job.out_url, options))
+    todo = [(index, rows) for index, rows in shards if index not in done]
+    progress = Progress(
+        total_rows=table.num_rows, skipped_rows=sum(rows.num_rows for i, rows in shards if i in done)
+    )
+    if todo:
+        ensure_ray(cluster.address)
+        _extract_shards(job, cluster, options, todo, progress, on_progress)
+
+    stats = store.store_stats(job.out_url, options)
+    if stats["rows"] != table.num_rows:
+        raise RuntimeError(f"store accounts for {stats['rows']} of {table.num_rows} manifest rows")
+    return ExtractionSummary(
+        rows=stats["rows"],
+        ok=stats["ok"],
+        errors=stats["errors"],
+        errors_by_reason=stats["errors_by_reason"],
+        shards=stats["shards"],
+        shards_resumed=len(done),
+        rows_this_run=progress.done_rows,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _start_actors(job: ExtractionJob, cluster: ClusterOptions, options: Options) -> list[Any]:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = cluster.num_extractors or max(gpus, 1)
+    if gpus:
+        resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": cluster.actor_cpus}
+        threads = 1
+    else:
+        resources = {"num_cpus": cluster.actor_cpus}
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // count)
+    actor_class = ray.remote(max_restarts=-1, max_task_retries=3, **resources)(ExtractorActor)
+    return [actor_class.remote(job, cluster.runtime, options, threads) for _ in range(count)]
+
+
+@dataclass
+class _ShardState:
+    rows: int
+    pending: int  # chunks not yet extracted
+    results: list[Any]  # ObjectRefs of ExtractedChunk, in chunk order
+
+
+def _extract_shards(
+    job: ExtractionJob,
+    cluster: ClusterOptions,
+    options: Options,
+    todo: list[tuple[int, pa.Table]],
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None,
+) -> None:
+    import ray
+
+    actors = _start_actors(job, cluster, options)
+    decode = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(decode_rows)
+    writer = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(write_chunks)
+    limit = cluster.max_chunks_in_flight or 4 * len(actors)
+
+    chunks: deque[tuple[int, pa.Table]] = deque(
+        (shard, rows.slice(start, cluster.chunk_size))
+        for shard, rows in todo
+        for start in range(0, rows.num_rows, cluster.chunk_size)
+    )
+    states = {
+        shard: _ShardState(rows.num_rows, -(-rows.num_rows // cluster.chunk_size), []) for shard, rows in todo
+    }
+    in_flight: dict[Any, tuple[int, int]] = {}  # extract ref → (shard, rows in chunk)
+    load = Counter({i: 0 for i in range(len(actors))})
+    actor_of: dict[Any, int] = {}
+    writes: list[Any] = []
+
+    while chunks or in_flight:
+        while chunks and len(in_flight) < limit:
+            shard, rows = chunks.popleft()
+            actor = min(load, key=load.__getitem__)  # least busy extractor
+            ref = actors[actor].extract.remote(decode.remote(rows, job, options))
+            in_flight[ref] = (shard, rows.num_rows)
+            actor_of[ref] = actor
+            load[actor] += 1
+            states[shard].results.append(ref)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            shard, count = in_flight.pop(ref)
+            load[actor_of.pop(ref)] -= 1
+            state = states[shard]
+            state.pending -= 1
+            progress.done_rows += count
+            if state.pending == 0:
+                writes.append(writer.remote(job, shard, state.rows, options, *state.results))
+        _collect_writes(writes, progress, block=False)
+        if on_progress:
+            on_progress(progress)
+    _collect_writes(writes, progress, block=True)
+    if on_progress:
+        on_progress(progress)
+
+
+def _collect_writes(writes: list[Any], progress: Progress, block: bool) -> None:
+    """Account committed shards; re-raise a writer's failure (after Ray's retries)."""
+    import ray
+
+    if not writes:
+        return
+    ready, _ = ray.wait(writes, num_returns=len(writes), timeout=None if block else 0)
+    for ref in ready:
+        commit: store.ShardCommit = ray.get(ref)
+        writes.remove(ref)
+        progress.ok += commit.ok
+        progress.errors += commit.errors
+        progress.shards_committed += 1
