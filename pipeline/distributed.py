@@ -47,12 +47,10 @@ class ExtractionJob:
     manifest_url: str
     out_url: str
     config: ExtractionConfig
-    weights_url: str | None = (
-        None  # None: backbone ImageNet/shared weights or random init (see build_extractor)
-    )
+    weights_url: str | None = None  # full DELG or backbone-only state dict, or "imagenet"; None: random init
     store: StoreSettings = field(default_factory=StoreSettings)
     shard_size: int = 1000  # manifest rows per descriptor shard: ~5k shards for GLDv2's 5M images
-    allowed_schemes: tuple[str, ...] = images.DEFAULT_ALLOWED_SCHEMES
+    allowed_schemes: frozenset[str] = images.DEFAULT_ALLOWED_SCHEMES
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # decompression-bomb guard
 
     def __post_init__(self) -> None:
@@ -131,6 +129,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
+FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "fetch_failed"})  # the rest fail in decoding
+
+
 @dataclass(frozen=True)
 class DecodedChunk:
     """Rows of one chunk after fetch + decode: images for the good ones, error records for the rest."""
@@ -159,8 +160,9 @@ def decode_rows(rows: pa.Table, job: ExtractionJob, options: Options) -> Decoded
         try:
             image = images.load_image(row, options, job.allowed_schemes, job.max_pixels)
         except images.ImageError as exc:
+            stage = "fetch" if exc.reason in FETCH_REASONS else "decode"
             errors.append(
-                ErrorRecord(row["id"], storage.redact(row["url"] or ""), exc.stage, exc.reason, str(exc))
+                ErrorRecord(row["id"], storage.redact(row["url"] or ""), stage, exc.reason, str(exc))
             )
             continue
         ids.append(row["id"])
@@ -236,14 +238,18 @@ def write_chunks(
 
 
 def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) -> dict[str, Any]:
+    from pipeline.config import PRESETS
     from pipeline.model.weights import weights_checksum
 
+    preset = next((name for name, config in PRESETS.items() if config == job.config), "custom")
     return {
         "package_version": pipeline.__version__,
-        "preset": job.config.name,
+        "preset": preset,
         "config": job.config.to_dict(),
         "weights": storage.redact(job.weights_url) if job.weights_url else None,
-        "weights_sha256": weights_checksum(job.weights_url, options) if job.weights_url else None,
+        "weights_sha256": (
+            weights_checksum(job.weights_url, options) if job.weights_url not in (None, "imagenet") else None
+        ),
         "manifest": storage.redact(job.manifest_url),
         "manifest_fingerprint": fingerprint,
         "manifest_rows": rows,
@@ -254,7 +260,14 @@ def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) 
 
 def _check_resumable(existing: dict[str, Any], wanted: dict[str, Any], out_url: str) -> None:
     """A store may only be resumed by the run that started it: same manifest, model and encoding."""
-    keys = ("manifest_fingerprint", "config", "weights_sha256", "shard_size", "store")
+    keys = (
+        "manifest_fingerprint",
+        "config",
+        "weights_sha256",
+        "backbone_weights_sha256",
+        "shard_size",
+        "store",
+    )
     different = [k for k in keys if existing.get(k) != wanted.get(k)]
     if different:
         raise ValueError(

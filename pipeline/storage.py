@@ -3,7 +3,13 @@
 Every other module passes URLs and an optional ``options`` mapping (fsspec storage options, e.g.
 ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3). Credentials may also come from the
 environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``FSSPEC_S3_ENDPOINT_URL``...). Options are
-never logged and never written to outputs: use :func:`redact` before showing a URL.
+never logged and never written to outputs: use :func:`redact` before showing a URL; error messages
+raised from here are redacted too.
+
+One option is ours, not fsspec's: ``"content_md5": True`` (s3 only) makes the S3 client send a
+Content-MD5 header on requests whose API requires an integrity checksum (multi-object delete...).
+botocore >= 1.36 sends a CRC32 checksum instead, which OpenStack Swift's s3api (and other
+S3-compatible stores that predate flexible checksums) reject with "Missing required header ... Content-MD5".
 
 Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
 local disks we write a temporary sibling and rename it.
@@ -11,11 +17,15 @@ local disks we write a temporary sibling and rename it.
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -75,12 +85,47 @@ def options_for(url: str, options: Options) -> dict[str, Any]:
 def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the backend path for ``url``. Instances are cached by fsspec."""
     kwargs = options_for(url, options)
+    if kwargs.pop("content_md5", False):
+        protocol = protocol_of(url)
+        if protocol not in ("s3", "s3a"):
+            raise ValueError(
+                f"option content_md5 applies to s3:// URLs only, not {protocol}:// ({redact(url)})"
+            )
+        if "session" in kwargs:
+            raise ValueError(
+                "option content_md5 cannot be combined with a 'session' option (it brings its own)"
+            )
+        kwargs["session"] = _content_md5_session()
     if _is_http(url):
         # One pooled client session per process (connection reuse), bounded timeouts.
         import aiohttp
 
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=60, sock_connect=10)})
     return url_to_fs(url, **kwargs)
+
+
+@functools.cache
+def _content_md5_session() -> Any:
+    """One aiobotocore session per process (so fsspec keeps caching s3fs instances) with the MD5 hook."""
+    from aiobotocore.session import AioSession
+
+    class ContentMD5Session(AioSession):
+        def __reduce__(self) -> tuple[Callable[[], Any], tuple[()]]:
+            # Filesystems are pickled to Ray workers: rebuild the session there instead of copying it.
+            return _content_md5_session, ()
+
+    session = ContentMD5Session()
+    session.register("before-call.s3", _add_content_md5)
+    return session
+
+
+def _add_content_md5(params: dict[str, Any], model: Any, **_: Any) -> None:
+    """botocore hook: add Content-MD5 to requests whose operation requires a checksum (DeleteObjects...)."""
+    body = params.get("body")
+    required = model.http_checksum_required or model.http_checksum.get("requestChecksumRequired", False)
+    if required and isinstance(body, bytes) and "Content-MD5" not in params["headers"]:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        params["headers"]["Content-MD5"] = base64.b64encode(digest).decode("ascii")
 
 
 def join(base: str, *parts: str) -> str:
@@ -119,6 +164,23 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (error messages quote URLs with signatures or user info)."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+def _redact_exception(exc: BaseException) -> None:
+    """Redact the URLs in an exception's message in place, so re-raising it leaks no credentials."""
+    exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
+    if isinstance(exc, OSError):
+        for attr in ("strerror", "filename", "filename2"):
+            if isinstance(getattr(exc, attr), str):
+                setattr(exc, attr, redact_text(getattr(exc, attr)))
+
+
 def with_retries(
     operation: Callable[[], T],
     *,
@@ -129,18 +191,21 @@ def with_retries(
 ) -> T:
     """Run ``operation``; retry transient errors with exponential backoff and jitter.
 
-    Permanent errors (missing object, permission, bad value) are raised at once.
+    Permanent errors (missing object, permission, bad value) are raised at once. URLs in error
+    messages are redacted; a cause whose message had to be redacted is not chained.
     """
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except PERMANENT_ERRORS:
+        except PERMANENT_ERRORS as exc:
+            _redact_exception(exc)
             raise
         except Exception as exc:  # transient: connection reset, 5xx, timeouts...
             if attempt == attempts:
-                raise StorageError(
-                    f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}"
-                ) from exc
+                raw = f"{type(exc).__name__}: {exc}"
+                message = redact_text(raw)
+                cause = exc if message == raw else None
+                raise StorageError(f"{what} failed after {attempts} attempts: {message}") from cause
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning(
                 "%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay
@@ -213,10 +278,22 @@ def list_files(prefix: str, options: Options = None, suffix: str = "") -> list[s
 
 
 def glob(pattern: str, options: Options = None) -> list[str]:
-    """Sorted full URLs matching a glob pattern, with the pattern's protocol kept."""
+    """Sorted full URLs matching a glob pattern, spelled like the pattern (as :func:`list_files` does)."""
     fs, path = filesystem(pattern, options)
     matches = with_retries(lambda: fs.glob(path), what=f"glob {redact(pattern)}")
-    return sorted(fs.unstrip_protocol(m) if not is_local(pattern) else m for m in matches)
+    if is_local(pattern):
+        return sorted(matches)
+    return sorted(_spelled_like(pattern, fs, m) for m in matches)
+
+
+def _spelled_like(pattern: str, fs: fsspec.AbstractFileSystem, match: str) -> str:
+    """A backend path as a URL with the pattern's own prefix: memory:// paths come back as
+    '/x/..', which ``unstrip_protocol`` turns into 'memory:///x/..', not the 'memory://x/..' we wrote."""
+    folder = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rpartition("/")[0]  # the literal part of the pattern
+    stripped = fs._strip_protocol(folder)
+    if "://" in folder and match.startswith(stripped + "/"):
+        return folder + match[len(stripped) :]
+    return fs.unstrip_protocol(match)
 
 
 def isdir(url: str, options: Options = None) -> bool:

@@ -1,8 +1,38 @@
-"""Shared fixtures. Server fixtures live in tests/servers.py and are loaded as a plugin."""
+"""Shared fixtures. Server fixtures (S3-compatible Swift, HTTP) live in tests/servers.py, loaded as a plugin."""
+
+from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
+
+import pytest
 
 # Keep torch and BLAS to the machine's cores without oversubscribing Ray workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 pytest_plugins = ["tests.servers"]
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray for the whole session (2 CPUs, like the CI machine); yields its GCS address."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="li-ray-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared beside the checkout (real data and weights); tests using it skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: real-data check skipped")
+    return SHARED

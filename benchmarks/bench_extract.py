@@ -1,0 +1,101 @@
+"""Images/s of one-image-at-a-time extraction vs the batched extractor, same images, same preset, one run.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_extract.py --preset cpu-small --images 32
+
+Images: real photos bundled with scikit-image (4 sizes), repeated and mirrored to --images. Weights: the
+shared ImageNet MobileNetV2 features for mobilenet presets when ../shared is there, else random init
+(timing does not depend on the weights' values). On CUDA (when available) both modes also run with the
+runtime options given (bf16 autocast, channels_last by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage import data
+
+from pipeline.config import RuntimeOptions, get_preset
+from pipeline.extract import Extractor, ImageFeatures, build_extractor
+
+SHARED_MOBILENET = (
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
+)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # 512×512, 400×600, 300×451, 427×640
+
+
+def benchmark_images(count: int) -> list[torch.Tensor]:
+    """``count`` uint8 (3, H, W) images cycling over the photos, every other cycle mirrored."""
+    photos = [
+        torch.from_numpy(np.ascontiguousarray(getattr(data, name)())).permute(2, 0, 1) for name in PHOTOS
+    ]
+    images = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        images.append(photo.flip(-1).contiguous() if (i // len(photos)) % 2 else photo)
+    return images
+
+
+def timed(run: Callable[[], list[ImageFeatures]], device: torch.device) -> tuple[float, list[ImageFeatures]]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def compare(extractor: Extractor, images: list[torch.Tensor]) -> None:
+    device = extractor.device
+    extractor.extract(images[:2])  # warm-up: allocator, kernels
+    single_s, single = timed(lambda: [extractor.extract_single(image) for image in images], device)
+    batched_s, batched = timed(lambda: extractor.extract(images), device)
+    worst = min(
+        float(a.global_descriptor @ b.global_descriptor) for a, b in zip(single, batched, strict=True)
+    )
+    same_counts = all(len(a.scores) == len(b.scores) for a, b in zip(single, batched, strict=True))
+    n = len(images)
+    label = f"{device.type} bs={extractor.runtime.batch_size} autocast={extractor.runtime.autocast}"
+    print(f"| {label} | one at a time | {single_s:.2f} | {n / single_s:.2f} | 1.00 |")
+    print(f"| {label} | batched | {batched_s:.2f} | {n / batched_s:.2f} | {single_s / batched_s:.2f} |")
+    print(f"  check: min global cosine single vs batched {worst:.6f}, same local counts: {same_counts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cuda-autocast", default="bf16", choices=["none", "bf16", "fp16"])
+    args = parser.parse_args()
+
+    config = get_preset(args.preset)
+    weights = (
+        str(SHARED_MOBILENET) if config.backbone == "mobilenet_v2" and SHARED_MOBILENET.exists() else None
+    )
+    images = benchmark_images(args.images)
+    shapes = sorted({tuple(image.shape[1:]) for image in images})
+    print(
+        f"preset {args.preset}, {len(images)} images of shapes {shapes}, weights: {weights or 'random init'}"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print("| device / runtime | mode | seconds | images/s | speed-up |")
+    print("|---|---|---|---|---|")
+    runs = [("cpu", RuntimeOptions(batch_size=args.batch_size))]
+    if torch.cuda.is_available():
+        cuda = RuntimeOptions(batch_size=args.batch_size, autocast=args.cuda_autocast, channels_last=True)
+        runs.append(("cuda", cuda))
+    for device, runtime in runs:
+        torch.manual_seed(0)
+        compare(build_extractor(config, weights, device=device, runtime=runtime), images)
+
+
+if __name__ == "__main__":
+    main()

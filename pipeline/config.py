@@ -1,0 +1,174 @@
+"""Extraction configs: WHAT is extracted (presets, recorded in run metadata) and HOW fast (runtime options).
+
+Both are frozen dataclasses validated on construction, so a typo or an impossible value fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision ImageNet statistics in 0..255 pixel units
+IMAGENET_STD = (58.395, 57.12, 57.375)
+DELG_MEAN = (128.0, 128.0, 128.0)  # the TF reference normalises (x − 128) / 128
+DELG_STD = (128.0, 128.0, 128.0)
+
+DELG_SCALES = (0.25, 0.35355, 0.5, 0.70711, 1.0, 1.41421, 2.0)  # powers of √2 around the capped image
+DELG_GLOBAL_SCALES = (0.70711, 1.0, 1.41421)
+
+AUTOCAST_DTYPES = ("none", "bf16", "fp16")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean settings."""
+
+    backbone: str = "resnet50"  # a name in pipeline.model.backbones.BACKBONES
+    max_side: int = 1024  # longest image side after capping (downscale only)
+    scales: tuple[float, ...] = DELG_SCALES  # image pyramid, relative to the capped image
+    global_scales: tuple[float, ...] = DELG_GLOBAL_SCALES  # subset of scales pooled into the global vector
+    attention_threshold: float = 454.6  # absolute attention cut; tied to the trained weights
+    max_local_features: int = 1000  # top-K by attention over all scales
+    pixel_mean: tuple[float, float, float] = DELG_MEAN  # per RGB channel, 0..255 units
+    pixel_std: tuple[float, float, float] = DELG_STD
+    gem_p: float = 3.0  # GeM exponent, fixed (not learned)
+    whitening: bool = True  # FC layer after GeM; off = raw GeM of the backbone
+    global_dim: int = 2048  # output dim of the whitening FC (= backbone channels when off)
+    local_dim: int = 128  # autoencoder bottleneck = local descriptor dim
+    attention_hidden: int = 512  # channels of the attention MLP's hidden 1×1 conv
+
+    def __post_init__(self) -> None:
+        # Lazy import keeps this module importable without building torch models at import time.
+        from pipeline.model.backbones import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONES)}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "global_scales", tuple(float(s) for s in self.global_scales))
+        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+        self._validate_scales()
+        self._validate_sizes()
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError(
+                f"pixel_mean/pixel_std need 3 values (RGB), got {self.pixel_mean}, {self.pixel_std}"
+            )
+        for v in self.pixel_std:
+            _check_positive("pixel_std", v)
+        global_channels = BACKBONES[self.backbone].global_channels
+        if not self.whitening and self.global_dim != global_channels:
+            raise ValueError(
+                f"global_dim {self.global_dim} without whitening must equal the {self.backbone} global "
+                f"channels ({global_channels})"
+            )
+
+    def _validate_scales(self) -> None:
+        if not self.scales:
+            raise ValueError("scales must not be empty")
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales must be distinct, got {self.scales}")
+        for s in self.scales:
+            _check_positive("each scale", s)
+        if not self.global_scales:
+            raise ValueError("global_scales must not be empty")
+        extra = sorted(set(self.global_scales) - set(self.scales))
+        if extra:
+            raise ValueError(f"global_scales {extra} are not in scales {self.scales}")
+
+    def _validate_sizes(self) -> None:
+        for name in ("max_side", "global_dim", "local_dim", "attention_hidden", "max_local_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_positive("gem_p", self.gem_p)
+        if self.attention_threshold < 0:
+            raise ValueError(
+                f"attention_threshold must be >= 0 (softplus output), got {self.attention_threshold}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractionConfig:
+        return cls(**_known_fields(cls, d))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How fast extraction runs; does not change what is extracted (beyond float rounding)."""
+
+    batch_size: int = 8  # images per forward pass (per scale)
+    autocast: str = "none"  # CUDA mixed precision: "bf16", "fp16" or "none"
+    channels_last: bool = False  # NHWC memory format (faster convs on tensor cores)
+    compile: bool = False  # torch.compile the extraction forward (dynamic shapes)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast {self.autocast!r} is not supported; allowed: {list(AUTOCAST_DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RuntimeOptions:
+        return cls(**_known_fields(cls, d))
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(allowed)}")
+    return dict(d)
+
+
+PRESETS: dict[str, ExtractionConfig] = {
+    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt).
+    "delg-r50-gldv2": ExtractionConfig(),
+    # Reference DELG R101: same pipeline, its own attention threshold.
+    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101", attention_threshold=357.48),
+    # Quality checks with the shared ImageNet MobileNetV2 (no DELG training): ImageNet normalisation, raw
+    # 1280-d GeM (an untrained whitening FC would scramble it). ImageNet objects span ~224 px, so a 512 cap
+    # with scales 0.5–1.0 keeps objects near that size; upsampling (√2, 2) adds cost, not ImageNet detail.
+    # The attention head is untrained, so no absolute threshold: keep the top 1000 by attention.
+    "delg-mobilenetv2-imagenet": ExtractionConfig(
+        backbone="mobilenet_v2",
+        max_side=512,
+        scales=(0.5, 0.70711, 1.0),
+        global_scales=(0.70711, 1.0),
+        attention_threshold=0.0,
+        pixel_mean=IMAGENET_MEAN,
+        pixel_std=IMAGENET_STD,
+        whitening=False,
+        global_dim=1280,
+    ),
+    # Small and fast on CPU for tests and demos.
+    "cpu-small": ExtractionConfig(
+        backbone="mobilenet_v2",
+        max_side=256,
+        scales=(0.70711, 1.0),
+        global_scales=(1.0,),
+        attention_threshold=0.0,
+        max_local_features=200,
+        pixel_mean=IMAGENET_MEAN,
+        pixel_std=IMAGENET_STD,
+        whitening=False,
+        global_dim=1280,
+    ),
+}
+
+
+def get_preset(name: str) -> ExtractionConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]

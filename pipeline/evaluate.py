@@ -1,0 +1,448 @@
+"""Evaluation of search results against ground truth: Revisited Oxford/Paris and Google Landmarks v2.
+
+Input is the search-results Parquet (``query_id``, ``rank`` (1 = best), ``id``, ``score``), as written by
+``search`` or ``rerank``; ids are image names. Three protocols:
+
+- ``revisitop``: mAP and mP@{1,5,10} for the Easy / Medium / Hard settings of Radenović et al. (2018), from a
+  ``gnd_*.pkl`` ground truth. AP is the trapezoidal rule of the original Oxford protocol, junk removed first.
+- ``gldv2-retrieval``: mAP@100 of the Google Landmark Retrieval challenge, from its solution CSV
+  (``id,images,Usage``).
+- ``gldv2-recognition``: GAP (micro-AP, Perronnin et al. 2009) and top-1 accuracy of the Google Landmark
+  Recognition challenge, from its solution CSV (``id,landmarks,Usage``); the predicted landmark of a query is the
+  landmark of its top-1 retrieved image, its confidence that image's score.
+
+All figures are fractions in [0, 1]; ``queries`` entries are counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.storage import Options
+
+PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
+RESULT_COLUMNS = ("query_id", "rank", "id", "score")
+KAPPAS = (1, 5, 10)  # the revisitop mP@k cut-offs
+GLDV2_MAX_PREDICTIONS = 100  # mAP@100
+GLDV2_USAGES = ("Public", "Private", "Ignored")
+
+# Revisitop settings: which annotation lists count as positives ("ok") and which are removed ("junk").
+REVISITOP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One query's results, best first."""
+
+    ids: list[str]
+    scores: np.ndarray  # (n,) float64
+
+
+def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
+    """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
+    with storage.open_input(results_url, options) as f:
+        schema = pq.read_schema(f)
+        missing = [c for c in RESULT_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"results {storage.redact(results_url)} lack columns {missing}; "
+                f"required: {list(RESULT_COLUMNS)}, found: {schema.names}"
+            )
+        table = pq.read_table(f, columns=list(RESULT_COLUMNS))
+    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
+    ids = table["id"].to_pylist()
+    scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    starts = np.concatenate([[0], np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1, [len(ids)]]).tolist()
+    return {query_ids[a]: Ranking(ids[a:b], scores[a:b]) for a, b in itertools.pairwise(starts) if b > a}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Revisited Oxford / Paris
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles containers of plain values and numpy arrays only: a ground-truth file cannot run code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(
+                f"ground truth pickle refers to {module}.{name}; only plain data and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
+@dataclass(frozen=True)
+class RevisitopGroundTruth:
+    imlist: list[str]  # database image names
+    qimlist: list[str]  # query image names
+    gnd: list[dict[str, Any]]  # per query: bbx, easy, hard, junk (indices into imlist)
+
+
+def read_revisitop_gnd(url: str, options: Options = None) -> RevisitopGroundTruth:
+    """Read a revisitop ``gnd_*.pkl`` (dict with ``imlist``, ``qimlist``, ``gnd``)."""
+    data = _PlainUnpickler(io.BytesIO(storage.read_bytes(url, options))).load()
+    if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= data.keys():
+        raise ValueError(f"{storage.redact(url)} is not a revisitop gnd file: need keys imlist, qimlist, gnd")
+    if len(data["gnd"]) != len(data["qimlist"]):
+        raise ValueError(
+            f"{storage.redact(url)}: {len(data['gnd'])} gnd entries for {len(data['qimlist'])} queries"
+        )
+    return RevisitopGroundTruth(list(data["imlist"]), list(data["qimlist"]), list(data["gnd"]))
+
+
+def revisitop_ap(positions: np.ndarray, n_positives: int) -> float:
+    """Trapezoidal AP of the Oxford protocol.
+
+    ``positions``: sorted 0-based ranks of the retrieved positives after junk removal. The j-th positive
+    (0-based) at rank r adds the trapezoid between precision j/r (1 at r = 0) and (j+1)/(r+1) over a recall
+    step of 1/n_positives.
+    """
+    r = positions.astype(np.float64)
+    j = np.arange(len(r), dtype=np.float64)
+    precision_0 = np.divide(j, r, out=np.ones_like(r), where=r > 0)
+    precision_1 = (j + 1) / (r + 1)
+    return float(np.sum((precision_0 + precision_1) / 2) / n_positives)
+
+
+def revisitop_precision_at(positions: np.ndarray, k: int) -> float:
+    """Revisitop mP@k term: precision at min(k, rank of the last positive) (1-based), so a query whose
+    positives are all found before k is not penalised for having fewer than k of them."""
+    ranks_1 = positions + 1
+    cut = min(int(ranks_1.max()), k)
+    return float(np.count_nonzero(ranks_1 <= cut) / cut)
+
+
+def junk_removed_positions(ranking: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """0-based ranks of the ``ok`` images in ``ranking`` (N,) once the ``junk`` images are taken out of it."""
+    positives = np.flatnonzero(np.isin(ranking, ok))
+    junk_positions = np.flatnonzero(np.isin(ranking, junk))
+    # A positive moves up by the number of junk images strictly before it.
+    return positives - np.searchsorted(junk_positions, positives, side="left")
+
+
+def full_ranking(
+    ranked_ids: Sequence[str], index_of: Mapping[str, int], n_images: int, query: str
+) -> np.ndarray:
+    """imlist indices (n_images + distractors,): the returned images in rank order, then the unreturned imlist
+    images in imlist order. Returned ids outside imlist (distractors, e.g. R1M) are negatives, index -1."""
+    returned = np.fromiter((index_of.get(i, -1) for i in ranked_ids), dtype=np.int64, count=len(ranked_ids))
+    known = returned[returned >= 0]
+    if len(np.unique(known)) != len(known):
+        raise ValueError(f"query {query!r}: results list an image more than once")
+    rest = np.setdiff1d(np.arange(n_images), known, assume_unique=True)
+    return np.concatenate([returned, rest])
+
+
+def evaluate_revisitop(rankings: Mapping[str, Sequence[str]], gt: RevisitopGroundTruth) -> dict[str, dict]:
+    """mAP and mP@{1,5,10} for Easy / Medium / Hard, over every query of the ground truth.
+
+    ``rankings`` maps each query name (a ``qimlist`` entry) to its ranked database names; names outside imlist
+    are distractors (negatives). Images a query's ranking does not return are ranked after all returned ones,
+    in imlist order (so a truncated shortlist is scored as the full ranking it starts). Queries with no
+    positives in a setting are left out of its mean.
+    """
+    unknown = sorted(set(rankings) - set(gt.qimlist))
+    if unknown:
+        raise ValueError(f"result queries {unknown[:5]} are not in the ground truth qimlist")
+    missing = [q for q in gt.qimlist if q not in rankings]
+    if missing:
+        raise ValueError(f"results have no rows for {len(missing)} ground-truth queries, e.g. {missing[:5]}")
+    index_of = {name: i for i, name in enumerate(gt.imlist)}
+    if not any(i in index_of for ranked in rankings.values() for i in ranked):
+        example = next((ranked[:3] for ranked in rankings.values() if ranked), [])
+        raise ValueError(
+            f"no result id is a ground-truth imlist name (e.g. {example}); ids must be imlist entries"
+        )
+    per_setting: dict[str, list[list[float]]] = {s: [] for s in REVISITOP_SETTINGS}
+    for query, annotation in zip(gt.qimlist, gt.gnd, strict=True):
+        ranking = full_ranking(rankings[query], index_of, len(gt.imlist), query)
+        for setting, (ok_keys, junk_keys) in REVISITOP_SETTINGS.items():
+            ok = np.concatenate([np.asarray(annotation[k], dtype=np.int64) for k in ok_keys])
+            if len(ok) == 0:
+                continue
+            junk = np.concatenate([np.asarray(annotation[k], dtype=np.int64) for k in junk_keys])
+            positions = junk_removed_positions(ranking, ok, junk)
+            scores = [revisitop_ap(positions, len(ok))] + [
+                revisitop_precision_at(positions, k) for k in KAPPAS
+            ]
+            per_setting[setting].append(scores)
+    return {setting: _revisitop_means(np.asarray(rows)) for setting, rows in per_setting.items()}
+
+
+def _revisitop_means(rows: np.ndarray) -> dict[str, Any]:
+    """Means of the per-query rows (Q, 1 + len(KAPPAS)): AP, P@k..., and the query count Q."""
+    names = ["mAP"] + [f"mP@{k}" for k in KAPPAS]
+    if len(rows) == 0:
+        return {**dict.fromkeys(names), "queries": 0}  # null in JSON: no query has positives
+    return {**{n: float(v) for n, v in zip(names, rows.mean(axis=0), strict=True)}, "queries": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Google Landmarks v2
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gldv2Solution:
+    truth: dict[str, list[str]]  # query id -> relevant index ids (retrieval) or landmark ids (recognition)
+    usage: dict[str, str]  # query id -> "Public" | "Private" (Ignored queries are kept out of both maps)
+    ignored: frozenset[str]
+
+
+def read_gldv2_solution(url: str, column: str, options: Options = None) -> Gldv2Solution:
+    """Read a GLDv2 solution CSV with header ``id,<column>,Usage``; ``column`` holds space-separated ids."""
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(url, options))))
+    if not rows or not {"id", column, "Usage"} <= rows[0].keys():
+        raise ValueError(
+            f"{storage.redact(url)} is not a GLDv2 solution CSV: need a header id,{column},Usage"
+        )
+    truth, usage, ignored = {}, {}, set()
+    for row in rows:
+        if row["Usage"] not in GLDV2_USAGES:
+            raise ValueError(f"query {row['id']!r} has Usage {row['Usage']!r}; allowed: {list(GLDV2_USAGES)}")
+        if row["Usage"] == "Ignored":
+            ignored.add(row["id"])
+            continue
+        truth[row["id"]] = (row[column] or "").split()
+        usage[row["id"]] = row["Usage"]
+    return Gldv2Solution(truth, usage, frozenset(ignored))
+
+
+def _scored_queries(rankings: Mapping[str, Any], solution: Gldv2Solution) -> dict[str, Any]:
+    """The rankings of the solution's non-ignored queries; a query the solution lacks is an error."""
+    unknown = sorted(set(rankings) - set(solution.truth) - solution.ignored)
+    if unknown:
+        raise ValueError(f"result queries {unknown[:5]} are not in the GLDv2 solution")
+    return {q: r for q, r in rankings.items() if q in solution.truth}
+
+
+def gldv2_average_precision(predicted: Sequence[str], relevant: Sequence[str]) -> float:
+    """AP@100: Σ_{k≤100} P(k)·rel(k) / min(n_relevant, 100); a repeated prediction counts once."""
+    relevant_set = set(relevant)
+    seen: set[str] = set()
+    correct, total = 0, 0.0
+    for k, image in enumerate(predicted[:GLDV2_MAX_PREDICTIONS], start=1):
+        if image in seen:
+            continue
+        seen.add(image)
+        if image in relevant_set:
+            correct += 1
+            total += correct / k
+    return total / min(len(relevant_set), GLDV2_MAX_PREDICTIONS)
+
+
+def _subsets(solution: Gldv2Solution) -> dict[str, list[str]]:
+    """Query ids of all scored queries and of the Public / Private splits (empty splits left out)."""
+    subsets = {"all": list(solution.truth)}
+    for usage in ("Public", "Private"):
+        queries = [q for q, u in solution.usage.items() if u == usage]
+        if queries:
+            subsets[usage.lower()] = queries
+    return subsets
+
+
+def evaluate_gldv2_retrieval(
+    rankings: Mapping[str, Sequence[str]], solution: Gldv2Solution
+) -> dict[str, dict]:
+    """mAP@100 over the solution's non-ignored queries; a query without results scores AP 0 (challenge rule)."""
+    empty = [q for q, images in solution.truth.items() if not images]
+    if empty:
+        raise ValueError(
+            f"retrieval solution queries {empty[:5]} list no relevant images and are not Ignored"
+        )
+    scored = _scored_queries(rankings, solution)
+    aps = {q: gldv2_average_precision(scored.get(q, []), relevant) for q, relevant in solution.truth.items()}
+    return {
+        name: {"mAP@100": float(np.mean([aps[q] for q in queries])), "queries": len(queries)}
+        for name, queries in _subsets(solution).items()
+    }
+
+
+def read_landmarks(url: str, options: Options = None) -> dict[str, str]:
+    """Index id -> landmark id from a CSV or Parquet file with columns ``id`` and ``landmark_id``.
+
+    A GLDv2 ``train.csv`` (``id,url,landmark_id``) or a single-file index manifest with a ``landmark_id``
+    column both qualify. Landmark ids are compared as strings; rows without a landmark are left out.
+    """
+    if url.endswith(".parquet"):
+        with storage.open_input(url, options) as f:
+            names = pq.read_schema(f).names
+            if not {"id", "landmark_id"} <= set(names):
+                raise ValueError(f"{storage.redact(url)} needs columns id, landmark_id; found {names}")
+            table = pq.read_table(f, columns=["id", "landmark_id"])
+        pairs = zip(table["id"].to_pylist(), table["landmark_id"].to_pylist(), strict=True)
+        return {i: str(landmark) for i, landmark in pairs if landmark is not None}
+    if url.endswith(".csv"):
+        rows = csv.DictReader(io.StringIO(storage.read_text(url, options)))
+        if not {"id", "landmark_id"} <= set(rows.fieldnames or ()):
+            raise ValueError(f"{storage.redact(url)} needs columns id, landmark_id; found {rows.fieldnames}")
+        return {row["id"]: row["landmark_id"].strip() for row in rows if (row["landmark_id"] or "").strip()}
+    raise ValueError(f"landmark map {storage.redact(url)}: expected a .csv or .parquet file")
+
+
+def recognition_predictions(
+    rankings: Mapping[str, Ranking], landmarks: Mapping[str, str]
+) -> dict[str, tuple[str, float]]:
+    """Per query, (landmark of its top-1 retrieved image, that image's score)."""
+    predictions = {}
+    for query, ranking in rankings.items():
+        top_id, score = ranking.ids[0], float(ranking.scores[0])
+        if top_id not in landmarks:
+            raise ValueError(
+                f"query {query!r}: top-1 image {top_id!r} has no landmark_id in the landmark map"
+            )
+        predictions[query] = (landmarks[top_id], score)
+    return predictions
+
+
+def global_average_precision(
+    predictions: Mapping[str, tuple[str, float]], truth: Mapping[str, Sequence[str]]
+) -> float:
+    """GAP = (1/M) Σ_i P(i)·rel(i) over all predictions sorted by confidence (ties: query id, then landmark).
+
+    M counts the queries with a ground-truth landmark; a confident prediction on a query without one lowers
+    P(i) for every prediction after it.
+    """
+    n_with_landmark = sum(1 for landmarks in truth.values() if landmarks)
+    if n_with_landmark == 0:
+        raise ValueError("GAP is undefined: no query of the solution has a ground-truth landmark")
+    ordered = sorted(predictions.items(), key=lambda item: (-item[1][1], item[0], item[1][0]))
+    correct, total = 0, 0.0
+    for i, (query, (landmark, _)) in enumerate(ordered, start=1):
+        if landmark in truth[query]:
+            correct += 1
+            total += correct / i
+    return total / n_with_landmark
+
+
+def evaluate_gldv2_recognition(
+    rankings: Mapping[str, Ranking], solution: Gldv2Solution, landmarks: Mapping[str, str]
+) -> dict[str, dict]:
+    """GAP and top-1 accuracy (over queries with a landmark) per subset, top-1 retrieval as the prediction."""
+    predictions = recognition_predictions(_scored_queries(rankings, solution), landmarks)
+    metrics = {}
+    for name, queries in _subsets(solution).items():
+        truth = {q: solution.truth[q] for q in queries}
+        subset_predictions = {q: p for q, p in predictions.items() if q in truth}
+        with_landmark = [q for q in queries if truth[q]]
+        correct = sum(1 for q in with_landmark if q in predictions and predictions[q][0] in truth[q])
+        metrics[name] = {
+            "GAP": global_average_precision(subset_predictions, truth),
+            "accuracy": correct / len(with_landmark),
+            "queries": len(queries),
+        }
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    results_url: str,
+    ground_truth_url: str,
+    protocol: str,
+    options: Options = None,
+    *,
+    landmarks_url: str | None = None,
+) -> dict[str, dict]:
+    """Score a search-results Parquet against ground truth; figures are fractions in [0, 1].
+
+    - ``revisitop``: ``ground_truth_url`` is a ``gnd_*.pkl``; returns ``{"easy"|"medium"|"hard": {"mAP",
+      "mP@1", "mP@5", "mP@10", "queries"}}``. Result ids and query ids are imlist / qimlist names (result ids
+      outside imlist count as distractors); images a query's results do not return are ranked after all
+      returned ones (in imlist order).
+    - ``gldv2-retrieval``: a solution CSV ``id,images,Usage``; returns ``{"all"|"public"|"private":
+      {"mAP@100", "queries"}}``.
+    - ``gldv2-recognition``: a solution CSV ``id,landmarks,Usage`` and ``landmarks_url``, a CSV or Parquet
+      mapping index ``id`` to ``landmark_id``; returns ``{"all"|"public"|"private": {"GAP", "accuracy",
+      "queries"}}``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
+    if protocol == "gldv2-recognition" and landmarks_url is None:
+        raise ValueError("protocol 'gldv2-recognition' needs landmarks_url (index id -> landmark_id)")
+    rankings = read_rankings(results_url, options)
+    ranked_ids = {q: ranking.ids for q, ranking in rankings.items()}
+    if protocol == "revisitop":
+        return evaluate_revisitop(ranked_ids, read_revisitop_gnd(ground_truth_url, options))
+    if protocol == "gldv2-retrieval":
+        return evaluate_gldv2_retrieval(ranked_ids, read_gldv2_solution(ground_truth_url, "images", options))
+    solution = read_gldv2_solution(ground_truth_url, "landmarks", options)
+    assert landmarks_url is not None
+    return evaluate_gldv2_recognition(rankings, solution, read_landmarks(landmarks_url, options))
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, float]], title: str) -> Any:
+    """A rich Table: one row per setting / subset, one column per figure (fractions shown as percentages)."""
+    from rich.table import Table
+
+    columns = list(dict.fromkeys(name for row in metrics.values() for name in row))
+    table = Table(title=title)
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row_name, row in metrics.items():
+        table.add_row(row_name, *(_format_figure(name, row.get(name)) for name in columns))
+    return table
+
+
+def _format_figure(name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    if name == "queries":
+        return str(int(value))
+    return f"{100 * value:.2f}"
+
+
+def run_evaluation(
+    results_url: str,
+    ground_truth_url: str,
+    protocol: str,
+    out_url: str | None = None,
+    options: Options = None,
+    *,
+    landmarks_url: str | None = None,
+) -> dict[str, dict]:
+    """``evaluate``, print the figures as a table (in %), and write them as JSON (fractions) to ``out_url``."""
+    from rich.console import Console
+
+    metrics = evaluate(results_url, ground_truth_url, protocol, options, landmarks_url=landmarks_url)
+    Console().print(metrics_table(metrics, f"{protocol}: {storage.redact(results_url)} (%)"))
+    if out_url is not None:
+        storage.write_text(out_url, json.dumps(metrics, indent=2) + "\n", options)
+    return metrics

@@ -1,0 +1,291 @@
+"""Batched multi-scale DELG extraction (pure torch, no Ray, no I/O beyond loading weights).
+
+Per image: optional bbox crop → cap the longest side (bilinear, downscale only) → for each scale resize to
+round(side · scale) (bilinear, no antialias, like the TF reference) → normalise → DELG.
+Global: per-scale L2-normalised descriptors of the global scales, summed, L2-normalised again.
+Local: all scales pooled, attention ≥ threshold, top-K by attention; keypoints are receptive-field
+centres in ORIGINAL image pixels (pixel i centred at i), so crops and resizes are undone.
+
+Images with the same capped shape have the same shape at every scale: they are grouped and run in
+chunks of ``batch_size``. A single image is a batch of one through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import storage
+from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
+from pipeline.model.delg import Delg, LocalAndGlobal
+from pipeline.model.weights import load_pretrained
+
+log = logging.getLogger(__name__)
+
+BBox = tuple[float, float, float, float]  # (x0, y0, x1, y1) in original pixels, x1/y1 exclusive
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    global_descriptor: np.ndarray  # (D,) float32, L2-normalised
+    keypoints: np.ndarray  # (N, 2) float32, (x, y) in original image pixels
+    scales: np.ndarray  # (N,) float32, pyramid scale each feature came from
+    scores: np.ndarray  # (N,) float32, attention, descending
+    descriptors: np.ndarray  # (N, local_dim) float32, L2-normalised rows
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """One input image after validation and cropping (still uint8, not yet resized)."""
+
+    pixels: torch.Tensor  # (3, h, w) uint8
+    origin: tuple[int, int]  # (x0, y0) of the crop in the original image
+    capped_size: tuple[int, int]  # (h, w) after capping the longest side
+
+
+@dataclass
+class _Accumulator:
+    """Per-image results gathered over scales (local candidates on CPU, float64 keypoints)."""
+
+    global_sum: torch.Tensor | None = None  # (D,)
+    scores: list[np.ndarray] = field(default_factory=list)  # per scale (n,)
+    keypoints: list[np.ndarray] = field(default_factory=list)  # per scale (n, 2)
+    descriptors: list[np.ndarray] = field(default_factory=list)  # per scale (n, d)
+    scales: list[np.ndarray] = field(default_factory=list)  # per scale (n,)
+
+
+def capped_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) with the longest side at most ``max_side`` (never upscaled), rounded like the reference."""
+    longest = max(height, width)
+    if longest <= max_side:
+        return height, width
+    factor = max_side / longest
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def validate_image(image: object, index: int = 0) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(
+            f"image {index} is a {type(image).__name__}; expected a uint8 torch.Tensor (3, H, W)"
+        )
+    if image.dtype != torch.uint8:
+        raise ValueError(f"image {index} has dtype {image.dtype}; expected torch.uint8 (decoded RGB)")
+    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(
+            f"image {index} has shape {tuple(image.shape)}; expected (3, H, W) RGB with H, W > 0"
+        )
+    return image
+
+
+def crop_bounds(bbox: BBox, height: int, width: int) -> tuple[int, int, int, int]:
+    """Integer pixel bounds (x0, y0, x1, y1) covering ``bbox`` (rounded outwards); it must lie in the image."""
+    if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
+        raise ValueError(f"bbox {bbox!r} must be 4 finite numbers (x0, y0, x1, y1)")
+    x0, y0, x1, y1 = math.floor(bbox[0]), math.floor(bbox[1]), math.ceil(bbox[2]), math.ceil(bbox[3])
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(
+            f"bbox {tuple(bbox)} is empty or outside the {width}x{height} image; need 0 <= x0 < x1 <= {width} "
+            f"and 0 <= y0 < y1 <= {height}"
+        )
+    return x0, y0, x1, y1
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) float → (B, C, *size), bilinear, half-pixel centres, no antialias (TF reference)."""
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+
+
+def _l2(v: torch.Tensor) -> torch.Tensor:
+    return F.normalize(v, dim=-1)
+
+
+class Extractor:
+    """Runs a DELG model over images; ``extract`` batches, ``extract_single`` is the batch-of-one path."""
+
+    def __init__(
+        self,
+        model: Delg,
+        config: ExtractionConfig,
+        runtime: RuntimeOptions | None = None,
+        device: str | torch.device | None = None,
+        weights_id: str = "random",
+    ) -> None:
+        self.config = config
+        self.runtime = runtime or RuntimeOptions()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.weights_id = weights_id  # sha256 of the weights file (or what they were), for run metadata
+        _check_model_matches(model, config)
+        model = model.to(self.device).eval()
+        if self.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.receptive_field = model.local_receptive_field()
+        self._forward = torch.compile(model.extract, dynamic=True) if self.runtime.compile else model.extract
+        self._mean = torch.tensor(config.pixel_mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(config.pixel_std, device=self.device).view(1, 3, 1, 1)
+
+    def extract(
+        self, images: Sequence[torch.Tensor], bboxes: Sequence[BBox | None] | None = None
+    ) -> list[ImageFeatures]:
+        """Features of each image (uint8 (3, H, W) RGB), in input order; shapes may differ."""
+        bboxes = [None] * len(images) if bboxes is None else list(bboxes)
+        if len(bboxes) != len(images):
+            raise ValueError(
+                f"got {len(bboxes)} bboxes for {len(images)} images; need one (or None) per image"
+            )
+        crops = [
+            self._crop(i, image, bbox) for i, (image, bbox) in enumerate(zip(images, bboxes, strict=True))
+        ]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, crop in enumerate(crops):
+            groups[crop.capped_size].append(i)
+        results: list[ImageFeatures | None] = [None] * len(crops)
+        size = self.runtime.batch_size
+        with torch.inference_mode(), self._autocast():
+            for indices in groups.values():
+                for start in range(0, len(indices), size):
+                    chunk = indices[start : start + size]
+                    for i, features in zip(
+                        chunk, self._extract_chunk([crops[i] for i in chunk]), strict=True
+                    ):
+                        results[i] = features
+        return results  # type: ignore[return-value]  # every index was filled by its group
+
+    def extract_single(self, image: torch.Tensor, bbox: BBox | None = None) -> ImageFeatures:
+        return self.extract([image], [bbox])[0]
+
+    def _crop(self, index: int, image: torch.Tensor, bbox: BBox | None) -> _Crop:
+        image = validate_image(image, index)
+        height, width = image.shape[-2:]
+        x0, y0, x1, y1 = (0, 0, width, height) if bbox is None else crop_bounds(bbox, height, width)
+        pixels = image[:, y0:y1, x0:x1]
+        return _Crop(pixels, (x0, y0), capped_size(y1 - y0, x1 - x0, self.config.max_side))
+
+    def _autocast(self) -> torch.autocast:
+        dtype = _AUTOCAST_DTYPES.get(self.runtime.autocast)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _extract_chunk(self, crops: list[_Crop]) -> list[ImageFeatures]:
+        """Crops sharing one capped shape → features, one forward pass per scale."""
+        batch = torch.stack([self._capped(crop) for crop in crops])  # (B, 3, h, w) float, 0..255
+        accumulators = [_Accumulator() for _ in crops]
+        for scale in self.config.scales:
+            with_global = scale in self.config.global_scales
+            output = self._run_scale(batch, scale, with_global)
+            for b, (crop, acc) in enumerate(zip(crops, accumulators, strict=True)):
+                if output.global_descriptor is not None:
+                    g = output.global_descriptor[b]  # (D,) already L2-normalised per scale
+                    acc.global_sum = g if acc.global_sum is None else acc.global_sum + g
+                self._collect_local(acc, output.attention[b], output.descriptors[b], scale, crop)
+        return [self._finish(acc) for acc in accumulators]
+
+    def _capped(self, crop: _Crop) -> torch.Tensor:
+        """(3, h, w) uint8 crop → (3, *capped_size) float32 on the device."""
+        pixels = crop.pixels.to(self.device, non_blocking=True).float().unsqueeze(0)
+        return resize(pixels, crop.capped_size).squeeze(0)
+
+    def _run_scale(self, batch: torch.Tensor, scale: float, with_global: bool) -> LocalAndGlobal:
+        """(B, 3, h, w) capped images → model outputs at ``scale``."""
+        x = resize(batch, scaled_size(*batch.shape[-2:], scale))
+        x = (x - self._mean) / self._std
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x, with_global)
+
+    def _collect_local(
+        self, acc: _Accumulator, attention: torch.Tensor, descriptors: torch.Tensor, scale: float, crop: _Crop
+    ) -> None:
+        """Keep this scale's candidates: attention ≥ threshold, then its own top-K (the final top-K over
+        all scales can only pick among these). attention (h, w), descriptors (d, h, w)."""
+        width = attention.shape[1]
+        scores = attention.float().flatten()  # (h·w,)
+        keep = torch.nonzero(scores >= self.config.attention_threshold).squeeze(1)
+        if keep.numel() > self.config.max_local_features:
+            keep = keep[torch.topk(scores[keep], self.config.max_local_features).indices]
+        rows, cols = (keep // width).cpu().numpy(), (keep % width).cpu().numpy()
+        acc.scores.append(scores[keep].cpu().numpy())
+        acc.descriptors.append(descriptors.flatten(1)[:, keep].T.float().cpu().numpy())  # (n, d)
+        acc.keypoints.append(self._keypoints(rows, cols, scale, crop))
+        acc.scales.append(np.full(len(keep), scale, dtype=np.float32))
+
+    def _keypoints(self, rows: np.ndarray, cols: np.ndarray, scale: float, crop: _Crop) -> np.ndarray:
+        """Receptive-field centres (n, 2) (x, y) in original pixels. Bilinear resizing with half-pixel
+        centres maps pixel u of a size-n image to (u + 0.5) · N / n − 0.5 of the size-N one; capping then
+        scaling composes to one such map from the crop to the scaled image."""
+        crop_h, crop_w = crop.pixels.shape[-2:]
+        scaled_h, scaled_w = scaled_size(*crop.capped_size, scale)
+        rf = self.receptive_field
+        x = (
+            (rf.offset + rf.stride * cols.astype(np.float64)) * (crop_w / scaled_w)
+            - 0.5
+            + crop.origin[0]
+        )
+        y = (
+            (rf.offset + rf.stride * rows.astype(np.float64) + 0.5) * (crop_h / scaled_h)
+            - 0.5
+            + crop.origin[1]
+        )
+        return np.stack([x, y], axis=1)
+
+    def _finish(self, acc: _Accumulator) -> ImageFeatures:
+        assert acc.global_sum is not None  # global_scales ⊆ scales is validated by the config
+        scores = np.concatenate(acc.scores)
+        order = np.argsort(-scores, kind="stable")[: self.config.max_local_features]
+        return ImageFeatures(
+            global_descriptor=_l2(acc.global_sum.float()).cpu().numpy().astype(np.float32),
+            keypoints=np.concatenate(acc.keypoints)[order].astype(np.float32),
+            scales=np.concatenate(acc.scales)[order],
+            scores=scores[order].astype(np.float32),
+            descriptors=np.concatenate(acc.descriptors)[order].astype(np.float32),
+        )
+
+
+def _check_model_matches(model: Delg, config: ExtractionConfig) -> None:
+    found = {
+        "backbone": model.backbone.spec.name,
+        "local_dim": model.autoencoder.encoder.out_channels,
+        "whitening": model.whitening is not None,
+        "global_dim": model.global_dim,
+        "gem_p": model.gem_p,
+    }
+    wrong = {k: v for k, v in found.items() if getattr(config, k) != v}
+    if wrong:
+        raise ValueError(
+            f"model does not match the config: model has {wrong}, config has "
+            f"{ {k: getattr(config, k) for k in wrong} }"
+        )
+
+
+def build_extractor(
+    config: ExtractionConfig | str,
+    weights_url: str | None = None,
+    options: storage.Options = None,
+    device: str | torch.device | None = None,
+    runtime: RuntimeOptions | None = None,
+) -> Extractor:
+    """Eval-mode extractor for ``config`` (or a preset name). ``weights_url``: a full DELG state dict, a
+    torchvision-named backbone-only state dict (e.g. the shared ImageNet MobileNetV2 features), or
+    ``"imagenet"`` (torchvision download); None: random init (tests and demos only; logged)."""
+    if isinstance(config, str):
+        config = get_preset(config)
+    model = Delg.from_config(config)
+    if weights_url is None:
+        log.warning("no weights given for %s: random init (only meaningful for tests)", config.backbone)
+        weights_id = "random"
+    else:
+        weights_id = load_pretrained(model, weights_url, options)
+    return Extractor(model, config, runtime=runtime, device=device, weights_id=weights_id)

@@ -1,0 +1,38 @@
+"""The FAISS index stage: train on a random sample, add shards in parallel Ray tasks, merge, measure, search.
+
+Output layout under an index URL ``OUT``::
+
+    OUT/trained.faiss              the trained, empty index every add task starts from
+    OUT/parts/part-00000.faiss     partial index of add task 0 (its shards' vectors, global ids)
+    OUT/parts/part-00000.ids.parquet  that task's id map
+    OUT/index.faiss                the merged index (whole, or the header of an on-disk index)
+    OUT/index.ivfdata              inverted lists of an on-disk index (local outputs only)
+    OUT/ids.parquet                id map: id int64 (faiss id) ↔ image_id string
+    OUT/params.json                factory, reason, dim, ntotal, next_id, nprobe (+ why), on_disk, timings
+    OUT/quality.json               recall@1/10/100 and queries/s per nprobe on held-out queries
+
+Ids: the store's committed shards in shard order, the n-th row overall gets id n (shard base offsets from the
+shards' row counts); added shards continue from ``next_id``; removed ids are never reused.
+"""
+
+from __future__ import annotations
+
+from pipeline.index.build import BuildConfig, build_index
+from pipeline.index.params import IndexChoice, choose_index, parse_size
+from pipeline.index.quality import QualityConfig, quality_report, recall_at
+from pipeline.index.search import search
+from pipeline.index.update import add_shards, remove_ids
+
+__all__ = [
+    "BuildConfig",
+    "IndexChoice",
+    "QualityConfig",
+    "add_shards",
+    "build_index",
+    "choose_index",
+    "parse_size",
+    "quality_report",
+    "recall_at",
+    "remove_ids",
+    "search",
+]

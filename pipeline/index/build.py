@@ -1,0 +1,358 @@
+"""Distributed index build: train once on a random sample → add shards in parallel Ray tasks → merge → measure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import storage, store
+from pipeline.index import io
+from pipeline.index.params import IndexChoice, choose_index, parse_size
+from pipeline.index.quality import QualityConfig, exact_knn, quality_report
+from pipeline.storage import Options
+
+log = logging.getLogger(__name__)
+
+MERGE_MODES = ("auto", "ram", "disk")
+MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0  # training and query samples are drawn from this seed
+    max_points_per_centroid: int = 256  # faiss k-means subsamples above this anyway
+    max_train_bytes: int = 8 * 2**30  # the float32 training sample must fit host RAM
+    tasks: int = 4  # Ray add tasks; each gets every tasks-th shard
+    task_cpus: float = 0.5  # fractional: whole-CPU tasks starve other Ray work on small machines
+    merge: str = "auto"  # "ram": merge_from in memory; "disk": merge_ondisk (local out only); "auto": by RAM
+    ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of physical RAM
+    trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
+        if self.tasks < 1 or self.task_cpus <= 0:
+            raise ValueError(f"tasks={self.tasks}, task_cpus={self.task_cpus}; need tasks ≥ 1, task_cpus > 0")
+
+
+def shard_rows(urls: Sequence[str], options: Options = None) -> list[int]:
+    """Rows of each global shard file, from its Parquet footer (no data read)."""
+    counts = []
+    for url in urls:
+        with storage.open_input(url, options) as f:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+    return counts
+
+
+def shard_dim(url: str, options: Options = None) -> int:
+    with storage.open_input(url, options) as f:
+        return pq.ParquetFile(f).schema_arrow.field("global").type.list_size
+
+
+def id_bases(counts: Sequence[int], start: int = 0) -> np.ndarray:
+    """Global int64 id of each shard's first row: ids are ``start`` + position in shard order."""
+    return start + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def sample_rows(
+    urls: Sequence[str], counts: Sequence[int], rows: np.ndarray, options: Options = None
+) -> np.ndarray:
+    """Vectors (len(rows), D) float32 at global positions ``rows`` (sorted), reading one shard at a time."""
+    bases = id_bases(counts)
+    parts = []
+    for url, base, count in zip(urls, bases, counts, strict=True):
+        local = rows[(rows >= base) & (rows < base + count)] - base
+        if len(local):
+            parts.append(store.read_global_shard(url, options)[1][local])
+    return np.concatenate(parts) if parts else np.zeros((0, shard_dim(urls[0], options)), np.float32)
+
+
+def draw_samples(total: int, train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint uniform random global positions for training and for held-out queries, each sorted.
+
+    Queries come from the rows the trainer did not see when there are enough of them.
+    """
+    order = np.random.default_rng(seed).permutation(total)
+    train_rows = np.sort(order[:train])
+    rest = order[train:] if total - train >= queries else order
+    return train_rows, np.sort(rest[-queries:])
+
+
+def train_size(factory: str, total: int, dim: int, config: BuildConfig) -> int:
+    """≥ 39 points per centroid, up to 256 where the budget allows; all rows when fewer; 0 when nothing to train.
+
+    Centroids are the IVF lists, or the 256 codewords of each PQ sub-quantizer when those are more.
+    """
+    if faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained:
+        return 0
+    centroids = max(nlist_of(factory, dim), 256)
+    affordable = config.max_train_bytes // (4 * dim)
+    wanted = min(config.max_points_per_centroid * centroids, affordable)
+    return int(min(total, max(wanted, MIN_POINTS_PER_CENTROID * centroids)))
+
+
+def nlist_of(factory: str, dim: int) -> int:
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        return faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        return 0
+
+
+def train(factory: str, sample: np.ndarray, dim: int) -> faiss.Index:
+    """The trained, empty index; k-means runs on all GPUs when faiss sees any."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return index
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None and faiss.get_num_gpus() > 0:
+        flat = (
+            faiss.IndexFlatIP(ivf.d)
+            if ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+            else faiss.IndexFlatL2(ivf.d)
+        )
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
+    index.train(sample)
+    if ivf is not None:
+        ivf.clustering_index = None
+    return index
+
+
+def part_urls(out_url: str, task: int) -> tuple[str, str]:
+    name = f"part-{task:05d}"
+    return storage.join(out_url, io.PARTS, name + ".faiss"), storage.join(
+        out_url, io.PARTS, name + ".ids.parquet"
+    )
+
+
+def add_shards_to(
+    index: faiss.Index, shard_urls: Sequence[str], bases: Sequence[int], options: Options = None
+) -> pa.Table:
+    """Add each shard's vectors with ids base + row; returns the id map of what was added."""
+    tables = []
+    for url, base in zip(shard_urls, bases, strict=True):
+        image_ids, vectors = store.read_global_shard(url, options)  # (n,), (n, D)
+        ids = base + np.arange(len(vectors), dtype=np.int64)
+        index.add_with_ids(vectors, ids)
+        tables.append(io.id_map_table(ids, image_ids))
+    return pa.concat_tables(tables) if tables else io.ID_MAP_SCHEMA.empty_table()
+
+
+@ray.remote
+def _add_part(
+    trained_url: str,
+    shard_urls: list[str],
+    bases: list[int],
+    out: tuple[str, str],
+    options: Options,
+    threads: int,
+) -> int:
+    faiss.omp_set_num_threads(threads)
+    index = io.read_index(trained_url, options)
+    table = add_shards_to(index, shard_urls, bases, options)
+    io.write_index(index, out[0], options)
+    io.write_table(out[1], table, options)
+    return int(index.ntotal)
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to ``address``, use the Ray already initialised, or start a private local one."""
+    if ray.is_initialized():
+        return
+    if address is not None:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray-index-"),
+    )
+
+
+def add_in_parallel(
+    trained_url: str,
+    shard_urls: Sequence[str],
+    bases: Sequence[int],
+    out_url: str,
+    config: BuildConfig,
+    options: Options = None,
+) -> list[int]:
+    """Ray tasks; task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so merging must not shift ids)."""
+    tasks = min(config.tasks, len(shard_urls))
+    threads = max(1, int(config.task_cpus))
+    refs = [
+        _add_part.options(num_cpus=config.task_cpus).remote(
+            trained_url,
+            list(shard_urls[t::tasks]),
+            [int(b) for b in bases[t::tasks]],
+            part_urls(out_url, t),
+            options,
+            threads,
+        )
+        for t in range(tasks)
+    ]
+    return ray.get(refs)
+
+
+def merge_in_ram(trained: faiss.Index, parts: Sequence[str], options: Options = None) -> faiss.Index:
+    """merge_from with add_id=0: the parts' ids are kept as they are."""
+    for url in parts:
+        trained.merge_from(io.read_index(url, options), 0)
+    return trained
+
+
+def merge_on_disk(trained: faiss.Index, parts: Sequence[str], out_url: str) -> faiss.Index:
+    """Inverted lists merged into OUT/index.ivfdata (faiss.contrib.ondisk); needs a local out_url."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    os.makedirs(out_url, exist_ok=True)
+    merge_ondisk(trained, list(parts), os.path.abspath(storage.join(out_url, io.IVFDATA)), shift_ids=False)
+    return trained
+
+
+def check_disk_output(out_url: str) -> None:
+    if not storage.is_local(out_url):
+        raise ValueError(
+            f"on-disk merge needs a local output, not {storage.redact(out_url)}; use merge='ram'"
+        )
+
+
+def choose_merge(config: BuildConfig, parts: Sequence[str], out_url: str, options: Options) -> bool:
+    """True to merge on disk: asked for, or (auto) the parts would take too much of this host's RAM."""
+    if config.merge == "auto":
+        size = sum(storage.info(p, options)["size"] for p in parts)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        on_disk = size > config.ram_fraction * ram
+    else:
+        on_disk = config.merge == "disk"
+    if on_disk:
+        check_disk_output(out_url)
+    return on_disk
+
+
+def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options) -> tuple[faiss.Index, bool]:
+    """Merge the tasks' partial indexes into OUT/index.faiss and their id maps into OUT/ids.parquet.
+
+    Starts from the stored trained index, like the add tasks: faiss merges only indexes of identical types.
+    """
+    trained_url = storage.join(out_url, io.TRAINED)
+    index_urls, id_urls = zip(*(part_urls(out_url, t) for t in range(tasks)), strict=True)
+    on_disk = choose_merge(config, index_urls, out_url, options)
+    if on_disk:
+        index = merge_on_disk(io.read_index(trained_url, options), index_urls, out_url)
+        faiss.write_index(index, storage.join(out_url, io.INDEX))
+    else:
+        index = merge_in_ram(io.read_index(trained_url, options), index_urls, options)
+        io.write_index(index, storage.join(out_url, io.INDEX), options)
+    id_map = pa.concat_tables(io.read_table(u, options) for u in id_urls)
+    io.write_table(storage.join(out_url, io.ID_MAP), id_map, options)
+    return index, on_disk
+
+
+def resolve_choice(factory: str | None, memory_budget: str | int | None, total: int, dim: int) -> IndexChoice:
+    if factory is not None and memory_budget is not None:
+        raise ValueError(
+            "give factory or memory_budget, not both (the budget only steers automatic parameters)"
+        )
+    if factory is None:
+        return choose_index(total, dim, parse_size(memory_budget) if memory_budget is not None else None)
+    try:
+        nlist = nlist_of(factory, dim)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
+        ) from exc
+    return IndexChoice(factory, "factory given by the user", nlist, 0, 0)
+
+
+def build_index(
+    descriptors_url: str,
+    out_url: str,
+    *,
+    factory: str | None = None,
+    memory_budget: str | int | None = None,
+    options: Options = None,
+    ray_address: str | None = None,
+    config: BuildConfig = BuildConfig(),
+) -> dict[str, Any]:
+    """Build the index of a descriptor store's committed global descriptors under ``out_url``.
+
+    Returns the summary that is also written to ``OUT/params.json`` (factory, reason, nprobe, timings).
+    """
+    if config.merge == "disk":
+        check_disk_output(out_url)  # before the expensive steps
+    shard_urls = store.global_shard_urls(descriptors_url, options)
+    if not shard_urls:
+        raise ValueError(f"no committed global shards under {storage.redact(descriptors_url)}")
+    counts = shard_rows(shard_urls, options)
+    total, dim = sum(counts), shard_dim(shard_urls[0], options)
+    if total == 0:
+        raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
+    choice = resolve_choice(factory, memory_budget, total, dim)
+    log.info("index %s: %s", choice.factory, choice.reason)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
+    train_rows, query_rows = draw_samples(total, n_train, min(config.quality.queries, total), config.seed)
+    if config.trained_url:
+        trained = io.read_index(config.trained_url, options)
+        if trained.d != dim:
+            raise ValueError(
+                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, store has {dim}"
+            )
+    else:
+        trained = train(choice.factory, sample_rows(shard_urls, counts, train_rows, options), dim)
+    io.write_index(trained, storage.join(out_url, io.TRAINED), options)
+    timings["train_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ensure_ray(ray_address)
+    bases = id_bases(counts)
+    added = add_in_parallel(storage.join(out_url, io.TRAINED), shard_urls, bases, out_url, config, options)
+    assert sum(added) == total, (added, total)
+    timings["add_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    index, on_disk = merge_parts(out_url, len(added), config, options)
+    timings["merge_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    queries = sample_rows(shard_urls, counts, query_rows, options)
+    _, exact_ids = exact_knn(queries, shard_urls, bases, min(config.quality.target_k, total), options)
+    quality = quality_report(index, queries, exact_ids, choice.nlist, config.quality)
+    io.write_json(storage.join(out_url, io.QUALITY), quality, options)
+    timings["quality_s"] = time.perf_counter() - start
+
+    summary = {
+        **asdict(choice),
+        "dim": dim,
+        "metric": "inner_product",
+        "ntotal": int(index.ntotal),
+        "next_id": total,
+        "train_points": n_train,
+        "trained_from": config.trained_url,
+        "shards": [storage.redact(u) for u in shard_urls],
+        "on_disk": on_disk,
+        "nprobe": quality["nprobe"],
+        "nprobe_reason": quality["nprobe_reason"],
+        "timings": timings,
+    }
+    io.write_json(storage.join(out_url, io.PARAMS), summary, options)
+    return summary

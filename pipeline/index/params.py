@@ -1,0 +1,145 @@
+"""Automatic index parameters: from N, the dimension and a memory budget, a factory string and the reason for it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# Below this many vectors IVF-PQ cannot be trained well: each of the 256 centroids of a PQ sub-quantizer
+# wants ≥ 39 training points, and an exact search over so few vectors is fast anyway.
+MIN_IVF_PQ_VECTORS = 39 * 256
+PQ_SIZES = (256, 128, 96, 64, 48, 32, 16, 8)  # bytes per code, largest (most accurate) first
+DEFAULT_PQ_BYTES = 64  # without a budget: the usual size at 1M-100M (GUIDE §2)
+HNSW_QUANTIZER_FROM = 2**16  # a flat coarse quantizer costs O(nlist) per query; HNSW is sublinear
+HNSW_M = 32
+ID_BYTES = 8  # int64 id stored beside each code in the inverted lists
+OVERHEAD = 1.1  # inverted-list slack (vector growth), per-list headers
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """A factory string with the numbers behind it and a readable reason."""
+
+    factory: str
+    reason: str
+    nlist: int  # 0 for an exact flat index
+    code_bytes: int  # bytes per stored vector code
+    estimated_bytes: int  # index size in RAM: codes + ids + coarse quantizer
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes of a size like 4GB, 512MiB, 1.5g or a plain integer."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"memory budget {size}; must be > 0 bytes")
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"size {size!r}; expected a number with an optional unit ({', '.join(sorted(_UNITS))})"
+        )
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"size {size!r}; must be > 0 bytes")
+    return value
+
+
+def choose_nlist(n: int) -> int:
+    """The largest power of 2 in [4√N, 16√N] that still gets ≥ 39 training points per centroid."""
+    low, high = 4 * math.sqrt(n), 16 * math.sqrt(n)
+    candidates = [2**e for e in range(math.ceil(math.log2(low)), math.floor(math.log2(high)) + 1)]
+    trainable = [c for c in candidates if n >= 39 * c]
+    return max(trainable) if trainable else min(candidates)
+
+
+def quantizer_bytes(nlist: int, dim: int) -> int:
+    graph = nlist * HNSW_M * 2 * 4 if nlist >= HNSW_QUANTIZER_FROM else 0
+    return nlist * dim * 4 + graph
+
+
+def ivf_pq_bytes(n: int, nlist: int, code_bytes: int, dim: int) -> int:
+    return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + quantizer_bytes(nlist, dim)
+
+
+def _pq_dim(dim: int, m: int) -> int:
+    """The dimension PQ sees: ≤ 4 dims per sub-quantizer byte (finer splits waste the 8 bits), a multiple of m."""
+    return min(dim, 4 * m) // m * m
+
+
+def _factory(nlist: int, m: int, dim: int) -> str:
+    pq_dim = _pq_dim(dim, m)
+    transform = f"PCAR{pq_dim}," if pq_dim < dim else ""
+    quantizer = f"IVF{nlist}_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
+    # "np": no polysemous training, a slow annealing (25 s for PQ8 on 5k × 64-d here) that only
+    # Hamming-filtered search uses, which this pipeline does not
+    return f"{transform}{quantizer},PQ{m}np"
+
+
+def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
+    """Pick a factory for ``n`` vectors of ``dim`` dims (inner product) within ``memory_budget`` bytes."""
+    if n < 1 or dim < 1:
+        raise ValueError(f"n={n}, dim={dim}; both must be ≥ 1")
+    if n < MIN_IVF_PQ_VECTORS:
+        size = n * (dim * 4 + ID_BYTES)
+        if memory_budget is not None and size > memory_budget:
+            raise ValueError(
+                f"memory budget {memory_budget} B < {size} B needed by an exact index of {n} vectors"
+            )
+        return IndexChoice(
+            "IDMap2,Flat",
+            f"N={n} < {MIN_IVF_PQ_VECTORS} is too few to train IVF-PQ "
+            "(39 points × 256 PQ centroids): exact flat inner-product index",
+            0,
+            dim * 4,
+            size,
+        )
+    nlist = choose_nlist(n)
+    fitting = [
+        m
+        for m in PQ_SIZES
+        if m <= dim and (memory_budget is None or ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m)) <= memory_budget)
+    ]
+    if not fitting:
+        need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]))
+        raise ValueError(
+            f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
+            f"(PQ{PQ_SIZES[-1]}) of {n} vectors"
+        )
+    m = fitting[0] if memory_budget is not None else min(DEFAULT_PQ_BYTES, max(fitting))
+    pq_dim = _pq_dim(dim, m)
+    estimated = ivf_pq_bytes(n, nlist, m, pq_dim)
+    pq_why = (
+        "default code size without a budget"
+        if memory_budget is None
+        else (f"largest code that fits the budget of {memory_budget} B")
+    )
+    reasons = [
+        f"nlist={nlist}: largest power of 2 in [4√N, 16√N] = [{4 * math.sqrt(n):.0f}, {16 * math.sqrt(n):.0f}] "
+        f"with ≥ 39 training points per list",
+        f"PQ{m}: {pq_why} (estimated {estimated} B)",
+    ]
+    if pq_dim < dim:
+        reasons.append(f"PCAR{pq_dim}: reduce {dim} → {pq_dim} dims (≤ 4 dims per PQ byte, divisible by {m})")
+    reasons.append(
+        f"{'HNSW' if nlist >= HNSW_QUANTIZER_FROM else 'flat'} coarse quantizer for nlist={nlist} "
+        f"({'≥' if nlist >= HNSW_QUANTIZER_FROM else '<'} {HNSW_QUANTIZER_FROM})"
+    )
+    return IndexChoice(_factory(nlist, m, dim), "; ".join(reasons), nlist, m, estimated)

@@ -1,0 +1,89 @@
+"""Batched k-NN search of a descriptor store's queries against a built index → search-results Parquet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage, store
+from pipeline.index import io
+from pipeline.storage import Options
+
+RESULTS_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
+)
+
+
+def to_device(index: faiss.Index) -> faiss.Index:
+    """The index on all GPUs when faiss sees any (an on-disk index stays on CPU), else unchanged."""
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def results_table(
+    query_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, id_keys: np.ndarray, image_ids: np.ndarray
+) -> pa.Table:
+    """Rows (query, rank) for the valid hits of (q, k) ``scores``/``ids``; -1 hits (k > N) are dropped.
+
+    ``id_keys`` (sorted int64) and ``image_ids`` are the index's id map.
+    """
+    valid = ids >= 0  # (q, k)
+    ranks = np.cumsum(valid, axis=1)  # rank among valid hits, 1 = best
+    rows, cols = np.nonzero(valid)
+    positions = np.searchsorted(id_keys, ids[rows, cols])
+    assert np.array_equal(id_keys[positions], ids[rows, cols]), "index holds an id missing from its id map"
+    return pa.table(
+        {
+            "query_id": pa.array(list(query_ids[rows]), pa.string()),
+            "rank": pa.array(ranks[rows, cols].astype(np.int32)),
+            "id": pa.array(list(image_ids[positions]), pa.string()),
+            "score": pa.array(scores[rows, cols].astype(np.float32)),
+        },
+        schema=RESULTS_SCHEMA,
+    )
+
+
+def search(
+    index_url: str,
+    query_store_url: str,
+    out_url: str,
+    k: int = 100,
+    nprobe: int | None = None,
+    options: Options = None,
+    batch_size: int = 4096,
+) -> dict[str, Any]:
+    """Top-``k`` of every committed query descriptor in ``query_store_url``, written as Parquet to ``out_url``.
+
+    ``nprobe`` defaults to the one stored with the index by its quality report.
+    """
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k={k}, batch_size={batch_size}; both must be ≥ 1")
+    params = io.read_params(index_url, options)
+    index = io.load_index(index_url, options)
+    chosen = nprobe if nprobe is not None else params.get("nprobe")
+    io.set_search_params(index, chosen)
+    index = index if params.get("on_disk") else to_device(index)
+    id_keys, image_ids = io.read_id_map(index_url, options)
+    tables, queries = [], 0
+    for query_ids, vectors in store.iter_global(query_store_url, options):  # (n,), (n, D)
+        if vectors.shape[1] != params["dim"]:
+            raise ValueError(f"query dimension {vectors.shape[1]} != index dimension {params['dim']}")
+        for start in range(0, len(vectors), batch_size):
+            scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
+            tables.append(
+                results_table(query_ids[start : start + batch_size], scores, ids, id_keys, image_ids)
+            )
+        queries += len(vectors)
+    table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
+    io.write_table(out_url, table, options)
+    return {
+        "queries": queries,
+        "rows": table.num_rows,
+        "k": k,
+        "nprobe": chosen,
+        "out": storage.redact(out_url),
+    }

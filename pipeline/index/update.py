@@ -1,0 +1,74 @@
+"""Incremental maintenance of a built index: add new descriptor shards (no retraining) and remove images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.index import io
+from pipeline.index.build import add_shards_to, id_bases, shard_rows
+from pipeline.storage import Options
+
+
+def _load_for_update(index_url: str, options: Options) -> tuple[dict[str, Any], faiss.Index]:
+    params = io.read_params(index_url, options)
+    if params.get("on_disk"):
+        raise ValueError(
+            f"{storage.redact(index_url)} has on-disk inverted lists; rebuild it to change its contents"
+        )
+    return params, io.read_index(storage.join(index_url, io.INDEX), options)
+
+
+def _save(
+    index_url: str, params: dict[str, Any], index: faiss.Index, id_map: pa.Table, options: Options
+) -> None:
+    """Index and id map first, params last: params.ntotal says which state is complete."""
+    assert index.ntotal == id_map.num_rows, (index.ntotal, id_map.num_rows)
+    io.write_index(index, storage.join(index_url, io.INDEX), options)
+    io.write_table(storage.join(index_url, io.ID_MAP), id_map, options)
+    io.write_json(storage.join(index_url, io.PARAMS), {**params, "ntotal": int(index.ntotal)}, options)
+
+
+def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = None) -> dict[str, Any]:
+    """Add global descriptor shard files to the index with the trained quantizer; ids continue from next_id.
+
+    Raises ValueError if an image id is already indexed (remove it first to replace its descriptor).
+    """
+    params, index = _load_for_update(index_url, options)
+    counts = shard_rows(shard_urls, options)
+    added = add_shards_to(index, shard_urls, id_bases(counts, start=params["next_id"]), options)
+    old = io.read_table(storage.join(index_url, io.ID_MAP), options)
+    new_images = added.column("image_id").to_pylist()
+    clashes = set(new_images) & set(old.column("image_id").to_pylist())
+    if clashes or len(set(new_images)) != len(new_images):
+        raise ValueError(
+            f"image ids already in the index or repeated in the new shards: {sorted(clashes)[:5]}"
+        )
+    params = {
+        **params,
+        "next_id": params["next_id"] + sum(counts),
+        "shards": [*params["shards"], *(storage.redact(u) for u in shard_urls)],
+    }
+    _save(index_url, params, index, pa.concat_tables([old, added]), options)
+    return {"added": added.num_rows, "ntotal": int(index.ntotal)}
+
+
+def remove_ids(index_url: str, image_ids: Sequence[str], options: Options = None) -> dict[str, Any]:
+    """Remove these images from the index and its id map; unknown image ids raise ValueError naming them."""
+    params, index = _load_for_update(index_url, options)
+    table = io.read_table(storage.join(index_url, io.ID_MAP), options)
+    indexed = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+    doomed = np.isin(indexed, np.asarray(list(image_ids), dtype=object))
+    unknown = set(image_ids) - set(indexed[doomed])
+    if unknown:
+        raise ValueError(f"image ids not in the index: {sorted(unknown)[:5]} ({len(unknown)} in all)")
+    ids = table.column("id").to_numpy()[doomed].astype(np.int64)
+    removed = index.remove_ids(faiss.IDSelectorBatch(ids))
+    assert removed == len(ids), (removed, len(ids))
+    _save(index_url, params, index, table.filter(pa.array(~doomed)), options)
+    return {"removed": int(removed), "ntotal": int(index.ntotal)}

@@ -1,0 +1,100 @@
+"""Backbone registry: torchvision networks split into a local part (→ local head) and a global part.
+
+Each entry names, in forward order, the sub-modules of the torchvision network that lead to the local
+layer and those that continue to the global layer. The network keeps torchvision's parameter names, so
+torchvision / ImageNet state dicts load into it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision import models
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable[[], nn.Module]  # torchvision constructor, random init
+    local_layers: tuple[str, ...]  # sub-module names, input image → local feature map
+    global_layers: tuple[str, ...]  # sub-module names, local feature map → global feature map
+    local_channels: int
+    global_channels: int
+    classifier: str  # ImageNet classifier sub-module, dropped from the backbone
+    imagenet_weights: str  # torchvision weights enum, for models.get_weight
+
+
+_RESNET_LOCAL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(
+        name="resnet50",
+        build=models.resnet50,
+        local_layers=_RESNET_LOCAL,
+        global_layers=("layer4",),
+        local_channels=1024,
+        global_channels=2048,
+        classifier="fc",
+        imagenet_weights="ResNet50_Weights.IMAGENET1K_V2",
+    ),
+    "resnet101": BackboneSpec(
+        name="resnet101",
+        build=models.resnet101,
+        local_layers=_RESNET_LOCAL,
+        global_layers=("layer4",),
+        local_channels=1024,
+        global_channels=2048,
+        classifier="fc",
+        imagenet_weights="ResNet101_Weights.IMAGENET1K_V2",
+    ),
+    # features.0–13 end at stride 16 (96 ch); 14–18 go to stride 32 and the final 1280-ch 1×1 conv.
+    "mobilenet_v2": BackboneSpec(
+        name="mobilenet_v2",
+        build=models.mobilenet_v2,
+        local_layers=tuple(f"features.{i}" for i in range(14)),
+        global_layers=tuple(f"features.{i}" for i in range(14, 19)),
+        local_channels=96,
+        global_channels=1280,
+        classifier="classifier",
+        imagenet_weights="MobileNet_V2_Weights.IMAGENET1K_V2",
+    ),
+}
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"backbone {name!r} is not registered; allowed: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+class Backbone(nn.Module):
+    """A torchvision network run in two parts: image → local features → global features."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.net = spec.build()
+        self.net.set_submodule(spec.classifier, nn.Identity())  # no classifier weights in the state dict
+
+    def local_modules(self) -> list[nn.Module]:
+        return [self.net.get_submodule(name) for name in self.spec.local_layers]
+
+    def global_modules(self) -> list[nn.Module]:
+        return [self.net.get_submodule(name) for name in self.spec.global_layers]
+
+    def forward_local(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images → (B, local_channels, h, w)."""
+        x = images
+        for module in self.local_modules():
+            x = module(x)
+        return x
+
+    def forward_global(self, local_features: torch.Tensor) -> torch.Tensor:
+        """(B, local_channels, h, w) → (B, global_channels, h', w')."""
+        x = local_features
+        for module in self.global_modules():
+            x = module(x)
+        return x

@@ -1,0 +1,137 @@
+"""DELG (Cao, Araujo, Sim 2020): one backbone, a global GeM head and an attentive local head.
+
+Pure torch: no I/O, no Ray. ``forward`` returns what training needs; ``extract`` what extraction needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.backbones import Backbone, get_backbone_spec
+from pipeline.model.geometry import ReceptiveField, receptive_field
+
+if TYPE_CHECKING:
+    from pipeline.config import ExtractionConfig
+
+
+def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised mean pooling: (B, C, H, W) → (B, C), (mean over H·W of clamp(x, eps)^p)^(1/p).
+
+    Computed in float32: x³ of activations overflows fp16 and loses digits in bf16.
+    """
+    x = features.float().clamp(min=eps)
+    return x.pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class Attention(nn.Module):
+    """Per-location attention score ≥ 0: 1×1 conv → BN → ReLU → 1×1 conv (1 channel) → softplus."""
+
+    def __init__(self, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=1)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, 1, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, h, w)."""
+        x = F.relu(self.bn(self.conv1(features)))
+        return F.softplus(self.conv2(x)).squeeze(1)
+
+
+class Autoencoder(nn.Module):
+    """Dimensionality reduction of block3 features; the (linear) code is the local descriptor."""
+
+    def __init__(self, in_channels: int, code_dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(in_channels, code_dim, kernel_size=1)
+        self.decoder = nn.Conv2d(code_dim, in_channels, kernel_size=1)
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, code_dim, h, w), no activation."""
+        return self.encoder(features)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """(B, code_dim, h, w) → (B, C, h, w), ReLU like the block3 features it reconstructs."""
+        return F.relu(self.decoder(code))
+
+
+class DelgOutput(NamedTuple):
+    global_embedding: torch.Tensor  # (B, global_dim), L2-normalised
+    attention: torch.Tensor  # (B, h, w)
+    reconstruction: torch.Tensor  # (B, local_channels, h, w)
+    local_features: torch.Tensor  # (B, local_channels, h, w) detached block3 features (target)
+
+
+class LocalAndGlobal(NamedTuple):
+    attention: torch.Tensor  # (B, h, w)
+    descriptors: torch.Tensor  # (B, local_dim, h, w), L2-normalised over local_dim
+    global_descriptor: torch.Tensor | None  # (B, global_dim), L2-normalised; None when not asked for
+
+
+class Delg(nn.Module):
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        global_dim: int = 2048,
+        whitening: bool = True,
+        local_dim: int = 128,
+        attention_hidden: int = 512,
+        gem_p: float = 3.0,
+    ) -> None:
+        super().__init__()
+        spec = get_backbone_spec(backbone)
+        if not whitening and global_dim != spec.global_channels:
+            raise ValueError(f"global_dim {global_dim} without whitening must be {spec.global_channels}")
+        self.backbone = Backbone(spec)
+        self.gem_p = gem_p
+        self.global_dim = global_dim
+        self.whitening = nn.Linear(spec.global_channels, global_dim, bias=True) if whitening else None
+        self.attention = Attention(spec.local_channels, attention_hidden)
+        self.autoencoder = Autoencoder(spec.local_channels, local_dim)
+
+    @classmethod
+    def from_config(cls, config: ExtractionConfig) -> Delg:
+        return cls(
+            config.backbone,
+            global_dim=config.global_dim,
+            whitening=config.whitening,
+            local_dim=config.local_dim,
+            attention_hidden=config.attention_hidden,
+            gem_p=config.gem_p,
+        )
+
+    def local_receptive_field(self) -> ReceptiveField:
+        """Geometry of the local feature map w.r.t. the input image, traced from the backbone."""
+        return receptive_field(self.backbone.local_modules())
+
+    def global_head(self, global_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) block4 features → (B, global_dim): GeM → whitening FC → L2, in float32 even
+        under autocast (a descriptor for search, not an activation)."""
+        with torch.autocast(global_features.device.type, enabled=False):
+            pooled = gem(global_features, self.gem_p)  # (B, C)
+            if self.whitening is not None:
+                pooled = self.whitening(pooled)
+            return F.normalize(pooled, dim=-1)
+
+    def forward(self, images: torch.Tensor) -> DelgOutput:
+        """(B, 3, H, W) normalised images → training outputs. The local head sees block3 through a
+        stop-gradient: only the global loss trains the backbone."""
+        block3 = self.backbone.forward_local(images)
+        global_embedding = self.global_head(self.backbone.forward_global(block3))
+        local_input = block3.detach()
+        reconstruction = self.autoencoder.decode(self.autoencoder.encode(local_input))
+        return DelgOutput(global_embedding, self.attention(local_input), reconstruction, local_input)
+
+    def extract(self, images: torch.Tensor, with_global: bool = True) -> LocalAndGlobal:
+        """(B, 3, H, W) normalised images → attention, L2-normalised local descriptors per location, and
+        the global descriptor (block4 is skipped when ``with_global`` is False)."""
+        block3 = self.backbone.forward_local(images)
+        descriptors = F.normalize(self.autoencoder.encode(block3).float(), dim=1)
+        attention = self.attention(block3).float()
+        global_descriptor = self.global_head(self.backbone.forward_global(block3)) if with_global else None
+        return LocalAndGlobal(attention, descriptors, global_descriptor)

@@ -1,0 +1,138 @@
+"""Weight loading: state dicts from any fsspec URL, strictly checked; ImageNet init via torchvision."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torchvision import models
+
+from pipeline import storage
+from pipeline.model.delg import Delg
+
+log = logging.getLogger(__name__)
+
+IMAGENET = "imagenet"  # pseudo-URL: the backbone's torchvision ImageNet weights
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Weights that exist in principle but cannot be obtained here (e.g. a download while offline)."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def weights_checksum(url: str, options: storage.Options = None) -> str:
+    """sha256 of the weights file's bytes, for run metadata."""
+    return sha256_hex(storage.read_bytes(url, options))
+
+
+def read_state_dict(url: str, options: storage.Options = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict stored at ``url`` (on CPU) and the sha256 of its bytes."""
+    try:
+        data = storage.read_bytes(url, options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file not found: {storage.redact(url)}") from None
+    try:
+        state_dict = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ValueError(f"{storage.redact(url)} is not a loadable torch state dict: {exc}") from exc
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise ValueError(f"{storage.redact(url)} must hold a flat mapping of parameter names to tensors")
+    return dict(state_dict), sha256_hex(data)
+
+
+def state_dict_problems(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Human-readable list of missing keys, unexpected keys and shape mismatches (empty: it fits)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            problems.append(f"{title} ({len(items)}): {', '.join(items)}")
+    return problems
+
+
+def load_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True
+) -> None:
+    """Load ``state_dict`` into ``module``. Strict: ONE ValueError listing every problem. Non-strict: load
+    the keys whose shapes match and log the rest."""
+    problems = state_dict_problems(module, state_dict)
+    if problems and strict:
+        raise ValueError(f"weights {what} do not fit {type(module).__name__}: " + "; ".join(problems))
+    if problems:
+        log.warning("loading %s non-strictly: %s", what, "; ".join(problems))
+    expected = module.state_dict()
+    fitting = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
+    module.load_state_dict(fitting, strict=False)
+
+
+def load_weights(model: nn.Module, url: str, options: storage.Options = None, strict: bool = True) -> str:
+    """Load a full state dict of ``model`` from ``url``; returns the sha256 of the file."""
+    state_dict, checksum = read_state_dict(url, options)
+    load_checked(model, state_dict, storage.redact(url), strict)
+    return checksum
+
+
+def _without_classifier(model: Delg, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = model.backbone.spec.classifier + "."
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+
+
+def load_backbone_weights(model: Delg, url: str, options: storage.Options = None, strict: bool = True) -> str:
+    """Load torchvision-named backbone weights (ImageNet classifier keys, if any, are ignored) into the
+    backbone; the heads keep their init. ``url`` may be :data:`IMAGENET` for torchvision's download.
+    Returns the file's sha256, or the torchvision weights name for ImageNet."""
+    if url == IMAGENET:
+        state_dict, identity = (
+            _imagenet_state_dict(model),
+            f"torchvision:{model.backbone.spec.imagenet_weights}",
+        )
+    else:
+        state_dict, identity = read_state_dict(url, options)
+        url = storage.redact(url)
+    load_checked(model.backbone.net, _without_classifier(model, state_dict), url, strict)
+    return identity
+
+
+def load_pretrained(model: Delg, url: str, options: storage.Options = None) -> str:
+    """Strictly load whatever ``url`` holds: a full DELG state dict (keys under ``backbone.``), a
+    torchvision-named backbone-only state dict (e.g. ImageNet features; heads keep their init), or
+    :data:`IMAGENET`. The file is read once. Returns its sha256 (or the torchvision weights name)."""
+    if url == IMAGENET:
+        return load_backbone_weights(model, url)
+    state_dict, checksum = read_state_dict(url, options)
+    if any(key.startswith("backbone.") for key in state_dict):
+        load_checked(model, state_dict, storage.redact(url))
+    else:
+        load_checked(model.backbone.net, _without_classifier(model, state_dict), storage.redact(url))
+    return checksum
+
+
+def _imagenet_state_dict(model: Delg) -> dict[str, torch.Tensor]:
+    spec = model.backbone.spec
+    try:
+        return models.get_weight(spec.imagenet_weights).get_state_dict(progress=False)
+    except OSError as exc:  # URLError, connection and DNS errors are OSErrors
+        raise WeightsUnavailableError(
+            f"could not download ImageNet weights for {spec.name} ({spec.imagenet_weights}; offline?): {exc}. "
+            "Pass a weights URL instead (backbone weights: load_backbone_weights, full DELG: load_weights)."
+        ) from None

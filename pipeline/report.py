@@ -1,0 +1,430 @@
+"""A self-contained HTML report of a retrieval run, readable offline: one .html file, no external assets.
+
+The page shows the summary metrics and stage timings, then per query its ranked thumbnails (global ranking and
+re-ranked, side by side, each hit marked positive / negative / junk when ground truth exists) and, for the top
+re-ranked pairs, the inlier matches drawn as SVG lines between the two images. Images are inlined as small
+base64 JPEG thumbnails; every piece of text (ids are user data) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline import storage
+from pipeline.storage import Options, StorageError
+
+LABELS = ("positive", "negative", "junk")
+BADGES = {
+    "positive": ("✓", "correct"),
+    "negative": ("✗", "wrong"),
+    "junk": ("∅", "junk: ignored by the metric"),
+}
+
+ImageSource = (
+    bytes | str | None
+)  # encoded image bytes, a URL / path read through pipeline.storage, or nothing
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved image."""
+
+    id: str
+    score: float
+    image: ImageSource = None
+    inliers: int | None = None  # verified inliers, for re-ranked hits
+    label: str | None = None  # "positive" | "negative" | "junk"; None without ground truth
+
+    def __post_init__(self) -> None:
+        if self.label is not None and self.label not in LABELS:
+            raise ValueError(f"hit {self.id!r} has label {self.label!r}; allowed: {list(LABELS)} or None")
+
+
+@dataclass(frozen=True)
+class QueryView:
+    """What the report shows for one query.
+
+    ``matches`` maps a re-ranked hit id to its inlier correspondences ``(query_xy (M, 2), hit_xy (M, 2))``,
+    in pixels of the images as given (after EXIF rotation, the frame the extractor uses).
+    """
+
+    query_id: str
+    query_image: ImageSource
+    global_ranking: Sequence[Hit]
+    reranked: Sequence[Hit] = ()
+    matches: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)  # per-query figures, e.g. {"AP global": 0.41}
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    title: str = "landmark-index report"
+    thumb_px: int = 160  # longest side of a ranking thumbnail
+    match_px: int = 220  # height of each image in a match panel: large enough to follow the lines
+    max_queries: int = 50  # keeps the page a few MB
+    max_hits: int = 10  # per ranking
+    max_match_pairs: int = 3  # top re-ranked pairs drawn with their inliers
+    max_match_lines: int = 80  # more lines than this are unreadable
+    jpeg_quality: int = 70
+
+    def __post_init__(self) -> None:
+        for name in ("thumb_px", "match_px", "max_queries", "max_hits", "max_match_pairs", "max_match_lines"):
+            minimum = 0 if name.startswith("max_match") else 1
+            if getattr(self, name) < minimum:
+                raise ValueError(f"ReportSettings.{name} = {getattr(self, name)}; must be ≥ {minimum}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"ReportSettings.jpeg_quality = {self.jpeg_quality}; allowed 1..95")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    data_uri: str  # data:image/jpeg;base64,...
+    width: int
+    height: int
+    original_size: tuple[int, int]  # (w, h) of the upright full image: the frame of match coordinates
+
+
+def _load_bytes(source: ImageSource, options: Options) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return storage.read_bytes(source, options)
+    except (OSError, StorageError):
+        return None  # the page says "image unavailable" rather than failing the whole report
+
+
+def make_thumbnail(data: bytes, max_side: int, quality: int, height: int | None = None) -> Thumbnail | None:
+    """A JPEG thumbnail with longest side ``max_side`` (or exactly ``height`` tall); None if undecodable."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+        return None
+    original = image.size
+    if height is not None:
+        image = image.resize(
+            (max(1, round(original[0] * height / original[1])), height), Image.Resampling.BILINEAR
+        )
+    else:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return Thumbnail(uri, image.width, image.height, original)
+
+
+class _Thumbnails:
+    """Thumbnails cached by content, so an image shown in both rankings is decoded once."""
+
+    def __init__(self, settings: ReportSettings, options: Options) -> None:
+        self.settings, self.options = settings, options
+        self.cache: dict[tuple[str, int | None], Thumbnail | None] = {}
+
+    def get(self, source: ImageSource, height: int | None = None) -> Thumbnail | None:
+        data = _load_bytes(source, self.options)
+        if data is None:
+            return None
+        key = (hashlib.sha1(data).hexdigest(), height)
+        if key not in self.cache:
+            self.cache[key] = make_thumbnail(data, self.settings.thumb_px, self.settings.jpeg_quality, height)
+        return self.cache[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _format_figure(name: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, np.integer)) or name == "queries":
+        return str(value)
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_html(summary: Mapping[str, Any]) -> str:
+    """Nested mappings ({setting: {figure: value}}) as one table; flat values as name/value rows."""
+    nested = {k: v for k, v in summary.items() if isinstance(v, Mapping)}
+    flat = {k: v for k, v in summary.items() if not isinstance(v, Mapping)}
+    parts = []
+    if nested:
+        columns = list(dict.fromkeys(c for row in nested.values() for c in row))
+        head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+        rows = "".join(
+            f"<tr><th>{_e(name)}</th>"
+            + "".join(f"<td>{_e(_format_figure(c, row.get(c)))}</td>" for c in columns)
+            + "</tr>"
+            for name, row in nested.items()
+        )
+        parts.append(
+            f'<table class="metrics"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+        )
+    if flat:
+        rows = "".join(
+            f"<tr><th>{_e(k)}</th><td>{_e(_format_figure(k, v))}</td></tr>" for k, v in flat.items()
+        )
+        parts.append(f'<table class="metrics"><tbody>{rows}</tbody></table>')
+    return "".join(parts) or '<p class="note">No summary figures.</p>'
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s"
+
+
+def timings_html(timings: Mapping[str, float]) -> str:
+    """Stage timings with a bar proportional to each stage's share of the total."""
+    if not timings:
+        return '<p class="note">No stage timings recorded.</p>'
+    total = sum(timings.values())
+    rows = "".join(
+        f"<tr><th>{_e(stage)}</th><td>{_e(_format_seconds(seconds))}</td>"
+        f'<td class="bar-cell"><div class="bar" style="width:{100 * seconds / total if total else 0:.1f}%"></div></td></tr>'
+        for stage, seconds in timings.items()
+    )
+    return (
+        f'<table class="timings"><tbody>{rows}<tr class="total"><th>total</th>'
+        f"<td>{_e(_format_seconds(total))}</td><td></td></tr></tbody></table>"
+    )
+
+
+def _image_html(thumb: Thumbnail | None, alt: str) -> str:
+    if thumb is None:
+        return f'<div class="missing" role="img" aria-label="{_e(alt)}">image unavailable</div>'
+    return f'<img src="{thumb.data_uri}" width="{thumb.width}" height="{thumb.height}" alt="{_e(alt)}">'
+
+
+def hit_html(rank: int, hit: Hit, thumbs: _Thumbnails, global_rank: int | None = None) -> str:
+    """One ranked tile: thumbnail, label badge, id, score, inliers and (re-ranked) the former rank."""
+    label = hit.label or "unlabelled"
+    glyph, meaning = BADGES[hit.label] if hit.label else ("", "")
+    badge = (
+        f'<span class="badge" title="{_e(meaning)}" aria-label="{_e(meaning)}">{glyph}</span>'
+        if glyph
+        else ""
+    )
+    details = [f"score {hit.score:.3f}"]
+    details += [f"{hit.inliers} inliers"] if hit.inliers is not None else []
+    details += [f"was #{global_rank}"] if global_rank is not None else []
+    return (
+        f'<li class="hit {label}" data-label="{label}">{badge}'
+        f"{_image_html(thumbs.get(hit.image), hit.id)}"
+        f'<div class="cap"><div class="id" title="{_e(hit.id)}"><span class="rank">#{rank}</span>{_e(hit.id)}</div>'
+        + "".join(f'<div class="details">{_e(d)}</div>' for d in details)
+        + "</div></li>"
+    )
+
+
+def ranking_html(
+    title: str, hits: Sequence[Hit], thumbs: _Thumbnails, max_hits: int, global_ranks: dict
+) -> str:
+    if not hits:
+        return f'<div class="ranking"><h3>{_e(title)}</h3><p class="note">none</p></div>'
+    tiles = "".join(
+        hit_html(r, h, thumbs, global_ranks.get(h.id)) for r, h in enumerate(hits[:max_hits], start=1)
+    )
+    more = f'<p class="note">{len(hits) - max_hits} more not shown</p>' if len(hits) > max_hits else ""
+    return f'<div class="ranking"><h3>{_e(title)}</h3><ol class="hits">{tiles}</ol>{more}</div>'
+
+
+def _validated_matches(hit_id: str, matches: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    query_xy, hit_xy = (np.asarray(m, dtype=np.float64) for m in matches)
+    if query_xy.ndim != 2 or query_xy.shape[1] != 2 or query_xy.shape != hit_xy.shape:
+        raise ValueError(
+            f"matches for {hit_id!r} have shapes {query_xy.shape} and {hit_xy.shape}; need two (M, 2) arrays"
+        )
+    return query_xy, hit_xy
+
+
+def match_svg(
+    query: Thumbnail, hit: Thumbnail, query_xy: np.ndarray, hit_xy: np.ndarray, max_lines: int, label: str
+) -> str:
+    """The two images side by side in one SVG with a line per inlier (M, 2) -> (M, 2), at most ``max_lines``."""
+    gap = 12
+    width, height = query.width + gap + hit.width, max(query.height, hit.height)
+    scale_q = np.array([query.width / query.original_size[0], query.height / query.original_size[1]])
+    scale_h = np.array([hit.width / hit.original_size[0], hit.height / hit.original_size[1]])
+    shown = np.linspace(0, len(query_xy) - 1, min(len(query_xy), max_lines)).round().astype(int)
+    start = query_xy[shown] * scale_q  # (L, 2) display pixels
+    end = hit_xy[shown] * scale_h + np.array([query.width + gap, 0.0])
+    lines = "".join(
+        f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="hsl({(37 * i) % 360},90%,55%)"/>'
+        f'<circle cx="{x1:.1f}" cy="{y1:.1f}" r="2.2"/><circle cx="{x2:.1f}" cy="{y2:.1f}" r="2.2"/>'
+        for i, ((x1, y1), (x2, y2)) in enumerate(zip(start, end, strict=True))
+    )
+    return (
+        f'<svg class="match" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{_e(label)}"><image href="{query.data_uri}" x="0" y="0" width="{query.width}" '
+        f'height="{query.height}"/><image href="{hit.data_uri}" x="{query.width + gap}" y="0" '
+        f'width="{hit.width}" height="{hit.height}"/><g class="inliers">{lines}</g></svg>'
+    )
+
+
+def matches_html(view: QueryView, thumbs: _Thumbnails, settings: ReportSettings) -> str:
+    """Inlier panels for the top re-ranked hits that have matches."""
+    pairs = [h for h in view.reranked if h.id in view.matches][: settings.max_match_pairs]
+    if not pairs:
+        return ""
+    query_thumb = thumbs.get(view.query_image, settings.match_px)
+    panels = []
+    for hit in pairs:
+        query_xy, hit_xy = _validated_matches(hit.id, view.matches[hit.id])
+        hit_thumb = thumbs.get(hit.image, settings.match_px)
+        shown = min(len(query_xy), settings.max_match_lines)
+        caption = f"{hit.id}: {len(query_xy)} inliers" + (
+            f" ({shown} drawn)" if shown < len(query_xy) else ""
+        )
+        body = (
+            match_svg(query_thumb, hit_thumb, query_xy, hit_xy, settings.max_match_lines, caption)
+            if query_thumb and hit_thumb
+            else '<div class="missing">image unavailable</div>'
+        )
+        label = hit.label or "unlabelled"
+        panels.append(f'<figure class="pair {label}">{body}<figcaption>{_e(caption)}</figcaption></figure>')
+    return f'<div class="matches"><h3>Inlier matches, top re-ranked pairs</h3>{"".join(panels)}</div>'
+
+
+def query_html(index: int, view: QueryView, thumbs: _Thumbnails, settings: ReportSettings) -> str:
+    chips = "".join(
+        f'<span class="chip">{_e(name)} {_e(_format_figure(name, value))}</span>'
+        for name, value in view.metrics.items()
+    )
+    global_ranks = {h.id: r for r, h in enumerate(view.global_ranking, start=1)}
+    reranked = (
+        ranking_html(
+            "Re-ranked (geometric verification)", view.reranked, thumbs, settings.max_hits, global_ranks
+        )
+        if view.reranked
+        else '<div class="ranking"><h3>Re-ranked</h3><p class="note">no re-ranking for this run</p></div>'
+    )
+    return (
+        f'<section class="query" id="q{index}"><h2><span class="qn">{index + 1}</span>'
+        f'<span class="qid">{_e(view.query_id)}</span>{chips}</h2><div class="query-row">'
+        f'<figure class="query-image">{_image_html(thumbs.get(view.query_image), view.query_id)}'
+        f"<figcaption>query</figcaption></figure>"
+        f'<div class="rankings">{ranking_html("Global descriptor", view.global_ranking, thumbs, settings.max_hits, {})}'
+        f"{reranked}</div></div>{matches_html(view, thumbs, settings)}</section>"
+    )
+
+
+STYLE = """
+:root{--pos:#1a8f3c;--neg:#c62828;--junk:#8d8d8d;--ink:#1d2330;--muted:#5f6b7a;--line:#e3e7ee}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);background:#f5f7fa}
+header,main{max-width:1400px;margin:0 auto;padding:16px 24px}
+header{background:#fff;border-bottom:1px solid var(--line);max-width:none}
+h1{margin:0 0 4px;font-size:22px}h2{font-size:17px;margin:0 0 10px}h3{font-size:13px;margin:0 0 6px;
+color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.note{color:var(--muted);margin:4px 0}
+.top{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
+.panel{background:#fff;border:1px solid var(--line);border-radius:8px;padding:12px 16px}
+table{border-collapse:collapse}th,td{padding:4px 10px;text-align:right;border-bottom:1px solid var(--line)}
+th:first-child{text-align:left}thead th{color:var(--muted);font-weight:600}
+td{font-variant-numeric:tabular-nums}
+.timings .bar-cell{width:180px}.bar{height:10px;background:#4f7cc4;border-radius:3px}
+.timings .total th,.timings .total td{font-weight:700;border-bottom:none}
+.legend>span{display:inline-block;margin-right:18px}.sw{display:inline-block;width:18px;height:18px;
+border-radius:50%;background:var(--line);color:#fff;font:700 12px/18px system-ui,sans-serif;text-align:center;
+vertical-align:-4px;margin-right:6px}
+.query{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:16px 0}
+.qn{display:inline-block;min-width:26px;padding:1px 6px;margin-right:8px;border-radius:12px;background:var(--ink);
+color:#fff;text-align:center;font-size:13px}
+.qid{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
+.chip{font-size:12px;font-weight:500;background:#eef2f8;border-radius:10px;padding:2px 8px;margin-left:8px}
+.query-row{display:flex;gap:16px;align-items:flex-start}
+.query-image{margin:0;flex:0 0 140px;text-align:center;color:var(--muted);font-size:12px}
+.query-image img,.query-image .missing{border:3px solid var(--ink);border-radius:4px;display:block;width:100%;
+height:auto}
+.rankings{display:flex;gap:16px;flex:1;min-width:0}.ranking{flex:1;min-width:0}
+.ranking+.ranking{border-left:1px dashed var(--line);padding-left:16px}
+ol.hits{list-style:none;margin:0;padding:0;display:grid;grid-template-columns:repeat(auto-fill,minmax(92px,1fr));gap:8px}
+.hit{position:relative;border:3px solid var(--line);border-radius:6px;overflow:hidden;background:#fafbfc}
+.hit img,.hit .missing{display:block;width:100%;height:74px;object-fit:cover}
+.hit.positive{border-color:var(--pos)}.hit.negative{border-color:var(--neg)}
+.hit.junk{border-color:var(--junk);border-style:dashed}.hit.junk img{opacity:.55}
+.cap{padding:3px 6px 5px;font-size:11px}.rank{font-weight:700;margin-right:5px;font-family:system-ui,sans-serif}
+.badge{position:absolute;top:4px;right:4px;width:20px;height:20px;border-radius:50%;color:#fff;
+font:700 13px/20px system-ui,sans-serif;text-align:center;box-shadow:0 0 0 2px #fff}
+.positive .badge,.sw.positive{background:var(--pos)}.negative .badge,.sw.negative{background:var(--neg)}
+.junk .badge,.sw.junk{background:var(--junk)}
+.id{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.details{color:var(--muted)}
+.missing{display:flex;align-items:center;justify-content:center;background:#e9ecf1;color:var(--muted);
+font-size:11px;width:120px;height:74px}
+.matches{margin-top:14px}.pair{display:inline-block;margin:0 14px 8px 0;vertical-align:top}
+.pair svg{display:block;max-width:100%;height:auto;border-radius:4px;background:#000}
+.pair.positive svg{outline:3px solid var(--pos)}.pair.negative svg{outline:3px solid var(--neg)}
+.pair figcaption{font-size:12px;color:var(--muted);margin-top:4px;max-width:460px;word-break:break-all}
+.inliers line{stroke-width:1.3;stroke-opacity:.9}.inliers circle{fill:#fff;fill-opacity:.9}
+"""
+
+
+def _legend_html() -> str:
+    items = "".join(
+        f'<span><span class="sw {label}">{glyph}</span>{_e(meaning)}</span>'
+        for label, (glyph, meaning) in BADGES.items()
+    )
+    return f'<p class="legend">{items}<span><span class="sw"></span>no ground truth</span></p>'
+
+
+def render_report(
+    summary: Mapping[str, Any],
+    timings: Mapping[str, float],
+    queries: Sequence[QueryView],
+    settings: ReportSettings = ReportSettings(),
+    options: Options = None,
+) -> str:
+    """The whole report as one HTML string (images inlined)."""
+    thumbs = _Thumbnails(settings, options)
+    shown = queries[: settings.max_queries]
+    caps = (
+        f"Showing {len(shown)} of {len(queries)} queries (at most {settings.max_queries}), the top "
+        f"{settings.max_hits} hits of each ranking, inlier lines for the top {settings.max_match_pairs} "
+        f"re-ranked pairs (at most {settings.max_match_lines} lines each); thumbnails ≤ {settings.thumb_px} px."
+    )
+    body = "".join(query_html(i, view, thumbs, settings) for i, view in enumerate(shown))
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(settings.title)}</title>'
+        f"<style>{STYLE}</style></head><body><header><h1>{_e(settings.title)}</h1>"
+        f'<p class="note">{_e(caps)}</p></header><main><div class="top">'
+        f'<div class="panel"><h3>Summary</h3>{summary_html(summary)}</div>'
+        f'<div class="panel"><h3>Stage timings</h3>{timings_html(timings)}</div></div>'
+        f"{_legend_html()}{body}</main></body></html>\n"
+    )
+
+
+def write_report(
+    out_url: str,
+    summary: Mapping[str, Any],
+    timings: Mapping[str, float],
+    queries: Sequence[QueryView],
+    settings: ReportSettings = ReportSettings(),
+    options: Options = None,
+) -> None:
+    """Render the report and write it atomically to ``out_url`` (local path or object-store URL)."""
+    storage.write_text(out_url, render_report(summary, timings, queries, settings, options), options)

@@ -1,0 +1,58 @@
+"""Re-ranking settings: one frozen dataclass shared by match, verify, score and the stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODELS = ("affine", "homography")
+SCORE_MODES = ("inliers", "saturate")
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    # Matching (reference: nearest neighbour with L2 distance < 1.0 on L2-normalised descriptors).
+    max_distance: float = 1.0  # accept a nearest neighbour closer than this (L2, unit descriptors: 0..2)
+    ratio: float | None = None  # Lowe ratio test d1 < ratio · d2; None = off (reference)
+    mutual: bool = False  # keep only matches that are nearest neighbours both ways
+
+    # Verification (reference: affine, 3-point samples, 20 px, 1000 trials, fixed seed).
+    model: str = "affine"  # "affine" (3-point) or "homography" (4-point DLT)
+    threshold: float = 20.0  # inlier if the reprojection error in candidate pixels is below this
+    trials: int = 1000  # RANSAC hypotheses per pair (degenerate samples count as trials and are skipped)
+    seed: int = 0  # torch.Generator seed; every pair sees the same uniform stream (batch-invariant)
+    refit: bool = True  # least-squares refit on the best consensus set, kept when it does not lose inliers
+
+    # Scoring (reference: sort by (inliers, global similarity)).
+    score: str = "inliers"  # "inliers": (inliers, global); "saturate": min(inliers, k)/k + global
+    min_inliers: int = 0  # fewer inliers than this = unverified: kept in global order below verified ones
+    saturate_at: int = 20  # k of the "saturate" score
+    top: int = 100  # re-rank this many candidates per query; the rest keep their global order below
+
+    # Execution.
+    device: str | None = None  # "cpu", "cuda", ...; None = CUDA when available
+    max_elements: int = 1 << 22  # bound on pairs × trials × matches (and pairs × features²) per tensor chunk
+    queries_per_batch: int = 16  # queries whose candidates' local features are read together
+
+    def __post_init__(self) -> None:
+        if not self.max_distance > 0:
+            raise ValueError(f"max_distance={self.max_distance}: must be > 0")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio={self.ratio}: must be in (0, 1] or None")
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: allowed {MODELS}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold={self.threshold}: must be > 0 pixels")
+        if self.trials < 1:
+            raise ValueError(f"trials={self.trials}: must be >= 1")
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"score={self.score!r}: allowed {SCORE_MODES}")
+        if self.min_inliers < 0:
+            raise ValueError(f"min_inliers={self.min_inliers}: must be >= 0")
+        if self.saturate_at < 1:
+            raise ValueError(f"saturate_at={self.saturate_at}: must be >= 1")
+        if self.top < 1:
+            raise ValueError(f"top={self.top}: must be >= 1")
+        if self.max_elements < 1:
+            raise ValueError(f"max_elements={self.max_elements}: must be >= 1")
+        if self.queries_per_batch < 1:
+            raise ValueError(f"queries_per_batch={self.queries_per_batch}: must be >= 1")

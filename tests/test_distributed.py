@@ -1,0 +1,280 @@
+"""Distributed extraction on a real local Ray: accounting, equality with direct extraction, resume, faults.
+
+Every test checks the product's promise: each manifest row ends in exactly one of "descriptors written" or
+"error record", no id twice, and the union of outputs equals one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import storage, store
+from pipeline.config import get_preset
+from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extract import Extractor
+from pipeline.images import load_image
+from pipeline.model.delg import Delg
+from pipeline.store import StoreSettings
+
+CONFIG = get_preset("cpu-small")
+EXACT = StoreSettings(global_dtype="float32", local_dtype="float32")
+SHAPES = ((96, 128), (128, 96), (112, 112))
+
+
+def _photo(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A smooth random picture (JPEG), so features are not pure noise."""
+    low = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(low).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def _dataset(folder: Path, good: int, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
+    """Good rows (relative urls) and bad rows with the reason each must produce."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(good):
+        name = f"images/img{i:03d}.jpg"
+        (folder / name).write_bytes(_photo(rng, *SHAPES[i % len(SHAPES)]))
+        rows.append({"id": f"img{i:03d}", "url": name})
+    (folder / "images/truncated.jpg").write_bytes(_photo(rng, 96, 96)[:300])
+    (folder / "images/text.jpg").write_bytes(b"this is not an image")
+    bad = {
+        "gone": ("images/gone.jpg", "missing"),
+        "truncated": ("images/truncated.jpg", "truncated"),
+        "text": ("images/text.jpg", "not_an_image"),
+        "ftp": ("ftp://example.invalid/x.jpg", "scheme_not_allowed"),
+    }
+    rows += [{"id": image_id, "url": url} for image_id, (url, _) in bad.items()]
+    return rows, {image_id: reason for image_id, (_, reason) in bad.items()}
+
+
+def _manifest(path: Path, rows: list[dict]) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """Seeded weights saved to a file, so actors and the test build the same model."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "cpu-small.pt"
+    torch.save(Delg.from_config(CONFIG).state_dict(), path)
+    return str(path)
+
+
+def _reference(weights: str, folder: Path, rows: list[dict]) -> dict[str, np.ndarray]:
+    """Global descriptors by direct, single-process extraction."""
+    model = Delg.from_config(CONFIG)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    extractor = Extractor(model, CONFIG, device="cpu")
+    out = {}
+    for row in rows:
+        image = load_image({"url": str(folder / row["url"])})
+        out[row["id"]] = extractor.extract_single(image).global_descriptor
+    return out
+
+
+def _assert_accounted(out: str, rows: list[dict], bad: dict[str, str], options=None) -> dict[str, np.ndarray]:
+    """Every row exactly once: ok ids in global+local, bad ids in errors with their reason."""
+    stats = store.store_stats(out, options)
+    assert stats["rows"] == len(rows) == stats["ok"] + stats["errors"]
+    ids, vectors = store.read_global(out, options)
+    errors = store.read_errors(out, options).to_pylist()
+    assert len(set(ids)) == len(ids), "an id was written twice"
+    assert {e["id"]: e["reason"] for e in errors} == bad
+    assert set(ids) | set(bad) == {r["id"] for r in rows}
+    assert set(store.LocalReader(out, options)._where) == set(ids)
+    return dict(zip(ids, vectors, strict=True))
+
+
+def test_every_row_accounted_and_equal_to_direct_extraction(tmp_path, ray_cluster, weights):
+    rows, bad = _dataset(tmp_path, good=9)
+    job = ExtractionJob(
+        _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
+    )
+    seen = []
+    summary = run_extraction(job, ClusterOptions(address=ray_cluster, chunk_size=3), on_progress=seen.append)
+    assert (summary.rows, summary.ok, summary.errors) == (13, 9, 4)
+    assert summary.errors_by_reason == {
+        "missing": 1,
+        "truncated": 1,
+        "not_an_image": 1,
+        "scheme_not_allowed": 1,
+    }
+    assert seen and seen[-1].done_rows == 13
+    got = _assert_accounted(job.out_url, rows, bad)
+    expected = _reference(weights, tmp_path, [r for r in rows if r["id"] not in bad])
+    for image_id, vector in expected.items():
+        assert float(vector @ got[image_id]) > 1 - 1e-4, image_id
+    info = json.loads((tmp_path / "out/_run.json").read_text())
+    assert info["preset"] == "cpu-small" and info["manifest_rows"] == 13 and len(info["weights_sha256"]) == 64
+
+
+def test_resume_redoes_only_uncommitted_shards(tmp_path, ray_cluster, weights):
+    rows, bad = _dataset(tmp_path, good=8)
+    job = ExtractionJob(
+        _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
+    )
+    cluster = ClusterOptions(address=ray_cluster, chunk_size=4)
+    run_extraction(job, cluster)
+    before = _assert_accounted(job.out_url, rows, bad)
+    # A crash between shard 1's data files and its commit marker: the marker is missing.
+    (tmp_path / "out/_commits/part-00001.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out/global").iterdir() if "00001" not in p.name}
+    summary = run_extraction(job, cluster)
+    assert summary.shards_resumed == 2 and summary.rows_this_run == 4
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "committed shards were rewritten"
+    after = _assert_accounted(job.out_url, rows, bad)
+    assert before.keys() == after.keys()
+    for image_id in before:
+        np.testing.assert_allclose(before[image_id], after[image_id], atol=1e-5)
+    # A finished run re-run does nothing.
+    assert run_extraction(job, cluster).rows_this_run == 0
+
+
+def test_resume_refuses_a_different_run(tmp_path, ray_cluster, weights):
+    rows, _ = _dataset(tmp_path, good=2)
+    job = ExtractionJob(
+        _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
+    )
+    run_extraction(job, ClusterOptions(address=ray_cluster))
+    other = replace(job, config=replace(CONFIG, max_local_features=10))
+    with pytest.raises(ValueError, match=r"different run.*config"):
+        run_extraction(other, ClusterOptions(address=ray_cluster))
+
+
+def _actor_pids() -> list[int]:
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("ExtractorActor" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+def test_sigkill_of_an_extractor_actor_loses_no_row(tmp_path, ray_cluster, weights):
+    rows, bad = _dataset(tmp_path, good=20)
+    job = ExtractionJob(
+        _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 3
+    )
+    killed: list[int] = []
+
+    def kill_once_mid_run() -> None:
+        commits = tmp_path / "out/_commits"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pids = _actor_pids()
+            if pids and commits.is_dir() and any(commits.iterdir()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_once_mid_run)
+    killer.start()
+    summary = run_extraction(job, ClusterOptions(address=ray_cluster, chunk_size=2))
+    killer.join()
+    assert killed, "the actor was never seen, so never killed"
+    assert summary.rows == len(rows)
+    _assert_accounted(job.out_url, rows, bad)
+
+
+def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights):
+    rows, bad = _dataset(tmp_path, good=16)
+    manifest = _manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "extract",
+        manifest,
+        str(out),
+        "--weights",
+        weights,
+        "--shard-size",
+        "3",
+        "--chunk-size",
+        "3",
+        "--address",
+        ray_cluster,
+        "--global-dtype",
+        "float32",
+    ]
+    driver = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None:
+        if (out / "_commits").is_dir() and any((out / "_commits").iterdir()):
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, f"driver ended before the kill: {driver.stderr.read().decode()[-2000:]}"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = len(list((out / "_commits").iterdir()))
+    assert 0 < committed < 7
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    got = _assert_accounted(str(out), rows, bad)
+    expected = _reference(weights, tmp_path, [r for r in rows if r["id"] not in bad])
+    for image_id, vector in expected.items():
+        assert float(vector @ got[image_id]) > 1 - 1e-4, image_id
+    assert "rows" in finished.stdout and "16" in finished.stdout  # the summary table
+
+
+def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s3_bucket, http_server):
+    """Manifest on S3, images on S3 and over HTTP (with a transient 503 and a 404), descriptors to S3."""
+    from tests.servers import Fault
+
+    rng = np.random.default_rng(5)
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "flaky.jpg").write_bytes(_photo(rng, 96, 96))
+    server = http_server(web)
+    server.add_fault("/flaky.jpg", Fault(status=503, times=2))
+    options = s3_bucket.options
+    rows = []
+    for i in range(3):
+        url = f"{s3_bucket.url}/images/s3img{i}.jpg"
+        storage.write_bytes(url, _photo(rng, 96, 128), options)
+        rows.append({"id": f"s3img{i}", "url": url})
+    rows += [
+        {"id": "flaky", "url": server.url("flaky.jpg")},
+        {"id": "http404", "url": server.url("nothing.jpg")},
+        {"id": "s3missing", "url": f"{s3_bucket.url}/images/nothing.jpg"},
+    ]
+    manifest_url = f"{s3_bucket.url}/manifests/m.parquet"
+    storage.write_parquet(manifest_url, pa.Table.from_pylist(rows), options)
+    storage.upload(weights, f"{s3_bucket.url}/models/w.pt", options)
+    out = f"{s3_bucket.url}/descriptors"
+    job = ExtractionJob(manifest_url, out, CONFIG, f"{s3_bucket.url}/models/w.pt", shard_size=4)
+    summary = run_extraction(job, ClusterOptions(address=ray_cluster), options)
+    assert (summary.ok, summary.errors) == (4, 2)
+    assert server.hits["/flaky.jpg"] == 3  # two 503s retried, then served
+    _assert_accounted(out, rows, {"http404": "missing", "s3missing": "missing"}, options)
+    everything = b"".join(
+        storage.read_bytes(u, options)
+        for d in ("", "errors/", "_commits/")
+        for u in storage.list_files(f"{out}/{d}", options)
+    )
+    assert options["secret"].encode() not in everything and options["key"].encode() not in everything

@@ -1,0 +1,326 @@
+"""The distributed FAISS index: equivalence with a single-process build, ids, sampling, parameters, quality,
+incremental updates and search output. Small data (5k × 64-d, IVF64,PQ8np) and one local Ray per module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline import store
+from pipeline.index import (
+    BuildConfig,
+    QualityConfig,
+    add_shards,
+    build_index,
+    choose_index,
+    io,
+    parse_size,
+    recall_at,
+    remove_ids,
+    search,
+)
+from pipeline.index.build import draw_samples, merge_in_ram, part_urls, sample_rows, shard_rows
+from pipeline.index.params import HNSW_QUANTIZER_FROM
+from pipeline.index.search import RESULTS_SCHEMA
+
+N, DIM, SHARDS = 5000, 64, 4
+FACTORY = "IVF64,PQ8np"
+FAST = BuildConfig(tasks=3, quality=QualityConfig(queries=100, max_nprobe=64))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-ti-"))
+    yield
+    ray.shutdown()
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """(n, dim) L2-normalised vectors around 50 centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((50, dim))
+    x = centres[rng.integers(0, 50, n)] + 0.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_store(
+    url: str, vectors: np.ndarray, image_ids: list[str], shards: int, first_shard: int = 0
+) -> None:
+    empty = store.LocalFeatures(
+        np.zeros((0, 2), np.float32),
+        np.zeros(0, np.float32),
+        np.zeros(0, np.float32),
+        np.zeros((0, 128), np.float32),
+    )
+    for shard, rows in enumerate(np.array_split(np.arange(len(vectors)), shards), start=first_shard):
+        store.write_shard(url, shard, [image_ids[r] for r in rows], vectors[rows], [empty] * len(rows))
+
+
+def image_names(n: int) -> list[str]:
+    return [f"img{i:06d}" for i in range(n)]  # sorted = row order (write_shard sorts ids within a shard)
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    # float16 round trip: the store keeps float16, so references must use the stored values
+    return clustered(N, DIM).astype(np.float16).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data) -> tuple[str, str, dict]:
+    root = tmp_path_factory.mktemp("built")
+    store_url, out = str(root / "store"), str(root / "index")
+    write_store(store_url, data, image_names(N), SHARDS)
+    return store_url, out, build_index(store_url, out, factory=FACTORY, config=FAST)
+
+
+def invlist_contents(index: faiss.Index) -> dict[int, tuple[int, bytes]]:
+    """id → (list number, PQ code) over all inverted lists: what a merge must preserve exactly."""
+    ivf = faiss.extract_index_ivf(index)
+    out = {}
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size).copy()
+        codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), size * ivf.code_size).copy()
+        for j, i in enumerate(ids):
+            assert i not in out, f"id {i} stored twice"
+            out[int(i)] = (lst, codes[j * ivf.code_size : (j + 1) * ivf.code_size].tobytes())
+    return out
+
+
+def single_process(out: str, vectors: np.ndarray) -> faiss.Index:
+    index = io.read_index(os.path.join(out, io.TRAINED))
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    return index
+
+
+def test_distributed_build_equals_single_process(built, data):
+    _, out, summary = built
+    merged = io.load_index(out)
+    reference = single_process(out, data)
+    assert summary["ntotal"] == merged.ntotal == N
+    assert invlist_contents(merged) == invlist_contents(reference)
+    for index in (merged, reference):
+        io.set_search_params(index, 8)
+    d1, i1 = merged.search(data[:200], 20)
+    d2, i2 = reference.search(data[:200], 20)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(np.sort(i1, axis=1), np.sort(i2, axis=1))
+    id_keys, image_ids = io.read_id_map(out)
+    np.testing.assert_array_equal(id_keys, np.arange(N))
+    assert list(image_ids) == image_names(N)
+
+
+def test_merge_keeps_ids_whatever_the_part_order(built):
+    """Tasks hold non-contiguous shards (task 0: shards 0 and 3); merging must not shift or renumber ids."""
+    _, out, _ = built
+    parts = [part_urls(out, t)[0] for t in range(3)]
+    part0 = pq.read_table(part_urls(out, 0)[1]).column("id").to_numpy()
+    bounds = np.cumsum([0, *shard_rows(store.global_shard_urls(built[0]))])
+    np.testing.assert_array_equal(part0, np.r_[bounds[0] : bounds[1], bounds[3] : bounds[4]])
+    forward = merge_in_ram(io.read_index(os.path.join(out, io.TRAINED)), parts)
+    backward = merge_in_ram(io.read_index(os.path.join(out, io.TRAINED)), parts[::-1])
+    assert invlist_contents(forward) == invlist_contents(backward) == invlist_contents(io.load_index(out))
+
+
+def test_training_sample_is_random_across_shards(built, data):
+    store_url, _, _ = built
+    urls = store.global_shard_urls(store_url)
+    counts = shard_rows(urls)
+    train, queries = draw_samples(N, 500, 100, seed=0)
+    assert len(set(train)) == 500 and not set(train) & set(queries)
+    assert not np.array_equal(train, np.arange(500))
+    assert all(
+        np.any((train >= lo) & (train < lo + c))
+        for lo, c in zip(np.cumsum([0, *counts])[:-1], counts, strict=True)
+    )
+    np.testing.assert_array_equal(draw_samples(N, 500, 100, seed=0)[0], train)
+    assert not np.array_equal(draw_samples(N, 500, 100, seed=1)[0], train)
+    np.testing.assert_array_equal(sample_rows(urls, counts, train), data[train])
+
+
+@pytest.mark.parametrize("n", [10_000, 250_000, 1_000_000, 100_000_000])
+def test_auto_params_nlist_and_quantizer(n):
+    choice = choose_index(n, 2048)
+    assert 4 * math.sqrt(n) <= choice.nlist <= 16 * math.sqrt(n) and choice.nlist & (choice.nlist - 1) == 0
+    assert ("HNSW" in choice.factory) == (choice.nlist >= HNSW_QUANTIZER_FROM)
+    assert f"nlist={choice.nlist}" in choice.reason and "PCAR" in choice.reason
+    index = faiss.index_factory(2048, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    assert faiss.extract_index_ivf(index).nlist == choice.nlist
+
+
+@pytest.mark.parametrize("budget", ["30MB", "100MB", "1GiB", "8GB"])
+def test_auto_params_honour_the_budget(budget):
+    choice = choose_index(1_000_000, 2048, parse_size(budget))
+    assert choice.estimated_bytes <= parse_size(budget)
+    assert str(parse_size(budget)) in choice.reason
+    index = faiss.index_factory(2048, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    assert faiss.extract_index_ivf(index).code_size == choice.code_bytes
+    bigger = choose_index(1_000_000, 2048, 2 * parse_size(budget))
+    assert bigger.code_bytes >= choice.code_bytes
+
+
+def test_auto_params_tiny_and_impossible():
+    tiny = choose_index(500, 64)
+    assert tiny.factory == "IDMap2,Flat" and tiny.nlist == 0 and "exact" in tiny.reason
+    with pytest.raises(ValueError, match="memory budget"):
+        choose_index(1_000_000, 2048, parse_size("1MB"))
+    assert parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("512k") == 512_000 and parse_size(7) == 7
+    for bad in ["", "12 parsecs", "-3GB", "0", 0]:
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_flat_index_reports_perfect_recall(tmp_path):
+    vectors = clustered(300, 32, seed=3).astype(np.float16).astype(np.float32)
+    write_store(str(tmp_path / "s"), vectors, image_names(300), 2)
+    summary = build_index(str(tmp_path / "s"), str(tmp_path / "i"), config=FAST)
+    assert summary["factory"] == "IDMap2,Flat" and "exact" in summary["reason"] and summary["nprobe"] is None
+    [row] = json.loads((tmp_path / "i" / io.QUALITY).read_text())["rows"]
+    assert row["1-recall@1"] == row["10-recall@10"] == row["100-recall@100"] == 1.0
+
+
+def test_recall_values_match_an_independent_computation(built, data):
+    _, out, summary = built
+    quality = json.loads(Path(out, io.QUALITY).read_text())
+    _, query_rows = draw_samples(N, N, 100, seed=0)  # FAST trains on all 5000 rows (≤ 256 × 256 points)
+    exact = np.argsort(-(data[query_rows] @ data.T), axis=1, kind="stable")[:, :100]  # (q, 100)
+    index = io.load_index(out)
+    for row in quality["rows"]:
+        io.set_search_params(index, row["nprobe"])
+        _, approx = index.search(data[query_rows], 100)
+        for k in (1, 10, 100):
+            hits = (
+                np.mean([len(np.intersect1d(a[:k], e[:k])) for a, e in zip(approx, exact, strict=True)]) / k
+            )
+            assert row[f"{k}-recall@{k}"] == pytest.approx(hits, abs=1e-9)
+    recalls = [r["100-recall@100"] for r in quality["rows"]]
+    assert [r["nprobe"] for r in quality["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert recalls[-1] > recalls[0]
+    reached = [r["nprobe"] for r in quality["rows"] if r["100-recall@100"] >= 0.95]
+    assert summary["nprobe"] == (reached[0] if reached else 64)
+    assert recall_at(np.array([[3, 1, -1]]), np.array([[1, 2, 3]]), 3) == pytest.approx(2 / 3)
+
+
+def test_incremental_add_equals_building_with_all(tmp_path, data, built):
+    names = image_names(N)
+    cut = 3 * N // 4
+    write_store(str(tmp_path / "old"), data[:cut], names[:cut], 3)
+    write_store(str(tmp_path / "new"), data[cut:], names[cut:], 1, first_shard=3)
+    trained = os.path.join(built[1], io.TRAINED)
+    config = BuildConfig(tasks=2, trained_url=trained, quality=QualityConfig(queries=20, max_nprobe=4))
+    build_index(str(tmp_path / "old"), str(tmp_path / "inc"), factory=FACTORY, config=config)
+    assert (
+        add_shards(str(tmp_path / "inc"), store.global_shard_urls(str(tmp_path / "new")))["added"] == N - cut
+    )
+    incremental, full = io.load_index(str(tmp_path / "inc")), io.load_index(built[1])
+    assert invlist_contents(incremental) == invlist_contents(full)
+    for a, b in zip(io.read_id_map(str(tmp_path / "inc")), io.read_id_map(built[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert io.read_params(str(tmp_path / "inc"))["next_id"] == N
+    with pytest.raises(ValueError, match="already in the index"):
+        add_shards(str(tmp_path / "inc"), store.global_shard_urls(str(tmp_path / "new")))
+
+
+def test_remove_ids_removes_exactly_those(tmp_path, data, built):
+    out = str(tmp_path / "idx")
+    build_index(
+        built[0],
+        out,
+        factory=FACTORY,
+        config=BuildConfig(
+            tasks=2,
+            trained_url=os.path.join(built[1], io.TRAINED),
+            quality=QualityConfig(queries=20, max_nprobe=4),
+        ),
+    )
+    before = invlist_contents(io.load_index(out))
+    gone = ["img000007", "img002500", "img004999"]
+    assert remove_ids(out, gone) == {"removed": 3, "ntotal": N - 3}
+    after = invlist_contents(io.load_index(out))
+    assert after == {i: v for i, v in before.items() if i not in (7, 2500, 4999)}
+    id_keys, image_ids = io.read_id_map(out)
+    assert set(image_ids) == set(image_names(N)) - set(gone) and 2500 not in id_keys
+    with pytest.raises(ValueError, match="not in the index"):
+        remove_ids(out, ["img000007"])
+
+
+def test_search_writes_ranked_results_and_handles_k_above_n(tmp_path):
+    vectors = clustered(300, 32, seed=5).astype(np.float16).astype(np.float32)
+    names = [f"db{i:04d}" for i in range(300)]
+    write_store(str(tmp_path / "db"), vectors, names, 3)
+    build_index(str(tmp_path / "db"), str(tmp_path / "i"), config=FAST)
+    write_store(str(tmp_path / "q"), vectors[[5, 123, 299]], ["q5", "q123", "q299"], 1)
+    out = str(tmp_path / "results.parquet")
+    summary = search(str(tmp_path / "i"), str(tmp_path / "q"), out, k=500)
+    table = pq.read_table(out)
+    assert table.schema == RESULTS_SCHEMA and summary["rows"] == table.num_rows == 3 * 300
+    rows = table.to_pylist()
+    for query, row in (("q5", 5), ("q123", 123), ("q299", 299)):
+        hits = [r for r in rows if r["query_id"] == query]
+        assert [h["rank"] for h in hits] == list(range(1, 301))
+        scores = vectors @ vectors[row]
+        expected = np.argsort(-scores, kind="stable")
+        assert hits[0]["id"] == names[row]
+        np.testing.assert_allclose([h["score"] for h in hits], scores[expected], rtol=1e-5, atol=1e-6)
+        assert {h["id"] for h in hits} == set(names)
+
+
+def test_on_disk_merge_searches_like_the_in_ram_index(tmp_path, data, built):
+    out = str(tmp_path / "disk")
+    config = BuildConfig(
+        tasks=3,
+        merge="disk",
+        trained_url=os.path.join(built[1], io.TRAINED),
+        quality=QualityConfig(queries=20, max_nprobe=4),
+    )
+    assert build_index(built[0], out, factory=FACTORY, config=config)["on_disk"]
+    on_disk, in_ram = io.load_index(out), io.load_index(built[1])
+    assert invlist_contents(on_disk) == invlist_contents(in_ram)
+    for index in (on_disk, in_ram):
+        io.set_search_params(index, 8)
+    np.testing.assert_array_equal(on_disk.search(data[:50], 10)[0], in_ram.search(data[:50], 10)[0])
+    write_store(str(tmp_path / "q"), data[:4], ["a", "b", "c", "d"], 1)
+    for index_url, name in ((out, "disk.parquet"), (built[1], "ram.parquet")):
+        search(index_url, str(tmp_path / "q"), str(tmp_path / name), k=5, nprobe=8)
+    disk, ram = pq.read_table(str(tmp_path / "disk.parquet")), pq.read_table(str(tmp_path / "ram.parquet"))
+    assert disk.num_rows == 20 and disk.column("score").equals(ram.column("score"))
+    assert set(zip(*disk.select(["query_id", "id"]).to_pydict().values(), strict=True)) == set(
+        zip(*ram.select(["query_id", "id"]).to_pydict().values(), strict=True)
+    )
+
+
+def test_bad_inputs(tmp_path, built):
+    with pytest.raises(ValueError, match="not both"):
+        build_index(built[0], str(tmp_path / "x"), factory=FACTORY, memory_budget="1GB")
+    with pytest.raises(ValueError, match="no committed global shards"):
+        build_index(str(tmp_path / "empty"), str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="not a faiss index_factory"):
+        build_index(built[0], str(tmp_path / "x"), factory="IVF64,PQ7x3y")
+    with pytest.raises(ValueError, match="has d=64"):
+        other = str(tmp_path / "wide")
+        write_store(other, clustered(50, 32), image_names(50), 1)
+        build_index(
+            other, str(tmp_path / "x"), config=BuildConfig(trained_url=str(Path(built[1], io.TRAINED)))
+        )
+    with pytest.raises(ValueError, match="merge="):
+        BuildConfig(merge="tape")
+    with pytest.raises(ValueError, match="local output"):
+        build_index(
+            built[0],
+            "memory://idx",
+            factory=FACTORY,
+            config=BuildConfig(
+                merge="disk", trained_url=os.path.join(built[1], io.TRAINED), quality=QualityConfig(queries=5)
+            ),
+        )

@@ -1,0 +1,721 @@
+"""Offline checks of the Kubernetes deployment (k8s/) and the runtime image (Dockerfile).
+
+The overlays are rendered by `render`, a minimal kustomize for exactly the subset k8s/ uses (resources,
+namespace, labels, images, patches as strategic-merge without lists / RFC 6902 / `$patch: delete`,
+replacements); it raises on anything else instead of ignoring it. Where `kubectl kustomize` exists, the
+renderer's output must equal it. Core kinds are validated with kubernetes-validate (strict), ray.io kinds
+with jsonschema against the KubeRay CRDs in ../shared (made strict: unknown fields are errors, as with
+the API server's strict field validation).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CRDS = SHARED / "data" / "kuberay-crds"
+OVERLAYS = ("dev-cpu", "prod-gpu", "prod-gpu-raycronjob")
+K8S_VERSION = "1.33"
+RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+SUPPORTED_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "images",
+    "patches",
+    "replacements",
+}
+
+Resource = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- minimal kustomize
+
+
+def render(directory: Path) -> list[Resource]:
+    """Build a kustomization the way kustomize does for the supported subset.
+
+    Order of one level (kustomize's builtin transformer order): resources (recursively built),
+    patches, namespace, labels, images, replacements.
+    """
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kustomization) - SUPPORTED_FIELDS
+    if unsupported:
+        raise ValueError(
+            f"{directory}: fields {sorted(unsupported)} not supported; allowed: {SUPPORTED_FIELDS}"
+        )
+    resources: list[Resource] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        resources += render(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        resources = apply_patch(resources, patch, directory)
+    if "namespace" in kustomization:
+        set_namespace(resources, kustomization["namespace"])
+    for label_set in kustomization.get("labels", []):
+        add_labels(resources, label_set)
+    for image in kustomization.get("images", []):
+        for resource in resources:
+            set_images(resource, image)
+    for replacement in kustomization.get("replacements", []):
+        replace(resources, replacement)
+    return resources
+
+
+def identity(resource: Resource) -> tuple[str, str]:
+    return resource["kind"], resource["metadata"]["name"]
+
+
+def selects(selector: dict[str, str], resource: Resource) -> bool:
+    unsupported = set(selector) - {"kind", "name", "labelSelector"}
+    if unsupported:
+        raise ValueError(
+            f"selector fields {sorted(unsupported)} not supported; allowed: kind, name, labelSelector"
+        )
+    labels = resource["metadata"].get("labels", {})
+    wanted_labels = dict(pair.split("=", 1) for pair in selector.get("labelSelector", "").split(",") if pair)
+    return (
+        selector.get("kind", resource["kind"]) == resource["kind"]
+        and selector.get("name", resource["metadata"]["name"]) == resource["metadata"]["name"]
+        and all(labels.get(key) == value for key, value in wanted_labels.items())
+    )
+
+
+def apply_patch(resources: list[Resource], patch: dict[str, Any], directory: Path) -> list[Resource]:
+    text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
+    documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    target = patch.get("target")
+    if len(documents) == 1 and isinstance(documents[0], list):
+        if target is None:
+            raise ValueError(f"JSON patch {patch} needs a target")
+        for resource in resources:
+            if selects(target, resource):
+                apply_json_patch(resource, documents[0])
+        return resources
+    kept = []
+    for resource in resources:
+        for document in documents:
+            selector = target or {"kind": document["kind"], "name": document["metadata"]["name"]}
+            if not selects(selector, resource):
+                continue
+            if document.get("$patch") == "delete":
+                break
+            merge_patch(resource, {k: v for k, v in document.items() if k not in ("apiVersion", "kind")})
+        else:
+            kept.append(resource)
+    return kept
+
+
+def merge_patch(node: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Strategic merge restricted to maps: kustomize merges lists of core kinds by key, so lists are refused."""
+    for key, value in patch.items():
+        if isinstance(value, list):
+            raise ValueError(f"list under {key!r} in a strategic-merge patch: use a JSON patch (op: replace)")
+        if value is None:
+            node.pop(key, None)
+        elif isinstance(value, dict) and isinstance(node.get(key), dict):
+            merge_patch(node[key], value)
+        else:
+            node[key] = copy.deepcopy(value)
+
+
+def apply_json_patch(resource: Resource, operations: list[dict[str, Any]]) -> None:
+    for operation in operations:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
+        node: Any = resource
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key: Any = (len(node) if last == "-" else int(last)) if isinstance(node, list) else last
+        if operation["op"] == "remove":
+            del node[key]
+        elif operation["op"] == "replace":
+            if key not in (range(len(node)) if isinstance(node, list) else node):
+                raise ValueError(f"JSON patch replaces {operation['path']}, which does not exist")
+            node[key] = copy.deepcopy(operation["value"])
+        elif operation["op"] == "add" and isinstance(node, list):
+            node.insert(key, copy.deepcopy(operation["value"]))
+        elif operation["op"] == "add":
+            node[key] = copy.deepcopy(operation["value"])
+        else:
+            raise ValueError(
+                f"JSON patch op {operation['op']!r} not supported; allowed: add, remove, replace"
+            )
+
+
+def set_namespace(resources: list[Resource], namespace: str) -> None:
+    for resource in resources:
+        if resource["kind"] in CLUSTER_SCOPED:
+            continue
+        resource["metadata"]["namespace"] = namespace
+        for subject in resource.get("subjects", []) if resource["kind"] == "RoleBinding" else []:
+            if subject["kind"] == "ServiceAccount":
+                subject["namespace"] = namespace
+
+
+def add_labels(resources: list[Resource], label_set: dict[str, Any]) -> None:
+    if label_set.get("includeSelectors") or label_set.get("includeTemplates"):
+        raise ValueError(f"labels {label_set}: includeSelectors/includeTemplates not supported")
+    for resource in resources:
+        resource["metadata"].setdefault("labels", {}).update(label_set["pairs"])
+
+
+def image_name(image: str) -> str:
+    """'registry:5000/a/b:tag@sha256:..' -> 'registry:5000/a/b'."""
+    name = image.split("@", 1)[0]
+    last_slash = name.rfind("/")
+    return name[: name.rfind(":")] if name.rfind(":") > last_slash else name
+
+
+def set_images(node: Any, image: dict[str, str]) -> None:
+    """Like kustomize's images transformer: every `containers`/`initContainers` list at any depth."""
+    if set(image) != {"name", "newName", "newTag"}:
+        raise ValueError(f"images entry {image}: exactly name, newName and newTag are supported")
+    if isinstance(node, list):
+        for item in node:
+            set_images(item, image)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("containers", "initContainers") and isinstance(value, list):
+            for container in value:
+                if image_name(container.get("image", "")) == image["name"]:
+                    container["image"] = f"{image['newName']}:{image['newTag']}"
+        set_images(value, image)
+
+
+def replace(resources: list[Resource], replacement: dict[str, Any]) -> None:
+    source_selector = {k: v for k, v in replacement["source"].items() if k != "fieldPath"}
+    (source,) = [r for r in resources if selects(source_selector, r)]
+    value = get_path(source, replacement["source"]["fieldPath"])
+    for target in replacement["targets"]:
+        create = target.get("options", {}).get("create", False)
+        for resource in resources:
+            if selects(target["select"], resource):
+                for field_path in target["fieldPaths"]:
+                    set_path(resource, field_path, copy.deepcopy(value), create)
+
+
+def get_path(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def set_path(node: dict[str, Any], dotted: str, value: Any, create: bool) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if part not in node and not create:
+            return
+        node = node.setdefault(part, {})
+    if last in node or create:
+        node[last] = value
+
+
+# ----------------------------------------------------------------------------- rendered objects
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Resource]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[tuple[str, str], Resource]]:
+    return {name: {identity(r): r for r in render(K8S / "overlays" / name)} for name in OVERLAYS}
+
+
+def pod_specs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every PodSpec at any depth: a map with a `containers` list."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for value in node.values():
+            yield from pod_specs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from pod_specs(item)
+
+
+def cluster_specs(resource: Resource) -> list[dict[str, Any]]:
+    """The RayCluster specs a resource creates."""
+    if resource["kind"] == "RayCluster":
+        return [resource["spec"]]
+    if resource["kind"] == "RayJob":
+        return [resource["spec"]["rayClusterSpec"]]
+    if resource["kind"] == "RayCronJob":
+        return [resource["spec"]["jobTemplate"]["rayClusterSpec"]]
+    return []
+
+
+def entrypoints(resources: dict[tuple[str, str], Resource]) -> dict[tuple[str, str], str]:
+    found = {}
+    for key, resource in resources.items():
+        if resource["kind"] == "RayJob":
+            found[key] = resource["spec"]["entrypoint"]
+        elif resource["kind"] == "RayCronJob":
+            found[key] = resource["spec"]["jobTemplate"]["entrypoint"]
+    return found
+
+
+def dockerfile_value(instruction: str) -> str:
+    lines = [
+        line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith(instruction + " ")
+    ]
+    assert len(lines) == 1, f"expected one {instruction} in the Dockerfile, found {lines}"
+    return lines[0].split(" ", 1)[1].strip()
+
+
+# ----------------------------------------------------------------------------- the renderer itself
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_renderer_equals_kubectl_kustomize(name: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the minimal renderer is not cross-checked against kustomize")
+    built = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=120
+    )
+    assert built.returncode == 0, built.stderr
+    expected = {identity(r): r for r in yaml.safe_load_all(built.stdout) if r}
+    assert {identity(r): r for r in render(K8S / "overlays" / name)} == expected
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonAnnotations: {a: b}\n")
+    with pytest.raises(ValueError, match="commonAnnotations"):
+        render(tmp_path)
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n- patch: '{kind: ConfigMap, metadata: {name: c}, data: {l: [1]}}'\n"
+    )
+    with pytest.raises(ValueError, match="list under 'l'"):
+        render(tmp_path)
+
+
+def test_renderer_transformers_on_a_small_kustomization(tmp_path: Path) -> None:
+    (tmp_path / "pod.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {x: y}}\n"
+        "spec: {containers: [{name: c, image: 'reg:5000/app:old'}, {name: d, image: other:1}]}\n---\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: gone}\n"
+    )
+    (tmp_path / "kustomization.yaml").write_text(
+        "namespace: ns\nresources: [pod.yaml]\nlabels: [{pairs: {team: t}}]\n"
+        "images: [{name: 'reg:5000/app', newName: r/app, newTag: '2'}]\n"
+        "patches:\n- target: {kind: ConfigMap}\n  patch: '{$patch: delete, kind: X, metadata: {name: x}}'\n"
+        "- target: {kind: Pod, name: p}\n  patch: '[{op: add, path: /spec/containers/-, value: {name: e}}]'\n"
+    )
+    (pod,) = render(tmp_path)
+    assert pod["metadata"] == {"name": "p", "namespace": "ns", "labels": {"x": "y", "team": "t"}}
+    assert pod["spec"]["containers"] == [
+        {"name": "c", "image": "r/app:2"},
+        {"name": "d", "image": "other:1"},
+        {"name": "e"},
+    ]
+
+
+# ----------------------------------------------------------------------------- schema validation
+
+
+def strict(schema: Any) -> Any:
+    """Forbid unknown fields wherever the CRD lists the allowed ones (server-side strict validation)."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: strict(value) for key, value in schema.items()}
+    lists_fields = "properties" in schema and "additionalProperties" not in schema
+    if lists_fields and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        result["additionalProperties"] = False
+    return result
+
+
+@functools.cache
+def load_crd_validators() -> dict[str, jsonschema.Draft7Validator]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 3 MB of YAML
+    validators = {}
+    for kind, plural in RAY_KINDS.items():
+        crd = yaml.load((CRDS / f"ray.io_{plural}.yaml").read_text(), Loader=loader)
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        validators[kind] = jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (../shared absent): ray.io kinds not validated")
+    return load_crd_validators()
+
+
+def test_core_kinds_validate_against_kubernetes_schemas(overlay: tuple[str, list[Resource]]) -> None:
+    for resource in overlay[1]:
+        if resource["apiVersion"] != "ray.io/v1":
+            kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+
+
+def test_ray_kinds_validate_against_kuberay_crds(
+    overlay: tuple[str, list[Resource]], crd_validators: dict[str, jsonschema.Draft7Validator]
+) -> None:
+    ray_resources = [r for r in overlay[1] if r["apiVersion"] == "ray.io/v1"]
+    assert ray_resources
+    for resource in ray_resources:
+        errors = [
+            f"{list(e.absolute_path)}: {e.message}"
+            for e in crd_validators[resource["kind"]].iter_errors(resource)
+        ]
+        assert not errors, f"{identity(resource)}: {errors[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (["spec", "enableInTreeAutoScaling"], True),  # misspelt field
+        (["spec", "workerGroupSpecs", 0, "maxReplicas"], "4"),  # string for an integer
+        (["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0),  # rayStartParams are strings
+    ],
+)
+def test_crd_validation_rejects_bad_raycluster(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+    crd_validators: dict[str, jsonschema.Draft7Validator],
+    path: list[Any],
+    value: Any,
+) -> None:
+    bad = copy.deepcopy(rendered["prod-gpu"][("RayCluster", "landmark-index")])
+    node = bad
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    assert not crd_validators["RayCluster"].is_valid(bad)
+
+
+def test_core_validation_rejects_a_misspelt_cronjob_field(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+) -> None:
+    bad = copy.deepcopy(rendered["prod-gpu"][("CronJob", "nightly-reindex")])
+    bad["spec"]["concurrencyPolcy"] = bad["spec"].pop("concurrencyPolicy")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+# ----------------------------------------------------------------------------- security and resources
+
+
+def test_every_container_is_non_root_with_limits(overlay: tuple[str, list[Resource]]) -> None:
+    for resource in overlay[1]:
+        for pod in pod_specs(resource):
+            pod_context = pod.get("securityContext", {})
+            volumes = {volume["name"] for volume in pod.get("volumes", [])}
+            for container in pod["containers"] + pod.get("initContainers", []):
+                where = f"{overlay[0]} {identity(resource)} container {container['name']}"
+                context = {**pod_context, **container.get("securityContext", {})}
+                assert context.get("runAsNonRoot") is True, where
+                assert context.get("runAsUser", 0) > 0, where
+                assert context.get("allowPrivilegeEscalation") is False, where
+                assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+                assert context.get("readOnlyRootFilesystem") is True, where
+                for kind in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(container.get("resources", {}).get(kind, {})), where
+                mounts = {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
+                assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+                assert set(mounts.values()) <= volumes, f"{where}: mounts a volume the pod lacks"
+
+
+def test_ray_nodes_have_writable_ray_paths(overlay: tuple[str, list[Resource]]) -> None:
+    for resource in overlay[1]:
+        for cluster in cluster_specs(resource):
+            groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+            for group in groups:
+                for container in group["template"]["spec"]["containers"]:
+                    mounted = {mount["mountPath"] for mount in container["volumeMounts"]}
+                    assert {"/tmp", "/dev/shm", "/home/ray"} <= mounted, (overlay[0], identity(resource))
+            autoscaler = cluster["autoscalerOptions"]
+            assert {"cpu", "memory"} <= set(autoscaler["resources"]["limits"])
+            assert autoscaler["securityContext"]["runAsNonRoot"] is True
+            assert autoscaler["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_secret_is_a_template_with_placeholders(overlay: tuple[str, list[Resource]]) -> None:
+    (secret,) = [r for r in overlay[1] if r["kind"] == "Secret"]
+    assert "data" not in secret
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(value.startswith("REPLACE_WITH_") for value in secret["stringData"].values())
+
+
+# ----------------------------------------------------------------------------- Ray layout
+
+
+def gpu_count(container: dict[str, Any], kind: str) -> int:
+    return int(container["resources"][kind].get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("name", ["prod-gpu", "prod-gpu-raycronjob"])
+def test_gpu_clusters_autoscale_a_gpu_worker_group(
+    rendered: dict[str, dict[tuple[str, str], Resource]], name: str
+) -> None:
+    clusters = [c for r in rendered[name].values() for c in cluster_specs(r)]
+    assert len(clusters) == 3  # RayCluster, index RayJob, nightly (RayJob template or RayCronJob)
+    for cluster in clusters:
+        assert cluster["enableInTreeAutoscaling"] is True
+        (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+        assert gpu_count(head, "limits") == 0
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        (group,) = cluster["workerGroupSpecs"]
+        assert group["minReplicas"] == 0 < group["maxReplicas"] == 16
+        pod = group["template"]["spec"]
+        (worker,) = pod["containers"]
+        assert gpu_count(worker, "requests") == gpu_count(worker, "limits") >= 1
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_dev_cpu_requests_no_gpu(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
+    assert "nvidia.com/gpu" not in json.dumps(list(rendered["dev-cpu"].values()))
+    cluster = rendered["dev-cpu"][("RayCluster", "landmark-index")]["spec"]
+    assert [group["groupName"] for group in cluster["workerGroupSpecs"]] == ["cpu"]
+    assert rendered["dev-cpu"][("CronJob", "nightly-reindex")]["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_rayjobs_run_on_the_overlays_cluster_layout_and_clean_up(
+    rendered: dict[str, dict[tuple[str, str], Resource]], name: str
+) -> None:
+    resources = rendered[name]
+    cluster = resources[("RayCluster", "landmark-index")]["spec"]
+    index_job = resources[("RayJob", "index-manifest")]["spec"]
+    jobs = [r["spec"] for r in resources.values() if r["kind"] == "RayJob"]
+    jobs += [r["spec"]["jobTemplate"] for r in resources.values() if r["kind"] == "RayCronJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job["rayClusterSpec"] == cluster
+        assert job["submitterPodTemplate"] == index_job["submitterPodTemplate"]
+        assert job["shutdownAfterJobFinishes"] is True
+        assert job["ttlSecondsAfterFinished"] > 0
+        assert job["backoffLimit"] == 0
+
+
+def test_one_image_for_all_ray_containers(overlay: tuple[str, list[Resource]]) -> None:
+    images = {
+        container["image"]
+        for resource in overlay[1]
+        if resource["apiVersion"] == "ray.io/v1"
+        for pod in pod_specs(resource)
+        for container in pod["containers"]
+    }
+    assert len(images) == 1 and "landmark-index:" in images.pop()
+
+
+# ----------------------------------------------------------------------------- nightly scheduling
+
+
+def test_cronjob_forbids_overlap_with_least_privilege(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+) -> None:
+    resources = rendered["prod-gpu"]
+    cronjob = resources[("CronJob", "nightly-reindex")]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    assert ("ServiceAccount", account) in resources
+    role = resources[("Role", account)]
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "delete"]}
+    ]
+    binding = resources[("RoleBinding", account)]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
+    namespace = cronjob["metadata"]["namespace"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
+
+
+def submit_script(resources: dict[tuple[str, str], Resource]) -> str:
+    pod = resources[("CronJob", "nightly-reindex")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["/bin/sh", "-c"]
+    return container["args"][0]
+
+
+def test_submit_script_is_valid_sh_and_refuses_active_runs(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+) -> None:
+    script = submit_script(rendered["prod-gpu"])
+    checked = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    # The awk filter that decides "still active": run it on a listing like the script's kubectl output.
+    (awk_program,) = re.findall(r"awk '(NF && [^']*)'", script)
+    listing = "a Complete\nb Running\nc\nd Failed\ne Suspended\n"
+    active = subprocess.run(["awk", awk_program], input=listing, capture_output=True, text=True, timeout=30)
+    assert active.stdout.split("\n")[:-1] == ["b Running", "c", "e Suspended"]
+
+
+def as_served(resource: Resource) -> Resource:
+    """What `kubectl get -o json` returns for an applied resource: server-set fields and a status."""
+    served = copy.deepcopy(resource)
+    served["metadata"].update(
+        uid="0b6c9c1e-0000-4000-8000-000000000000",
+        resourceVersion="4711",
+        generation=1,
+        creationTimestamp="2026-01-01T00:00:00Z",
+        annotations={"kubectl.kubernetes.io/last-applied-configuration": json.dumps(resource)},
+        managedFields=[{"manager": "kubectl", "operation": "Apply"}],
+    )
+    served["status"] = {"jobDeploymentStatus": "Suspended"}
+    return served
+
+
+def test_submit_script_creates_an_unsuspended_run_of_the_template(
+    rendered: dict[str, dict[tuple[str, str], Resource]], tmp_path: Path
+) -> None:
+    """Runs the script's own `kubectl patch --local` step on the template as the API server returns it."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the submit script's patch step is not executed")
+    resources = rendered["prod-gpu"]
+    script = submit_script(resources)
+    (template_name,) = re.findall(r"kubectl get rayjob (\S+) -o json > /tmp/template.json", script)
+    template = resources[("RayJob", template_name)]
+    assert template["spec"]["suspend"] is True
+    (tmp_path / "template.json").write_text(json.dumps(as_served(template)))
+    (patch_step,) = re.findall(
+        r"(kubectl patch --local .*?)[\s\\]*\| kubectl create -f -", script, flags=re.DOTALL
+    )
+    patch_step = patch_step.replace("/tmp/template.json", str(tmp_path / "template.json"))
+    patched = subprocess.run(
+        ["sh", "-c", f"set -eu\nrun=nightly-reindex-20260101-0200\n{patch_step}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(Path(kubectl).parent), "HOME": str(tmp_path)},
+    )
+    assert patched.returncode == 0, patched.stderr
+    run = json.loads(patched.stdout)
+    labels = {**template["metadata"]["labels"], "landmark-index/role": "run"}
+    assert run["metadata"] == {
+        "name": "nightly-reindex-20260101-0200",
+        "namespace": "landmark-index",
+        "labels": labels,
+    }
+    assert run["spec"] == {**template["spec"], "suspend": False}
+    assert "status" not in run
+    if CRDS.is_dir():  # the schema check needs ../shared; the rest of this test does not
+        assert load_crd_validators()["RayJob"].is_valid(run)
+    (selector,) = re.findall(r'runs_selector="([^"]+)"', script)
+    assert selects({"labelSelector": selector}, run)
+    assert not selects({"labelSelector": selector}, template)  # the template never counts as a run
+
+
+def test_raycronjob_runs_the_same_nightly_job(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
+    cron = rendered["prod-gpu-raycronjob"]
+    assert not [key for key in cron if key[0] in ("CronJob", "ServiceAccount", "Role", "RoleBinding")]
+    template = rendered["prod-gpu"][("RayJob", "nightly-reindex-template")]["spec"]
+    job = cron[("RayCronJob", "nightly-reindex")]["spec"]["jobTemplate"]
+    assert {k: v for k, v in template.items() if k != "suspend"} == job
+
+
+# ----------------------------------------------------------------------------- entrypoints and image
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[Path, dict[str, str]]:
+    """'python /app/jobs/x.py --a "$A" --b 1' -> (repo/jobs/x.py, {'--a': '$A', '--b': '1'})."""
+    python, script, *arguments = shlex.split(entrypoint)
+    assert python == "python" and len(arguments) % 2 == 0, entrypoint
+    workdir = dockerfile_value("WORKDIR")
+    assert script.startswith(workdir + "/"), f"{script} is not under the image's WORKDIR {workdir}"
+    flags = dict(zip(arguments[::2], arguments[1::2], strict=True))
+    assert all(flag.startswith("--") for flag in flags), entrypoint
+    return REPO / script.removeprefix(workdir + "/"), flags
+
+
+def test_entrypoint_variables_come_from_the_configmap(overlay: tuple[str, list[Resource]]) -> None:
+    resources = {identity(r): r for r in overlay[1]}
+    config = resources[("ConfigMap", "landmark-index-config")]["data"]
+    for entrypoint in entrypoints(resources).values():
+        for value in parse_entrypoint(entrypoint)[1].values():
+            for variable in re.findall(r"\$\{?(\w+)", value):
+                assert variable in config, f"${variable} of {entrypoint!r} is not in the ConfigMap"
+
+
+@pytest.mark.parametrize(
+    ("script", "required"),
+    [("index_manifest.py", {"--manifest", "--out"}), ("nightly_reindex.py", {"--manifest", "--root"})],
+)
+def test_entrypoints_exist_and_accept_their_flags(
+    rendered: dict[str, dict[tuple[str, str], Resource]], script: str, required: set[str]
+) -> None:
+    used = [
+        parse_entrypoint(e)
+        for resources in rendered.values()
+        for e in entrypoints(resources).values()
+        if parse_entrypoint(e)[0].name == script
+    ]
+    assert used, f"no manifest runs jobs/{script}"
+    path = used[0][0]
+    assert path.is_file(), f"{path} does not exist: the manifests' entrypoint has nothing to run"
+    shown = subprocess.run(
+        [sys.executable, str(path), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},  # rich/typer help must not cut long flag names
+    )
+    assert shown.returncode == 0, shown.stderr
+    for _, flags in used:
+        assert required <= set(flags)
+        for flag in flags:
+            listed = re.search(rf"{re.escape(flag)}(?![\w-])", shown.stdout)
+            assert listed, f"{path.name} --help does not list {flag}"
+
+
+def dockerfile_arg(name: str) -> str:
+    (value,) = re.findall(rf"^ARG {name}=(\S+)$", (REPO / "Dockerfile").read_text(), flags=re.MULTILINE)
+    return value
+
+
+def test_dockerfile_matches_torch_and_the_manifests(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+) -> None:
+    import torch
+
+    # The pinned torch is the one installed here, so its CUDA build is known: the base must match it.
+    assert dockerfile_arg("TORCH_VERSION") == torch.__version__.split("+")[0]
+    assert dockerfile_value("FROM") == "${CUDA_IMAGE}"
+    base = dockerfile_arg("CUDA_IMAGE")
+    assert re.fullmatch(
+        rf"nvidia/cuda:{re.escape(torch.version.cuda or 'none')}\.\d+-runtime-ubuntu\d+\.\d+", base
+    ), f"{base} does not match torch's CUDA build {torch.version.cuda}"
+    for resources in rendered.values():
+        versions = {c["rayVersion"] for r in resources.values() for c in cluster_specs(r)}
+        assert versions == {dockerfile_arg("RAY_VERSION")}
+    user = dockerfile_value("USER").split(":")[0]
+    cluster = rendered["prod-gpu"][("RayCluster", "landmark-index")]["spec"]
+    assert int(user) == cluster["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    text = (REPO / "Dockerfile").read_text()
+    steps = [
+        text.index(step) for step in ('pip install --no-cache-dir ".[gpu]"', "pip uninstall -y faiss-cpu")
+    ]
+    steps.append(text.index("--force-reinstall --no-deps faiss-gpu-cu12"))
+    assert steps == sorted(steps), (
+        "faiss-cpu must be removed after the install and faiss-gpu-cu12 reinstalled last"
+    )

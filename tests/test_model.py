@@ -1,0 +1,259 @@
+"""DELG model: GeM, heads, stop-gradient, receptive-field geometry, backbones, weight loading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from pipeline import storage
+from pipeline.model import (
+    BACKBONES,
+    IMAGENET,
+    Delg,
+    WeightsUnavailableError,
+    gem,
+    load_backbone_weights,
+    load_pretrained,
+    load_weights,
+    weights_checksum,
+)
+from pipeline.model.geometry import receptive_field, trace_main_path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_imagenet_features.pt"
+
+
+def small_delg(**kwargs) -> Delg:
+    torch.manual_seed(0)
+    return Delg("mobilenet_v2", global_dim=kwargs.pop("global_dim", 1280), whitening=False, **kwargs).eval()
+
+
+def test_gem_matches_a_manual_power_mean() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64) * 3
+    x[0, 0, 0, 0] = -1.0  # clamped to eps before the power
+    expected = torch.empty(2, 3, dtype=torch.float64)
+    for b in range(2):
+        for c in range(3):
+            values = [max(float(v), 1e-6) for v in x[b, c].flatten()]
+            expected[b, c] = (sum(v**3 for v in values) / len(values)) ** (1 / 3)
+    assert torch.allclose(gem(x, 3.0).double(), expected, rtol=1e-6)
+    # p = 1 is the average pool of non-negative inputs
+    assert torch.allclose(gem(x.clamp(min=0), 1.0).double(), x.clamp(min=1e-6).mean((-2, -1)), rtol=1e-6)
+
+
+def test_global_head_is_gem_then_whitening_then_l2() -> None:
+    torch.manual_seed(0)
+    model = Delg("mobilenet_v2", global_dim=64, whitening=True).eval()
+    features = torch.rand(3, 1280, 4, 5)
+    pooled = features.clamp(min=1e-6).pow(3).mean((-2, -1)).pow(1 / 3)
+    expected = F.normalize(pooled @ model.whitening.weight.T + model.whitening.bias, dim=-1)
+    assert torch.allclose(model.global_head(features), expected, atol=1e-6)
+
+
+def test_extract_outputs_shapes_and_normalisation() -> None:
+    model = small_delg(local_dim=32)
+    out = model.extract(torch.randn(2, 3, 96, 64))
+    assert out.attention.shape == (2, 6, 4) and bool((out.attention >= 0).all())  # softplus
+    assert out.descriptors.shape == (2, 32, 6, 4)
+    assert torch.allclose(out.descriptors.norm(dim=1), torch.ones(2, 6, 4), atol=1e-5)
+    assert out.global_descriptor.shape == (2, 1280)
+    assert torch.allclose(out.global_descriptor.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert model.extract(torch.randn(1, 3, 64, 64), with_global=False).global_descriptor is None
+
+
+def test_local_head_sees_block3_through_a_stop_gradient() -> None:
+    model = small_delg().train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.reconstruction.shape == out.local_features.shape == (2, 96, 4, 4)
+    assert out.global_embedding.shape == (2, 1280) and out.attention.shape == (2, 4, 4)
+    assert not out.local_features.requires_grad
+    local_loss = out.attention.sum() + F.mse_loss(out.reconstruction, out.local_features)
+    local_loss.backward(retain_graph=True)
+    backbone = list(model.backbone.parameters())
+    assert all(p.grad is None for p in backbone)  # local losses never reach the backbone
+    assert model.attention.conv1.weight.grad is not None and model.autoencoder.encoder.weight.grad is not None
+    out.global_embedding.sum().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in backbone)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbones_declare_their_channels_and_local_stride(name: str) -> None:
+    model = Delg(name, global_dim=BACKBONES[name].global_channels, whitening=False).eval()
+    with torch.no_grad():
+        block3 = model.backbone.forward_local(torch.randn(1, 3, 64, 96))
+        block4 = model.backbone.forward_global(block3)
+    assert block3.shape == (1, BACKBONES[name].local_channels, 4, 6)  # stride 16
+    assert block4.shape[:2] == (1, BACKBONES[name].global_channels)
+    assert model.local_receptive_field().stride == 16
+
+
+def test_trace_leaves_out_residual_shortcuts() -> None:
+    backbone = Delg("resnet50").backbone
+    path = trace_main_path(backbone.local_modules())
+    shortcuts = {id(m) for name, m in backbone.net.named_modules() if "downsample" in name}
+    assert not shortcuts & {id(m) for m in path}
+    # conv1 + maxpool + three convs per bottleneck in layer1..3 (3 + 4 + 6 blocks)
+    assert len(path) == 2 + 3 * (3 + 4 + 6)
+    assert backbone.training  # tracing restores the training flag
+
+
+@pytest.mark.parametrize(
+    ("name", "height", "width", "row", "col"),
+    [("mobilenet_v2", 288, 320, 9, 10), ("resnet50", 320, 352, 10, 11)],
+)
+def test_receptive_field_matches_the_input_gradient(
+    name: str, height: int, width: int, row: int, col: int
+) -> None:
+    """The input pixels that influence one interior feature form a box centred on the computed centre."""
+    torch.manual_seed(0)
+    backbone = (
+        Delg(name, global_dim=BACKBONES[name].global_channels, whitening=False).backbone.double().eval()
+    )
+    rf = receptive_field(backbone.local_modules())
+    image = torch.randn(1, 3, height, width, dtype=torch.float64, requires_grad=True)
+    features = backbone.forward_local(image)  # (1, C, h, w)
+    features[0, :, row, col].sum().backward()
+    rows, cols = torch.nonzero(image.grad[0].abs().sum(0) > 0, as_tuple=True)
+    top, bottom, left, right = rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()
+    assert top > 0 and left > 0 and bottom < height - 1 and right < width - 1  # not cut by the border
+    assert ((left + right) / 2, (top + bottom) / 2) == (
+        rf.offset + rf.stride * col,
+        rf.offset + rf.stride * row,
+    )
+    # random weights reach every pixel of the theoretical field here (≤ holds in general)
+    assert bottom - top + 1 == right - left + 1 == rf.size
+
+
+def test_receptive_field_of_resnet_block3() -> None:
+    rf = Delg("resnet50").local_receptive_field()
+    # conv 7/2, maxpool 3/2, then each 3×3 conv adds 2 × (current stride): 3 + 4 + 6 blocks
+    assert (rf.size, rf.stride, rf.offset) == (
+        7 + 2 * 2 + 2 * 4 * 3 + 2 * 4 + 2 * 8 * 3 + 2 * 8 + 2 * 16 * 5,
+        16,
+        0.0,
+    )
+    assert rf.padding == (rf.size - 1) / 2
+
+
+# --- weights -------------------------------------------------------------------------------------------
+
+
+def save(state_dict: dict, path: Path) -> str:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+def test_load_weights_round_trip_and_checksum(tmp_path: Path) -> None:
+    source = small_delg(local_dim=16)
+    url = save(source.state_dict(), tmp_path / "delg.pt")
+    target = Delg("mobilenet_v2", global_dim=1280, whitening=False, local_dim=16)
+    checksum = load_weights(target, url)
+    assert checksum == hashlib.sha256(Path(url).read_bytes()).hexdigest() == weights_checksum(url)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_load_weights_from_an_fsspec_url() -> None:
+    source = small_delg(local_dim=16)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    storage.write_bytes("memory://weights-test/delg.pt", buffer.getvalue())
+    target = Delg("mobilenet_v2", global_dim=1280, whitening=False, local_dim=16)
+    load_weights(target, "memory://weights-test/delg.pt")
+    assert torch.equal(target.autoencoder.encoder.weight, source.autoencoder.encoder.weight)
+
+
+def test_strict_loading_lists_every_problem_in_one_error(tmp_path: Path) -> None:
+    state_dict = small_delg(local_dim=16).state_dict()
+    del state_dict["attention.conv2.bias"]
+    state_dict["head.extra"] = torch.zeros(3)
+    state_dict["autoencoder.decoder.weight"] = torch.zeros(96, 8, 1, 1)
+    url = save(state_dict, tmp_path / "bad.pt")
+    model = Delg("mobilenet_v2", global_dim=1280, whitening=False, local_dim=16)
+    with pytest.raises(ValueError) as error:
+        load_weights(model, url)
+    message = str(error.value)
+    assert "missing keys (1): attention.conv2.bias" in message
+    assert "unexpected keys (1): head.extra" in message
+    assert (
+        "shape mismatches (1): autoencoder.decoder.weight: file (96, 8, 1, 1) vs model (96, 16, 1, 1)"
+        in message
+    )
+    # non-strict: everything that fits is loaded, the rest keeps its init
+    before = model.autoencoder.decoder.weight.clone()
+    load_weights(model, url, strict=False)
+    assert torch.equal(model.attention.conv1.weight, state_dict["attention.conv1.weight"])
+    assert torch.equal(model.autoencoder.decoder.weight, before)
+
+
+def test_missing_and_unreadable_weight_files(tmp_path: Path) -> None:
+    model = small_delg()
+    with pytest.raises(FileNotFoundError, match=r"weights file not found: .*nope\.pt"):
+        load_weights(model, str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt is not a loadable torch state dict"):
+        load_weights(model, str(tmp_path / "junk.pt"))
+    url = save({"nested": {"a": torch.zeros(1)}}, tmp_path / "nested.pt")
+    with pytest.raises(ValueError, match="flat mapping of parameter names to tensors"):
+        load_weights(model, url)
+
+
+def test_backbone_only_weights_load_into_the_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    imagenet_like = models.mobilenet_v2().state_dict()  # torchvision names, with the classifier
+    url = save(imagenet_like, tmp_path / "mnv2.pt")
+    model = small_delg()
+    heads_before = model.attention.conv1.weight.clone()
+    load_pretrained(model, url)  # detected as backbone-only by its keys
+    assert torch.equal(model.backbone.net.features[0][0].weight, imagenet_like["features.0.0.weight"])
+    assert torch.equal(model.attention.conv1.weight, heads_before)
+    url = save({k: v for k, v in imagenet_like.items() if k != "features.18.1.bias"}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): features\.18\.1\.bias"):
+        load_backbone_weights(model, url)
+
+
+def test_imagenet_download_failure_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights: torchvision must download
+    model = small_delg()
+    try:
+        load_backbone_weights(model, IMAGENET)
+    except WeightsUnavailableError as error:
+        assert "could not download ImageNet weights for mobilenet_v2" in str(error)
+        assert "offline?" in str(error) and "weights URL" in str(error)
+    else:
+        pytest.skip("ImageNet weights downloaded: this machine is online, the offline error cannot be shown")
+
+
+@pytest.mark.shared
+def test_shared_mobilenet_imagenet_weights_load() -> None:
+    if not MOBILENET_WEIGHTS.exists():
+        pytest.skip(f"shared weights absent: {MOBILENET_WEIGHTS} (../shared beside the checkout)")
+    model = small_delg()
+    checksum = load_backbone_weights(model, str(MOBILENET_WEIGHTS))
+    expected = torch.load(MOBILENET_WEIGHTS, weights_only=True, map_location="cpu")
+    assert checksum == hashlib.sha256(MOBILENET_WEIGHTS.read_bytes()).hexdigest()
+    assert len(expected) == 312
+    for key, value in expected.items():
+        assert torch.equal(model.backbone.net.state_dict()[key], value), key
+
+
+def test_unknown_backbone_and_bad_dims() -> None:
+    with pytest.raises(ValueError, match=r"backbone 'vit' is not registered; allowed: \['mobilenet_v2'"):
+        Delg("vit")
+    with pytest.raises(ValueError, match="global_dim 64 without whitening must be 1280"):
+        Delg("mobilenet_v2", global_dim=64, whitening=False)
+
+
+def test_modules_are_plain_torch() -> None:
+    model = small_delg()
+    assert isinstance(model, nn.Module) and isinstance(model.backbone.net, models.MobileNetV2)

@@ -1,0 +1,229 @@
+"""The offline HTML report: structure, escaping, inlined thumbnails, inlier geometry, a real browser render."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import storage
+from pipeline.report import Hit, QueryView, ReportSettings, render_report, write_report
+
+EVIL_QUERY = '<script>alert("q")</script>&amp;'
+EVIL_HIT = '"><img src=x onerror=alert(1)>'
+SUMMARY = {
+    "medium": {"mAP": 0.736, "mP@10": 0.5, "queries": 70},
+    "hard": {"mAP": 0.51, "mP@10": 0.4, "queries": 70},
+}
+TIMINGS = {"extract": 812.4, "search": 12.3, "rerank": 401.0}
+
+
+class Page(HTMLParser):
+    """Start tags with their attributes, and all text, as the browser's parser sees them."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def find(self, tag: str, cls: str | None = None) -> list[dict[str, str]]:
+        return [a for t, a in self.tags if t == tag and (cls is None or cls in a.get("class", "").split())]
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    """A deterministic textured image (random colour blocks) as JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 20 + 1, width // 20 + 1, 3), dtype=np.uint8)
+    pixels = np.kron(blocks, np.ones((20, 20, 1), dtype=np.uint8))[:height, :width]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_view(query_id: str, seed: int, n_hits: int = 6) -> QueryView:
+    labels = ["positive", "negative", "junk", None]
+    global_ranking = [
+        Hit(
+            f"{query_id}-img{i}", 0.9 - 0.05 * i, jpeg(300 + 10 * i, 200, seed * 100 + i), None, labels[i % 4]
+        )
+        for i in range(n_hits)
+    ]
+    reranked = [
+        Hit(h.id, h.score, h.image, 50 - 7 * i, h.label) for i, h in enumerate(reversed(global_ranking))
+    ]
+    rng = np.random.default_rng(seed)
+    matches = {reranked[0].id: (rng.uniform(0, 200, (30, 2)), rng.uniform(0, 200, (30, 2)))}
+    return QueryView(query_id, jpeg(400, 300, seed), global_ranking, reranked, matches, {"AP": 0.5})
+
+
+@pytest.fixture(scope="module")
+def views() -> list[QueryView]:
+    evil = make_view(EVIL_QUERY, 1)
+    evil_hit = Hit(EVIL_HIT, 0.95, jpeg(200, 200, 7), None, "negative")
+    evil = QueryView(
+        evil.query_id, evil.query_image, [evil_hit, *evil.global_ranking], evil.reranked, evil.matches
+    )
+    plain = make_view("q-without-rerank", 3)
+    return [
+        evil,
+        make_view("all_souls_000013", 2),
+        QueryView(plain.query_id, plain.query_image, plain.global_ranking),
+    ]
+
+
+def test_every_query_and_label_appears(views: list[QueryView]) -> None:
+    page = Page(render_report(SUMMARY, TIMINGS, views))
+    text = "".join(page.text)
+    sections = page.find("section", "query")
+    assert len(sections) == len(views)
+    for view in views:
+        assert view.query_id in text
+    hits = page.find("li", "hit")
+    assert len(hits) == sum(len(v.global_ranking) + len(v.reranked) for v in views)
+    expected = [h.label or "unlabelled" for v in views for h in [*v.global_ranking, *v.reranked]]
+    assert [h["data-label"] for h in hits] == expected
+    badges = [b["title"] for b in page.find("span", "badge")]
+    for label, meaning in (
+        ("positive", "correct"),
+        ("negative", "wrong"),
+        ("junk", "junk: ignored by the metric"),
+    ):
+        assert badges.count(meaning) == expected.count(label)
+    assert "73.6%" in text and "13.5 min" in text  # summary as %, timings in readable units
+
+
+def test_user_text_is_escaped(views: list[QueryView]) -> None:
+    html = render_report({"<b>bold</b>": 0.5}, {"<i>stage</i>": 1.0}, views)
+    page = Page(html)
+    assert not page.find("script") and not page.find("b") and not page.find("i")
+    assert EVIL_QUERY in "".join(page.text) and "<b>bold</b>" in "".join(page.text)
+    # The hostile hit id is an attribute value (title / alt) and text, never a tag: every img is a data: URI.
+    assert any(a.get("title") == EVIL_HIT for _, a in page.tags)
+    assert all(img["src"].startswith("data:image/jpeg;base64,") for img in page.find("img"))
+    assert "onerror" not in {k for _, attrs in page.tags for k in attrs}
+
+
+def test_thumbnails_are_inlined_small_jpegs(views: list[QueryView]) -> None:
+    settings = ReportSettings(thumb_px=120)
+    page = Page(render_report(SUMMARY, TIMINGS, views, settings))
+    sources = [img["src"] for img in page.find("img")] + [a["href"] for t, a in page.tags if t == "image"]
+    assert sources and all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    for img in page.find("img"):
+        with Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) == 120
+            assert thumb.size == (int(img["width"]), int(img["height"]))
+    assert all(attrs["href"].startswith("data:") for _, attrs in page.tags if "href" in attrs)
+
+
+def test_caps_are_applied_and_stated() -> None:
+    views = [make_view(f"q{i}", i, n_hits=4) for i in range(7)]
+    settings = ReportSettings(max_queries=5, max_hits=3, max_match_lines=10)
+    page = Page(render_report(SUMMARY, TIMINGS, views, settings))
+    text = "".join(page.text)
+    assert len(page.find("section", "query")) == 5
+    assert "Showing 5 of 7 queries" in text and "q5" not in text
+    assert len(page.find("li", "hit")) == 5 * 2 * 3
+    assert text.count("1 more not shown") == 5 * 2
+    assert len(page.find("line")) == 5 * 10 and "30 inliers (10 drawn)" in text
+
+
+def test_inlier_lines_land_on_the_scaled_keypoints() -> None:
+    query, hit = jpeg(400, 300, 1), jpeg(600, 200, 2)
+    query_xy = np.array([[0.0, 0.0], [400.0, 300.0], [100.0, 150.0]])  # (M, 2) original query pixels
+    hit_xy = np.array([[600.0, 200.0], [0.0, 0.0], [300.0, 50.0]])
+    view = QueryView(
+        "q", query, [Hit("h", 0.5, hit)], [Hit("h", 0.5, hit, 3, "positive")], {"h": (query_xy, hit_xy)}
+    )
+    settings = ReportSettings(match_px=150)
+    page = Page(render_report({}, {}, [view], settings))
+    lines = page.find("line")
+    assert len(lines) == 3
+    # Both images are drawn 150 px tall: query 200 x 150 (scale 0.5), hit 450 x 150 (scale 0.75), 12 px apart.
+    svg = page.find("svg", "match")[0]
+    assert svg["viewbox"] == f"0 0 {200 + 12 + 450} 150"
+    for line, q, h in zip(lines, query_xy, hit_xy, strict=True):
+        got = [float(line[k]) for k in ("x1", "y1", "x2", "y2")]
+        assert got == pytest.approx([q[0] * 0.5, q[1] * 0.5, 212 + h[0] * 0.75, h[1] * 0.75], abs=0.05)
+
+
+def test_bad_inputs_are_value_errors() -> None:
+    with pytest.raises(ValueError, match=r"label 'correct'; allowed"):
+        Hit("x", 1.0, label="correct")
+    with pytest.raises(ValueError, match=r"max_hits = 0; must be ≥ 1"):
+        ReportSettings(max_hits=0)
+    hit = Hit("h", 0.5, jpeg(50, 50, 0))
+    view = QueryView("q", jpeg(50, 50, 1), [hit], [hit], {"h": (np.zeros((3, 2)), np.zeros((4, 2)))})
+    with pytest.raises(ValueError, match=r"matches for 'h' have shapes \(3, 2\) and \(4, 2\)"):
+        render_report({}, {}, [view])
+
+
+def test_missing_or_broken_images_become_placeholders(tmp_path: Path) -> None:
+    on_disk = tmp_path / "img.jpg"
+    on_disk.write_bytes(jpeg(80, 60, 3))
+    hits = [
+        Hit("from-path", 0.9, str(on_disk)),
+        Hit("absent", 0.8, str(tmp_path / "nope.jpg")),
+        Hit("garbage", 0.7, b"not an image"),
+        Hit("none", 0.6, None),
+    ]
+    page = Page(render_report({}, {}, [QueryView("q", None, hits)]))
+    assert len(page.find("img")) == 1  # only the file on disk decodes
+    assert "".join(page.text).count("image unavailable") == 4  # three hits and the query
+
+
+def test_write_report_through_storage(tmp_path: Path, views: list[QueryView]) -> None:
+    write_report("memory://report-test/report.html", SUMMARY, TIMINGS, views)
+    text = storage.read_text("memory://report-test/report.html")
+    assert text == render_report(SUMMARY, TIMINGS, views)
+    assert len(text) < 400_000  # ~60 thumbnails
+
+
+def screenshot(html: str, tmp_path: Path) -> np.ndarray:
+    """Render with headless chromium at 1280 x 2000; (2000, 1280, 3) int16 pixels."""
+    chromium = shutil.which("chromium") or (
+        "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+    )
+    if chromium is None:
+        pytest.skip("chromium is not installed: the headless-browser render check needs /usr/bin/chromium")
+    report, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    report.write_text(html)
+    flags = (
+        "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
+    )
+    flags += " --disable-component-update --disable-sync"
+    subprocess.run(
+        [chromium, *flags.split(), f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1280,2000", report.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+
+
+def test_chromium_renders_the_report(tmp_path: Path, views: list[QueryView]) -> None:
+    # Without match panels, so the coloured pixels counted below come from the ranked tiles.
+    tiles_only = [QueryView(v.query_id, v.query_image, v.global_ranking, v.reranked) for v in views]
+    pixels = screenshot(render_report(SUMMARY, TIMINGS, tiles_only), tmp_path)
+    assert pixels.shape == (2000, 1280, 3)
+    assert pixels.std() > 20  # not a blank page
+    # Labels are visible: each correct (#1a8f3c) / wrong (#c62828) tile has a 3 px border of ~1,200 pixels.
+    for label, colour in (("positive", (0x1A, 0x8F, 0x3C)), ("negative", (0xC6, 0x28, 0x28))):
+        n_tiles = sum(h.label == label for v in tiles_only for h in [*v.global_ranking, *v.reranked])
+        assert (np.abs(pixels - colour).max(axis=2) <= 6).sum() > 800 * n_tiles
