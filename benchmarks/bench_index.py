@@ -1,7 +1,7 @@
 """Distributed index build vs a plain single-process faiss build of the same factory, on clustered synthetic
 2048-d descriptors written as a descriptor store shard by shard (never all in RAM at float32 while writing).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_index.py --n 200000 --factory PCAR128,IVF1024,PQ32np
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_index.py --n 200000   # default 1M; auto parameters
 
 Prints build time (train / add / merge), the ratio distributed ÷ single, peak RSS of the process tree (driver +
 Ray workers, sampled), recall and queries/s per nprobe, and a projection from the measured per-vector costs.
@@ -115,7 +115,10 @@ def single_process_build(
     dim = store.read_global_shard(urls[0])[1].shape[1]
     total = sum(counts)
     start = time.perf_counter()
-    train_rows, _ = draw_samples(total, train_size(factory, total, dim, config), 1, config.seed)
+    n_train = train_size(factory, total, dim, config)
+    train_rows, _ = draw_samples(
+        total, n_train, min(config.quality.queries, total), config.seed
+    )  # build's rows
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(sample_rows(urls, counts, train_rows))
     train_s = time.perf_counter() - start
@@ -155,7 +158,7 @@ def main() -> None:
     ensure_ray(None)
     with PeakRss() as dist_rss:
         start = time.perf_counter()
-        summary = build_index(store_url, str(root / "index"), factory=factory, config=config)
+        summary = build_index(store_url, str(root / "index"), factory=args.factory, config=config)
         dist_total = time.perf_counter() - start
     t = summary["timings"]
     with PeakRss() as single_rss:

@@ -6,7 +6,9 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...) or from LANDMARK_INDEX_STORAGE_OPT
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -161,16 +163,192 @@ def _print_summary(summary, out: str) -> None:
     Console().print(table)
 
 
+@app.command("build-index")
+def build_index_command(
+    descriptors: Annotated[str, typer.Argument(help="Descriptor store of the images to index.")],
+    out: Annotated[str, typer.Argument(help="Index output URL (folder or s3:// prefix).")],
+    factory: Annotated[
+        str | None, typer.Option(help="faiss index_factory string, e.g. 'OPQ64_256,IVF65536_HNSW32,PQ64'.")
+    ] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Index size budget, e.g. 8GB; parameters are chosen to fit it.")
+    ] = None,
+    target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.95,
+    tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
+    address: Address = None,
+) -> None:
+    """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
+
+    Without --factory, the parameters (nlist, PQ size, quantizer) are chosen from N, the dimension and
+    --memory-budget, and printed with the reason. The recall report is written to OUT/quality.json.
+    """
+    from pipeline.index import BuildConfig, QualityConfig, build_index
+
+    try:
+        config = BuildConfig(tasks=tasks, quality=QualityConfig(target=target_recall))
+        summary = build_index(
+            descriptors,
+            out,
+            factory=factory,
+            memory_budget=memory_budget,
+            options=storage.options_from_env(),
+            ray_address=address,
+            config=config,
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    _print_mapping(f"index → {storage.redact(out)}", summary)
+
+
+@app.command()
+def search(
+    index: Annotated[str, typer.Argument(help="Index URL (from build-index).")],
+    queries: Annotated[str, typer.Argument(help="Descriptor store of the query images.")],
+    out: Annotated[str, typer.Argument(help="Results Parquet URL (query_id, rank, id, score).")],
+    k: Annotated[int, typer.Option("--k", help="Results per query.")] = 100,
+    nprobe: Annotated[
+        int | None, typer.Option(help="IVF cells visited (default: the one stored by the quality report).")
+    ] = None,
+) -> None:
+    """Batched k-NN search of every query descriptor; GPU when there is one."""
+    from pipeline.index import search as search_index
+
+    try:
+        summary = search_index(index, queries, out, k, nprobe, storage.options_from_env())
+    except ValueError as exc:
+        raise _fail(exc) from None
+    _print_mapping(f"search → {storage.redact(out)}", summary)
+
+
+@app.command()
+def rerank(
+    search_results: Annotated[str, typer.Argument(help="Results Parquet from `search`.")],
+    query_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the queries.")],
+    index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
+    out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
+    top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
+    model: Annotated[str, typer.Option(help="Geometric model: affine or homography.")] = "affine",
+    threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold in pixels.")] = 20.0,
+    trials: Annotated[int, typer.Option(help="RANSAC hypotheses per pair.")] = 1000,
+    ratio: Annotated[
+        float | None, typer.Option(help="Lowe ratio test (off by default, as the reference).")
+    ] = None,
+    mutual: Annotated[bool, typer.Option(help="Keep only mutual nearest neighbours.")] = False,
+    score: Annotated[
+        str, typer.Option(help="inliers: (inliers, global) order; saturate: min(i,k)/k + global.")
+    ] = "inliers",
+) -> None:
+    """Re-rank each shortlist by local-feature matching and batched RANSAC verification."""
+    from pipeline.rerank import RerankConfig
+    from pipeline.rerank import rerank as rerank_stage
+
+    try:
+        config = RerankConfig(
+            top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
+        )
+        summary = rerank_stage(
+            search_results,
+            query_descriptors,
+            index_descriptors,
+            out,
+            config,
+            options=storage.options_from_env(),
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
+
+
+@app.command()
+def evaluate(
+    results: Annotated[str, typer.Argument(help="Results Parquet from `search` or `rerank`.")],
+    ground_truth: Annotated[str, typer.Argument(help="gnd_*.pkl (revisitop) or GLDv2 solution CSV.")],
+    protocol: Annotated[
+        str, typer.Option(help="revisitop, gldv2-retrieval or gldv2-recognition.")
+    ] = "revisitop",
+    out: Annotated[str | None, typer.Option("--out", help="Write the figures as JSON (fractions).")] = None,
+    landmarks: Annotated[
+        str | None, typer.Option(help="id → landmark_id of index images (gldv2-recognition).")
+    ] = None,
+) -> None:
+    """Score results: revisitop (Easy/Medium/Hard mAP, mP@k), GLDv2 retrieval mAP@100, or recognition GAP."""
+    from pipeline.evaluate import run_evaluation
+
+    try:
+        run_evaluation(
+            results, ground_truth, protocol, out, storage.options_from_env(), landmarks_url=landmarks
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def run(
+    config: Annotated[
+        str, typer.Argument(help="Run config (.toml or .yaml); keys in pipeline/runconfig.py.")
+    ],
+) -> None:
+    """The whole pipeline: extract → index → search → re-rank → evaluate → report. Resumable.
+
+    Each stage reuses its output when complete; re-running a finished run does nothing.
+    """
+    from pipeline.runconfig import load_run_config
+
+    try:
+        parsed = load_run_config(config, storage.options_from_env())
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    _run_and_show(parsed)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Argument(help="Folder for the demo data and outputs.")] = "out/demo",
+    views: Annotated[int, typer.Option(help="Index views per demo photo.")] = 4,
+) -> None:
+    """Run the pipeline on the embedded demo: photos bundled with scikit-image under synthetic viewpoint
+    changes (no network). Local Ray, local files, CPU when there is no GPU."""
+    from pipeline.demo import write_demo
+
+    config = write_demo(out, views)
+    console.print(f"demo data and config in {out}")
+    _run_and_show(config)
+
+
+def _run_and_show(config) -> None:
+    from pipeline.run import run_pipeline
+
+    try:
+        results = run_pipeline(
+            config, storage.options_from_env(), say=lambda m: console.print(f"[dim]{m}[/]")
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    table = Table("stage", "seconds", "reused")
+    for name, result in results.items():
+        table.add_row(name, f"{result.seconds:.1f}", "yes" if result.reused else "")
+    Console().print(table)
+    if "evaluate" in results:
+        _print_mapping("metrics", results["evaluate"].summary)
+    if "report" in results:
+        Console().print(f"report: {storage.join(config.out, 'report.html')}")
+
+
+def _print_mapping(title: str, values) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in values.items():
+        table.add_row(
+            str(key), json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        )
+    Console().print(table)
+
+
 @app.command()
 def stats(store_url: Annotated[str, typer.Argument(help="Descriptor store URL.")]) -> None:
     """Counts of a descriptor store: shards, rows, ok, errors by reason."""
     from pipeline.store import store_stats
 
-    result = store_stats(store_url, storage.options_from_env())
-    table = Table(show_header=False)
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    _print_mapping(f"store {storage.redact(store_url)}", store_stats(store_url, storage.options_from_env()))
 
 
 if __name__ == "__main__":

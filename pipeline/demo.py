@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.runconfig import RunConfig
 
 # Colour and grey photos shipped inside scikit-image (no download needed).
 DEMO_PHOTOS = (
@@ -122,3 +123,42 @@ def make_demo_dataset(
     )
     storage.write_text(dataset.ground_truth, "\n".join(truth) + "\n", options)
     return dataset
+
+
+DEMO_CONFIG = """\
+# landmark-index run config for the embedded demo (every key: pipeline/runconfig.py, configs/example.toml)
+out = "."
+
+[data]
+index = "data/index.parquet"
+queries = "data/queries.parquet"
+ground_truth = "data/ground_truth.csv"
+protocol = "gldv2-retrieval"
+
+[extract]
+preset = "{preset}"
+shard_size = 16
+
+[search]
+k = {k}
+
+[rerank]
+top = {k}
+
+[report]
+max_queries = {queries}
+"""
+
+
+def write_demo(out_dir: str, views: int = 4, preset: str = "cpu-small") -> RunConfig:
+    """Write the demo dataset and its run config (``out_dir/demo.toml``) to a local folder; return the config."""
+    from pipeline.runconfig import load_run_config
+
+    if not storage.is_local(out_dir):
+        raise ValueError(f"the demo writes to a local folder, got {storage.redact(out_dir)}")
+    if not storage.exists(storage.join(out_dir, "data", "ground_truth.csv")):
+        make_demo_dataset(storage.join(out_dir, "data"), views=views)
+    config_url = storage.join(out_dir, "demo.toml")
+    text = DEMO_CONFIG.format(preset=preset, k=views * len(DEMO_PHOTOS), queries=len(DEMO_PHOTOS))
+    storage.write_text(config_url, text)
+    return load_run_config(config_url)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pipeline import storage
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
 from pipeline.model.delg import Delg, LocalAndGlobal
+from pipeline.model.geometry import ReceptiveField
 from pipeline.model.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,14 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
-def _l2(v: torch.Tensor) -> torch.Tensor:
-    return F.normalize(v, dim=-1)
+def _to_original(
+    index: np.ndarray, rf: ReceptiveField, crop_side: int, scaled_side: int, origin: int
+) -> np.ndarray:
+    """Feature index along one axis → original-image coordinate. Bilinear resizing with half-pixel
+    centres maps pixel u of a size-n image to (u + 0.5) · N / n − 0.5 in the size-N one; capping then
+    scaling composes to one such map from the crop to the scaled image; the crop origin undoes the crop."""
+    centre = rf.offset + rf.stride * index.astype(np.float64)  # in scaled-image pixels
+    return (centre + 0.5) * (crop_side / scaled_side) - 0.5 + origin
 
 
 class Extractor:
@@ -223,22 +230,11 @@ class Extractor:
         acc.scales.append(np.full(len(keep), scale, dtype=np.float32))
 
     def _keypoints(self, rows: np.ndarray, cols: np.ndarray, scale: float, crop: _Crop) -> np.ndarray:
-        """Receptive-field centres (n, 2) (x, y) in original pixels. Bilinear resizing with half-pixel
-        centres maps pixel u of a size-n image to (u + 0.5) · N / n − 0.5 of the size-N one; capping then
-        scaling composes to one such map from the crop to the scaled image."""
+        """Receptive-field centres (n, 2) (x, y) of feature rows/cols at ``scale``, in original pixels."""
         crop_h, crop_w = crop.pixels.shape[-2:]
         scaled_h, scaled_w = scaled_size(*crop.capped_size, scale)
-        rf = self.receptive_field
-        x = (
-            (rf.offset + rf.stride * cols.astype(np.float64)) * (crop_w / scaled_w)
-            - 0.5
-            + crop.origin[0]
-        )
-        y = (
-            (rf.offset + rf.stride * rows.astype(np.float64) + 0.5) * (crop_h / scaled_h)
-            - 0.5
-            + crop.origin[1]
-        )
+        x = _to_original(cols, self.receptive_field, crop_w, scaled_w, crop.origin[0])
+        y = _to_original(rows, self.receptive_field, crop_h, scaled_h, crop.origin[1])
         return np.stack([x, y], axis=1)
 
     def _finish(self, acc: _Accumulator) -> ImageFeatures:
@@ -246,7 +242,7 @@ class Extractor:
         scores = np.concatenate(acc.scores)
         order = np.argsort(-scores, kind="stable")[: self.config.max_local_features]
         return ImageFeatures(
-            global_descriptor=_l2(acc.global_sum.float()).cpu().numpy().astype(np.float32),
+            global_descriptor=F.normalize(acc.global_sum.float(), dim=-1).cpu().numpy().astype(np.float32),
             keypoints=np.concatenate(acc.keypoints)[order].astype(np.float32),
             scales=np.concatenate(acc.scales)[order],
             scores=scores[order].astype(np.float32),

@@ -281,46 +281,60 @@ def _decode_local(table: pa.Table) -> dict[str, LocalFeatures]:
 class LocalReader:
     """Random access to local features by image id, reading only the row groups that hold them.
 
-    Builds an id → (shard, row group) map from the id columns of the committed local shards once
-    (ids only: a few bytes per image), then serves each request with a read of just the needed row groups.
+    ``stores`` is one store URL or an ordered list (an index built incrementally spans several); an id
+    in more than one store is read from the last, newest one. The id → (store, shard, row group) map is
+    built once from the id columns of the committed local shards (a few bytes per image); each request
+    then reads just the row groups it needs.
     """
 
-    def __init__(self, store_url: str, options: Options = None) -> None:
-        self.store_url = store_url
+    def __init__(self, stores: str | Sequence[str], options: Options = None) -> None:
+        self.stores = [stores] if isinstance(stores, str) else list(stores)
         self.options = options
-        self._where: dict[str, tuple[int, int]] = {}
-        for shard in committed_shards(store_url, options):
-            with storage.open_input(_shard_url(store_url, LOCAL_DIR, shard), options) as f:
-                parquet = pq.ParquetFile(f)
-                for group in range(parquet.num_row_groups):
-                    for image_id in parquet.read_row_group(group, columns=["id"]).column("id").to_pylist():
-                        self._where[image_id] = (shard, group)
+        self._where: dict[str, tuple[int, int, int]] = {}
+        for position, store_url in enumerate(self.stores):
+            for shard in committed_shards(store_url, options):
+                with storage.open_input(_shard_url(store_url, LOCAL_DIR, shard), options) as f:
+                    parquet = pq.ParquetFile(f)
+                    for group in range(parquet.num_row_groups):
+                        for image_id in (
+                            parquet.read_row_group(group, columns=["id"]).column("id").to_pylist()
+                        ):
+                            self._where[image_id] = (position, shard, group)
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._where
 
+    def ids(self) -> set[str]:
+        return set(self._where)
+
     def read(self, ids: Sequence[str]) -> dict[str, LocalFeatures]:
-        """Local features of ``ids``; an id not in the store raises KeyError naming it."""
+        """Local features of ``ids``; an id not in the stores raises KeyError naming it."""
         missing = [i for i in ids if i not in self._where]
         if missing:
-            raise KeyError(f"{len(missing)} ids not in {storage.redact(self.store_url)}: {missing[:5]}")
-        groups: dict[int, set[int]] = {}
+            where = ", ".join(storage.redact(s) for s in self.stores)
+            raise KeyError(f"{len(missing)} ids not in {where}: {missing[:5]}")
+        groups: dict[tuple[int, int], set[int]] = {}
         for image_id in ids:
-            shard, group = self._where[image_id]
-            groups.setdefault(shard, set()).add(group)
+            position, shard, group = self._where[image_id]
+            groups.setdefault((position, shard), set()).add(group)
         wanted = set(ids)
         out: dict[str, LocalFeatures] = {}
-        for shard, row_groups in sorted(groups.items()):
-            with storage.open_input(_shard_url(self.store_url, LOCAL_DIR, shard), self.options) as f:
+        for (position, shard), row_groups in sorted(groups.items()):
+            url = _shard_url(self.stores[position], LOCAL_DIR, shard)
+            with storage.open_input(url, self.options) as f:
                 table = pq.ParquetFile(f).read_row_groups(sorted(row_groups))
             features = _decode_local(table)
-            out.update({k: v for k, v in features.items() if k in wanted})
+            out.update(
+                {k: v for k, v in features.items() if k in wanted and self._where[k][:2] == (position, shard)}
+            )
         return out
 
 
-def read_local(store_url: str, ids: Sequence[str], options: Options = None) -> dict[str, LocalFeatures]:
+def read_local(
+    stores: str | Sequence[str], ids: Sequence[str], options: Options = None
+) -> dict[str, LocalFeatures]:
     """Local features of ``ids`` only (see LocalReader; keep a LocalReader for repeated calls)."""
-    return LocalReader(store_url, options).read(ids)
+    return LocalReader(stores, options).read(ids)
 
 
 def read_errors(store_url: str, options: Options = None) -> pa.Table:

@@ -183,13 +183,9 @@ class SwiftS3:
             "endpoint_url": self.endpoint_url,
             "key": self.key,
             "secret": self.secret,
-            # Swift's multi-object delete requires Content-MD5; newer botocore sends only CRC32.
+            # Swift's multi-object delete requires Content-MD5; botocore >= 1.36 sends only CRC32. (Puts,
+            # multipart uploads and gets work with botocore's default checksum settings.)
             "content_md5": True,
-            # Checksums only where the API demands them: s3api knows no streaming checksum trailers.
-            "config_kwargs": {
-                "request_checksum_calculation": "when_required",
-                "response_checksum_validation": "when_required",
-            },
         }
 
     @classmethod

@@ -102,7 +102,7 @@ def _assert_accounted(out: str, rows: list[dict], bad: dict[str, str], options=N
     assert len(set(ids)) == len(ids), "an id was written twice"
     assert {e["id"]: e["reason"] for e in errors} == bad
     assert set(ids) | set(bad) == {r["id"] for r in rows}
-    assert set(store.LocalReader(out, options)._where) == set(ids)
+    assert store.LocalReader(out, options).ids() == set(ids)
     return dict(zip(ids, vectors, strict=True))
 
 

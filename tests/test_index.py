@@ -23,12 +23,13 @@ from pipeline.index import (
     build_index,
     choose_index,
     io,
+    new_shards,
     parse_size,
     recall_at,
     remove_ids,
     search,
 )
-from pipeline.index.build import draw_samples, merge_in_ram, part_urls, sample_rows, shard_rows
+from pipeline.index.build import draw_samples, merge_in_ram, part_urls, sample_rows, shard_rows, train
 from pipeline.index.params import HNSW_QUANTIZER_FROM
 from pipeline.index.search import RESULTS_SCHEMA
 
@@ -149,6 +150,15 @@ def test_training_sample_is_random_across_shards(built, data):
     np.testing.assert_array_equal(sample_rows(urls, counts, train), data[train])
 
 
+def test_build_trains_on_the_drawn_sample(built, data):
+    """faiss training is deterministic, so the stored trained index pins down which rows it saw."""
+    _, out, summary = built
+    rows, _ = draw_samples(N, summary["train_points"], 100, seed=0)
+    sample = data[rows[: len(rows) // 2]]  # a different sample must give a different trained index
+    expected = io.index_to_bytes(train(FACTORY, data[rows], DIM))
+    assert Path(out, io.TRAINED).read_bytes() == expected != io.index_to_bytes(train(FACTORY, sample, DIM))
+
+
 @pytest.mark.parametrize("n", [10_000, 250_000, 1_000_000, 100_000_000])
 def test_auto_params_nlist_and_quantizer(n):
     choice = choose_index(n, 2048)
@@ -208,7 +218,8 @@ def test_recall_values_match_an_independent_computation(built, data):
     assert [r["nprobe"] for r in quality["rows"]] == [1, 2, 4, 8, 16, 32, 64]
     assert recalls[-1] > recalls[0]
     reached = [r["nprobe"] for r in quality["rows"] if r["100-recall@100"] >= 0.95]
-    assert summary["nprobe"] == (reached[0] if reached else 64)
+    plateau = [r["nprobe"] for r in quality["rows"] if r["100-recall@100"] >= max(recalls) - 0.001]
+    assert summary["nprobe"] == (reached[0] if reached else plateau[0])
     assert recall_at(np.array([[3, 1, -1]]), np.array([[1, 2, 3]]), 3) == pytest.approx(2 / 3)
 
 
@@ -220,16 +231,17 @@ def test_incremental_add_equals_building_with_all(tmp_path, data, built):
     trained = os.path.join(built[1], io.TRAINED)
     config = BuildConfig(tasks=2, trained_url=trained, quality=QualityConfig(queries=20, max_nprobe=4))
     build_index(str(tmp_path / "old"), str(tmp_path / "inc"), factory=FACTORY, config=config)
-    assert (
-        add_shards(str(tmp_path / "inc"), store.global_shard_urls(str(tmp_path / "new")))["added"] == N - cut
-    )
+    new = store.global_shard_urls(str(tmp_path / "new"))
+    assert new_shards(str(tmp_path / "inc"), str(tmp_path / "new")) == new
+    assert add_shards(str(tmp_path / "inc"), new)["added"] == N - cut
+    assert new_shards(str(tmp_path / "inc"), str(tmp_path / "new")) == []
     incremental, full = io.load_index(str(tmp_path / "inc")), io.load_index(built[1])
     assert invlist_contents(incremental) == invlist_contents(full)
     for a, b in zip(io.read_id_map(str(tmp_path / "inc")), io.read_id_map(built[1]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert io.read_params(str(tmp_path / "inc"))["next_id"] == N
     with pytest.raises(ValueError, match="already in the index"):
-        add_shards(str(tmp_path / "inc"), store.global_shard_urls(str(tmp_path / "new")))
+        add_shards(str(tmp_path / "inc"), new)
 
 
 def test_remove_ids_removes_exactly_those(tmp_path, data, built):

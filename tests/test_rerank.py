@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
@@ -149,14 +150,17 @@ def brute_force_matches(
 
 
 def clustered_descriptors(rng: np.random.Generator, sizes: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A query and candidates whose features are noisy copies of query features or random (so all cases occur)."""
-    query = unit(rng.normal(size=(60, 32)))
+    """A query and candidates whose features are noisy copies of query features or random ones.
+
+    8-d descriptors make near misses common, so the ratio test and the mutual check both reject matches.
+    """
+    query = unit(rng.normal(size=(60, 8)))
     cands = []
     for n in sizes:
         source = query[rng.integers(0, 60, n)]
-        noisy = unit(source + rng.normal(0, rng.choice([0.05, 0.15, 0.3], (n, 1)), (n, 32)))
+        noisy = unit(source + rng.normal(0, rng.choice([0.05, 0.15, 0.3], (n, 1)), (n, 8)))
         random = rng.random(n) < 0.3
-        noisy[random] = unit(rng.normal(size=(random.sum(), 32)))
+        noisy[random] = unit(rng.normal(size=(random.sum(), 8)))
         cands.append(noisy)
     return query, cands
 
@@ -176,7 +180,8 @@ def test_match_equals_brute_force_per_pair(ratio: float | None, mutual: bool) ->
         assert ours == expected, f"pair {b}"
         assert m.valid[b].tolist() == sorted(m.valid[b].tolist(), reverse=True)  # valid first
         total += len(expected)
-    assert total > 20  # the corpus exercises real matches
+    plain = sum(len(brute_force_matches(query, cand, 0.8, None, False)) for cand in cands)
+    assert total > 50 and (total < plain) == (ratio is not None or mutual)  # the options do reject matches
 
 
 def test_match_plain_equals_kdtree_reference_and_chunking() -> None:
@@ -255,7 +260,7 @@ def test_verify_batched_equals_one_pair_at_a_time(model: str, refit: bool) -> No
     dst, _ = pad([p[1] for p in pairs])
     kwargs = {"model": model, "trials": 300, "seed": 11, "refit": refit}
     batched = verify(src, dst, valid, **kwargs)
-    tiny_chunks = verify(src, dst, valid, max_elements=1000, **kwargs)
+    tiny_chunks = verify(src, dst, valid, max_elements=5000, **kwargs)  # splits pairs and trials
     for b, (s, d, _) in enumerate(pairs):
         alone = verify(torch.tensor(s)[None], torch.tensor(d)[None], **kwargs)
         n = len(s)
@@ -340,6 +345,21 @@ def test_verify_rejects_bad_input() -> None:
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         RerankConfig(**bad)
+
+
+def test_shortlist_batched_equals_one_candidate_at_a_time() -> None:
+    """Matching + verification of a whole shortlist equals doing each candidate alone (same seed)."""
+    rng = np.random.default_rng(14)
+    query = random_features(rng)
+    cands = [
+        sharing_features(rng, query, random_transform(rng, (320, 320), True), shared=s)
+        for s in (150, 40, 12, 0)
+    ] + [random_features(rng, 50), Features(np.zeros((0, 2)), np.zeros((0, 128)))]
+    config = RerankConfig(trials=400, seed=3)
+    _, batched = verify_candidates(query, cands, config)
+    alone = [int(verify_candidates(query, [c], config)[1].inliers[0]) for c in cands]
+    assert batched.inliers.tolist() == alone
+    assert alone[0] >= 140 and alone[-1] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU path not exercised")
@@ -512,7 +532,7 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
     assert out.column_names == ["query_id", "rank", "id", "score", "inliers", "global_score"]
     assert summary.queries == 2 and summary.pairs_verified == 10 and summary.candidates_without_features == 0
     for qi in range(2):
-        part = out.filter(pa.compute.equal(out["query_id"], f"q{qi}")).to_pydict()
+        part = out.filter(pc.equal(out["query_id"], f"q{qi}")).to_pydict()
         assert part["rank"] == list(range(1, len(part["rank"]) + 1))
         # true matches (c3 verified; c5 beyond top=5 is not) first, then the rest in global order
         assert part["id"][0] == f"q{qi}-c3"

@@ -120,3 +120,18 @@ def test_run_info_round_trip(tmp_path):
     assert store.read_run_info(str(tmp_path)) is None
     store.write_run_info(str(tmp_path), {"preset": "cpu-small", "manifest": "abc"})
     assert store.read_run_info(str(tmp_path)) == {"preset": "cpu-small", "manifest": "abc"}
+
+
+def test_local_reader_over_several_stores_prefers_the_newest(tmp_path):
+    rng = np.random.default_rng(5)
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    ids, vectors, local = _shard(rng, "g", 4)
+    store.write_shard(old, 0, ids, vectors, local)
+    changed = [_features(rng, 3)]
+    store.write_shard(new, 0, [ids[0]], vectors[:1], changed)
+    reader = store.LocalReader([old, new])
+    assert reader.ids() == set(ids)
+    got = reader.read(ids)
+    assert len(got[ids[0]]) == 3  # the newer store's version of the changed image
+    np.testing.assert_allclose(got[ids[0]].keypoints, changed[0].keypoints)
+    np.testing.assert_allclose(got[ids[1]].keypoints, local[1].keypoints)

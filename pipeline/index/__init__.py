@@ -21,7 +21,7 @@ from pipeline.index.build import BuildConfig, build_index
 from pipeline.index.params import IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, quality_report, recall_at
 from pipeline.index.search import search
-from pipeline.index.update import add_shards, remove_ids
+from pipeline.index.update import add_shards, new_shards, remove_ids
 
 __all__ = [
     "BuildConfig",
@@ -30,6 +30,7 @@ __all__ = [
     "add_shards",
     "build_index",
     "choose_index",
+    "new_shards",
     "parse_size",
     "quality_report",
     "recall_at",

@@ -80,14 +80,13 @@ def sample_rows(
 
 
 def draw_samples(total: int, train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint uniform random global positions for training and for held-out queries, each sorted.
+    """Uniform random global positions for training and for held-out queries, each sorted.
 
-    Queries come from the rows the trainer did not see when there are enough of them.
+    Disjoint when ``train + queries ≤ total``; otherwise the queries reuse training rows. Only the drawn
+    positions are held (no permutation of all N).
     """
-    order = np.random.default_rng(seed).permutation(total)
-    train_rows = np.sort(order[:train])
-    rest = order[train:] if total - train >= queries else order
-    return train_rows, np.sort(rest[-queries:])
+    picked = np.random.default_rng(seed).choice(total, min(total, train + queries), replace=False)
+    return np.sort(picked[:train]), np.sort(picked[-queries:])
 
 
 def train_size(factory: str, total: int, dim: int, config: BuildConfig) -> int:

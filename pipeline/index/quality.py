@@ -20,6 +20,7 @@ from pipeline.index.io import set_search_params
 from pipeline.storage import Options
 
 RECALL_KS = (1, 10, 100)
+PLATEAU = 0.001  # recall gains below this are not worth more probes
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,17 @@ def measure(
 
 
 def pick_nprobe(rows: Sequence[dict[str, Any]], target: float, target_k: int) -> tuple[int | None, str]:
-    """The smallest nprobe reaching ``target`` k-recall@k (else the largest tried), and why."""
+    """The smallest nprobe reaching ``target`` k-recall@k; when none does (the codes, not nprobe, limit recall),
+    the smallest nprobe within PLATEAU of the best recall seen, rather than the costliest one tried."""
     key = f"{target_k}-recall@{target_k}"
     for row in rows:
         if row[key] >= target:
             return row["nprobe"], f"smallest nprobe with {key} ≥ {target} ({row[key]:.4f})"
-    best = rows[-1]
-    return best["nprobe"], f"no nprobe reached {key} ≥ {target}; largest tried gives {best[key]:.4f}"
+    best = max(row[key] for row in rows)
+    row = next(r for r in rows if r[key] >= best - PLATEAU)
+    return row["nprobe"], (
+        f"no nprobe reached {key} ≥ {target}; best {best:.4f}: smallest nprobe within {PLATEAU} of it ({row[key]:.4f})"
+    )
 
 
 def quality_report(

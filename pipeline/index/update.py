@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import storage, store
 from pipeline.index import io
 from pipeline.index.build import add_shards_to, id_bases, shard_rows
 from pipeline.storage import Options
@@ -56,6 +56,12 @@ def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = Non
     }
     _save(index_url, params, index, pa.concat_tables([old, added]), options)
     return {"added": added.num_rows, "ntotal": int(index.ntotal)}
+
+
+def new_shards(index_url: str, store_url: str, options: Options = None) -> list[str]:
+    """Committed global shards of ``store_url`` not yet in the index: what a nightly run passes to add_shards."""
+    indexed = set(io.read_params(index_url, options)["shards"])
+    return [u for u in store.global_shard_urls(store_url, options) if storage.redact(u) not in indexed]
 
 
 def remove_ids(index_url: str, image_ids: Sequence[str], options: Options = None) -> dict[str, Any]:

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
     """Generalised mean pooling: (B, C, H, W) → (B, C), (mean over H·W of clamp(x, eps)^p)^(1/p).
 
-    Computed in float32: x³ of activations overflows fp16 and loses digits in bf16.
+    Computed in at least float32: x³ of activations overflows fp16 and loses digits in bf16.
     """
-    x = features.float().clamp(min=eps)
+    x = features.to(torch.promote_types(features.dtype, torch.float32)).clamp(min=eps)
     return x.pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 

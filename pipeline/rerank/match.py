@@ -29,18 +29,16 @@ def pad(
     """Stack arrays of shape (N_i, C) into a zero-padded (B, N_max, C) float32 tensor and its (B, N_max) mask."""
     if not arrays:
         raise ValueError("pad: got no arrays; need at least one (N, C) array")
-    tensors = [torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays]
+    tensors = [torch.as_tensor(a).float().to(device) for a in arrays]
     widths = {t.shape[1:] for t in tensors}
     if len(widths) != 1 or any(t.ndim != 2 for t in tensors):
         raise ValueError(
             f"pad: arrays must all be (N, C) with one C; got shapes {[tuple(t.shape) for t in tensors]}"
         )
-    lengths = torch.tensor([len(t) for t in tensors])
+    lengths = torch.tensor([len(t) for t in tensors], device=tensors[0].device)
     batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)  # (B, N_max, C)
-    if batch.shape[1] == 0:  # every array empty: keep the channel axis
-        batch = torch.zeros(len(tensors), 0, tensors[0].shape[1])
-    mask = torch.arange(batch.shape[1])[None, :] < lengths[:, None]  # (B, N_max)
-    return batch.to(device), mask.to(device)
+    mask = torch.arange(batch.shape[1], device=batch.device)[None, :] < lengths[:, None]  # (B, N_max)
+    return batch, mask
 
 
 def _check_batch(name: str, desc: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
