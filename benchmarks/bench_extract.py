@@ -68,7 +68,10 @@ def compare(extractor: Extractor, images: list[torch.Tensor], repeats: int) -> N
     worst = min(float(a.global_descriptor @ b.global_descriptor) for a, b in pairs)
     same_counts = all(len(a.scores) == len(b.scores) for a, b in pairs)
     n, single_s = len(images), best["one at a time"]
-    label = f"{device.type} bs={extractor.runtime.batch_size} autocast={extractor.runtime.autocast}"
+    runtime = extractor.runtime
+    label = (
+        f"{device.type} bs={runtime.batch_size} px<={runtime.max_batch_pixels} autocast={runtime.autocast}"
+    )
     for mode, seconds in best.items():
         print(f"| {label} | {mode} | {seconds:.2f} | {n / seconds:.2f} | {single_s / seconds:.2f} |")
     print(f"  check: min global cosine single vs batched {worst:.6f}, same local counts: {same_counts}")
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-pixels", type=int, default=0, help="RuntimeOptions.max_batch_pixels")
     parser.add_argument("--repeats", type=int, default=2, help="timings per mode; the best is reported")
     parser.add_argument("--cuda-autocast", default="bf16", choices=["none", "bf16", "fp16"])
     args = parser.parse_args()
@@ -97,9 +101,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print("| device / runtime | mode | seconds | images/s | speed-up |")
     print("|---|---|---|---|---|")
-    runs = [("cpu", RuntimeOptions(batch_size=args.batch_size))]
+    runs = [("cpu", RuntimeOptions(batch_size=args.batch_size, max_batch_pixels=args.max_batch_pixels))]
     if torch.cuda.is_available():
-        cuda = RuntimeOptions(batch_size=args.batch_size, autocast=args.cuda_autocast, channels_last=True)
+        cuda = RuntimeOptions(
+            batch_size=args.batch_size,
+            max_batch_pixels=args.max_batch_pixels,
+            autocast=args.cuda_autocast,
+            channels_last=True,
+        )
         runs.append(("cuda", cuda))
     for device, runtime in runs:
         torch.manual_seed(0)

@@ -305,12 +305,19 @@ def run(
 def demo(
     out: Annotated[str, typer.Argument(help="Folder for the demo data and outputs.")] = "out/demo",
     views: Annotated[int, typer.Option(help="Index views per demo photo.")] = 4,
+    preset: Annotated[
+        str | None, typer.Option(help="Preset (default: delg-mobilenetv2-imagenet with ../shared weights).")
+    ] = None,
+    weights: Weights = None,
 ) -> None:
     """Run the pipeline on the embedded demo: photos bundled with scikit-image under synthetic viewpoint
     changes (no network). Local Ray, local files, CPU when there is no GPU."""
     from pipeline.demo import write_demo
 
-    config = write_demo(out, views)
+    try:
+        config = write_demo(out, views, preset, weights)
+    except ValueError as exc:
+        raise _fail(exc) from None
     console.print(f"demo data and config in {out}")
     _run_and_show(config)
 

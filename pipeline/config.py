@@ -18,6 +18,7 @@ DELG_SCALES = (0.25, 0.35355, 0.5, 0.70711, 1.0, 1.41421, 2.0)  # powers of √2
 DELG_GLOBAL_SCALES = (0.70711, 1.0, 1.41421)
 
 AUTOCAST_DTYPES = ("none", "bf16", "fp16")
+LOCAL_HEADS = ("learned", "backbone")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -42,6 +43,9 @@ class ExtractionConfig:
     global_dim: int = 2048  # output dim of the whitening FC (= backbone channels when off)
     local_dim: int = 128  # autoencoder bottleneck = local descriptor dim
     attention_hidden: int = 512  # channels of the attention MLP's hidden 1×1 conv
+    # "learned": DELG's trained attention + autoencoder. "backbone": for backbone-only weights (no trained
+    # local head): attention = feature norm, descriptor = fixed orthonormal projection of the block3 feature.
+    local_head: str = "learned"
 
     def __post_init__(self) -> None:
         # Lazy import keeps this module importable without building torch models at import time.
@@ -55,6 +59,8 @@ class ExtractionConfig:
         object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
         self._validate_scales()
         self._validate_sizes()
+        if self.local_head not in LOCAL_HEADS:
+            raise ValueError(f"local_head {self.local_head!r}; allowed: {list(LOCAL_HEADS)}")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError(
                 f"pixel_mean/pixel_std need 3 values (RGB), got {self.pixel_mean}, {self.pixel_std}"
@@ -106,6 +112,8 @@ class RuntimeOptions:
     """How fast extraction runs; does not change what is extracted (beyond float rounding)."""
 
     batch_size: int = 8  # images per forward pass (per scale)
+    max_batch_pixels: int = 0  # also cap images × pixels per forward at each scale (0: no cap); on CPU
+    # large batches fall out of cache (slower per image), on GPUs they bound activation memory at scale 2
     autocast: str = "none"  # CUDA mixed precision: "bf16", "fp16" or "none"
     channels_last: bool = False  # NHWC memory format (faster convs on tensor cores)
     compile: bool = False  # torch.compile the extraction forward (dynamic shapes)
@@ -113,6 +121,10 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.max_batch_pixels, int) or self.max_batch_pixels < 0:
+            raise ValueError(
+                f"max_batch_pixels must be an int >= 0 (0: no cap), got {self.max_batch_pixels!r}"
+            )
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast {self.autocast!r} is not supported; allowed: {list(AUTOCAST_DTYPES)}")
 
@@ -140,7 +152,7 @@ PRESETS: dict[str, ExtractionConfig] = {
     # Quality checks with the shared ImageNet MobileNetV2 (no DELG training): ImageNet normalisation, raw
     # 1280-d GeM (an untrained whitening FC would scramble it). ImageNet objects span ~224 px, so a 512 cap
     # with scales 0.5–1.0 keeps objects near that size; upsampling (√2, 2) adds cost, not ImageNet detail.
-    # The attention head is untrained, so no absolute threshold: keep the top 1000 by attention.
+    # The local head is untrained (local_head="backbone"): no absolute threshold, top 1000 by feature norm.
     "delg-mobilenetv2-imagenet": ExtractionConfig(
         backbone="mobilenet_v2",
         max_side=512,
@@ -151,6 +163,7 @@ PRESETS: dict[str, ExtractionConfig] = {
         pixel_std=IMAGENET_STD,
         whitening=False,
         global_dim=1280,
+        local_head="backbone",  # ImageNet weights have no trained attention/autoencoder
     ),
     # Small and fast on CPU for tests and demos.
     "cpu-small": ExtractionConfig(

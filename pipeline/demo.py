@@ -8,13 +8,17 @@ truth says which index images show the same photo (GLDv2 retrieval solution form
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
 from pipeline.runconfig import RunConfig
+
+log = logging.getLogger(__name__)
 
 # Colour and grey photos shipped inside scikit-image (no download needed).
 DEMO_PHOTOS = (
@@ -137,6 +141,7 @@ protocol = "gldv2-retrieval"
 
 [extract]
 preset = "{preset}"
+weights = "{weights}"
 shard_size = 16
 
 [search]
@@ -150,15 +155,37 @@ max_queries = {queries}
 """
 
 
-def write_demo(out_dir: str, views: int = 4, preset: str = "cpu-small") -> RunConfig:
+# ImageNet MobileNetV2 features shipped beside the checkout (../shared); no network needed.
+SHARED_WEIGHTS = (
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
+)
+
+
+def default_demo_model() -> tuple[str, str]:
+    """(preset, weights) for the demo: the shared ImageNet backbone when present, else random init."""
+    if SHARED_WEIGHTS.is_file():
+        return "delg-mobilenetv2-imagenet", str(SHARED_WEIGHTS)
+    log.warning(
+        "%s not found: the demo runs with random weights and its figures mean nothing", SHARED_WEIGHTS
+    )
+    return "cpu-small", ""
+
+
+def write_demo(
+    out_dir: str, views: int = 4, preset: str | None = None, weights: str | None = None
+) -> RunConfig:
     """Write the demo dataset and its run config (``out_dir/demo.toml``) to a local folder; return the config."""
     from pipeline.runconfig import load_run_config
 
     if not storage.is_local(out_dir):
         raise ValueError(f"the demo writes to a local folder, got {storage.redact(out_dir)}")
+    if preset is None:
+        preset, weights = default_demo_model()
     if not storage.exists(storage.join(out_dir, "data", "ground_truth.csv")):
         make_demo_dataset(storage.join(out_dir, "data"), views=views)
     config_url = storage.join(out_dir, "demo.toml")
-    text = DEMO_CONFIG.format(preset=preset, k=views * len(DEMO_PHOTOS), queries=len(DEMO_PHOTOS))
+    text = DEMO_CONFIG.format(
+        preset=preset, weights=weights or "", k=views * len(DEMO_PHOTOS), queries=len(DEMO_PHOTOS)
+    )
     storage.write_text(config_url, text)
     return load_run_config(config_url)

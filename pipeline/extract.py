@@ -206,9 +206,27 @@ class Extractor:
         return resize(pixels, crop.capped_size).squeeze(0)
 
     def _run_scale(self, batch: torch.Tensor, scale: float, with_global: bool) -> LocalAndGlobal:
-        """(B, 3, h, w) capped images → model outputs at ``scale``."""
-        x = resize(batch, scaled_size(*batch.shape[-2:], scale))
-        x = (x - self._mean) / self._std
+        """(B, 3, h, w) capped images → model outputs at ``scale``, in forward passes of at most
+        ``max_batch_pixels`` input pixels (at least one image each)."""
+        height, width = scaled_size(*batch.shape[-2:], scale)
+        budget = self.runtime.max_batch_pixels
+        step = max(1, budget // (height * width)) if budget else len(batch)
+        parts = [
+            self._forward_scaled(batch[i : i + step], (height, width), with_global)
+            for i in range(0, len(batch), step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return LocalAndGlobal(
+            attention=torch.cat([p.attention for p in parts]),
+            descriptors=torch.cat([p.descriptors for p in parts]),
+            global_descriptor=torch.cat([p.global_descriptor for p in parts]) if with_global else None,
+        )
+
+    def _forward_scaled(
+        self, batch: torch.Tensor, size: tuple[int, int], with_global: bool
+    ) -> LocalAndGlobal:
+        x = (resize(batch, size) - self._mean) / self._std
         if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._forward(x, with_global)
@@ -253,7 +271,8 @@ class Extractor:
 def _check_model_matches(model: Delg, config: ExtractionConfig) -> None:
     found = {
         "backbone": model.backbone.spec.name,
-        "local_dim": model.autoencoder.encoder.out_channels,
+        "local_dim": model.local_dim,
+        "local_head": model.local_head,
         "whitening": model.whitening is not None,
         "global_dim": model.global_dim,
         "gem_p": model.gem_p,

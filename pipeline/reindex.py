@@ -17,7 +17,7 @@ the new vectors pass ``retrain_threshold`` of the live count (or nothing is live
 compacted global descriptors. The version is written completely before LATEST moves, so readers of
 :func:`resolve_latest` never see a half-built index.
 
-Crash safety: the run's name derives from (live version, manifest fingerprint, rows to extract), so a re-run
+Crash safety: the run's name derives from (live version, manifest, rows to extract, model), so a re-run
 resumes the same extraction (committed shards are kept) and rebuilds the same version number.
 
 Locking: ``_lock.json`` holds a lease. Object stores without conditional writes cannot make taking it atomic;
@@ -101,12 +101,12 @@ class ReindexConfig:
 class ReindexReport:
     """What one run did (also written to the new version's report.json)."""
 
-    version: str | None  # the live version after the run
+    version: str  # the live version after the run
     previous: str | None  # the live version before it
     published: bool  # False: nothing changed, no new version
     added: int
     changed: int
-    removed: int  # changed + deleted ids taken out of the index
+    removed: int  # changed + deleted ids taken out of the live index (a failed row was never in it)
     errors: int  # extraction error records of this run
     errors_by_reason: dict[str, int]
     error_records: list[dict[str, str]]  # the first MAX_REPORTED_ERRORS records
@@ -191,6 +191,7 @@ class Lease:
         self.options = options
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.renewed = 0.0
+        self.acquired_at = time.time()
 
     def _read(self) -> dict[str, Any] | None:
         if not storage.exists(self.url, self.options):
@@ -199,7 +200,7 @@ class Lease:
 
     def _write(self) -> None:
         now = time.time()
-        record = {"owner": self.owner, "acquired_at": now, "expires_at": now + self.seconds}
+        record = {"owner": self.owner, "acquired_at": self.acquired_at, "expires_at": now + self.seconds}
         storage.write_text(self.url, json.dumps(record), self.options)
         self.renewed = time.monotonic()
 
@@ -261,10 +262,11 @@ def _empty_state() -> pa.Table:
     )
 
 
-def _run_name(live: str | None, fingerprint: str, todo: pa.Table) -> str:
-    """Deterministic: the same live version and manifest always name the same run (so it resumes)."""
+def _run_name(live: str | None, fingerprint: str, todo: pa.Table, extraction: dict[str, Any]) -> str:
+    """Deterministic: the same live version, manifest and model always name the same run (so it resumes)."""
     digest = hashlib.sha256(fingerprint.encode())
     digest.update(manifest.manifest_fingerprint(todo).encode())
+    digest.update(json.dumps(extraction, sort_keys=True).encode())
     return f"{live or version_name(0)}-{digest.hexdigest()[:16]}"
 
 
@@ -426,11 +428,12 @@ def _rebuild(
 ) -> list[str]:
     """A freshly trained index of the current rows' descriptors under ``target``; returns the stores it uses."""
     storage.remove(target, options, recursive=True)
-    if plan.todo.num_rows == plan.table.num_rows:  # this run extracted every row: build on its store directly
-        source, stores = stores[-1], stores[-1:]
-    else:
+    compacted = plan.todo.num_rows < plan.table.num_rows  # else this run extracted every row: use its store
+    if compacted:
         source = storage.join(target, COMPACT)
         stores = compact_globals(stores, set(plan.table.column("id").to_pylist()), source, options)
+    else:
+        source, stores = stores[-1], stores[-1:]
     build_index(
         source,
         target,
@@ -440,7 +443,7 @@ def _rebuild(
         ray_address=ray_address,
         config=config.build,
     )
-    if source.endswith(COMPACT):
+    if compacted:
         storage.remove(source, options, recursive=True)
     return stores
 
@@ -472,6 +475,55 @@ def _prune(root_url: str, live_number: int, keep: int, options: Options) -> None
 # ------------------------------------------------------------------------------------------ the stage
 
 
+@dataclass(frozen=True)
+class _Live:
+    """What a run needs to know of the live version."""
+
+    name: str
+    url: str
+    state: pa.Table
+    extraction: dict[str, Any]
+    params: dict[str, Any]
+    indexed: set[str]  # image ids in its index (failed rows are in its state but not here)
+
+
+def _load_live(root_url: str, options: Options) -> _Live | None:
+    name = live_version(root_url, options)
+    if name is None:
+        return None
+    url = version_url(root_url, name)
+    report = json.loads(storage.read_text(storage.join(url, REPORT), options))
+    return _Live(
+        name=name,
+        url=url,
+        state=storage.read_parquet(storage.join(url, STATE), options),
+        extraction=report["extraction"],
+        params=index_io.read_params(url, options),
+        indexed=_indexed_ids(url, options),
+    )
+
+
+def _run_errors(run_store: str | None, options: Options) -> dict[str, Any]:
+    """The report's error fields: counts by reason over the run's store and its first error records."""
+    if run_store is None:
+        return {"errors": 0, "errors_by_reason": {}, "error_records": []}
+    stats = store.store_stats(run_store, options)
+    records = store.read_errors(run_store, options).slice(0, MAX_REPORTED_ERRORS).to_pylist()
+    return {
+        "errors": stats["errors"],
+        "errors_by_reason": stats["errors_by_reason"],
+        "error_records": records,
+    }
+
+
+def _write_version_files(
+    target: str, table: pa.Table, stores: Sequence[str], report: ReindexReport, options: Options
+) -> None:
+    storage.write_parquet(storage.join(target, STATE), state_table(table), options)
+    storage.write_text(storage.join(target, STORES), json.dumps(_store_names(stores), indent=2), options)
+    storage.write_text(storage.join(target, REPORT), json.dumps(report.to_dict(), indent=2), options)
+
+
 def reindex(
     manifest_url: str,
     root_url: str,
@@ -483,20 +535,17 @@ def reindex(
     """Bring the versioned index under ``root_url`` up to date with the manifest and publish it atomically.
 
     ``on_stage`` is called with "extracted", "built" and "written" (the version is complete, LATEST not yet
-    moved): a progress hook, and the crash-injection point of the resume tests.
+    moved): a progress hook, and the crash-injection point of the resume tests. Raises LockHeldError while
+    another run holds the lock.
     """
     lease = Lease(root_url, config.lease_seconds, options)
     lease.acquire()
     try:
         return _reindex_locked(
-            manifest_url, root_url, config, options, ray_address, on_stage or _ignore, lease
+            manifest_url, root_url, config, options, ray_address, on_stage or (lambda _: None), lease
         )
     finally:
         lease.release()
-
-
-def _ignore(stage: str) -> None:
-    del stage
 
 
 def _reindex_locked(
@@ -515,23 +564,17 @@ def _reindex_locked(
         "preset": config.preset,
         "weights": storage.redact(config.weights_url) if config.weights_url else None,
     }
-    live = live_version(root_url, options)
-    live_url = version_url(root_url, live) if live else None
-    if live_url:
-        live_state = storage.read_parquet(storage.join(live_url, STATE), options)
-        live_report = json.loads(storage.read_text(storage.join(live_url, REPORT), options))
-        live_params = index_io.read_params(live_url, options)
-        live_ids = _indexed_ids(live_url, options)
-    else:
-        live_state, live_report, live_params, live_ids = _empty_state(), None, {}, set()
+    live = _load_live(root_url, options)
     plan = _plan(
-        table, live_state, model_changed=live_report is not None and live_report["extraction"] != extraction
+        table,
+        live.state if live else _empty_state(),
+        model_changed=live is not None and live.extraction != extraction,
     )
 
-    def report(version: str | None, published: bool, **fields: Any) -> ReindexReport:
+    def report(version: str, published: bool, **fields: Any) -> ReindexReport:
         return ReindexReport(
             version=version,
-            previous=live,
+            previous=live.name if live else None,
             published=published,
             added=len(plan.added),
             changed=len(plan.changed),
@@ -542,55 +585,50 @@ def _reindex_locked(
         )
 
     if live and not (plan.added or plan.changed or plan.deleted):
+        reason = "the manifest matches the live version: nothing to do"
         return report(
-            live,
+            live.name,
             False,
             removed=0,
-            errors=0,
-            errors_by_reason={},
-            error_records=[],
             retrained=False,
-            reason="the manifest matches the live version: nothing to do",
+            reason=reason,
             run_name=None,
-            ntotal=int(live_params["ntotal"]),
+            ntotal=int(live.params["ntotal"]),
+            **_run_errors(None, options),
         )
 
-    run_name = _run_name(live, fingerprint, plan.todo)
+    run_name = _run_name(live.name if live else None, fingerprint, plan.todo, extraction)
     run_store = storage.join(root_url, DESCRIPTORS, run_name)
     extracted = _extract(plan, run_store, config, options, ray_address, lease)
     on_stage("extracted")
     lease.renew_if_due()
 
-    name = version_name(version_number(live) + 1 if live else 1)
+    name = version_name(version_number(live.name) + 1 if live else 1)
     target = version_url(root_url, name)
-    doomed = sorted(live_ids & {*plan.changed, *plan.deleted})
-    stores = [*(read_stores(live_url, options) if live_url else []), *([run_store] if extracted else [])]
-    retrained, reason = _retrain_decision(live, live_params, plan, config.retrain_threshold)
+    doomed = sorted(live.indexed & {*plan.changed, *plan.deleted}) if live else []
+    stores = [*(read_stores(live.url, options) if live else []), *([run_store] if extracted else [])]
+    retrained, reason = _retrain_decision(
+        live.name if live else None, live.params if live else {}, plan, config.retrain_threshold
+    )
     if retrained:
         stores = _rebuild(target, stores, plan, config, options, ray_address)
     else:
-        assert live_url is not None
-        _update_in_place(live_url, target, doomed, run_store if extracted else None, options)
+        assert live is not None, "the first version is always trained"
+        _update_in_place(live.url, target, doomed, run_store if extracted else None, options)
     on_stage("built")
     lease.renew_if_due()
 
-    stats = store.store_stats(run_store, options) if extracted else {"errors": 0, "errors_by_reason": {}}
-    records = store.read_errors(run_store, options).slice(0, MAX_REPORTED_ERRORS) if extracted else None
     result = report(
         name,
         True,
         removed=len(doomed),
-        errors=stats["errors"],
-        errors_by_reason=stats["errors_by_reason"],
-        error_records=records.to_pylist() if records is not None else [],
         retrained=retrained,
         reason=reason,
         run_name=run_name,
         ntotal=int(index_io.read_params(target, options)["ntotal"]),
+        **_run_errors(run_store if extracted else None, options),
     )
-    storage.write_parquet(storage.join(target, STATE), state_table(table), options)
-    storage.write_text(storage.join(target, STORES), json.dumps(_store_names(stores), indent=2), options)
-    storage.write_text(storage.join(target, REPORT), json.dumps(result.to_dict(), indent=2), options)
+    _write_version_files(target, table, stores, result, options)
     on_stage("written")
     lease.renew_if_due()
     storage.write_text(storage.join(root_url, LATEST), name + "\n", options)  # the publish: one atomic write

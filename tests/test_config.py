@@ -38,7 +38,9 @@ def test_every_preset_round_trips_through_json(name: str) -> None:
 
 
 def test_runtime_options_round_trip() -> None:
-    options = RuntimeOptions(batch_size=4, autocast="bf16", channels_last=True, compile=True)
+    options = RuntimeOptions(
+        batch_size=4, max_batch_pixels=10**6, autocast="bf16", channels_last=True, compile=True
+    )
     assert RuntimeOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
 
 
@@ -90,6 +92,7 @@ def test_bad_config_values_name_the_value_and_what_is_allowed(changes: dict, mes
     ("changes", "message"),
     [
         ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
+        ({"max_batch_pixels": -1}, r"max_batch_pixels must be an int >= 0 \(0: no cap\), got -1"),
         (
             {"autocast": "float16"},
             r"autocast 'float16' is not supported; allowed: \['none', 'bf16', 'fp16'\]",

@@ -61,8 +61,12 @@ def test_batched_equals_one_at_a_time_on_a_mix_of_shapes() -> None:
     bboxes[4] = (10.5, 5.0, 150.0, 100.2)  # cropped: capped shape differs from its uncropped twins
     batched = extractor.extract(images, bboxes)
     assert len(batched) == len(images)
-    for image, bbox, features in zip(images, bboxes, batched, strict=True):
-        assert_same_features(features, extractor.extract_single(image, bbox))
+    # a pixel budget of two 120 × 160 images splits the batches of three into forward passes of two
+    budgeted = extractor_for(config, batch_size=3, max_batch_pixels=2 * 120 * 160).extract(images, bboxes)
+    for image, bbox, features, split in zip(images, bboxes, batched, budgeted, strict=True):
+        single = extractor.extract_single(image, bbox)
+        assert_same_features(features, single)
+        assert_same_features(split, single)
     # top-K cut everywhere except the 90 × 90 image: 4 × 4 + 6 × 6 locations over its two scales
     assert [len(f.scores) for f in batched] == [60] * 7 + [52]
     assert float(batched[0].global_descriptor @ batched[2].global_descriptor) < 0.999  # not degenerate

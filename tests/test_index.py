@@ -169,7 +169,7 @@ def test_auto_params_nlist_and_quantizer(n):
     assert faiss.extract_index_ivf(index).nlist == choice.nlist
 
 
-@pytest.mark.parametrize("budget", ["30MB", "100MB", "1GiB", "8GB"])
+@pytest.mark.parametrize("budget", ["40MB", "100MB", "1GiB", "8GB"])
 def test_auto_params_honour_the_budget(budget):
     choice = choose_index(1_000_000, 2048, parse_size(budget))
     assert choice.estimated_bytes <= parse_size(budget)

@@ -257,3 +257,24 @@ def test_unknown_backbone_and_bad_dims() -> None:
 def test_modules_are_plain_torch() -> None:
     model = small_delg()
     assert isinstance(model, nn.Module) and isinstance(model.backbone.net, models.MobileNetV2)
+
+
+def test_backbone_local_head_keeps_feature_geometry():
+    """local_head='backbone': attention is the feature norm, descriptors keep the features' cosines exactly
+    (an isometric embedding when local_dim ≥ channels), and the projection is the same in every process."""
+    from pipeline.model.delg import orthonormal_projection
+
+    torch.manual_seed(0)
+    model = Delg("mobilenet_v2", whitening=False, global_dim=1280, local_head="backbone").eval()
+    images = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        block3 = model.backbone.forward_local(images)  # (1, C, h, w)
+        out = model.extract(images, with_global=False)
+    torch.testing.assert_close(out.attention, block3.norm(dim=1))
+    features = F.normalize(block3.flatten(2)[0].T, dim=1)  # (h·w, C)
+    descriptors = out.descriptors.flatten(2)[0].T  # (h·w, 128)
+    torch.testing.assert_close(descriptors @ descriptors.T, features @ features.T, atol=1e-5, rtol=0)
+    assert torch.equal(orthonormal_projection(96, 128), model.projection)
+    assert not any("projection" in k for k in model.state_dict())  # state dicts stay the backbone's
+    with pytest.raises(ValueError, match="local_head 'trained'"):
+        Delg("mobilenet_v2", whitening=False, global_dim=1280, local_head="trained")

@@ -3,6 +3,7 @@ pruning, the lock, and a crash between building and publishing."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -19,8 +20,10 @@ from PIL import Image
 from pipeline import storage, store
 from pipeline.config import get_preset
 from pipeline.index import io as index_io
+from pipeline.manifest import diff_manifests, read_manifest
 from pipeline.model.delg import Delg
 from pipeline.reindex import (
+    Lease,
     LockHeldError,
     ReindexConfig,
     compact_globals,
@@ -28,6 +31,7 @@ from pipeline.reindex import (
     read_stores,
     reindex,
     resolve_latest,
+    state_table,
 )
 
 PRESET = "cpu-small"
@@ -271,6 +275,57 @@ def test_lock_held_blocks_a_second_run(tmp_path, weights):
         reindex(catalogue.write(), root, _config(weights))
     assert json.loads(Path(root, "_lock.json").read_text()) == lock, "a refused run must not touch the lock"
     assert not Path(root, "versions").exists()
+
+
+def test_lease_renewal_notices_a_lost_lock(tmp_path):
+    root = str(tmp_path / "root")
+    lease = Lease(root, seconds=0.03)
+    lease.acquire()
+    first = json.loads(Path(root, "_lock.json").read_text())
+    time.sleep(0.02)
+    lease.renew_if_due()  # a third of the lease has passed: renewed
+    renewed = json.loads(Path(root, "_lock.json").read_text())
+    assert renewed["owner"] == first["owner"] and renewed["expires_at"] > first["expires_at"]
+    storage.write_text(f"{root}/_lock.json", json.dumps({"owner": "thief", "expires_at": time.time() + 60}))
+    time.sleep(0.02)
+    with pytest.raises(LockHeldError, match=r"lost .* to thief"):
+        lease.renew_if_due()
+    lease.release()
+    assert json.loads(Path(root, "_lock.json").read_text())["owner"] == "thief", "release keeps others' locks"
+
+
+def test_state_detects_inline_image_and_etag_changes(tmp_path):
+    def manifest(rows: list[dict], name: str) -> pa.Table:
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+        return read_manifest(str(tmp_path / name))
+
+    old = manifest(
+        [
+            {"id": "a", "url": "", "image": _photo(1), "etag": None},
+            {"id": "b", "url": "", "image": _photo(2), "etag": None},
+            {"id": "c", "url": str(tmp_path / "c.jpg"), "image": None, "etag": "1"},
+            {"id": "d", "url": str(tmp_path / "d.jpg"), "image": None, "etag": "1"},
+        ],
+        "old.parquet",
+    )
+    new = manifest(
+        [
+            {"id": "a", "url": "", "image": _photo(1), "etag": None},
+            {"id": "b", "url": "", "image": _photo(3), "etag": None},
+            {"id": "c", "url": str(tmp_path / "c.jpg"), "image": None, "etag": "2"},
+            {"id": "d", "url": str(tmp_path / "d.jpg"), "image": None, "etag": "1"},
+        ],
+        "new.parquet",
+    )
+    state = state_table(old)
+    assert state.column("image").to_pylist()[0] == hashlib.sha256(_photo(1)).digest()
+    diff = diff_manifests(state, state_table(new))
+    assert (diff.added, diff.changed, diff.deleted) == ((), ("b", "c"), ())
+
+
+def test_resolve_latest_before_any_publish(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no published version"):
+        resolve_latest(str(tmp_path / "root"))
 
 
 NO_LOCAL = store.LocalFeatures(

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def finished_run(tmp_path_factory, ray_cluster):
     """The demo run once (2 views per photo), joining the session's Ray."""
     out = tmp_path_factory.mktemp("demo")
-    config = replace(write_demo(str(out), views=2), ray_address=ray_cluster)
+    config = replace(write_demo(str(out), views=2, preset="cpu-small"), ray_address=ray_cluster)
     return config, run_pipeline(config)
 
 
@@ -61,7 +61,8 @@ def test_a_stage_killed_before_its_marker_runs_again(finished_run):
     run_pipeline(config)  # every marker matches this config again
     Path(paths.marker("rerank")).unlink()
     results = run_pipeline(config)
-    assert [n for n, r in results.items() if not r.reused] == ["rerank", "evaluate", "report"]
+    # Same parameters, same inputs: the re-run stage has the same key, so later outputs stay valid.
+    assert [n for n, r in results.items() if not r.reused] == ["rerank"]
 
 
 def test_shipped_example_config_is_valid():

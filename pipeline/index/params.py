@@ -75,8 +75,11 @@ def quantizer_bytes(nlist: int, dim: int) -> int:
     return nlist * dim * 4 + graph
 
 
-def ivf_pq_bytes(n: int, nlist: int, code_bytes: int, dim: int) -> int:
-    return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + quantizer_bytes(nlist, dim)
+def ivf_pq_bytes(n: int, nlist: int, code_bytes: int, dim: int, in_dim: int) -> int:
+    """Codes and ids of n vectors, the coarse quantizer, and a PCA from ``in_dim`` (faiss keeps the full
+    in_dim × in_dim eigenvector matrix beside the in_dim × dim projection)."""
+    pca = (in_dim * in_dim + dim * in_dim) * 4 if dim < in_dim else 0
+    return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + quantizer_bytes(nlist, dim) + pca
 
 
 def _pq_dim(dim: int, m: int) -> int:
@@ -115,17 +118,18 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexCho
     fitting = [
         m
         for m in PQ_SIZES
-        if m <= dim and (memory_budget is None or ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m)) <= memory_budget)
+        if m <= dim
+        and (memory_budget is None or ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m), dim) <= memory_budget)
     ]
     if not fitting:
-        need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]))
+        need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]), dim)
         raise ValueError(
             f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
             f"(PQ{PQ_SIZES[-1]}) of {n} vectors"
         )
     m = fitting[0] if memory_budget is not None else min(DEFAULT_PQ_BYTES, max(fitting))
     pq_dim = _pq_dim(dim, m)
-    estimated = ivf_pq_bytes(n, nlist, m, pq_dim)
+    estimated = ivf_pq_bytes(n, nlist, m, pq_dim, dim)
     pq_why = (
         "default code size without a budget"
         if memory_budget is None

@@ -19,7 +19,7 @@ RESULTS_SCHEMA = pa.schema(
 
 def to_device(index: faiss.Index) -> faiss.Index:
     """The index on all GPUs when faiss sees any (an on-disk index stays on CPU), else unchanged."""
-    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+    if faiss.get_num_gpus() == 0:
         return index
     return faiss.index_cpu_to_all_gpus(index)
 

@@ -59,6 +59,22 @@ class Autoencoder(nn.Module):
         return F.relu(self.decoder(code))
 
 
+LOCAL_HEADS = ("learned", "backbone")
+PROJECTION_SEED = 20200401  # fixed: the projection is part of the model, identical in every process
+
+
+def orthonormal_projection(in_channels: int, out_dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:
+    """(out_dim, in_channels) fixed random matrix with orthonormal rows or columns.
+
+    With out_dim ≥ in_channels it is an isometry (cosines between features are kept exactly); with fewer
+    dimensions it is a Johnson–Lindenstrauss projection that keeps them approximately.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(max(in_channels, out_dim), min(in_channels, out_dim), generator=generator)
+    q, _ = torch.linalg.qr(gaussian)  # orthonormal columns
+    return q if out_dim >= in_channels else q.T
+
+
 class DelgOutput(NamedTuple):
     global_embedding: torch.Tensor  # (B, global_dim), L2-normalised
     attention: torch.Tensor  # (B, h, w)
@@ -82,8 +98,11 @@ class Delg(nn.Module):
         local_dim: int = 128,
         attention_hidden: int = 512,
         gem_p: float = 3.0,
+        local_head: str = "learned",
     ) -> None:
         super().__init__()
+        if local_head not in LOCAL_HEADS:
+            raise ValueError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
         spec = get_backbone_spec(backbone)
         if not whitening and global_dim != spec.global_channels:
             raise ValueError(f"global_dim {global_dim} without whitening must be {spec.global_channels}")
@@ -91,8 +110,17 @@ class Delg(nn.Module):
         self.gem_p = gem_p
         self.global_dim = global_dim
         self.whitening = nn.Linear(spec.global_channels, global_dim, bias=True) if whitening else None
-        self.attention = Attention(spec.local_channels, attention_hidden)
-        self.autoencoder = Autoencoder(spec.local_channels, local_dim)
+        self.local_head = local_head
+        self.local_dim = local_dim
+        if local_head == "learned":
+            self.attention = Attention(spec.local_channels, attention_hidden)
+            self.autoencoder = Autoencoder(spec.local_channels, local_dim)
+        else:
+            # Backbone-only weights (e.g. ImageNet) have no trained local head: score locations by feature
+            # norm (the untrained-attention baseline of DELF) and describe them by a fixed projection of the
+            # block3 feature. Not persistent: state dicts stay the backbone's.
+            projection = orthonormal_projection(spec.local_channels, local_dim)
+            self.register_buffer("projection", projection, persistent=False)  # (local_dim, C)
 
     @classmethod
     def from_config(cls, config: ExtractionConfig) -> Delg:
@@ -103,6 +131,7 @@ class Delg(nn.Module):
             local_dim=config.local_dim,
             attention_hidden=config.attention_hidden,
             gem_p=config.gem_p,
+            local_head=config.local_head,
         )
 
     def local_receptive_field(self) -> ReceptiveField:
@@ -121,6 +150,10 @@ class Delg(nn.Module):
     def forward(self, images: torch.Tensor) -> DelgOutput:
         """(B, 3, H, W) normalised images → training outputs. The local head sees block3 through a
         stop-gradient: only the global loss trains the backbone."""
+        if self.local_head != "learned":
+            raise ValueError(
+                "local_head='backbone' has no trainable local head; train with local_head='learned'"
+            )
         block3 = self.backbone.forward_local(images)
         global_embedding = self.global_head(self.backbone.forward_global(block3))
         local_input = block3.detach()
@@ -131,7 +164,16 @@ class Delg(nn.Module):
         """(B, 3, H, W) normalised images → attention, L2-normalised local descriptors per location, and
         the global descriptor (block4 is skipped when ``with_global`` is False)."""
         block3 = self.backbone.forward_local(images)
-        descriptors = F.normalize(self.autoencoder.encode(block3).float(), dim=1)
-        attention = self.attention(block3).float()
+        descriptors, attention = self.local_outputs(block3)
         global_descriptor = self.global_head(self.backbone.forward_global(block3)) if with_global else None
         return LocalAndGlobal(attention, descriptors, global_descriptor)
+
+    def local_outputs(self, block3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) block3 → L2-normalised descriptors (B, local_dim, h, w) and attention (B, h, w)."""
+        if self.local_head == "learned":
+            codes, attention = self.autoencoder.encode(block3).float(), self.attention(block3).float()
+        else:
+            features = block3.float()
+            codes = torch.einsum("dc,bchw->bdhw", self.projection, features)
+            attention = features.norm(dim=1)
+        return F.normalize(codes, dim=1), attention

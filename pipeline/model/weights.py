@@ -118,12 +118,18 @@ def load_pretrained(model: Delg, url: str, options: storage.Options = None) -> s
     torchvision-named backbone-only state dict (e.g. ImageNet features; heads keep their init), or
     :data:`IMAGENET`. The file is read once. Returns its sha256 (or the torchvision weights name)."""
     if url == IMAGENET:
-        return load_backbone_weights(model, url)
-    state_dict, checksum = read_state_dict(url, options)
-    if any(key.startswith("backbone.") for key in state_dict):
-        load_checked(model, state_dict, storage.redact(url))
+        checksum = load_backbone_weights(model, url)
     else:
+        state_dict, checksum = read_state_dict(url, options)
+        if any(key.startswith("backbone.") for key in state_dict):
+            load_checked(model, state_dict, storage.redact(url))
+            return checksum
         load_checked(model.backbone.net, _without_classifier(model, state_dict), storage.redact(url))
+    if model.local_head == "learned":
+        log.warning(
+            "backbone-only weights with local_head='learned': attention and descriptors are untrained; "
+            "use a preset with local_head='backbone' (e.g. delg-mobilenetv2-imagenet) for local features"
+        )
     return checksum
 
 

@@ -1,0 +1,260 @@
+"""The Ray job entry points (jobs/), submitted through the Ray Jobs API to a real local Ray cluster.
+
+The cluster is a `ray start --head --block` of our own (own temp dir and ports, dashboard on 127.0.0.1),
+stopped by signalling that process and, as a fallback, the processes whose command line names our temp dir.
+Not `ray stop`: it stops every Ray process on the machine, other people's and this session's included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.index import io as index_io
+
+REPO = Path(__file__).resolve().parents[1]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+    "--node-manager-port",
+    "--object-manager-port",
+)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _own_processes(temp_dir: str) -> list:
+    """Processes of our cluster: their command lines name its temp dir (session files live there)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def _stop(head: subprocess.Popen, temp_dir: str) -> None:
+    head.send_signal(signal.SIGTERM)  # `ray start --block` shuts its node down on exit
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    for process in _own_processes(temp_dir):
+        process.kill()
+
+
+def _client(url: str, head: subprocess.Popen, log: Path, timeout: float = 120.0):
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return JobSubmissionClient(url)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def job_client() -> Iterator:
+    """A JobSubmissionClient of a fresh 2-CPU head node with the dashboard (job server) on 127.0.0.1."""
+    temp_dir = tempfile.mkdtemp(prefix="lij-")  # short: Ray's socket paths under it have a length limit
+    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    log = Path(temp_dir) / "ray-start.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield _client(f"http://127.0.0.1:{ports['--dashboard-port']}", head, log)
+    finally:
+        _stop(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _runtime_env() -> dict:
+    """The example's working_dir and excludes (its pip list needs a network; the venv here has it all)."""
+    example = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    return {"working_dir": str(REPO), "excludes": example["excludes"]}
+
+
+def _run(client, entrypoint: list[str], timeout: float = 300.0) -> tuple[str, str]:
+    """Submit, follow to a terminal status; (status, logs)."""
+    job = client.submit_job(
+        entrypoint=" ".join([sys.executable, *(f"'{a}'" for a in entrypoint)]), runtime_env=_runtime_env()
+    )
+    deadline = time.monotonic() + timeout
+    status = str(client.get_job_status(job))
+    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        status = str(client.get_job_status(job))
+    logs = client.get_job_logs(job)
+    if status.split(".")[-1] not in TERMINAL:
+        client.stop_job(job)
+        pytest.fail(f"job {job} still {status} after {timeout} s; logs:\n{logs[-3000:]}")
+    return status.split(".")[-1], logs
+
+
+def _summary(logs: str) -> dict:
+    """The JSON summary a job prints as its last line of stdout."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON summary in the logs:\n{logs[-3000:]}")
+
+
+def _manifest(folder: Path, count: int) -> str:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        low = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(low).resize((64, 64), Image.BICUBIC).save(buffer, format="JPEG")
+        path = folder / f"img{i}.jpg"
+        path.write_bytes(buffer.getvalue())
+        rows.append({"id": f"img{i}", "url": str(path)})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return str(folder / "manifest.parquet")
+
+
+def test_index_manifest_job_extracts_and_builds(job_client, tmp_path):
+    manifest = _manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    status, logs = _run(
+        job_client,
+        [
+            "jobs/index_manifest.py",
+            "--manifest",
+            manifest,
+            "--out",
+            str(out),
+            "--preset",
+            "cpu-small",
+            "--weights",
+            "",
+            "--memory-budget",
+            "1GiB",
+            "--shard-size",
+            "2",
+        ],
+    )
+    assert status == "SUCCEEDED", logs[-3000:]
+    summary = _summary(logs)
+    assert (summary["extraction"]["rows"], summary["extraction"]["ok"], summary["extraction"]["shards"]) == (
+        3,
+        3,
+        2,
+    )
+    assert (summary["factory"], summary["ntotal"]) == ("IDMap2,Flat", 3)  # exact for tiny N
+    assert sorted(p.name for p in (out / "descriptors" / "_commits").iterdir()) == [
+        "part-00000.json",
+        "part-00001.json",
+    ]
+    _, image_ids = index_io.read_id_map(str(out / "index"))
+    assert sorted(image_ids) == ["img0", "img1", "img2"]
+    assert index_io.load_index(str(out / "index")).ntotal == 3
+
+
+def test_index_manifest_job_fails_with_the_reason(job_client, tmp_path):
+    missing = str(tmp_path / "missing.parquet")
+    status, logs = _run(
+        job_client,
+        [
+            "jobs/index_manifest.py",
+            "--manifest",
+            missing,
+            "--out",
+            str(tmp_path / "out"),
+            "--preset",
+            "cpu-small",
+        ],
+    )
+    assert status == "FAILED"
+    assert "index_manifest failed: ManifestError" in logs
+    assert f"manifest {missing!r}: no such file" in logs
+    assert not (tmp_path / "out").exists()
+
+
+def test_nightly_reindex_job_publishes_then_refuses_while_locked(job_client, tmp_path):
+    manifest = _manifest(tmp_path, 2)
+    root = tmp_path / "root"
+    arguments = [
+        "jobs/nightly_reindex.py",
+        "--manifest",
+        manifest,
+        "--root",
+        str(root),
+        "--preset",
+        "cpu-small",
+        "--weights",
+        "",
+        "--keep",
+        "2",
+        "--retrain-threshold",
+        "0.2",
+    ]
+    status, logs = _run(job_client, arguments)
+    assert status == "SUCCEEDED", logs[-3000:]
+    report = _summary(logs)
+    assert (report["version"], report["added"], report["retrained"], report["ntotal"]) == (
+        "v000001",
+        2,
+        True,
+        2,
+    )
+    assert (root / "LATEST").read_text().strip() == "v000001"
+
+    lock = {"owner": "other-host:1:x", "expires_at": time.time() + 600}
+    (root / "_lock.json").write_text(json.dumps(lock))
+    status, logs = _run(job_client, arguments)
+    assert status == "FAILED"
+    assert "nightly_reindex refused" in logs and "held by other-host:1:x" in logs
