@@ -35,7 +35,12 @@ console = Console(stderr=True)
 
 Preset = Annotated[str, typer.Option("--preset", help="Extraction preset (see `landmark-index presets`).")]
 Weights = Annotated[
-    str | None, typer.Option("--weights", help="Model state dict URL (local path, s3://, https://).")
+    str | None,
+    typer.Option(
+        "--weights",
+        help="Model weights URL (local path, s3://, https://): a full DELG state dict, a backbone-only one "
+        "(e.g. ImageNet MobileNetV2 features), or 'imagenet' (torchvision download).",
+    ),
 ]
 Address = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address; default: start a local Ray.")
@@ -79,7 +84,7 @@ def extract(
         str, typer.Argument(help="Parquet/CSV manifest (file, folder, glob) or a folder of images.")
     ],
     out: Annotated[str, typer.Argument(help="Descriptor store URL (local folder or s3://bucket/prefix).")],
-    preset: Preset = "cpu-small",
+    preset: Preset = "delg-r50-gldv2",
     weights: Weights = None,
     address: Address = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
@@ -93,12 +98,20 @@ def extract(
         int | None, typer.Option(help="Extractor actors (default: one per GPU, else one).")
     ] = None,
     chunk_size: Annotated[int, typer.Option(help="Images per decode task and extractor call.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (same capped shape).")] = 8,
+    max_batch_pixels: Annotated[
+        int,
+        typer.Option(help="Cap on pixels per forward pass (0: none); large images then go fewer at a time."),
+    ] = 0,
+    autocast: Annotated[str, typer.Option(help="CUDA mixed precision: none, bf16, fp16.")] = "none",
+    channels_last: Annotated[bool, typer.Option(help="NHWC memory format (faster convs on GPUs).")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass.")] = False,
 ) -> None:
     """Extract DELG descriptors for every manifest row into a sharded descriptor store (resumable).
 
     Re-running the same command resumes: committed shards are kept, the rest is extracted.
     """
-    from pipeline.config import get_preset
+    from pipeline.config import RuntimeOptions, get_preset
     from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.store import StoreSettings
 
@@ -111,7 +124,16 @@ def extract(
             store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
             shard_size=shard_size,
         )
-        cluster = ClusterOptions(address=address, num_extractors=num_extractors, chunk_size=chunk_size)
+        runtime = RuntimeOptions(
+            batch_size=batch_size,
+            max_batch_pixels=max_batch_pixels,
+            autocast=autocast,
+            channels_last=channels_last,
+            compile=compile_model,
+        )
+        cluster = ClusterOptions(
+            address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
+        )
         options = storage.options_from_env()
     except ValueError as exc:
         raise _fail(exc) from None

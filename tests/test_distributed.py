@@ -211,6 +211,8 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights
         str(out),
         "--weights",
         weights,
+        "--preset",
+        "cpu-small",
         "--shard-size",
         "3",
         "--chunk-size",

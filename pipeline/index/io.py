@@ -74,10 +74,6 @@ def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np
     return ids[order], image_ids[order]
 
 
-def write_id_map(index_url: str, ids: np.ndarray, image_ids: np.ndarray, options: Options = None) -> None:
-    write_table(storage.join(index_url, ID_MAP), id_map_table(ids, image_ids), options)
-
-
 def write_json(url: str, value: dict[str, Any], options: Options = None) -> None:
     storage.write_text(url, json.dumps(value, indent=2, sort_keys=True), options)
 
