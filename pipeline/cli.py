@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict
 from typing import Annotated
 
@@ -24,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from pipeline import storage
+from pipeline.storage import StorageError
 
 app = typer.Typer(
     help="Distributed batch indexing for landmark image retrieval: DELG extraction on Ray, FAISS IVF-PQ "
@@ -32,6 +34,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
+# Tables go to stdout; when it is a pipe or file, rich would wrap at 80 columns and split names.
+stdout = Console() if sys.stdout.isatty() else Console(width=200)
 
 Preset = Annotated[str, typer.Option("--preset", help="Extraction preset (see `landmark-index presets`).")]
 Weights = Annotated[
@@ -54,9 +58,18 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mor
     )
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=2)
+# What a user can fix (bad config, manifest, URL, missing input): one readable line and exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, KeyError, StorageError)
+
+
+def main() -> None:
+    """Console-script entry point: the CLI with one error boundary for every command."""
+    try:
+        app()
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[bold red]error:[/] {message}")
+        raise SystemExit(2) from None
 
 
 @app.command()
@@ -75,7 +88,7 @@ def presets() -> None:
             f"{c.attention_threshold:g}",
             str(c.max_local_features),
         )
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -115,28 +128,25 @@ def extract(
     from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.store import StoreSettings
 
-    try:
-        job = ExtractionJob(
-            manifest_url=manifest,
-            out_url=out,
-            config=get_preset(preset),
-            weights_url=weights,
-            store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
-            shard_size=shard_size,
-        )
-        runtime = RuntimeOptions(
-            batch_size=batch_size,
-            max_batch_pixels=max_batch_pixels,
-            autocast=autocast,
-            channels_last=channels_last,
-            compile=compile_model,
-        )
-        cluster = ClusterOptions(
-            address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
-        )
-        options = storage.options_from_env()
-    except ValueError as exc:
-        raise _fail(exc) from None
+    job = ExtractionJob(
+        manifest_url=manifest,
+        out_url=out,
+        config=get_preset(preset),
+        weights_url=weights,
+        store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
+        shard_size=shard_size,
+    )
+    runtime = RuntimeOptions(
+        batch_size=batch_size,
+        max_batch_pixels=max_batch_pixels,
+        autocast=autocast,
+        channels_last=channels_last,
+        compile=compile_model,
+    )
+    cluster = ClusterOptions(
+        address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
+    )
+    options = storage.options_from_env()
     with _progress_bar() as bar:
         task = bar.add_task("extract", total=None, errors=0, rate=0.0)
 
@@ -149,10 +159,7 @@ def extract(
                 rate=p.images_per_s,
             )
 
-        try:
-            summary = run_extraction(job, cluster, options, on_progress=show)
-        except ValueError as exc:
-            raise _fail(exc) from None
+        summary = run_extraction(job, cluster, options, on_progress=show)
     _print_summary(summary, out)
 
 
@@ -182,7 +189,7 @@ def _print_summary(summary, out: str) -> None:
         "throughput",
         f"{summary.images_per_s:.2f} images/s ({summary.rows_this_run} in {summary.seconds:.1f} s)",
     )
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command("build-index")
@@ -197,6 +204,9 @@ def build_index_command(
     ] = None,
     target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.95,
     tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
+    merge: Annotated[
+        str, typer.Option(help="Merge inverted lists in RAM, on disk (larger than RAM), or auto by size.")
+    ] = "auto",
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
@@ -206,20 +216,44 @@ def build_index_command(
     """
     from pipeline.index import BuildConfig, QualityConfig, build_index
 
-    try:
-        config = BuildConfig(tasks=tasks, quality=QualityConfig(target=target_recall))
-        summary = build_index(
-            descriptors,
-            out,
-            factory=factory,
-            memory_budget=memory_budget,
-            options=storage.options_from_env(),
-            ray_address=address,
-            config=config,
-        )
-    except ValueError as exc:
-        raise _fail(exc) from None
+    config = BuildConfig(tasks=tasks, merge=merge, quality=QualityConfig(target=target_recall))
+    summary = build_index(
+        descriptors,
+        out,
+        factory=factory,
+        memory_budget=memory_budget,
+        options=storage.options_from_env(),
+        ray_address=address,
+        config=config,
+    )
     _print_mapping(f"index → {storage.redact(out)}", summary)
+
+
+@app.command("index-add")
+def index_add(
+    index: Annotated[str, typer.Argument(help="Index URL (from build-index).")],
+    descriptors: Annotated[str, typer.Argument(help="Descriptor store whose new committed shards to add.")],
+) -> None:
+    """Add a store's committed shards that the index does not hold yet, without retraining."""
+    from pipeline.index import add_shards, new_shards
+
+    options = storage.options_from_env()
+    summary = add_shards(index, new_shards(index, descriptors, options), options)
+    _print_mapping(f"index-add → {storage.redact(index)}", summary)
+
+
+@app.command("index-remove")
+def index_remove(
+    index: Annotated[str, typer.Argument(help="Index URL (from build-index).")],
+    ids_file: Annotated[str, typer.Argument(help="Text file of image ids to remove, one per line.")],
+) -> None:
+    """Remove images from the index and its id map (e.g. deleted or changed images)."""
+    from pipeline.index import remove_ids
+
+    options = storage.options_from_env()
+    ids = [line.strip() for line in storage.read_text(ids_file, options).splitlines() if line.strip()]
+    summary = remove_ids(index, ids, options)
+    _print_mapping(f"index-remove → {storage.redact(index)}", summary)
 
 
 @app.command()
@@ -235,10 +269,7 @@ def search(
     """Batched k-NN search of every query descriptor; GPU when there is one."""
     from pipeline.index import search as search_index
 
-    try:
-        summary = search_index(index, queries, out, k, nprobe, storage.options_from_env())
-    except ValueError as exc:
-        raise _fail(exc) from None
+    summary = search_index(index, queries, out, k, nprobe, storage.options_from_env())
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 
@@ -264,20 +295,17 @@ def rerank(
     from pipeline.rerank import RerankConfig
     from pipeline.rerank import rerank as rerank_stage
 
-    try:
-        config = RerankConfig(
-            top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
-        )
-        summary = rerank_stage(
-            search_results,
-            query_descriptors,
-            index_descriptors,
-            out,
-            config,
-            options=storage.options_from_env(),
-        )
-    except ValueError as exc:
-        raise _fail(exc) from None
+    config = RerankConfig(
+        top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
+    )
+    summary = rerank_stage(
+        search_results,
+        query_descriptors,
+        index_descriptors,
+        out,
+        config,
+        options=storage.options_from_env(),
+    )
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
 
 
@@ -296,12 +324,7 @@ def evaluate(
     """Score results: revisitop (Easy/Medium/Hard mAP, mP@k), GLDv2 retrieval mAP@100, or recognition GAP."""
     from pipeline.evaluate import run_evaluation
 
-    try:
-        run_evaluation(
-            results, ground_truth, protocol, out, storage.options_from_env(), landmarks_url=landmarks
-        )
-    except ValueError as exc:
-        raise _fail(exc) from None
+    run_evaluation(results, ground_truth, protocol, out, storage.options_from_env(), landmarks_url=landmarks)
 
 
 @app.command()
@@ -316,10 +339,7 @@ def run(
     """
     from pipeline.runconfig import load_run_config
 
-    try:
-        parsed = load_run_config(config, storage.options_from_env())
-    except (ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+    parsed = load_run_config(config, storage.options_from_env())
     _run_and_show(parsed)
 
 
@@ -336,10 +356,7 @@ def demo(
     changes (no network). Local Ray, local files, CPU when there is no GPU."""
     from pipeline.demo import write_demo
 
-    try:
-        config = write_demo(out, views, preset, weights)
-    except ValueError as exc:
-        raise _fail(exc) from None
+    config = write_demo(out, views, preset, weights)
     console.print(f"demo data and config in {out}")
     _run_and_show(config)
 
@@ -347,20 +364,15 @@ def demo(
 def _run_and_show(config) -> None:
     from pipeline.run import run_pipeline
 
-    try:
-        results = run_pipeline(
-            config, storage.options_from_env(), say=lambda m: console.print(f"[dim]{m}[/]")
-        )
-    except ValueError as exc:
-        raise _fail(exc) from None
+    results = run_pipeline(config, storage.options_from_env(), say=lambda m: console.print(f"[dim]{m}[/]"))
     table = Table("stage", "seconds", "reused")
     for name, result in results.items():
         table.add_row(name, f"{result.seconds:.1f}", "yes" if result.reused else "")
-    Console().print(table)
+    stdout.print(table)
     if "evaluate" in results:
         _print_mapping("metrics", results["evaluate"].summary)
     if "report" in results:
-        Console().print(f"report: {storage.join(config.out, 'report.html')}")
+        stdout.print(f"report: {storage.join(config.out, 'report.html')}")
 
 
 def _print_mapping(title: str, values) -> None:
@@ -369,7 +381,7 @@ def _print_mapping(title: str, values) -> None:
         table.add_row(
             str(key), json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
         )
-    Console().print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -381,4 +393,4 @@ def stats(store_url: Annotated[str, typer.Argument(help="Descriptor store URL.")
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,0 +1,120 @@
+"""The `landmark-index` command line as a user runs it: every stage command on small stores, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import store
+from pipeline.store import LocalFeatures
+
+COMMANDS = (
+    "presets",
+    "extract",
+    "stats",
+    "build-index",
+    "index-add",
+    "index-remove",
+    "search",
+    "rerank",
+    "evaluate",
+    "run",
+    "demo",
+)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def _write_store(url: str, prefix: str, count: int, rng: np.random.Generator, centres: np.ndarray) -> None:
+    """`count` images near the given cluster centres, with a few local features each, in shards of 8."""
+    for shard, start in enumerate(range(0, count, 8)):
+        ids = [f"{prefix}{i:03d}" for i in range(start, min(start + 8, count))]
+        vectors = centres[[i % len(centres) for i in range(start, start + len(ids))]]
+        vectors = vectors + 0.05 * rng.standard_normal(vectors.shape).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        local = []
+        for _ in ids:
+            desc = rng.standard_normal((12, 128)).astype(np.float32)
+            local.append(
+                LocalFeatures(
+                    rng.uniform(0, 200, (12, 2)).astype(np.float32),
+                    np.ones(12, np.float32),
+                    rng.uniform(0, 1, 12).astype(np.float32),
+                    desc / np.linalg.norm(desc, axis=1, keepdims=True),
+                )
+            )
+        store.write_shard(url, shard, ids, vectors, local)
+
+
+def test_help_lists_every_command():
+    result = cli("--help")
+    for command in COMMANDS:
+        assert command in result.stdout, command
+    assert "delg-r50-gldv2" in cli("presets").stdout
+
+
+def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 32)).astype(np.float32)
+    index_store, query_store = str(tmp_path / "idx"), str(tmp_path / "qry")
+    _write_store(index_store, "img", 40, rng, centres)
+    _write_store(query_store, "q", 4, rng, centres)
+    index, results, reranked = (
+        str(tmp_path / "index"),
+        str(tmp_path / "r.parquet"),
+        str(tmp_path / "rr.parquet"),
+    )
+
+    built = cli("build-index", index_store, index, "--address", ray_cluster, "--tasks", "2")
+    assert "Flat" in built.stdout  # 40 vectors: too few for IVF-PQ, and it says so
+    cli("search", index, query_store, results, "--k", "10")
+    table = pq.read_table(results)
+    assert table.num_rows == 40 and sorted(set(table.column("rank").to_pylist())) == list(range(1, 11))
+    # Query q000 is near centre 0: its top 10 are the 10 index images of centre 0.
+    top = [r["id"] for r in table.to_pylist() if r["query_id"] == "q000"]
+    assert {int(i[3:]) % 4 for i in top} == {0}
+
+    cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--trials", "50")
+    assert {"inliers", "global_score"} <= set(pq.read_table(reranked).column_names)
+
+    truth = tmp_path / "truth.csv"
+    rows = [f"q{q:03d},{' '.join(f'img{i:03d}' for i in range(q, 40, 4))},Public" for q in range(4)]
+    truth.write_text("id,images,Usage\n" + "\n".join(rows) + "\n")
+    metrics = tmp_path / "m.json"
+    shown = cli("evaluate", results, str(truth), "--protocol", "gldv2-retrieval", "--out", str(metrics))
+    assert "mAP@100" in shown.stdout
+    assert json.loads(metrics.read_text())["all"]["mAP@100"] == pytest.approx(1.0)
+
+    doomed = tmp_path / "doomed.txt"
+    doomed.write_text("img000\nimg004\n")
+    assert "38" in cli("index-remove", index, str(doomed)).stdout
+    extra = str(tmp_path / "extra")
+    _write_store(extra, "new", 3, rng, centres)
+    added = cli("index-add", index, extra)
+    assert "41" in added.stdout  # ntotal after adding 3 to 38
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
+    missing = cli(
+        "search",
+        str(tmp_path / "no-index"),
+        str(tmp_path / "no-store"),
+        str(tmp_path / "o.parquet"),
+        check=False,
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    bad_preset = cli("extract", str(tmp_path), str(tmp_path / "out"), "--preset", "delg-r51", check=False)
+    assert bad_preset.returncode == 2 and "delg-r50-gldv2" in bad_preset.stderr  # names the allowed presets
