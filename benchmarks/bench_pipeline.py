@@ -10,7 +10,8 @@ init (timing does not depend on the weights' values).
 Each repeat measures, interleaved (the order alternates between repeats, so load drift hits both):
 
 - model-only: the images are decoded first (not timed); then ``Extractor.extract`` over all of them, with the
-  batch size, torch threads and OpenMP settings an extractor actor gets. Also over ``--chunk-size`` slices,
+  batch size, torch threads, OpenMP settings and process priority (Ray runs workers niced) an extractor
+  actor gets. Also over ``--chunk-size`` slices,
   as the actor sees them (shape groups, hence batches, are formed per chunk).
 - end-to-end: ``run_extraction`` on a local Ray into a fresh local store (decode tasks → actor → shard
   writes). "run" is the run's own wall time (manifest read, actor start, model load, drain, final commit);
@@ -127,6 +128,20 @@ def _busy_seconds(categories: set[str], start: float, end: float) -> float:
     return busy
 
 
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def match_worker_niceness() -> int:
+    """Take the Ray workers' scheduling priority (Ray starts them niced), so that model-only competes for
+    the cores like the actor does when other processes load the machine; returns that niceness."""
+    import ray
+
+    worker = ray.get(ray.remote(num_cpus=0)(_niceness).remote())
+    os.nice(worker - os.nice(0))
+    return worker
+
+
 def _load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -162,6 +177,7 @@ def main() -> None:
     started = time.perf_counter()
     distributed.ensure_ray()
     ray_start_s = time.perf_counter() - started
+    niceness = match_worker_niceness()
     cluster = ClusterOptions(chunk_size=args.chunk_size, runtime=runtime)
     node_cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -183,7 +199,7 @@ def main() -> None:
         f"batch {args.batch_size}, chunk {args.chunk_size}, shard {args.shard_size}, extractors {extractors}, "
         f"actor threads {threads} (node CPUs {node_cpus}), actor_cpus {cluster.actor_cpus}, "
         f"decode_cpus {cluster.decode_cpus}, chunks in flight {in_flight}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, niceness {niceness} (Ray workers' and driver's)"
     )
     print(
         f"Ray start-up {ray_start_s:.2f} s; model build + warm-up in the driver {load_s:.2f} s; "

@@ -385,6 +385,60 @@ def _print_mapping(title: str, values) -> None:
 
 
 @app.command()
+def reindex(
+    manifest: Annotated[
+        str, typer.Argument(help="The current manifest (new, changed and deleted rows are found).")
+    ],
+    root: Annotated[
+        str, typer.Argument(help="Root of the versioned index (LATEST, versions/, descriptors/).")
+    ],
+    preset: Preset = "delg-r50-gldv2",
+    weights: Weights = None,
+    keep: Annotated[int, typer.Option(help="Published versions kept, the live one included.")] = 3,
+    retrain_threshold: Annotated[
+        float, typer.Option(help="Retrain from scratch when (new + changed) / live vectors exceeds this.")
+    ] = 0.2,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Index size budget for a retrain, e.g. 16GB.")
+    ] = None,
+    shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
+    address: Address = None,
+) -> None:
+    """Incremental re-index: extract only new and changed images, update the live index without retraining
+    (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.
+
+    Idempotent and resumable; a lock with a lease in the same storage keeps two runs apart (exit code 3).
+    """
+    from pipeline.reindex import LockHeldError, ReindexConfig
+    from pipeline.reindex import reindex as run_reindex
+
+    config = ReindexConfig(
+        preset=preset,
+        weights_url=weights or None,
+        shard_size=shard_size,
+        keep=keep,
+        retrain_threshold=retrain_threshold,
+        memory_budget=memory_budget,
+    )
+    try:
+        report = run_reindex(manifest, root, config, storage.options_from_env(), ray_address=address)
+    except LockHeldError as exc:
+        console.print(f"[bold red]refused:[/] {exc}")
+        raise SystemExit(3) from None
+    summary = report.to_dict()
+    summary.pop("error_records", None)  # counts are in the table; records are in the version's report.json
+    _print_mapping(f"reindex → {storage.redact(root)}", summary)
+
+
+@app.command()
+def latest(root: Annotated[str, typer.Argument(help="Root of a versioned index (from reindex).")]) -> None:
+    """Print the URL of the live index version (what searches should use)."""
+    from pipeline.reindex import resolve_latest
+
+    stdout.print(resolve_latest(root, storage.options_from_env()))
+
+
+@app.command()
 def stats(store_url: Annotated[str, typer.Argument(help="Descriptor store URL.")]) -> None:
     """Counts of a descriptor store: shards, rows, ok, errors by reason."""
     from pipeline.store import store_stats

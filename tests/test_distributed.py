@@ -31,6 +31,7 @@ from pipeline.extract import Extractor
 from pipeline.images import load_image
 from pipeline.model.delg import Delg
 from pipeline.store import StoreSettings
+from tests.models import calibrated_weights
 
 CONFIG = get_preset("cpu-small")
 EXACT = StoreSettings(global_dtype="float32", local_dtype="float32")
@@ -74,11 +75,8 @@ def _manifest(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    """Seeded weights saved to a file, so actors and the test build the same model."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "cpu-small.pt"
-    torch.save(Delg.from_config(CONFIG).state_dict(), path)
-    return str(path)
+    """Seeded, calibrated weights saved to a file, so actors and the test build the same model."""
+    return calibrated_weights(CONFIG, tmp_path_factory.mktemp("weights") / "cpu-small.pt")
 
 
 def _reference(weights: str, folder: Path, rows: list[dict]) -> dict[str, np.ndarray]:
@@ -123,6 +121,8 @@ def test_every_row_accounted_and_equal_to_direct_extraction(tmp_path, ray_cluste
     assert seen and seen[-1].done_rows == 13
     got = _assert_accounted(job.out_url, rows, bad)
     expected = _reference(weights, tmp_path, [r for r in rows if r["id"] not in bad])
+    stacked = np.stack(list(expected.values()))
+    assert (stacked @ stacked.T).min() < 0.99, "descriptors collapsed: equality below would prove nothing"
     for image_id, vector in expected.items():
         assert float(vector @ got[image_id]) > 1 - 1e-4, image_id
     info = json.loads((tmp_path / "out/_run.json").read_text())

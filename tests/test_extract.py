@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
 from pipeline.extract import Extractor, ImageFeatures, build_extractor
-from pipeline.model import Delg
+from tests.models import calibrated_model
 
 SMALL = get_preset("cpu-small")
 
@@ -19,19 +19,6 @@ SMALL = get_preset("cpu-small")
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-
-
-def calibrated_model(config: ExtractionConfig) -> Delg:
-    """Random weights with BatchNorm statistics estimated on random inputs: with the default statistics
-    activations saturate (ReLU6) and every image gets the same descriptors, which would hide bugs."""
-    torch.manual_seed(0)
-    model = Delg.from_config(config)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batch
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, 128, 128))
-    return model.eval()
 
 
 def extractor_for(config: ExtractionConfig = SMALL, **runtime) -> Extractor:

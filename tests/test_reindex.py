@@ -14,14 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import storage, store
 from pipeline.config import get_preset
 from pipeline.index import io as index_io
 from pipeline.manifest import diff_manifests, read_manifest
-from pipeline.model.delg import Delg
 from pipeline.reindex import (
     Lease,
     LockHeldError,
@@ -33,6 +31,7 @@ from pipeline.reindex import (
     resolve_latest,
     state_table,
 )
+from tests.models import calibrated_weights
 
 PRESET = "cpu-small"
 
@@ -72,28 +71,9 @@ class Catalogue:
         return str(path)
 
 
-def _weights_file(path: Path, seed: int) -> str:
-    """Seeded weights with BatchNorm statistics calibrated on noise, saved for every actor to load.
-
-    Fresh torchvision init has running_var = 1 while activations shrink ~10× per block, so every global
-    descriptor ends below GeM's clamp and is the same constant vector; calibrated statistics keep images apart.
-    """
-    torch.manual_seed(seed)
-    model = Delg.from_config(get_preset(PRESET))
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, 96, 96))
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    return _weights_file(tmp_path_factory.mktemp("weights") / "cpu-small.pt", seed=0)
+    return calibrated_weights(get_preset(PRESET), tmp_path_factory.mktemp("weights") / "cpu-small.pt")
 
 
 def _config(weights: str, **overrides) -> ReindexConfig:
@@ -229,7 +209,7 @@ def test_lifecycle_build_noop_crash_resume_update_prune_model_change(tmp_path, r
 
     # Other weights: every image is extracted again and the index retrained; with keep=1 the old versions
     # and every store that only they used are removed.
-    other = _weights_file(tmp_path / "other.pt", seed=1)
+    other = calibrated_weights(get_preset(PRESET), tmp_path / "other.pt", seed=1)
     third = reindex(catalogue.write(), root, _config(other, keep=1), ray_address=ray_cluster)
     assert (third.version, third.retrained, third.changed, third.added, third.removed) == (
         "v000003",
