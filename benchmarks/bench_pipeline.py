@@ -1,6 +1,6 @@
 """Pipeline efficiency: end-to-end extraction images/s ÷ model-only images/s (same preset, images, device, run).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_pipeline.py --preset cpu-small --n 192 --repeat 3
+    .venv/bin/python benchmarks/bench_pipeline.py --preset cpu-small --n 320 --repeat 3
 
 Images: the embedded demo dataset (real photos, ≤480 px) by default, or ``--manifest`` (a manifest or an
 image folder, e.g. ../shared/data/landmarks-mini/images with 0.3–8 MP photos); rows are cycled to ``--n``.
@@ -11,8 +11,8 @@ Each repeat measures, interleaved (the order alternates between repeats, so load
 
 - model-only: the images are decoded first (not timed); then ``Extractor.extract`` over all of them, with the
   batch size, torch threads, OpenMP settings and process priority (Ray runs workers niced) an extractor
-  actor gets. Also over ``--chunk-size`` slices,
-  as the actor sees them (shape groups, hence batches, are formed per chunk).
+  actor gets. Also over ``--chunk-size`` slices, as the actor sees them (shape groups, hence batches,
+  are formed per chunk).
 - end-to-end: ``run_extraction`` on a local Ray into a fresh local store (decode tasks → actor → shard
   writes). "run" is the run's own wall time (manifest read, actor start, model load, drain, final commit);
   "+Ray start" adds the one-off ``ray.init``; "steady" starts the clock when the first chunk completes (the
@@ -146,7 +146,7 @@ def _load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -157,30 +157,47 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--manifest", default=None, help="manifest or image folder; default: demo dataset")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def start_ray() -> tuple[float, int, int, int]:
+    """Seconds to start a local Ray, its CPUs and GPUs, and the niceness now shared with its workers."""
+    import ray
+
+    started = time.perf_counter()
+    distributed.ensure_ray()
+    seconds = time.perf_counter() - started
+    resources = ray.cluster_resources()
+    return seconds, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), match_worker_niceness()
+
+
+def measure_repeat(
+    rep: int, job: ExtractionJob, cluster: ClusterOptions, extractor: Extractor, decoded: list[torch.Tensor]
+) -> tuple[float, float, EndToEnd]:
+    """Model-only (all at once, per chunk) and end-to-end images/s; the order alternates with ``rep``."""
+    e2e = end_to_end(job, cluster) if rep % 2 else None
+    chunked = model_only(extractor, decoded, cluster.chunk_size)
+    model = model_only(extractor, decoded, None)
+    return model, chunked, e2e or end_to_end(job, cluster)
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.ERROR)
     if not distributed.ACTOR_ENV.items() <= os.environ.items():
         raise ValueError(f"model-only must run with the actors' {distributed.ACTOR_ENV}; update this script")
-
     config = get_preset(args.preset)
     weights = (
         str(SHARED_MOBILENET) if config.backbone == "mobilenet_v2" and SHARED_MOBILENET.exists() else None
     )
     runtime = RuntimeOptions(batch_size=args.batch_size)
+    cluster = ClusterOptions(chunk_size=args.chunk_size, runtime=runtime)
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     os.environ.setdefault("LANDMARK_INDEX_RAY_TMP", str(folder / "ray"))
     manifest_url = benchmark_manifest(folder, args.manifest, args.n)
     decoded, decode_s = decode_all(manifest_url)
 
-    import ray
-
-    started = time.perf_counter()
-    distributed.ensure_ray()
-    ray_start_s = time.perf_counter() - started
-    niceness = match_worker_niceness()
-    cluster = ClusterOptions(chunk_size=args.chunk_size, runtime=runtime)
-    node_cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    ray_start_s, node_cpus, gpus, niceness = start_ray()
     extractors = cluster.num_extractors or max(gpus, 1)
     threads = distributed.extractor_threads(node_cpus, extractors, gpus)
     torch.set_num_threads(threads)
@@ -192,14 +209,14 @@ def main() -> None:
 
     shapes = sorted({tuple(image.shape[1:]) for image in decoded})
     print(
-        f"preset {args.preset}, {args.n} images, {len(shapes)} shapes {shapes[:4]}{'…' if len(shapes) > 4 else ''}"
+        f"preset {args.preset}, {args.n} images, {len(shapes)} shapes {shapes[:4]}{'…' * (len(shapes) > 4)}"
     )
     print(f"weights: {weights or 'random init'}; device: {extractor.device}; torch {torch.__version__}")
     print(
         f"batch {args.batch_size}, chunk {args.chunk_size}, shard {args.shard_size}, extractors {extractors}, "
         f"actor threads {threads} (node CPUs {node_cpus}), actor_cpus {cluster.actor_cpus}, "
         f"decode_cpus {cluster.decode_cpus}, chunks in flight {in_flight}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, niceness {niceness} (Ray workers' and driver's)"
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, niceness {niceness} (Ray workers' and driver's)"
     )
     print(
         f"Ray start-up {ray_start_s:.2f} s; model build + warm-up in the driver {load_s:.2f} s; "
@@ -216,12 +233,7 @@ def main() -> None:
         job = ExtractionJob(
             manifest_url, str(folder / f"store-{rep}"), config, weights, shard_size=args.shard_size
         )
-        if rep % 2:
-            e2e = end_to_end(job, cluster)
-        chunked = model_only(extractor, decoded, args.chunk_size)
-        model = model_only(extractor, decoded, None)
-        if rep % 2 == 0:
-            e2e = end_to_end(job, cluster)
+        model, chunked, e2e = measure_repeat(rep, job, cluster, extractor, decoded)
         steady = e2e.steady_rows / e2e.steady_s
         ratios.append(steady / model)
         print(

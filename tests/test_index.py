@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline import store
 from pipeline.index import (
@@ -38,12 +36,9 @@ FACTORY = "IVF64,PQ8np"
 FAST = BuildConfig(tasks=3, quality=QualityConfig(queries=100, max_nprobe=64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-ti-"))
-    yield
-    ray.shutdown()
+@pytest.fixture(autouse=True)
+def local_ray(ray_cluster):
+    """Every build here runs its add tasks on the session's real local Ray."""
 
 
 def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
