@@ -1,7 +1,7 @@
 """Real-data check (issue 7): the whole pipeline on real landmark photos with real distractors.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_real_data.py --out /tmp/real-data \
-        --variant mutual=true --variant min_inliers=8
+        --variant mutual=true --variant mutual=true,score=saturate
 
 Data (from ../shared beside the checkout; the script exits with a message when it is absent):
 

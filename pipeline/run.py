@@ -123,7 +123,7 @@ def run_pipeline(
     from pipeline.config import RuntimeOptions, get_preset
     from pipeline.distributed import ClusterOptions, ExtractionJob, ensure_ray, run_extraction
     from pipeline.index import BuildConfig, QualityConfig, build_index, search
-    from pipeline.rerank import RerankConfig, rerank
+    from pipeline.rerank import rerank
     from pipeline.store import StoreSettings
 
     paths = RunPaths(config.out)
@@ -184,7 +184,7 @@ def run_pipeline(
             options,
         ),
     )
-    rerank_config = RerankConfig(top=config.rerank.top)
+    rerank_config = config.rerank.rerank_config()
     if config.rerank.enabled:
         runner.stage(
             "rerank",

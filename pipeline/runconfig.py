@@ -29,9 +29,16 @@ relative to the config file's folder)::
     k                shortlist length per query [100]
     nprobe           IVF cells visited [0; the one chosen by the quality report]
 
-    [rerank]
+    [rerank]         defaults are the DELG reference's, made for trained DELG local features
     enabled          re-rank the shortlist with local features [true]
     top              how many of the shortlist to verify [100]
+    max_distance     putative match if descriptor L2 distance is below this [1.0]
+    ratio            Lowe ratio test, 0 = off [0]
+    mutual           keep only mutual nearest neighbours [false]
+    model            affine | homography [affine]
+    threshold        RANSAC inlier threshold in pixels [20.0]
+    score            inliers: order by (inliers, global) | saturate: min(inliers, k)/k + global [inliers]
+    min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
 
     [report]
     enabled          write report.html [true]
@@ -103,10 +110,28 @@ class SearchSection:
 class RerankSection:
     enabled: bool = True
     top: int = 100
+    max_distance: float = 1.0
+    ratio: float = 0.0
+    mutual: bool = False
+    model: str = "affine"
+    threshold: float = 20.0
+    score: str = "inliers"
+    min_inliers: int = 0
 
-    def __post_init__(self) -> None:
-        if self.top < 1:
-            raise ValueError(f"rerank.top={self.top}; must be ≥ 1")
+    def rerank_config(self) -> Any:
+        """The re-ranker's own config (validated there: a bad value names the key and what is allowed)."""
+        from pipeline.rerank import RerankConfig
+
+        return RerankConfig(
+            top=self.top,
+            max_distance=self.max_distance,
+            ratio=self.ratio or None,
+            mutual=self.mutual,
+            model=self.model,
+            threshold=self.threshold,
+            score=self.score,
+            min_inliers=self.min_inliers,
+        )
 
 
 @dataclass(frozen=True)
@@ -183,7 +208,12 @@ def parse_run_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     sections = {k: _build(cls, raw[k], k) for k, cls in _SECTIONS.items() if k in raw}
     if "data" not in sections:
         raise ValueError("missing required section [data]")
-    return _build(RunConfig, {**top, **sections}, "config")
+    config = _build(RunConfig, {**top, **sections}, "config")
+    try:
+        config.rerank.rerank_config()
+    except ValueError as exc:
+        raise ValueError(f"rerank: {exc}") from None
+    return config
 
 
 def load_run_config(url: str, options: storage.Options = None) -> RunConfig:

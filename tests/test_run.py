@@ -73,6 +73,12 @@ def test_shipped_example_config_is_valid():
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) extract\.presett"):
         parse_run_config({"out": "o", "data": {"index": "a", "queries": "b"}, "extract": {"presett": "x"}})
+    with pytest.raises(ValueError, match=r"rerank: score='best'"):
+        parse_run_config({"out": "o", "data": {"index": "a", "queries": "b"}, "rerank": {"score": "best"}})
+    mutual = parse_run_config(
+        {"out": "o", "data": {"index": "a", "queries": "b"}, "rerank": {"mutual": True}}
+    )
+    assert mutual.rerank.rerank_config().mutual and mutual.rerank.rerank_config().ratio is None
     bad = tmp_path / "bad.toml"
     bad.write_text("out = 'o'\n[data\n")
     with pytest.raises(ValueError, match="invalid TOML"):
