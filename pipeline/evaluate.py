@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import pickle
 from collections.abc import Mapping, Sequence
@@ -29,10 +28,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.index.search import Ranking, read_rankings
 from pipeline.storage import Options
 
 PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
-RESULT_COLUMNS = ("query_id", "rank", "id", "score")
 KAPPAS = (1, 5, 10)  # the revisitop mP@k cut-offs
 GLDV2_MAX_PREDICTIONS = 100  # mAP@100
 GLDV2_USAGES = ("Public", "Private", "Ignored")
@@ -48,33 +47,6 @@ REVISITOP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # ---------------------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """One query's results, best first."""
-
-    ids: list[str]
-    scores: np.ndarray  # (n,) float64
-
-
-def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
-    """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
-    with storage.open_input(results_url, options) as f:
-        schema = pq.read_schema(f)
-        missing = [c for c in RESULT_COLUMNS if c not in schema.names]
-        if missing:
-            raise ValueError(
-                f"results {storage.redact(results_url)} lack columns {missing}; "
-                f"required: {list(RESULT_COLUMNS)}, found: {schema.names}"
-            )
-        table = pq.read_table(f, columns=list(RESULT_COLUMNS))
-    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
-    ids = table["id"].to_pylist()
-    scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
-    starts = np.concatenate([[0], np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1, [len(ids)]]).tolist()
-    return {query_ids[a]: Ranking(ids[a:b], scores[a:b]) for a, b in itertools.pairwise(starts) if b > a}
 
 
 # ---------------------------------------------------------------------------------------------------------

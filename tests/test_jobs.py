@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import yaml
 from PIL import Image
 
 from pipeline.index import io as index_io
+from tests.servers import load_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -43,16 +43,7 @@ PORT_FLAGS = (
     "--object-manager-port",
 )
 
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+free_ports = load_launcher().free_ports  # one port picker for every server the tests start
 
 
 def _own_processes(temp_dir: str) -> list:
@@ -96,7 +87,7 @@ def _client(url: str, head: subprocess.Popen, log: Path, timeout: float = 120.0)
 def job_client() -> Iterator:
     """A JobSubmissionClient of a fresh 2-CPU head node with the dashboard (job server) on 127.0.0.1."""
     temp_dir = tempfile.mkdtemp(prefix="lij-")  # short: Ray's socket paths under it have a length limit
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
     command = [
         str(Path(sys.executable).parent / "ray"),

@@ -553,7 +553,7 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
 def test_rerank_rejects_search_results_without_columns(tmp_path: Path) -> None:
     pytest.importorskip("pipeline.store")
     pq.write_table(pa.table({"query_id": ["a"], "id": ["b"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="lacks columns"):
+    with pytest.raises(ValueError, match=r"lack columns \[.rank., .score.\]"):
         rerank(str(tmp_path / "bad.parquet"), str(tmp_path), str(tmp_path), str(tmp_path / "o.parquet"))
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import storage, store
 from pipeline.index import io
@@ -15,6 +18,33 @@ from pipeline.storage import Options
 RESULTS_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
 )
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One query's results, best first."""
+
+    ids: list[str]
+    scores: np.ndarray  # (n,) float64
+
+
+def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
+    """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
+    with storage.open_input(results_url, options) as f:
+        schema = pq.read_schema(f)
+        missing = [c for c in RESULTS_SCHEMA.names if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"results {storage.redact(results_url)} lack columns {missing}; "
+                f"required: {RESULTS_SCHEMA.names}, found: {schema.names}"
+            )
+        table = pq.read_table(f, columns=RESULTS_SCHEMA.names)
+    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
+    ids = table["id"].to_pylist()
+    scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    starts = np.concatenate([[0], np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1, [len(ids)]]).tolist()
+    return {query_ids[a]: Ranking(ids[a:b], scores[a:b]) for a, b in itertools.pairwise(starts) if b > a}
 
 
 def to_device(index: faiss.Index) -> faiss.Index:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage, store
+from pipeline.index.search import read_rankings
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
@@ -28,8 +29,6 @@ from pipeline.rerank.verify import Verification, verify
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
-
-SEARCH_COLUMNS = ("query_id", "rank", "id", "score")
 
 
 class Features(Protocol):
@@ -114,23 +113,11 @@ def rerank_shortlist(
 
 
 def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Per query, in order of first appearance: (query_id, candidate ids (C,), global scores (C,)) by rank."""
-    with storage.open_input(url, options) as f:
-        table = pq.read_table(f)
-    missing = [c for c in SEARCH_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(
-            f"{storage.redact(url)} lacks columns {missing}; a search result needs {SEARCH_COLUMNS}"
-        )
-    query_ids = np.asarray(table.column("query_id").to_pylist(), dtype=object)
-    ranks = table.column("rank").to_numpy()
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    scores = table.column("score").to_numpy().astype(np.float32)
-    unique, first, inverse = np.unique(query_ids.astype(str), return_index=True, return_inverse=True)
-    appearance = np.argsort(np.argsort(first))[inverse]  # each row's query position by first appearance
-    rows = np.lexsort((ranks, appearance))
-    bounds = np.cumsum(np.bincount(appearance, minlength=len(unique)))[:-1]
-    return [(str(query_ids[r[0]]), ids[r], scores[r]) for r in np.split(rows, bounds) if len(r)]
+    """Per query (by id): (query_id, candidate ids (C,), global scores (C,)) in rank order."""
+    return [
+        (query_id, np.asarray(r.ids, dtype=object), r.scores.astype(np.float32))
+        for query_id, r in read_rankings(url, options).items()
+    ]
 
 
 def _output_table(parts: list[dict[str, np.ndarray]], config: RerankConfig) -> pa.Table:
