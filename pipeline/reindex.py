@@ -449,7 +449,7 @@ def _rebuild(
 
 
 def _indexed_ids(index_url: str, options: Options) -> set[str]:
-    table = index_io.read_table(storage.join(index_url, index_io.ID_MAP), options)
+    table = storage.read_parquet(storage.join(index_url, index_io.ID_MAP), options)
     return set(table.column("image_id").to_pylist())
 
 

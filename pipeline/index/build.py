@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage, store
+from pipeline.distributed import ensure_ray
 from pipeline.index import io
 from pipeline.index.params import IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
@@ -165,23 +165,8 @@ def _add_part(
     index = io.read_index(trained_url, options)
     table = add_shards_to(index, shard_urls, bases, options)
     io.write_index(index, out[0], options)
-    io.write_table(out[1], table, options)
+    storage.write_parquet(out[1], table, options, compression="zstd")
     return int(index.ntotal)
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to ``address``, use the Ray already initialised, or start a private local one."""
-    if ray.is_initialized():
-        return
-    if address is not None:
-        ray.init(address=address)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray-index-"),
-    )
 
 
 def add_in_parallel(
@@ -259,8 +244,8 @@ def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options)
     else:
         index = merge_in_ram(io.read_index(trained_url, options), index_urls, options)
         io.write_index(index, storage.join(out_url, io.INDEX), options)
-    id_map = pa.concat_tables(io.read_table(u, options) for u in id_urls)
-    io.write_table(storage.join(out_url, io.ID_MAP), id_map, options)
+    id_map = pa.concat_tables(storage.read_parquet(u, options) for u in id_urls)
+    storage.write_parquet(storage.join(out_url, io.ID_MAP), id_map, options, compression="zstd")
     return index, on_disk
 
 

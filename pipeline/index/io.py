@@ -8,7 +8,6 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.storage import Options
@@ -54,20 +53,9 @@ def id_map_table(ids: np.ndarray, image_ids: np.ndarray) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.int64()), "image_id": pa.array(list(image_ids), pa.string())})
 
 
-def write_table(url: str, table: pa.Table, options: Options = None) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(url, sink.getvalue().to_pybytes(), options)
-
-
-def read_table(url: str, options: Options = None) -> pa.Table:
-    with storage.open_input(url, options) as f:
-        return pq.read_table(f)
-
-
 def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np.ndarray]:
     """int64 ids (n,) and image ids (n,) object array, sorted by int64 id."""
-    table = read_table(storage.join(index_url, ID_MAP), options)
+    table = storage.read_parquet(storage.join(index_url, ID_MAP), options)
     ids = table.column("id").to_numpy()
     image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")

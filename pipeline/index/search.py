@@ -109,7 +109,7 @@ def search(
             )
         queries += len(vectors)
     table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
-    io.write_table(out_url, table, options)
+    storage.write_parquet(out_url, table, options, compression="zstd")
     return {
         "queries": queries,
         "rows": table.num_rows,

@@ -17,7 +17,6 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage, store
@@ -182,9 +181,7 @@ def rerank(
                 }
             )
         log.info("re-ranked %d/%d queries", min(first + len(batch), len(shortlists)), len(shortlists))
-    sink = pa.BufferOutputStream()
-    pq.write_table(_output_table(parts, config), sink)
-    storage.write_bytes(out, sink.getvalue().to_pybytes(), options)
+    storage.write_parquet(out, _output_table(parts, config), options)
     return RerankSummary(
         queries=len(shortlists),
         pairs_verified=pairs,
