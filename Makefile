@@ -1,14 +1,16 @@
-# Set-up is part of every target: a fresh clone needs only python3 (≥ 3.10), make and, for tests, apt-get.
+# Set-up is part of every target: a fresh clone needs only python3 (≥ 3.11, the version the lock is resolved for), make and, for tests, apt-get.
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint lock
 
-$(BIN)/.installed: pyproject.toml
+# Everything from the hashed lock (scripts/lock.sh writes it from pyproject.toml), then the project itself.
+$(BIN)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements/dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 setup: $(BIN)/.installed
@@ -26,3 +28,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## Re-resolve requirements/*.lock after changing a dependency in pyproject.toml (needs uv).
+lock:
+	scripts/lock.sh

@@ -220,10 +220,8 @@ def load_run_config(url: str, options: storage.Options = None) -> RunConfig:
     """Read a .toml, .yaml or .yml run config."""
     text = storage.read_text(url, options)
     if url.endswith(".toml"):
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
+        import tomllib
+
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

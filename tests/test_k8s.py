@@ -693,29 +693,65 @@ def dockerfile_arg(name: str) -> str:
     return value
 
 
-def test_dockerfile_matches_torch_and_the_manifests(
+def lock_pins(name: str) -> dict[str, str]:
+    """Package → version of requirements/NAME.lock (markers ignored: one version per package)."""
+    text = (REPO / "requirements" / f"{name}.lock").read_text()
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", text, flags=re.MULTILINE))
+
+
+def test_image_installs_the_gpu_lock_before_the_code() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    install = text.index("pip install --no-cache-dir --require-hashes -r requirements/gpu.lock")
+    assert text.index("COPY requirements/gpu.lock") < install < text.index("COPY pipeline")
+    assert "pip install --no-cache-dir --no-deps ." in text, "the project must not re-resolve dependencies"
+    assert "uninstall" not in text
+    base = dockerfile_arg("PYTHON_IMAGE")
+    assert "cuda" not in base, "the wheels bring CUDA; a CUDA base image duplicates it"
+    python = re.search(r"python:(\d+\.\d+)", base)
+    locked = re.search(r"--python-version (\d+\.\d+)", (REPO / "scripts" / "lock.sh").read_text())
+    assert python and locked and python.group(1) == locked.group(1)
+
+
+def test_faiss_builds_are_exclusive_and_hopper_capable() -> None:
+    gpu, cpu, dev = lock_pins("gpu"), lock_pins("cpu"), lock_pins("dev")
+    assert "faiss-cpu" not in gpu and "faiss-gpu-cu12" not in gpu
+    assert tuple(int(p) for p in gpu["faiss-gpu"].split(".")[:3]) >= (1, 15, 1)  # first with sm_90
+    for pins in (cpu, dev):
+        assert "faiss-cpu" in pins and not any(name.startswith("faiss-gpu") for name in pins)
+
+
+def test_locks_agree_with_each_other_and_the_manifests(
     rendered: dict[str, dict[tuple[str, str], Resource]],
 ) -> None:
-    import torch
-
-    # The pinned torch is the one installed here, so its CUDA build is known: the base must match it.
-    assert dockerfile_arg("TORCH_VERSION") == torch.__version__.split("+")[0]
-    assert dockerfile_value("FROM") == "${CUDA_IMAGE}"
-    base = dockerfile_arg("CUDA_IMAGE")
-    assert re.fullmatch(
-        rf"nvidia/cuda:{re.escape(torch.version.cuda or 'none')}\.\d+-runtime-ubuntu\d+\.\d+", base
-    ), f"{base} does not match torch's CUDA build {torch.version.cuda}"
+    gpu, cpu, dev = lock_pins("gpu"), lock_pins("cpu"), lock_pins("dev")
+    for name, version in cpu.items():
+        assert dev.get(name, version) == version and gpu.get(name, version) == version, name
     for resources in rendered.values():
         versions = {c["rayVersion"] for r in resources.values() for c in cluster_specs(r)}
-        assert versions == {dockerfile_arg("RAY_VERSION")}
+        assert versions == {gpu["ray"]}
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert runtime_env["pip"] == "requirements/cpu.lock"
+
+
+def test_every_declared_dependency_is_locked() -> None:
+    """A dependency added to pyproject.toml without re-running scripts/lock.sh fails here."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = {
+        "cpu": project["dependencies"] + extras["cpu"],
+        "gpu": project["dependencies"] + extras["gpu"],
+        "dev": project["dependencies"] + extras["cpu"] + extras["dev"],
+    }
+    for lock, requirements in wanted.items():
+        pins = {name.lower().replace("_", "-") for name in lock_pins(lock)}
+        for requirement in requirements:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+            assert name in pins, f"{name} is missing from requirements/{lock}.lock: run scripts/lock.sh"
+
+
+def test_image_user_is_the_manifests_user(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
     user = dockerfile_value("USER").split(":")[0]
     cluster = rendered["prod-gpu"][("RayCluster", "landmark-index")]["spec"]
     assert int(user) == cluster["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"]
-    text = (REPO / "Dockerfile").read_text()
-    steps = [
-        text.index(step) for step in ('pip install --no-cache-dir ".[gpu]"', "pip uninstall -y faiss-cpu")
-    ]
-    steps.append(text.index("--force-reinstall --no-deps faiss-gpu-cu12"))
-    assert steps == sorted(steps), (
-        "faiss-cpu must be removed after the install and faiss-gpu-cu12 reinstalled last"
-    )

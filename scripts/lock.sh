@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Re-resolves the lock files under requirements/ from pyproject.toml (run after changing a dependency,
+# commit the result). uv resolves (fast, universal: one file serves Linux x86_64/aarch64 and macOS) and
+# writes plain hashed requirements files, which pip, the Dockerfile and Ray's runtime_env all install.
+# The runtime and GPU locks are constrained by the dev lock, so every package has one version everywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UV=${UV:-uv}
+compile() {  # compile OUT [uv pip compile args...]
+  local out=$1; shift
+  "$UV" pip compile pyproject.toml --python-version 3.11 --universal --generate-hashes --quiet \
+    --custom-compile-command "scripts/lock.sh" -c requirements/constraints.in -o "$out" "$@"
+}
+compile requirements/dev.lock --extra cpu --extra dev
+compile requirements/cpu.lock --extra cpu -c requirements/dev.lock
+compile requirements/gpu.lock --extra gpu -c requirements/dev.lock
