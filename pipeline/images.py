@@ -90,7 +90,8 @@ def fetch_image_bytes(
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise ImageError("missing", f"not found: {where} ({type(exc).__name__})") from exc
     except Exception as exc:  # a per-row failure must never stop the batch it belongs to
-        raise ImageError("fetch_failed", f"cannot read {where}: {type(exc).__name__}: {exc}") from exc
+        detail = storage.redact_text(f"{type(exc).__name__}: {exc}")
+        raise ImageError("fetch_failed", f"cannot read {where}: {detail}") from None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -85,6 +85,7 @@ def options_for(url: str, options: Options) -> dict[str, Any]:
 def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the backend path for ``url``. Instances are cached by fsspec."""
     kwargs = options_for(url, options)
+    remember_secrets(url, kwargs)
     if kwargs.pop("content_md5", False):
         protocol = protocol_of(url)
         if protocol not in ("s3", "s3a"):
@@ -157,6 +158,7 @@ def redact(url: str) -> str:
     """The URL without user info or query string (which can carry credentials or signatures)."""
     if "://" not in url:
         return url
+    remember_secrets(url)
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
@@ -164,12 +166,68 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+# Option names (fsspec/s3fs/gcsfs/adlfs spellings) whose values are credentials.
+_SECRET_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "connection_string",
+    }
+)
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY")
+_MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words
+_known_secrets: set[str] = set()
+
+
+def _secret_values(options: Any) -> Iterator[str]:
+    """Credential values anywhere in a (nested) options mapping."""
+    if isinstance(options, Mapping):
+        for name, value in options.items():
+            if isinstance(value, str) and str(name).lower() in _SECRET_OPTIONS:
+                yield value
+            else:
+                yield from _secret_values(value)
+
+
+def remember_secrets(url: str | None = None, options: Options = None) -> None:
+    """Record the credentials in ``url``'s user info and in ``options``, so that :func:`redact_text`
+    removes their values from any text, whatever library quoted them and however (botocore quotes
+    a bucket name ``KEY:SECRET@host`` without its scheme, which no URL pattern recognises)."""
+    values = list(_secret_values(options))
+    if url and "://" in url:
+        parts = urlsplit(url)
+        values += [unquote(v) for v in (parts.username, parts.password) if v]
+    _known_secrets.update(v for v in values if len(v) >= _MIN_SECRET_LENGTH)
+
+
+def _secrets() -> list[str]:
+    """Known secret values, longest first (a secret containing another is removed whole)."""
+    env = (os.environ.get(name, "") for name in _SECRET_ENV)
+    found = _known_secrets | {v for v in env if len(v) >= _MIN_SECRET_LENGTH}
+    return sorted(found, key=len, reverse=True)
+
+
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# user:password@ without a scheme in front (a bucket or host name quoted by a library).
+_USERINFO_IN_TEXT = re.compile(r"[^\s/'\"<>@:]+:[^\s/'\"<>@]+@(?=[\w.\[-])")
 
 
 def redact_text(text: str) -> str:
-    """``text`` with every URL in it redacted (error messages quote URLs with signatures or user info)."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    """``text`` with URLs redacted, schemeless user info removed and every known secret value blanked."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    text = _USERINFO_IN_TEXT.sub("***@", text)
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
 
 
 def _redact_exception(exc: BaseException) -> None:
@@ -179,6 +237,45 @@ def _redact_exception(exc: BaseException) -> None:
         for attr in ("strerror", "filename", "filename2"):
             if isinstance(getattr(exc, attr), str):
                 setattr(exc, attr, redact_text(getattr(exc, attr)))
+
+
+# HTTP statuses worth retrying among the 4xx: request timeout and too many requests.
+_RETRYABLE_CLIENT_STATUSES = frozenset({408, 429})
+# Client-side errors of botocore that no retry can fix (malformed bucket name, no/partial credentials).
+_PERMANENT_BOTOCORE = frozenset({"ParamValidationError", "NoCredentialsError", "PartialCredentialsError"})
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries (aiohttp's ``status``, botocore's response metadata)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` is pointless: missing/forbidden objects, bad values, 4xx other than
+    408/429, malformed requests and missing credentials, anywhere in its chain of causes."""
+    for cause in _causes(exc):
+        if isinstance(cause, PERMANENT_ERRORS) or type(cause).__name__ in _PERMANENT_BOTOCORE:
+            return True
+        status = _http_status(cause)
+        if status is not None and 400 <= status < 500 and status not in _RETRYABLE_CLIENT_STATUSES:
+            return True
+    return False
 
 
 def with_retries(
@@ -200,11 +297,13 @@ def with_retries(
         except PERMANENT_ERRORS as exc:
             _redact_exception(exc)
             raise
-        except Exception as exc:  # transient: connection reset, 5xx, timeouts...
+        except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless is_permanent
+            if is_permanent(exc):
+                raise StorageError(f"{what} failed: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
             if attempt == attempts:
                 raw = f"{type(exc).__name__}: {exc}"
                 message = redact_text(raw)
-                cause = exc if message == raw else None
+                cause = exc if message == raw else None  # a redacted cause would leak through the chain
                 raise StorageError(f"{what} failed after {attempts} attempts: {message}") from cause
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning(

@@ -204,7 +204,11 @@ def write_shard(
         row_group_size=settings.row_group_size,
         compression="zstd",
     )
-    error_table = pa.Table.from_pylist([asdict(e) for e in errors], schema=ERROR_SCHEMA)
+    # Messages quote whatever a library said; the store is an output, so no credential may reach it.
+    records = [
+        {**asdict(e), "url": storage.redact(e.url), "message": storage.redact_text(e.message)} for e in errors
+    ]
+    error_table = pa.Table.from_pylist(records, schema=ERROR_SCHEMA)
     storage.write_parquet(_shard_url(store_url, ERRORS_DIR, shard), error_table, options)
     commit = ShardCommit(
         shard=shard, rows=rows, ok=n, errors=len(errors), reasons=dict(Counter(e.reason for e in errors))

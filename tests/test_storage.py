@@ -14,6 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import fsspec
@@ -23,6 +24,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline import storage
+from pipeline.images import ImageError, fetch_image_bytes
 from tests.servers import Fault, load_launcher
 
 
@@ -312,3 +314,45 @@ def test_s3_errors_do_not_contain_the_secret(s3_bucket: Any, caplog: pytest.LogC
     for text in (_chain_text(denied.value), caplog.text):
         assert "wr0ng-s3cret-value" not in text
         assert s3_bucket.options["secret"] not in text
+
+
+def test_known_secret_values_are_blanked_wherever_they_appear() -> None:
+    storage.remember_secrets(options={"s3": {"key": "AKIAEXAMPLEKEY", "secret": "v3ry-s3cret/Value"}})
+    text = 'Invalid bucket name "AKIAEXAMPLEKEY:v3ry-s3cret/Value@host": bad; again v3ry-s3cret/Value'
+    redacted = storage.redact_text(text)
+    assert "AKIAEXAMPLEKEY" not in redacted and "v3ry-s3cret" not in redacted
+    assert redacted.endswith("again ***")
+
+
+def test_schemeless_user_info_is_removed() -> None:
+    assert storage.redact_text("bucket 'K3Y:unknown-pass@10.0.0.1:9000' x") == "bucket '***@10.0.0.1:9000' x"
+    assert storage.redact_text("mail me at someone@example.com") == "mail me at someone@example.com"
+
+
+def test_credentials_in_a_row_url_never_reach_the_error(
+    s3_bucket: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore quotes the bucket name 'KEY:SECRET@host' of such a url without its scheme."""
+    host = urlsplit(s3_bucket.options["endpoint_url"]).netloc
+    url = f"s3://AKIAROWKEY:r0w-secret-9@{host}/{s3_bucket.url[5:]}/x.jpg"
+    with caplog.at_level(logging.DEBUG, logger="pipeline.storage"), pytest.raises(Exception) as failed:
+        storage.read_bytes(url, s3_bucket.options)
+    with pytest.raises(ImageError) as row_error:
+        fetch_image_bytes(url, None, s3_bucket.options)
+    for text in (_chain_text(failed.value), caplog.text, str(row_error.value)):
+        assert "r0w-secret-9" not in text and "AKIAROWKEY" not in text
+    assert "retry" not in caplog.text, "an invalid bucket name cannot succeed on retry"
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"), [(400, False), (403, False), (410, False), (408, True), (429, True), (500, True)]
+)
+def test_only_retryable_statuses_are_retried(site: Any, tmp_path: Path, status: int, retried: bool) -> None:
+    site.add_fault("img/a.jpg", Fault(status=status, times=2))
+    if retried:
+        assert storage.read_bytes(site.url("img/a.jpg")) == (tmp_path / "img" / "a.jpg").read_bytes()
+        assert site.hits["/img/a.jpg"] == 3
+    else:
+        with pytest.raises(storage.StorageError, match=str(status)):
+            storage.read_bytes(site.url("img/a.jpg"))
+        assert site.hits["/img/a.jpg"] == 1

@@ -107,6 +107,20 @@ def test_errors_and_accounting(tmp_path):
         store.write_shard(str(tmp_path), 1, ids, vectors, local, dup)
 
 
+def test_error_records_carry_no_credentials(tmp_path):
+    """Whatever a library put in a message, the stored record holds no known secret."""
+    storage.remember_secrets(options={"key": "AKIASTOREKEY", "secret": "st0re-secret"})
+    message = 'Invalid bucket name "AKIASTOREKEY:st0re-secret@host:8080": Bucket name must match'
+    errors = [
+        ErrorRecord("x", "s3://AKIASTOREKEY:st0re-secret@host:8080/b/x.jpg", "fetch", "fetch_failed", message)
+    ]
+    store.write_shard(str(tmp_path), 0, [], np.zeros((0, 8), np.float32), [], errors)
+    stored = store.read_errors(str(tmp_path)).to_pylist()[0]
+    assert stored["url"] == "s3://host:8080/b/x.jpg"
+    assert "st0re-secret" not in stored["message"] and "AKIASTOREKEY" not in stored["message"]
+    assert stored["message"].startswith('Invalid bucket name "***@host:8080"')
+
+
 def test_empty_shard_and_bad_settings(tmp_path):
     errors = [ErrorRecord("x", "u", "fetch", "missing", "404")]
     store.write_shard(str(tmp_path), 0, [], np.zeros((0, 8), np.float32), [], errors)
