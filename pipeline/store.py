@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -191,25 +192,27 @@ def write_shard(
 
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable") if n else np.zeros(0, np.int64)
     sorted_ids = [ids[i] for i in order]  # sorted ids keep row-group statistics selective for readers
-    storage.write_parquet(
-        _shard_url(store_url, GLOBAL_DIR, shard),
-        _global_table(sorted_ids, global_vectors[order], settings.global_dtype),
-        options,
-        compression="zstd",
-    )
-    storage.write_parquet(
-        _shard_url(store_url, LOCAL_DIR, shard),
-        _local_table(sorted_ids, [local[i] for i in order], settings.local_dtype),
-        options,
-        row_group_size=settings.row_group_size,
-        compression="zstd",
-    )
     # Messages quote whatever a library said; the store is an output, so no credential may reach it.
     records = [
         {**asdict(e), "url": storage.redact(e.url), "message": storage.redact_text(e.message)} for e in errors
     ]
-    error_table = pa.Table.from_pylist(records, schema=ERROR_SCHEMA)
-    storage.write_parquet(_shard_url(store_url, ERRORS_DIR, shard), error_table, options)
+    files = {
+        _shard_url(store_url, GLOBAL_DIR, shard): (
+            _global_table(sorted_ids, global_vectors[order], settings.global_dtype),
+            {"compression": "zstd"},
+        ),
+        _shard_url(store_url, LOCAL_DIR, shard): (
+            _local_table(sorted_ids, [local[i] for i in order], settings.local_dtype),
+            {"row_group_size": settings.row_group_size, "compression": "zstd"},
+        ),
+        _shard_url(store_url, ERRORS_DIR, shard): (pa.Table.from_pylist(records, schema=ERROR_SCHEMA), {}),
+    }
+    try:
+        for url, (table, write_options) in files.items():
+            storage.write_parquet(url, table, options, **write_options)
+    except BaseException:
+        _remove_quietly(list(files), options)  # no space or no permission: leave nothing behind
+        raise
     commit = ShardCommit(
         shard=shard, rows=rows, ok=n, errors=len(errors), reasons=dict(Counter(e.reason for e in errors))
     )
@@ -217,6 +220,24 @@ def write_shard(
         _shard_url(store_url, COMMITS_DIR, shard, ".json"), json.dumps(asdict(commit)), options
     )
     return commit
+
+
+def _remove_quietly(urls: Sequence[str], options: Options) -> None:
+    """Best-effort removal of a failed shard's data files (the failure that got us here is what matters)."""
+    for url in urls:
+        with suppress(Exception):  # the caller re-raises the original error
+            if storage.exists(url, options):
+                storage.remove(url, options)
+
+
+def require_store(store_url: str, options: Options = None) -> None:
+    """Raise FileNotFoundError when ``store_url`` holds no descriptor store (a mistyped path reads as
+    an error, never as an empty store)."""
+    markers = (storage.join(store_url, RUN_INFO), storage.join(store_url, COMMITS_DIR))
+    if not any(storage.exists(url, options) for url in markers):
+        raise FileNotFoundError(
+            f"no descriptor store at {storage.redact(store_url)} (neither {RUN_INFO} nor {COMMITS_DIR}/ exists)"
+        )
 
 
 def read_commits(store_url: str, options: Options = None) -> list[ShardCommit]:
@@ -231,6 +252,7 @@ def committed_shards(store_url: str, options: Options = None) -> list[int]:
 
 def global_shard_urls(store_url: str, options: Options = None) -> list[str]:
     """The global descriptor files of committed shards, in shard order."""
+    require_store(store_url, options)
     return [_shard_url(store_url, GLOBAL_DIR, s) for s in committed_shards(store_url, options)]
 
 
@@ -343,6 +365,7 @@ def read_local(
 
 def read_errors(store_url: str, options: Options = None) -> pa.Table:
     """All error records of committed shards."""
+    require_store(store_url, options)
     tables = [
         storage.read_parquet(_shard_url(store_url, ERRORS_DIR, s), options)
         for s in committed_shards(store_url, options)
@@ -352,6 +375,7 @@ def read_errors(store_url: str, options: Options = None) -> pa.Table:
 
 def store_stats(store_url: str, options: Options = None) -> dict[str, Any]:
     """Counts over committed shards: rows = ok + errors, errors by reason."""
+    require_store(store_url, options)
     commits = read_commits(store_url, options)
     reasons: Counter[str] = Counter()
     for c in commits:

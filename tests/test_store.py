@@ -121,6 +121,25 @@ def test_error_records_carry_no_credentials(tmp_path):
     assert stored["message"].startswith('Invalid bucket name "***@host:8080"')
 
 
+def test_a_failed_shard_leaves_no_data_files(tmp_path):
+    rng = np.random.default_rng(5)
+    ids, vectors, local = _shard(rng, "f", 3)
+    (tmp_path / "local").write_text("a file where the local/ folder should be")  # the write fails
+    with pytest.raises(OSError):
+        store.write_shard(str(tmp_path), 0, ids, vectors, local)
+    assert not list((tmp_path / "global").glob("*.parquet")), "the global file of the failed shard remains"
+    assert not (tmp_path / "_commits").exists()
+
+
+def test_a_missing_store_is_an_error_and_an_empty_one_is_not(tmp_path):
+    for read in (store.read_global, store.read_errors, store.store_stats):
+        with pytest.raises(FileNotFoundError, match=r"no descriptor store at .*typo"):
+            read(str(tmp_path / "typo"))
+    store.write_run_info(str(tmp_path / "new"), {"preset": "x"})
+    ids, _ = store.read_global(str(tmp_path / "new"))
+    assert len(ids) == 0 and store.store_stats(str(tmp_path / "new"))["rows"] == 0
+
+
 def test_empty_shard_and_bad_settings(tmp_path):
     errors = [ErrorRecord("x", "u", "fetch", "missing", "404")]
     store.write_shard(str(tmp_path), 0, [], np.zeros((0, 8), np.float32), [], errors)
