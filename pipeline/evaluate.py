@@ -85,7 +85,12 @@ class RevisitopGroundTruth:
 
 def read_revisitop_gnd(url: str, options: Options = None) -> RevisitopGroundTruth:
     """Read a revisitop ``gnd_*.pkl`` (dict with ``imlist``, ``qimlist``, ``gnd``)."""
-    data = _PlainUnpickler(io.BytesIO(storage.read_bytes(url, options))).load()
+    try:
+        data = _PlainUnpickler(io.BytesIO(storage.read_bytes(url, options))).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise ValueError(
+            f"{storage.redact(url)} is not a revisitop gnd pickle ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= data.keys():
         raise ValueError(f"{storage.redact(url)} is not a revisitop gnd file: need keys imlist, qimlist, gnd")
     if len(data["gnd"]) != len(data["qimlist"]):

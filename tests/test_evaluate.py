@@ -239,6 +239,19 @@ def test_gnd_pickle_cannot_run_code(tmp_path: Path) -> None:
         evaluate(results, str(path), "revisitop")
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"id,landmark_id\nq,1\n", b"", pickle.dumps({"imlist": []})[:-3], b"\x80\x05K"],
+    ids=["csv", "empty", "truncated", "bad-opcode"],
+)
+def test_gnd_file_that_is_not_a_pickle_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "gnd.pkl"
+    path.write_bytes(content)
+    results = write_results(str(tmp_path / "r.parquet"), {"q": ["a"]})
+    with pytest.raises(ValueError, match=r"gnd\.pkl is not a revisitop gnd"):
+        evaluate(results, str(path), "revisitop")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GLDv2
 # ---------------------------------------------------------------------------------------------------------
