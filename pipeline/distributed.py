@@ -113,10 +113,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
+    if address:  # the cluster's own auth settings apply (KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in pods)
         ray.init(address=address, log_to_driver=False)
         return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # only the private local cluster started here
     temp_dir = os.environ.get("LANDMARK_INDEX_RAY_TMP") or os.path.join(
         tempfile.gettempdir(), "landmark-index-ray"
     )

@@ -352,6 +352,76 @@ def strict(schema: Any) -> Any:
     return result
 
 
+HAS_ONLY_RULE = re.compile(r"(?:has\(self\.\w+\)|&&|\|\||[!()\s])+")
+
+
+def cel_errors(schema: dict[str, Any], instance: Any, path: str = "") -> list[str]:
+    """The CRD's CEL rules (``x-kubernetes-validations``) that ``instance`` breaks, as the API server checks them.
+
+    Only rules built from ``has(self.f)``, ``!``, ``&&``, ``||`` and parentheses are evaluated (translated to
+    Python); others (transition rules like ``self == oldSelf``, value rules) are left to the server.
+    """
+    errors = []
+    if isinstance(instance, dict):
+        for validation in schema.get("x-kubernetes-validations", []):
+            rule = validation["rule"]
+            if not HAS_ONLY_RULE.fullmatch(rule):
+                continue
+            python = re.sub(r"has\(self\.(\w+)\)", r"('\1' in self)", rule)
+            python = python.replace("&&", " and ").replace("||", " or ").replace("!", " not ")
+            if not eval(
+                python, {"__builtins__": {}}, {"self": instance}
+            ):  # CRD text, vetted by HAS_ONLY_RULE
+                errors.append(f"{path or '/'}: {validation['message']}")
+        for key, value in instance.items():
+            child = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
+            if isinstance(child, dict):
+                errors += cel_errors(child, value, f"{path}/{key}")
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(instance):
+            errors += cel_errors(schema["items"], item, f"{path}/{i}")
+    return errors
+
+
+DELETION_ORDER = ("DeleteWorkers", "DeleteCluster", "DeleteSelf")  # TTLs must not decrease along it
+
+
+def kuberay_cleanup_problems(job: dict[str, Any]) -> list[str]:
+    """What KubeRay's RayJob validation refuses in a spec's cleanup settings.
+
+    Restates the checks of ray-operator/controllers/ray/utils/validation.go (KubeRay v1.7.0,
+    ValidateRayJobSpec / validateDeletionConfiguration / validateDeletionRules) that the CRD schema cannot
+    express: they run in the operator, so a spec breaking them passes `kubectl apply` and then fails.
+    """
+    problems = []
+    shutdown = job.get("shutdownAfterJobFinishes", False)
+    if job.get("suspend") and not shutdown:
+        problems.append("a suspended RayJob needs shutdownAfterJobFinishes")
+    if not shutdown and job.get("ttlSecondsAfterFinished", 0) > 0:
+        problems.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+    rules = job.get("deletionStrategy", {}).get("deletionRules", [])
+    if rules and shutdown:
+        problems.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    autoscaling = job.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+    ttls: dict[tuple[str, str], dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        condition, policy = rule["condition"], rule["policy"]
+        statuses = [(key, condition[key]) for key in ("jobStatus", "jobDeploymentStatus") if key in condition]
+        if len(statuses) != 1:
+            problems.append(f"rule {i}: exactly one of jobStatus and jobDeploymentStatus")
+        elif policy == "DeleteWorkers" and autoscaling:
+            problems.append(f"rule {i}: DeleteWorkers is not supported with autoscaling")
+        elif policy in ttls.setdefault(statuses[0], {}):
+            problems.append(f"rule {i}: duplicate rule for {policy} and {statuses[0]}")
+        else:
+            ttls[statuses[0]][policy] = condition.get("ttlSeconds", 0)
+    for status, by_policy in ttls.items():
+        ordered = [by_policy[policy] for policy in DELETION_ORDER if policy in by_policy]
+        if ordered != sorted(ordered):
+            problems.append(f"{status}: TTLs must not decrease along {DELETION_ORDER}: {by_policy}")
+    return problems
+
+
 @functools.cache
 def load_crd_validators() -> dict[str, jsonschema.Draft7Validator]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 3 MB of YAML
@@ -382,10 +452,9 @@ def test_ray_kinds_validate_against_kuberay_crds(
     ray_resources = [r for r in overlay[1] if r["apiVersion"] == "ray.io/v1"]
     assert ray_resources
     for resource in ray_resources:
-        errors = [
-            f"{list(e.absolute_path)}: {e.message}"
-            for e in crd_validators[resource["kind"]].iter_errors(resource)
-        ]
+        validator = crd_validators[resource["kind"]]
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(resource)]
+        errors += cel_errors(validator.schema, resource)
         assert not errors, f"{identity(resource)}: {errors[:5]}"
 
 
@@ -409,6 +478,47 @@ def test_crd_validation_rejects_bad_raycluster(
         node = node[part]
     node[path[-1]] = value
     assert not crd_validators["RayCluster"].is_valid(bad)
+
+
+def test_cel_rules_reject_an_ambiguous_deletion_condition(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+    crd_validators: dict[str, jsonschema.Draft7Validator],
+) -> None:
+    bad = copy.deepcopy(rendered["prod-gpu-raycronjob"][("RayCronJob", "nightly-reindex")])
+    rules = bad["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"]
+    rules[0]["condition"]["jobDeploymentStatus"] = "Failed"  # beside its jobStatus
+    rules[1]["condition"] = {"ttlSeconds": 60}  # neither status
+    errors = cel_errors(crd_validators["RayCronJob"].schema, bad)
+    where = "/spec/jobTemplate/deletionStrategy/deletionRules"
+    assert [e.split(":")[0] for e in errors] == [f"{where}/0/condition", f"{where}/1/condition"]
+    assert crd_validators["RayCronJob"].is_valid(bad)  # jsonschema alone would have let both through
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"shutdownAfterJobFinishes": True}, "mutually exclusive"),
+        ({"ttlSecondsAfterFinished": 60}, "ttlSecondsAfterFinished needs"),
+        ({"suspend": True}, "suspended RayJob"),
+        ({"first_rule_ttl": 8 * 86400}, "decrease"),  # the cluster would outlive its RayJob
+        ({"rule": {"policy": "DeleteWorkers", "condition": {"jobStatus": "FAILED"}}}, "autoscaling"),
+        ({"rule": {"policy": "DeleteCluster", "condition": {"jobStatus": "FAILED"}}}, "duplicate"),
+    ],
+)
+def test_kuberay_cleanup_checks_catch_what_the_operator_refuses(
+    rendered: dict[str, dict[tuple[str, str], Resource]], change: dict[str, Any], problem: str
+) -> None:
+    job = copy.deepcopy(
+        rendered["prod-gpu-raycronjob"][("RayCronJob", "nightly-reindex")]["spec"]["jobTemplate"]
+    )
+    rules = job["deletionStrategy"]["deletionRules"]
+    if "rule" in change:
+        rules.append(change.pop("rule"))
+    if "first_rule_ttl" in change:
+        rules[0]["condition"]["ttlSeconds"] = change.pop("first_rule_ttl")
+    job.update(change)
+    (found,) = kuberay_cleanup_problems(job)
+    assert problem in found
 
 
 def test_core_validation_rejects_a_misspelt_cronjob_field(
@@ -511,9 +621,12 @@ def test_rayjobs_run_on_the_overlays_cluster_layout_and_clean_up(
     for job in jobs:
         assert job["rayClusterSpec"] == cluster
         assert job["submitterPodTemplate"] == index_job["submitterPodTemplate"]
-        assert job["shutdownAfterJobFinishes"] is True
-        assert job["ttlSecondsAfterFinished"] > 0
         assert job["backoffLimit"] == 0
+        assert kuberay_cleanup_problems(job) == []
+        if "deletionStrategy" in job:  # a nightly run: its cluster goes after an hour, itself after 7 days
+            assert_nightly_deletion_rules(job["deletionStrategy"])
+        else:
+            assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
 
 
 def test_one_image_for_all_ray_containers(overlay: tuple[str, list[Resource]]) -> None:
@@ -525,6 +638,66 @@ def test_one_image_for_all_ray_containers(overlay: tuple[str, list[Resource]]) -
         for container in pod["containers"]
     }
     assert len(images) == 1 and "landmark-index:" in images.pop()
+
+
+def head_resources(cluster: dict[str, Any]) -> dict[str, float]:
+    """The head's custom resources: rayStartParams holds a JSON object inside a JSON string literal."""
+    quoted = cluster["headGroupSpec"]["rayStartParams"].get("resources", '"{}"')
+    return json.loads(json.loads(quoted))
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_job_drivers_reserve_the_heads_entrypoint_slot(
+    rendered: dict[str, dict[tuple[str, str], Resource]], name: str
+) -> None:
+    """The driver's Ray resources: a slot only the head offers, so it neither lands on a GPU worker (which
+    would keep one alive) nor runs unaccounted; its pod resources are the head container's limits."""
+    resources = rendered[name]
+    jobs = [r["spec"] for r in resources.values() if r["kind"] == "RayJob"]
+    jobs += [r["spec"]["jobTemplate"] for r in resources.values() if r["kind"] == "RayCronJob"]
+    for job in jobs:
+        head = job["rayClusterSpec"]["headGroupSpec"]
+        reserved = json.loads(job["entrypointResources"])
+        assert reserved == {"entrypoint": 1} == head_resources(job["rayClusterSpec"])
+        assert not {"CPU", "GPU", "memory"} & set(reserved)  # Ray refuses built-in resources here
+        assert head["rayStartParams"]["num-cpus"] == "0" and "entrypointNumCpus" not in job
+        for group in job["rayClusterSpec"]["workerGroupSpecs"]:
+            assert "resources" not in group["rayStartParams"]
+        (submitter,) = job["submitterPodTemplate"]["spec"]["containers"]
+        assert {"cpu", "memory"} <= set(submitter["resources"]["requests"])
+        assert {"cpu", "memory"} <= set(submitter["resources"]["limits"])
+
+
+def test_ray_clusters_use_kuberay_token_auth(overlay: tuple[str, list[Resource]]) -> None:
+    """Token auth from KubeRay's generated per-cluster Secret; K8s-delegated auth is unsupported for RayJobs."""
+    clusters = [c for r in overlay[1] for c in cluster_specs(r)]
+    assert clusters
+    for cluster in clusters:
+        assert cluster["authOptions"] == {"mode": "token"}
+    for resource in overlay[1]:
+        for pod in pod_specs(resource):
+            for container in pod["containers"]:
+                names = {variable["name"] for variable in container.get("env", [])}
+                assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & names, "KubeRay sets them; never override"
+
+
+def test_crd_rejects_an_unknown_auth_mode(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+    crd_validators: dict[str, jsonschema.Draft7Validator],
+) -> None:
+    bad = copy.deepcopy(rendered["prod-gpu"][("RayCluster", "landmark-index")])
+    bad["spec"]["authOptions"]["mode"] = "tokens"
+    assert not crd_validators["RayCluster"].is_valid(bad)
+
+
+def test_helper_images_are_pinned_by_digest(overlay: tuple[str, list[Resource]]) -> None:
+    """Every image but the project's own (set per overlay by `images:`) is pinned by digest."""
+    for resource in overlay[1]:
+        if resource["apiVersion"] == "ray.io/v1":
+            continue
+        for pod in pod_specs(resource):
+            for container in pod["containers"] + pod.get("initContainers", []):
+                assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", container["image"]), container
 
 
 # ----------------------------------------------------------------------------- nightly scheduling
@@ -541,7 +714,7 @@ def test_cronjob_forbids_overlap_with_least_privilege(
     assert ("ServiceAccount", account) in resources
     role = resources[("Role", account)]
     assert role["rules"] == [
-        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "delete"]}
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}
     ]
     binding = resources[("RoleBinding", account)]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
@@ -606,7 +779,7 @@ def test_submit_script_creates_an_unsuspended_run_of_the_template(
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": str(Path(kubectl).parent), "HOME": str(tmp_path)},
+        env={"PATH": str(Path(kubectl).parent), "HOME": str(tmp_path), **submitter_env(resources)},
     )
     assert patched.returncode == 0, patched.stderr
     run = json.loads(patched.stdout)
@@ -616,10 +789,12 @@ def test_submit_script_creates_an_unsuspended_run_of_the_template(
         "namespace": "landmark-index",
         "labels": labels,
     }
-    assert run["spec"] == {**template["spec"], "suspend": False}
+    assert run["spec"] == {**nightly_run_spec(template["spec"], resources), "suspend": False}
     assert "status" not in run
+    assert kuberay_cleanup_problems(run["spec"]) == []
     if CRDS.is_dir():  # the schema check needs ../shared; the rest of this test does not
-        assert load_crd_validators()["RayJob"].is_valid(run)
+        validator = load_crd_validators()["RayJob"]
+        assert validator.is_valid(run) and cel_errors(validator.schema, run) == []
     (selector,) = re.findall(r'runs_selector="([^"]+)"', script)
     assert selects({"labelSelector": selector}, run)
     assert not selects({"labelSelector": selector}, template)  # the template never counts as a run
@@ -630,7 +805,36 @@ def test_raycronjob_runs_the_same_nightly_job(rendered: dict[str, dict[tuple[str
     assert not [key for key in cron if key[0] in ("CronJob", "ServiceAccount", "Role", "RoleBinding")]
     template = rendered["prod-gpu"][("RayJob", "nightly-reindex-template")]["spec"]
     job = cron[("RayCronJob", "nightly-reindex")]["spec"]["jobTemplate"]
-    assert {k: v for k, v in template.items() if k != "suspend"} == job
+    assert nightly_run_spec(template, rendered["prod-gpu"]) == job
+
+
+def submitter_env(resources: dict[tuple[str, str], Resource]) -> dict[str, str]:
+    pod = resources[("CronJob", "nightly-reindex")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return {variable["name"]: variable["value"] for variable in container["env"]}
+
+
+def nightly_run_spec(template: dict[str, Any], resources: dict[tuple[str, str], Resource]) -> dict[str, Any]:
+    """A night's RayJob spec: the template's, unsuspended, with the submitter's deletion rules for cleanup."""
+    run = {k: v for k, v in template.items() if k not in ("suspend", "shutdownAfterJobFinishes")}
+    del run["ttlSecondsAfterFinished"]
+    return {**run, "deletionStrategy": json.loads(submitter_env(resources)["DELETION_STRATEGY"])}
+
+
+def assert_nightly_deletion_rules(strategy: dict[str, Any], days: int = 7) -> None:
+    """Every way a run ends (job succeeded, failed, or its deployment failed) deletes the cluster after an
+    hour and the RayJob after ``days`` days."""
+    rules = {
+        (rule["policy"], *[(k, v) for k, v in rule["condition"].items() if k != "ttlSeconds"]): rule[
+            "condition"
+        ]["ttlSeconds"]
+        for rule in strategy["deletionRules"]
+    }
+    ends = [("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]
+    expected = {("DeleteCluster", end): 3600 for end in ends} | {
+        ("DeleteSelf", end): days * 86400 for end in ends
+    }
+    assert rules == expected
 
 
 # ----------------------------------------------------------------------------- entrypoints and image
