@@ -13,11 +13,19 @@ S3-compatible stores that predate flexible checksums) reject with "Missing requi
 
 Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
 local disks we write a temporary sibling and rename it.
+
+HTTP(S) reads identify themselves (:func:`user_agent`), honour a 429/503 answer's Retry-After (up to
+:data:`MAX_RETRY_AFTER_S`; a longer wait fails the read at once) and hold one of
+``LANDMARK_INDEX_HTTP_PER_HOST`` (default 8) slots per host and process while a request is in flight.
+
+A member of an uncompressed tar is addressed as ``TAR_URL#offset=N&size=M`` (:func:`tar_member_url`), read
+in place with one byte-range request; :func:`list_tar_members` lists a tar from its headers.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import functools
 import hashlib
 import json
@@ -26,15 +34,20 @@ import os
 import posixpath
 import random
 import re
+import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from pipeline import __version__
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,53 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 class StorageError(RuntimeError):
     """An I/O failure that persisted after the allowed retries."""
+
+
+MAX_RETRY_AFTER_S = 60.0  # longest Retry-After we sleep through; a server asking more fails the read
+DEFAULT_HTTP_PER_HOST = 8  # concurrent requests per host and process (LANDMARK_INDEX_HTTP_PER_HOST)
+
+
+def user_agent() -> str:
+    """What http(s) requests send as User-Agent: project/version and the operator's contact URL, when set
+    (``LANDMARK_INDEX_CONTACT_URL``), so a site owner can tell who fetches and how to reach them."""
+    contact = os.environ.get("LANDMARK_INDEX_CONTACT_URL")
+    return f"landmark-index/{__version__}" + (f" (+{contact})" if contact else "")
+
+
+_host_slots: dict[str, threading.BoundedSemaphore] = {}
+_host_slots_lock = threading.Lock()
+
+
+def _host_slot(url: str) -> AbstractContextManager[Any]:
+    """The per-process slot semaphore of ``url``'s host (http(s) only; other backends are not limited)."""
+    if not _is_http(url):
+        return nullcontext()
+    host = urlsplit(url).netloc.rpartition("@")[2].lower()  # host[:port], without user info
+    with _host_slots_lock:
+        if host not in _host_slots:
+            limit = int(os.environ.get("LANDMARK_INDEX_HTTP_PER_HOST", DEFAULT_HTTP_PER_HOST))
+            if limit < 1:
+                raise ValueError(f"LANDMARK_INDEX_HTTP_PER_HOST must be a positive count, got {limit}")
+            _host_slots[host] = threading.BoundedSemaphore(limit)
+        return _host_slots[host]
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds a 429/503 answer asks the client to wait (Retry-After: seconds or an HTTP date), else None."""
+    if _http_status(exc) not in (429, 503):
+        return None
+    value = (getattr(exc, "headers", None) or {}).get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # unparseable: plain backoff
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _is_http(url: str) -> bool:
@@ -102,6 +162,7 @@ def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSy
         import aiohttp
 
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=60, sock_connect=10)})
+        kwargs["client_kwargs"] = {"headers": {"User-Agent": user_agent()}, **kwargs["client_kwargs"]}
     return url_to_fs(url, **kwargs)
 
 
@@ -288,8 +349,9 @@ def with_retries(
 ) -> T:
     """Run ``operation``; retry transient errors with exponential backoff and jitter.
 
-    Permanent errors (missing object, permission, bad value) are raised at once. URLs in error
-    messages are redacted; a cause whose message had to be redacted is not chained.
+    Permanent errors (missing object, permission, bad value) are raised at once. An HTTP 429/503 with
+    Retry-After waits that long instead of the backoff, or fails at once beyond :data:`MAX_RETRY_AFTER_S`.
+    URLs in error messages are redacted; a cause whose message had to be redacted is not chained.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -300,12 +362,20 @@ def with_retries(
         except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless is_permanent
             if is_permanent(exc):
                 raise StorageError(f"{what} failed: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
-            if attempt == attempts:
+            asked = _retry_after(exc)
+            too_long = asked is not None and asked > MAX_RETRY_AFTER_S
+            if attempt == attempts or too_long:
                 raw = f"{type(exc).__name__}: {exc}"
                 message = redact_text(raw)
                 cause = exc if message == raw else None  # a redacted cause would leak through the chain
-                raise StorageError(f"{what} failed after {attempts} attempts: {message}") from cause
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+                why = (
+                    f"failed: the server asks to retry after {asked:.0f} s (more than {MAX_RETRY_AFTER_S:.0f})"
+                    if too_long
+                    else f"failed after {attempt} attempts"
+                )
+                raise StorageError(f"{what} {why}: {message}") from cause
+            backoff = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = backoff if asked is None else asked
             log.warning(
                 "%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay
             )
@@ -314,9 +384,45 @@ def with_retries(
 
 
 def read_bytes(url: str, options: Options = None) -> bytes:
-    """The whole object at ``url``. Raises FileNotFoundError when absent, StorageError when I/O keeps failing."""
-    fs, path = filesystem(url, options)
-    return with_retries(lambda: fs.cat_file(path), what=f"read {redact(url)}")
+    """The whole object at ``url`` (or one tar member, see :func:`tar_member_url`).
+
+    Raises FileNotFoundError when absent, StorageError when I/O keeps failing.
+    """
+    member = _TAR_MEMBER.fullmatch(url)
+    target = member["tar"] if member else url
+    fs, path = filesystem(target, options)
+
+    def read() -> bytes:
+        with _host_slot(target):
+            if member is None:
+                return fs.cat_file(path)
+            start, size = int(member["offset"]), int(member["size"])
+            data = fs.cat_file(path, start=start, end=start + size)
+        if len(data) != size:  # a server that ignores Range sends the whole tar
+            raise ValueError(f"{redact(target)}: got {len(data)} bytes for a {size}-byte member range")
+        return data
+
+    return with_retries(read, what=f"read {redact(url)}")
+
+
+_TAR_MEMBER = re.compile(r"(?P<tar>.+\.tar)#offset=(?P<offset>\d+)&size=(?P<size>\d+)")
+
+
+def tar_member_url(tar_url: str, offset: int, size: int) -> str:
+    """The URL :func:`read_bytes` reads one tar member's ``size`` data bytes at ``offset`` from."""
+    return f"{tar_url}#offset={offset}&size={size}"
+
+
+def list_tar_members(url: str, options: Options = None) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in the uncompressed tar at ``url``, in archive order.
+
+    Reads the headers in place (seeking past each member's data); raises ValueError for a non-tar.
+    """
+    try:
+        with open_input(url, options) as f, tarfile.open(fileobj=f, mode="r:") as archive:
+            return [(m.name, m.offset_data, m.size) for m in archive if m.isreg()]
+    except tarfile.TarError as exc:
+        raise ValueError(f"{redact(url)} is not a readable uncompressed tar: {exc}") from None
 
 
 def read_text(url: str, options: Options = None) -> str:

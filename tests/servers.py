@@ -4,7 +4,8 @@
   ``key``, ``secret``, ``options`` (storage options for :mod:`pipeline.storage`).
 - ``s3_bucket`` (function): a fresh, empty bucket: ``.url`` (``s3://name``) and ``.options``.
 - ``http_server`` (function): ``http_server(directory) -> HttpTestServer`` serving that folder on
-  127.0.0.1, with per-path faults (``add_fault``) and request counts (``hits``).
+  127.0.0.1, with per-path faults (``add_fault``), request counts (``hits``), the User-Agents it was sent
+  (``user_agents``) and the most requests it had in flight at once (``max_in_flight``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Fault:
     status: int | None = None  # answer this status (e.g. 503, 404) instead of the file; None: serve it
     times: int | None = None  # only for the first N requests of the path; None: every request
     delay: float = 0.0  # seconds to wait before answering (for client timeouts)
+    headers: tuple[tuple[str, str], ...] = ()  # extra headers of the error answer, e.g. Retry-After
 
 
 class HttpTestServer(ThreadingHTTPServer):
@@ -94,6 +96,9 @@ class HttpTestServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), partial(_FaultyHandler, directory=str(directory)))
         self.faults: dict[str, Fault] = {}
         self.hits: Counter[str] = Counter()  # requests per URL path, faulty ones included
+        self.user_agents: list[str] = []  # User-Agent of every request, in arrival order
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests being answered at the same time
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -128,8 +133,16 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
     server: HttpTestServer
 
     def do_GET(self) -> None:
-        if self.apply_fault():
-            super().do_GET()
+        with self.server.lock:
+            self.server.user_agents.append(self.headers.get("User-Agent", ""))
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        try:
+            if self.apply_fault():
+                super().do_GET()
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def do_HEAD(self) -> None:
         if self.apply_fault():
@@ -143,7 +156,11 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
         time.sleep(fault.delay)
         if fault.status is None:
             return True
-        self.send_error(fault.status)
+        self.send_response(fault.status)
+        for name, value in fault.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
         return False
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline import __version__
 from pipeline.images import (
     DEFAULT_ALLOWED_SCHEMES,
     REASONS,
@@ -252,6 +256,58 @@ def test_http_server_errors_are_fetch_failed(tmp_path, http_server) -> None:
         fetch_image_bytes(server.url("a.jpg?sig=secret"), None)
     assert caught.value.reason == "fetch_failed" and "503" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+def test_http_requests_name_the_project_version_and_contact(tmp_path, http_server, monkeypatch) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"bytes")
+    server = http_server(tmp_path)
+    assert fetch_image_bytes(server.url("a.jpg"), None) == b"bytes"
+    monkeypatch.setenv("LANDMARK_INDEX_CONTACT_URL", "https://ops.example.org/crawler")
+    assert fetch_image_bytes(server.url("a.jpg"), None) == b"bytes"
+    assert server.user_agents == [
+        f"landmark-index/{__version__}",
+        f"landmark-index/{__version__} (+https://ops.example.org/crawler)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after"),
+    [(429, lambda: "1"), (503, lambda: email.utils.formatdate(time.time() + 2, usegmt=True))],
+)
+def test_retry_after_is_waited_for(tmp_path, http_server, status, retry_after) -> None:
+    """The backoff alone would retry within 0.3 s; the answer asks for 1 s (or an HTTP date 1-2 s ahead)."""
+    (tmp_path / "a.jpg").write_bytes(b"bytes")
+    server = http_server(tmp_path)
+    server.add_fault("a.jpg", Fault(status=status, times=1, headers=(("Retry-After", retry_after()),)))
+    started = time.monotonic()
+    assert fetch_image_bytes(server.url("a.jpg"), None) == b"bytes"
+    assert 0.95 <= time.monotonic() - started < 10
+    assert server.hits["/a.jpg"] == 2
+
+
+def test_retry_after_beyond_the_bound_fails_the_row_at_once(tmp_path, http_server) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"bytes")
+    server = http_server(tmp_path)
+    server.add_fault("a.jpg", Fault(status=429, headers=(("Retry-After", "3600"),)))
+    started = time.monotonic()
+    with pytest.raises(ImageError) as caught:
+        fetch_image_bytes(server.url("a.jpg"), None)
+    assert time.monotonic() - started < 5 and server.hits["/a.jpg"] == 1
+    assert caught.value.reason == "fetch_failed" and "retry after 3600 s" in str(caught.value)
+
+
+@pytest.mark.parametrize("limit", [2, 5])
+def test_concurrent_requests_per_host_are_limited(tmp_path, http_server, monkeypatch, limit) -> None:
+    """8 threads fetch at once from a server answering each request after 0.3 s: at most ``limit`` overlap."""
+    monkeypatch.setenv("LANDMARK_INDEX_HTTP_PER_HOST", str(limit))
+    server = http_server(tmp_path)
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_bytes(bytes([i]) * 10)
+        server.add_fault(f"{i}.jpg", Fault(delay=0.3))
+    with ThreadPoolExecutor(8) as pool:
+        fetched = list(pool.map(lambda i: fetch_image_bytes(server.url(f"{i}.jpg"), None), range(8)))
+    assert fetched == [bytes([i]) * 10 for i in range(8)]
+    assert server.max_in_flight == limit
 
 
 # ----------------------------------------------------------------------------------- manifest rows end to end
