@@ -4,6 +4,10 @@ A manifest source is one of
 - a Parquet file, a folder of ``.parquet`` files, or a glob over Parquet/CSV files (any fsspec URL; files are
   read in sorted order);
 - a GLDv2 CSV file: ``train.csv`` (id,url,landmark_id), ``index.csv`` / ``test.csv`` (id[,url]);
+- uncompressed tar files (a ``.tar``, a glob such as ``images_*.tar``, or a folder of them, e.g. GLDv2's
+  ``images_000.tar`` ...), read in place: each image member becomes a row whose url addresses its bytes inside
+  the tar (:func:`pipeline.storage.tar_member_url`); ids as for a folder, except that GLDv2's layout
+  ``a/b/c/ID.jpg`` (a, b, c = ID's first characters) gives ``ID`` itself, so GLDv2's ground truth matches;
 - a folder of images (searched recursively): ids are the relative paths without extension.
 
 Columns: ``id`` (string, required), ``url`` (http(s)://, s3://, gs://, file://, an absolute local path, or a path
@@ -71,7 +75,9 @@ def read_manifest(source: str, options: storage.Options = None, image_root: str 
     Raises :class:`ManifestError` listing every problem.
     """
     if storage.isdir(source, options):
-        files = storage.list_files(source, options, suffix=".parquet")
+        files = storage.list_files(source, options, suffix=".parquet") or storage.list_files(
+            source, options, suffix=".tar"
+        )
         if not files:
             table = _image_folder_table(source, options)
             return _checked(source, [], table, np.arange(table.num_rows))
@@ -86,7 +92,7 @@ def read_manifest(source: str, options: storage.Options = None, image_root: str 
         name = storage.redact(url)
         try:
             raw = _read_table(url, options)
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:
             problems.append(f"{name}: unreadable: {type(exc).__name__}: {exc}")
             continue
         file_problems = _column_problems(raw, name, derive_urls=root is not None)
@@ -123,12 +129,34 @@ def _matching_files(source: str, options: storage.Options) -> list[str]:
 
 
 def _read_table(url: str, options: storage.Options) -> pa.Table:
+    if url.lower().endswith(".tar"):
+        return _tar_table(url, options)
     with storage.open_input(url, options) as f:
         if url.lower().endswith(".csv"):
             # Ids and labels stay strings: GLDv2 ids like "00e1..." or "1e57..." must not become numbers.
             types = {c: pa.string() for c in ("id", "url", "landmark_id")}
             return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
         return pq.read_table(f)
+
+
+def _tar_table(url: str, options: storage.Options) -> pa.Table:
+    """Rows id, url (into the tar), size for the image members of one tar; hidden members skipped."""
+    tar_url = _absolute(url)
+    ids, urls, sizes = [], [], []
+    for name, offset, size in storage.list_tar_members(url, options):
+        stem, suffix = posixpath.splitext(posixpath.normpath(name).lstrip("/"))
+        if suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in stem.split("/")):
+            ids.append(_member_id(stem))
+            urls.append(storage.tar_member_url(tar_url, offset, size))
+            sizes.append(size)
+    return pa.table({"id": pa.array(ids, pa.string()), "url": urls, "size": pa.array(sizes, pa.int64())})
+
+
+def _member_id(stem: str) -> str:
+    """GLDv2 keeps image ID at a/b/c/ID.jpg with a, b, c its first three characters: the id is then ID;
+    any other member is named by its path without extension (as files in a folder are)."""
+    *folders, name = stem.split("/")
+    return name if len(folders) >= 3 and folders[-3:] == list(name[:3]) else stem
 
 
 def _image_folder_table(root: str, options: storage.Options) -> pa.Table:

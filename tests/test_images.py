@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import io
 import pickle
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from pipeline import __version__
+from pipeline import __version__, storage
 from pipeline.images import (
     DEFAULT_ALLOWED_SCHEMES,
     REASONS,
@@ -308,6 +310,18 @@ def test_concurrent_requests_per_host_are_limited(tmp_path, http_server, monkeyp
         fetched = list(pool.map(lambda i: fetch_image_bytes(server.url(f"{i}.jpg"), None), range(8)))
     assert fetched == [bytes([i]) * 10 for i in range(8)]
     assert server.max_in_flight == limit
+
+
+def test_a_server_ignoring_byte_ranges_cannot_pass_off_a_whole_tar_as_a_member(tmp_path, http_server) -> None:
+    """Python's test server answers Range requests with the whole file: the member read must notice."""
+    with tarfile.open(tmp_path / "images_000.tar", "w") as archive:
+        info = tarfile.TarInfo("a/b/c/abc.jpg")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"bytes"))
+    server = http_server(tmp_path)
+    with pytest.raises(ImageError) as caught:
+        fetch_image_bytes(storage.tar_member_url(server.url("images_000.tar"), 512, 5), None)
+    assert caught.value.reason == "fetch_failed" and "for a 5-byte member range" in str(caught.value)
 
 
 # ----------------------------------------------------------------------------------- manifest rows end to end

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline import storage
+from pipeline.images import load_image
 from pipeline.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
@@ -119,6 +123,71 @@ def test_gldv2_test_csv_with_urls(tmp_path) -> None:
     table = read_manifest(str(tmp_path / "test.csv"))
     assert table.column("url").to_pylist() == [f"{tmp_path}/queries/q1.jpg"]
     assert table.column("landmark_id").null_count == 1
+
+
+def write_tar(path, members: dict[str, bytes]) -> str:
+    """An uncompressed tar holding ``members`` (name -> bytes) after a folder entry, like GLDv2's shards."""
+    with tarfile.open(path, "w") as archive:
+        folder = tarfile.TarInfo("0")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+GLDV2_MEMBERS = {
+    "0/1/2/0123abcd.jpg": b"first image" * 100,
+    "f/e/d/fedcba98.jpg": b"second",
+    "extra/photo.png": b"not in the GLDv2 layout",
+    "0/1/2/._0123abcd.jpg": b"macOS resource fork",
+    "images_000.md5": b"checksums, not an image",
+}
+
+
+def test_tar_shard_is_a_manifest_read_in_place(tmp_path) -> None:
+    tar = write_tar(tmp_path / "images_000.tar", GLDV2_MEMBERS)
+    table = read_manifest(tar)
+    assert table.column("id").to_pylist() == ["0123abcd", "fedcba98", "extra/photo"]
+    assert table.column("size").to_pylist() == [1100, 6, 23]
+    urls = table.column("url").to_pylist()
+    assert all(u.startswith(f"{tar}#offset=") for u in urls)
+    assert [storage.read_bytes(u) for u in urls] == [GLDV2_MEMBERS[n] for n in list(GLDV2_MEMBERS)[:3]]
+    with tarfile.open(tar) as archive:  # the offsets are tarfile's own
+        expected = {m.name: m.offset_data for m in archive if m.isreg()}
+    assert urls[0] == f"{tar}#offset={expected['0/1/2/0123abcd.jpg']}&size=1100"
+
+
+def test_glob_and_folder_of_tar_shards_keep_file_order_and_find_duplicates(tmp_path) -> None:
+    write_tar(tmp_path / "images_001.tar", {"a/b/c/abc2.jpg": b"2"})
+    write_tar(tmp_path / "images_000.tar", {"a/b/c/abc1.jpg": b"1"})
+    for source in (str(tmp_path / "images_*.tar"), str(tmp_path)):
+        assert read_manifest(source).column("id").to_pylist() == ["abc1", "abc2"]
+    write_tar(tmp_path / "images_002.tar", {"a/b/c/abc1.jpg": b"again"})
+    assert "1 duplicate ids: 'abc1' at rows [0, 2]" in manifest_errors(str(tmp_path / "images_*.tar"))
+
+
+def test_a_tar_that_is_not_one_is_reported(tmp_path) -> None:
+    (tmp_path / "images_000.tar").write_bytes(b"<html>403 Forbidden</html>")
+    assert "images_000.tar: unreadable: ValueError" in manifest_errors(str(tmp_path / "images_000.tar"))
+
+
+def test_tar_shard_on_s3_is_read_in_place(tmp_path, s3_bucket) -> None:
+    pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    members = {**GLDV2_MEMBERS, "a/b/c/abcpng.png": png.getvalue()}
+    url = f"{s3_bucket.url}/train/images_000.tar"
+    storage.upload(write_tar(tmp_path / "shard.tar", members), url, s3_bucket.options)
+    table = read_manifest(url, s3_bucket.options)
+    assert table.column("id").to_pylist() == ["0123abcd", "fedcba98", "extra/photo", "abcpng"]
+    urls = table.column("url").to_pylist()
+    assert urls[0].startswith(f"{url}#offset=")
+    assert storage.read_bytes(urls[1], s3_bucket.options) == b"second"
+    decoded = load_image(table.slice(3, 1).to_pylist()[0], s3_bucket.options)  # (3, H, W)
+    assert np.array_equal(decoded.permute(1, 2, 0).numpy(), pixels)
 
 
 def test_folder_of_images_is_a_manifest(tmp_path) -> None:
