@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factory", default="", help="faiss factory string instead of a memory budget.")
     parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
     parser.add_argument(
+        "--image-root",
+        default="",
+        help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
+    )
+    parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
     return parser.parse_args(argv)
@@ -52,6 +57,7 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         config=get_preset(args.preset),
         weights_url=args.weights or None,
         shard_size=args.shard_size,
+        image_root=args.image_root or None,
     )
     extraction = run_extraction(job, ClusterOptions(address=address), options)
     index = build_index(

@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-budget", default="", help="Memory budget of a retrained index, e.g. 48GiB.")
     parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
     parser.add_argument(
+        "--image-root",
+        default="",
+        help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
+    )
+    parser.add_argument(
         "--lease-seconds", type=float, default=6 * 3600.0, help="Lock lease, renewed as it runs."
     )
     parser.add_argument(
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             retrain_threshold=args.retrain_threshold,
             lease_seconds=args.lease_seconds,
             memory_budget=args.memory_budget or None,
+            image_root=args.image_root or None,
         )
         address = args.address or os.environ.get("RAY_ADDRESS") or None
         report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)

@@ -49,6 +49,12 @@ Weights = Annotated[
 Address = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address; default: start a local Ray.")
 ]
+ImageRoot = Annotated[
+    str | None,
+    typer.Option(
+        "--image-root", help="Image root of an id-only manifest (GLDv2 index/test.csv): ROOT/a/b/c/ID.jpg."
+    ),
+]
 
 
 @app.callback()
@@ -100,6 +106,7 @@ def extract(
     preset: Preset = "delg-r50-gldv2",
     weights: Weights = None,
     address: Address = None,
+    image_root: ImageRoot = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     local_dtype: Annotated[
         str, typer.Option(help="Local descriptor encoding: float16, int8, float32.")
@@ -135,6 +142,7 @@ def extract(
         weights_url=weights,
         store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
         shard_size=shard_size,
+        image_root=image_root,
     )
     runtime = RuntimeOptions(
         batch_size=batch_size,
@@ -403,6 +411,7 @@ def reindex(
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     address: Address = None,
+    image_root: ImageRoot = None,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.
@@ -419,6 +428,7 @@ def reindex(
         keep=keep,
         retrain_threshold=retrain_threshold,
         memory_budget=memory_budget,
+        image_root=image_root,
     )
     try:
         report = run_reindex(manifest, root, config, storage.options_from_env(), ray_address=address)

@@ -52,6 +52,7 @@ class ExtractionJob:
     shard_size: int = 1000  # manifest rows per descriptor shard: ~5k shards for GLDv2's 5M images
     allowed_schemes: frozenset[str] = images.DEFAULT_ALLOWED_SCHEMES
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    image_root: str | None = None  # urls for id-only manifests (GLDv2 index/test.csv): ROOT/a/b/c/ID.jpg
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -290,7 +291,7 @@ def run_extraction(
     """
 
     started = time.monotonic()
-    table = manifest.read_manifest(job.manifest_url, options)
+    table = manifest.read_manifest(job.manifest_url, options, job.image_root)
     info = run_info(job, manifest.manifest_fingerprint(table), table.num_rows, options)
     existing = store.read_run_info(job.out_url, options)
     if existing is None:

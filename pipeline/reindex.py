@@ -84,6 +84,7 @@ class ReindexConfig:
     memory_budget: str | None = None  # e.g. "48GiB": steers the automatic factory choice
     store: StoreSettings = field(default_factory=StoreSettings)
     build: BuildConfig = field(default_factory=BuildConfig)
+    image_root: str | None = None  # urls for id-only manifests (GLDv2 index.csv): ROOT/a/b/c/ID.jpg
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises ValueError naming the available presets
@@ -558,7 +559,7 @@ def _reindex_locked(
     lease: Lease,
 ) -> ReindexReport:
     started = time.monotonic()
-    table = manifest.read_manifest(manifest_url, options)
+    table = manifest.read_manifest(manifest_url, options, config.image_root)
     fingerprint = manifest.manifest_fingerprint(table)
     extraction = {
         "preset": config.preset,

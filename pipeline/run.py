@@ -133,7 +133,7 @@ def run_pipeline(
     cluster = ClusterOptions(address=address, runtime=RuntimeOptions(batch_size=config.extract.batch_size))
     store_settings = StoreSettings(local_dtype=config.extract.local_dtype)
 
-    def extraction(manifest_url: str, out_url: str) -> Callable[[], Mapping[str, Any]]:
+    def extraction(manifest_url: str, out_url: str, image_root: str) -> Callable[[], Mapping[str, Any]]:
         job = ExtractionJob(
             manifest_url,
             out_url,
@@ -141,21 +141,22 @@ def run_pipeline(
             config.extract.weights or None,
             store_settings,
             config.extract.shard_size,
+            image_root=image_root or None,
         )
         return lambda: asdict(run_extraction(job, cluster, options))
 
     extract_params = asdict(config.extract)
     runner.stage(
         "extract-index",
-        [extract_params, config.data.index],
+        [extract_params, config.data.index, *filter(None, [config.data.index_image_root])],
         [],
-        extraction(config.data.index, paths.index_store),
+        extraction(config.data.index, paths.index_store, config.data.index_image_root),
     )
     runner.stage(
         "extract-queries",
-        [extract_params, config.data.queries],
+        [extract_params, config.data.queries, *filter(None, [config.data.queries_image_root])],
         [],
-        extraction(config.data.queries, paths.query_store),
+        extraction(config.data.queries, paths.query_store, config.data.queries_image_root),
     )
 
     def build() -> Mapping[str, Any]:
@@ -278,9 +279,9 @@ def _labeler(config: RunConfig, options: storage.Options) -> Callable[[str, str]
     )
 
 
-def _image_sources(manifest_url: str, options: storage.Options) -> dict[str, Any]:
+def _image_sources(manifest_url: str, options: storage.Options, image_root: str) -> dict[str, Any]:
     """id → URL or inline bytes of a manifest's images."""
-    table = manifest.read_manifest(manifest_url, options)
+    table = manifest.read_manifest(manifest_url, options, image_root or None)
     urls, inline = table.column("url").to_pylist(), table.column("image").to_pylist()
     return {
         i: (b if b is not None else u)
@@ -311,7 +312,11 @@ def _report(
 
     settings = ReportSettings(max_queries=config.report.max_queries)
     label = _labeler(config, options)
-    images = {**_image_sources(config.data.index, options), **_image_sources(config.data.queries, options)}
+    data = config.data
+    images = {
+        **_image_sources(data.index, options, data.index_image_root),
+        **_image_sources(data.queries, options, data.queries_image_root),
+    }
     global_hits = _rankings(paths.search, options, settings.max_hits)
     reranked_hits = _rankings(paths.reranked, options, settings.max_hits) if config.rerank.enabled else {}
     queries = sorted(global_hits)[: settings.max_queries]

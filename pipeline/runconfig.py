@@ -9,6 +9,8 @@ relative to the config file's folder)::
     [data]
     index            manifest of the images to index (required)
     queries          manifest of the query images (required)
+    index_image_root   image root of an id-only index manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg [""]
+    queries_image_root the same for the queries manifest (GLDv2 test.csv) [""]
     ground_truth     ground truth for evaluation [""; skip evaluation]
     protocol         revisitop | gldv2-retrieval | gldv2-recognition [gldv2-retrieval]
     landmarks        id → landmark_id table of index images (gldv2-recognition only) [""]
@@ -64,6 +66,8 @@ class DataSection:
     ground_truth: str = ""
     protocol: str = "gldv2-retrieval"
     landmarks: str = ""
+    index_image_root: str = ""
+    queries_image_root: str = ""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -161,7 +165,16 @@ _SECTIONS = {
     "report": ReportSection,
 }
 _SCALARS = {"str": str, "int": int, "float": float, "bool": bool}  # declared field types checked on load
-_PATH_KEYS = {"out", "data.index", "data.queries", "data.ground_truth", "data.landmarks", "extract.weights"}
+_PATH_KEYS = {
+    "out",
+    "data.index",
+    "data.queries",
+    "data.ground_truth",
+    "data.landmarks",
+    "data.index_image_root",
+    "data.queries_image_root",
+    "extract.weights",
+}
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
