@@ -188,9 +188,17 @@ def image_name(image: str) -> str:
 
 
 def set_images(node: Any, image: dict[str, str]) -> None:
-    """Like kustomize's images transformer: every `containers`/`initContainers` list at any depth."""
-    if set(image) != {"name", "newName", "newTag"}:
-        raise ValueError(f"images entry {image}: exactly name, newName and newTag are supported")
+    """Like kustomize's images transformer: every `containers`/`initContainers` list at any depth.
+
+    ``name`` with ``newTag`` and/or ``digest`` (a deployer pins by digest), optionally ``newName``:
+    name[:tag][@digest], the old tag and digest dropped, as kustomize writes it.
+    """
+    if (
+        "name" not in image
+        or not set(image) <= {"name", "newName", "newTag", "digest"}
+        or not ({"newTag", "digest"} & set(image))
+    ):
+        raise ValueError(f"images entry {image}: name with newTag and/or digest (and newName) is supported")
     if isinstance(node, list):
         for item in node:
             set_images(item, image)
@@ -201,7 +209,10 @@ def set_images(node: Any, image: dict[str, str]) -> None:
         if key in ("containers", "initContainers") and isinstance(value, list):
             for container in value:
                 if image_name(container.get("image", "")) == image["name"]:
-                    container["image"] = f"{image['newName']}:{image['newTag']}"
+                    reference = image.get("newName", image["name"])
+                    reference += f":{image['newTag']}" if "newTag" in image else ""
+                    reference += f"@{image['digest']}" if "digest" in image else ""
+                    container["image"] = reference
         set_images(value, image)
 
 
@@ -334,6 +345,28 @@ def test_renderer_transformers_on_a_small_kustomization(tmp_path: Path) -> None:
         {"name": "d", "image": "other:1"},
         {"name": "e"},
     ]
+
+
+def test_renderer_pins_images_by_digest_like_kustomize(tmp_path: Path) -> None:
+    """How a deployer overrides the kubectl image's digest (README): an `images:` entry with `digest`."""
+    (tmp_path / "pod.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: ["
+        f"{{name: a, image: 'alpine/k8s:1.33.4@sha256:{'0' * 64}'}}, {{name: b, image: 'reg/app:1'}}]}}\n"
+    )
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [pod.yaml]\nimages:\n- {{name: alpine/k8s, digest: 'sha256:{'1' * 64}'}}\n"
+        f"- {{name: reg/app, newTag: '2', digest: 'sha256:{'2' * 64}'}}\n"
+    )
+    (pod,) = render(tmp_path)
+    assert [c["image"] for c in pod["spec"]["containers"]] == [
+        f"alpine/k8s@sha256:{'1' * 64}",
+        f"reg/app:2@sha256:{'2' * 64}",
+    ]
+    if shutil.which("kubectl"):
+        built = subprocess.run(
+            ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+        )
+        assert yaml.safe_load(built.stdout) == pod
 
 
 # ----------------------------------------------------------------------------- schema validation

@@ -118,6 +118,28 @@ def test_gldv2_index_csv_without_urls_derives_them_from_image_root(tmp_path) -> 
     assert "pass image_root" in manifest_errors(str(tmp_path / "index.csv"))
 
 
+def test_gldv2_index_csv_images_are_fetched_from_an_s3_image_root(tmp_path, s3_bucket) -> None:
+    """GLDv2 as it ships: index.csv holds ids only; the images sit under index/a/b/c/ID.jpg."""
+    pixels = {i: np.full((3, 4, 3), n * 60, dtype=np.uint8) for n, i in enumerate(["0123abcd", "fedcba98"])}
+    for image_id, array in pixels.items():
+        png = io.BytesIO()
+        Image.fromarray(array).save(png, format="PNG")
+        key = f"{s3_bucket.url}/index/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+        storage.write_bytes(key, png.getvalue(), s3_bucket.options)  # GLDv2 names every image .jpg
+    (tmp_path / "index.csv").write_text("id\n0123abcd\nfedcba98\n")
+    table = read_manifest(str(tmp_path / "index.csv"), s3_bucket.options, f"{s3_bucket.url}/index")
+    assert table.column("id").to_pylist() == list(pixels)  # GLDv2's own ids: its ground truth matches
+    for row in table.to_pylist():
+        decoded = load_image(row, s3_bucket.options)  # (3, H, W)
+        assert np.array_equal(decoded.permute(1, 2, 0).numpy(), pixels[row["id"]])
+
+
+def test_ids_too_short_for_the_gldv2_layout_are_reported(tmp_path) -> None:
+    (tmp_path / "index.csv").write_text("id\n0123abcd\nab\n")
+    message = manifest_errors(str(tmp_path / "index.csv"), image_root="/images")
+    assert "empty url and no inline image: 1 row(s) (1)" in message
+
+
 def test_gldv2_test_csv_with_urls(tmp_path) -> None:
     (tmp_path / "test.csv").write_text("id,url\nq1,queries/q1.jpg\n")
     table = read_manifest(str(tmp_path / "test.csv"))
