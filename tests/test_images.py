@@ -300,12 +300,12 @@ def test_retry_after_beyond_the_bound_fails_the_row_at_once(tmp_path, http_serve
 
 @pytest.mark.parametrize("limit", [2, 5])
 def test_concurrent_requests_per_host_are_limited(tmp_path, http_server, monkeypatch, limit) -> None:
-    """8 threads fetch at once from a server answering each request after 0.3 s: at most ``limit`` overlap."""
+    """8 threads fetch at once from a server answering each request after 0.5 s: at most ``limit`` overlap."""
     monkeypatch.setenv("LANDMARK_INDEX_HTTP_PER_HOST", str(limit))
     server = http_server(tmp_path)
     for i in range(8):
         (tmp_path / f"{i}.jpg").write_bytes(bytes([i]) * 10)
-        server.add_fault(f"{i}.jpg", Fault(delay=0.3))
+        server.add_fault(f"{i}.jpg", Fault(delay=0.5))
     with ThreadPoolExecutor(8) as pool:
         fetched = list(pool.map(lambda i: fetch_image_bytes(server.url(f"{i}.jpg"), None), range(8)))
     assert fetched == [bytes([i]) * 10 for i in range(8)]
