@@ -310,6 +310,9 @@ def test_on_disk_merge_searches_like_the_in_ram_index(tmp_path, data, built):
 def test_bad_inputs(tmp_path, built):
     with pytest.raises(ValueError, match="not both"):
         build_index(built[0], str(tmp_path / "x"), factory=FACTORY, memory_budget="1GB")
+    with pytest.raises(FileNotFoundError, match="no descriptor store at"):
+        build_index(str(tmp_path / "typo"), str(tmp_path / "x"))
+    store.write_run_info(str(tmp_path / "empty"), {"preset": "none"})
     with pytest.raises(ValueError, match="no committed global shards"):
         build_index(str(tmp_path / "empty"), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="not a faiss index_factory"):
