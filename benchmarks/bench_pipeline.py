@@ -48,7 +48,7 @@ from pipeline import distributed, images, manifest, storage
 from pipeline.config import RuntimeOptions, get_preset
 from pipeline.demo import DEMO_PHOTOS, make_demo_dataset
 from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
-from pipeline.extract import Extractor, build_extractor
+from pipeline.features import Extractor, build_extractor
 
 SHARED_MOBILENET = (
     Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"

@@ -179,7 +179,7 @@ class ExtractorActor:
     ) -> None:
         import torch
 
-        from pipeline.extract import build_extractor
+        from pipeline.features import build_extractor
 
         torch.set_num_threads(cpu_threads)
         self.extractor = build_extractor(job.config, job.weights_url, options=options, runtime=runtime)
