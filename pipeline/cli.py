@@ -125,7 +125,7 @@ def extract(
     Re-running the same command resumes: committed shards are kept, the rest is extracted.
     """
     from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.store import StoreSettings
 
     job = ExtractionJob(

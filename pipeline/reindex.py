@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, storage, store
 from pipeline.config import get_preset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
 from pipeline.storage import Options

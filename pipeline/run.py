@@ -121,7 +121,7 @@ def run_pipeline(
 ) -> dict[str, StageResult]:
     """Run (or resume) every stage of ``config``; returns each stage's result."""
     from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.index import BuildConfig, QualityConfig, build_index, search
     from pipeline.rerank import rerank
     from pipeline.store import StoreSettings

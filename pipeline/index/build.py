@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage, store
-from pipeline.distributed import ensure_ray
+from pipeline.extraction import ensure_ray
 from pipeline.index import io
 from pipeline.index.params import IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report

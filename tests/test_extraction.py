@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline import storage, store
 from pipeline.config import get_preset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.features import Extractor
 from pipeline.images import load_image
 from pipeline.model.delg import Delg
