@@ -44,7 +44,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline import extraction, images, manifest, storage
+from pipeline import extraction, images, manifest, ray_runtime, storage
 from pipeline.config import RuntimeOptions, get_preset
 from pipeline.demo import DEMO_PHOTOS, make_demo_dataset
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
@@ -165,7 +165,7 @@ def start_ray() -> tuple[float, int, int, int]:
     import ray
 
     started = time.perf_counter()
-    extraction.ensure_ray()
+    ray_runtime.ensure_ray()
     seconds = time.perf_counter() - started
     resources = ray.cluster_resources()
     return seconds, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), match_worker_niceness()
