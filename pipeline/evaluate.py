@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.index.search import Ranking, read_rankings
+from pipeline.results import Ranking, read_rankings
 from pipeline.storage import Options
 
 PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
