@@ -322,9 +322,29 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score results: revisitop (Easy/Medium/Hard mAP, mP@k), GLDv2 retrieval mAP@100, or recognition GAP."""
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluate import evaluate as evaluate_results
 
-    run_evaluation(results, ground_truth, protocol, out, storage.options_from_env(), landmarks_url=landmarks)
+    options = storage.options_from_env()
+    metrics = evaluate_results(results, ground_truth, protocol, options, landmarks_url=landmarks, out_url=out)
+    stdout.print(_metrics_table(metrics, f"{protocol}: {storage.redact(results)} (%)"))
+
+
+def _metrics_table(metrics, title: str) -> Table:
+    """One row per setting / subset, one column per figure (fractions shown as percentages)."""
+    columns = list(dict.fromkeys(name for row in metrics.values() for name in row))
+    table = Table(title=title)
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row_name, row in metrics.items():
+        table.add_row(row_name, *(_percent(name, row.get(name)) for name in columns))
+    return table
+
+
+def _percent(name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if name == "queries" else f"{100 * value:.2f}"
 
 
 @app.command()
@@ -341,6 +361,22 @@ def run(
 
     parsed = load_run_config(config, storage.options_from_env())
     _run_and_show(parsed)
+
+
+@app.command()
+def report(
+    config: Annotated[str, typer.Argument(help="Run config of a finished run (.toml or .yaml).")],
+    out: Annotated[
+        str | None, typer.Option("--out", help="Where to write the HTML (default: the run's report.html).")
+    ] = None,
+) -> None:
+    """Render the HTML report of a run from its outputs alone: results, metrics, timings (nothing is recomputed)."""
+    from pipeline.report import report_run
+    from pipeline.runconfig import load_run_config
+
+    options = storage.options_from_env()
+    summary = report_run(load_run_config(config, options), options, out)
+    stdout.print(f"report: {summary['report']} ({summary['queries_shown']} queries shown)")
 
 
 @app.command()
