@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import store
 from pipeline.store import LocalFeatures
+from tests.tables import table_rows
 
 COMMANDS = (
     "presets",
@@ -62,17 +63,6 @@ def _write_store(url: str, prefix: str, count: int, rng: np.random.Generator, ce
         store.write_shard(url, shard, ids, vectors, local)
 
 
-def table_rows(stdout: str) -> dict[str, str]:
-    """First cell → second cell of each row of a printed rich table (or help panel)."""
-    rows = {}
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip("│ ").split("│")] if "│" in line else []
-        words = cells[0].split(None, 1) if len(cells) == 1 else cells
-        if len(words) >= 2 and words[0]:
-            rows[words[0]] = words[1]
-    return rows
-
-
 def test_help_lists_every_command():
     panel = cli("--help").stdout.split("Commands")[1].splitlines()[1:]
     listed = [line[2:].split()[0] for line in panel if line.startswith("│ ") and line[2] != " "]
@@ -93,7 +83,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     )
 
     built = cli("build-index", index_store, index, "--address", ray_cluster, "--tasks", "2")
-    assert "Flat" in built.stdout  # 40 vectors: too few for IVF-PQ, and it says so
+    assert table_rows(built.stdout)["factory"] == "Flat"  # 40 vectors: too few for IVF-PQ, and it says so
     cli("search", index, query_store, results, "--k", "10")
     table = pq.read_table(results)
     assert table.num_rows == 40 and sorted(set(table.column("rank").to_pylist())) == list(range(1, 11))
