@@ -146,20 +146,14 @@ def extract(
     cluster = ClusterOptions(
         address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
     )
-    options = storage.options_from_env()
     with _progress_bar() as bar:
         task = bar.add_task("extract", total=None, errors=0, rate=0.0)
 
         def show(p):
-            bar.update(
-                task,
-                total=p.total_rows,
-                completed=p.skipped_rows + p.done_rows,
-                errors=p.errors,
-                rate=p.images_per_s,
-            )
+            done = p.skipped_rows + p.done_rows
+            bar.update(task, total=p.total_rows, completed=done, errors=p.errors, rate=p.images_per_s)
 
-        summary = run_extraction(job, cluster, options, on_progress=show)
+        summary = run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
     _print_summary(summary, out)
 
 
@@ -438,6 +432,8 @@ def reindex(
         str | None, typer.Option(help="Index size budget for a retrain, e.g. 16GB.")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
+    lease_seconds: Annotated[float, typer.Option(help="Lock lease, renewed as the run goes on.")] = 6
+    * 3600.0,
     address: Address = None,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
@@ -445,7 +441,8 @@ def reindex(
 
     Idempotent and resumable; a lock with a lease in the same storage keeps two runs apart (exit code 3).
     """
-    from pipeline.reindex import LockHeldError, ReindexConfig
+    from pipeline.lease import LockHeldError
+    from pipeline.reindex import ReindexConfig
     from pipeline.reindex import reindex as run_reindex
 
     config = ReindexConfig(
@@ -454,6 +451,7 @@ def reindex(
         shard_size=shard_size,
         keep=keep,
         retrain_threshold=retrain_threshold,
+        lease_seconds=lease_seconds,
         memory_budget=memory_budget,
     )
     try:
@@ -469,7 +467,7 @@ def reindex(
 @app.command()
 def latest(root: Annotated[str, typer.Argument(help="Root of a versioned index (from reindex).")]) -> None:
     """Print the URL of the live index version (what searches should use)."""
-    from pipeline.reindex import resolve_latest
+    from pipeline.versions import resolve_latest
 
     stdout.print(resolve_latest(root, storage.options_from_env()))
 

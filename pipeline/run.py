@@ -139,44 +139,48 @@ def run_pipeline(
     config: RunConfig, options: storage.Options = None, say: Callable[[str], None] = log.info
 ) -> dict[str, StageResult]:
     """Run (or resume) every stage of ``config``; returns each stage's result."""
+    runner = _Runner(RunPaths(config.out), options, say)
+    _extract_stages(config, runner)
+    _index_stages(config, runner)
+    _verify_and_report_stages(config, runner)
+    return runner.results
+
+
+def _extract_stages(config: RunConfig, runner: _Runner) -> None:
     from pipeline.config import RuntimeOptions, get_preset
     from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
-    from pipeline.index import BuildConfig, QualityConfig, build_index, search
-    from pipeline.report import report_run
-    from pipeline.rerank import rerank
     from pipeline.store import StoreSettings
 
-    paths = RunPaths(config.out)
-    runner = _Runner(paths, options, say)
-    address = config.ray_address or None
-    preset = get_preset(config.extract.preset)
-    cluster = ClusterOptions(address=address, runtime=RuntimeOptions(batch_size=config.extract.batch_size))
-    store_settings = StoreSettings(local_dtype=config.extract.local_dtype)
+    runtime = RuntimeOptions(batch_size=config.extract.batch_size)
+    cluster = ClusterOptions(address=config.ray_address or None, runtime=runtime)
 
     def extraction(manifest_url: str, out_url: str) -> Callable[[], Mapping[str, Any]]:
         job = ExtractionJob(
             manifest_url,
             out_url,
-            preset,
+            get_preset(config.extract.preset),
             config.extract.weights or None,
-            store_settings,
+            StoreSettings(local_dtype=config.extract.local_dtype),
             config.extract.shard_size,
         )
-        return lambda: asdict(run_extraction(job, cluster, options))
+        return lambda: asdict(run_extraction(job, cluster, runner.options))
 
-    extract_params = asdict(config.extract)
+    params, paths = asdict(config.extract), runner.paths
     runner.stage(
-        "extract-index",
-        [extract_params, config.data.index],
-        [],
-        extraction(config.data.index, paths.index_store),
+        "extract-index", [params, config.data.index], [], extraction(config.data.index, paths.index_store)
     )
     runner.stage(
         "extract-queries",
-        [extract_params, config.data.queries],
+        [params, config.data.queries],
         [],
         extraction(config.data.queries, paths.query_store),
     )
+
+
+def _index_stages(config: RunConfig, runner: _Runner) -> None:
+    from pipeline.index import BuildConfig, QualityConfig, build_index, search
+
+    paths, options = runner.paths, runner.options
 
     def build() -> Mapping[str, Any]:
         return build_index(
@@ -185,7 +189,7 @@ def run_pipeline(
             factory=config.index.factory or None,
             memory_budget=config.index.memory_budget or None,
             options=options,
-            ray_address=address,
+            ray_address=config.ray_address or None,
             config=BuildConfig(quality=QualityConfig(target=config.index.target_recall)),
         )
 
@@ -203,6 +207,13 @@ def run_pipeline(
             options,
         ),
     )
+
+
+def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
+    from pipeline.report import report_run
+    from pipeline.rerank import rerank
+
+    paths, options = runner.paths, runner.options
     rerank_config = config.rerank.rerank_config()
     if config.rerank.enabled:
         runner.stage(
@@ -220,21 +231,13 @@ def run_pipeline(
                 )
             ),
         )
+    done = runner.results
     if config.data.ground_truth:
-        runner.stage(
-            "evaluate",
-            asdict(config.data),
-            [s for s in ("search", "rerank") if s in runner.results],
-            lambda: _evaluate(config, paths, options),
-        )
+        upstream = [s for s in ("search", "rerank") if s in done]
+        runner.stage("evaluate", asdict(config.data), upstream, lambda: _evaluate(config, paths, options))
     if config.report.enabled:
-        runner.stage(
-            "report",
-            asdict(config.report),
-            [s for s in ("search", "rerank", "evaluate") if s in runner.results],
-            lambda: report_run(config, options),
-        )
-    return runner.results
+        upstream = [s for s in ("search", "rerank", "evaluate") if s in done]
+        runner.stage("report", asdict(config.report), upstream, lambda: report_run(config, options))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -246,7 +246,7 @@ def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options)
         index = merge_in_ram(io.read_index(trained_url, options), index_urls, options)
         io.write_index(index, storage.join(out_url, io.INDEX), options)
     id_map = pa.concat_tables(storage.read_parquet(u, options) for u in id_urls)
-    storage.write_parquet(storage.join(out_url, io.ID_MAP), id_map, options, compression="zstd")
+    io.write_id_map(out_url, id_map, options)
     return index, on_disk
 
 
