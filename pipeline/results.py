@@ -152,18 +152,23 @@ def write_reranked(
 ) -> pa.Table:
     """Write re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences)."""
 
-    def column(name: str) -> list[Any]:
-        return [value for part in parts for value in list(part[name])]
+    def listed(name: str) -> list[Any]:
+        return [value for part in parts for value in part[name]]
 
-    matches = [None if m is None else np.asarray(m, np.float32).tolist() for m in column("matches")]
+    def numbers(name: str, dtype: type) -> np.ndarray:
+        return (
+            np.concatenate([np.asarray(part[name], dtype) for part in parts]) if parts else np.zeros(0, dtype)
+        )
+
+    matches = [None if m is None else np.asarray(m, np.float32) for m in listed("matches")]
     table = pa.table(
         {
-            "query_id": pa.array(column("query_id"), type=pa.string()),
-            "rank": pa.array(np.asarray(column("rank"), np.int64), type=pa.int32()),
-            "id": pa.array(column("id"), type=pa.string()),
-            "score": pa.array(np.asarray(column("score"), np.float32), type=pa.float32()),
-            "inliers": pa.array(np.asarray(column("inliers"), np.int64), type=pa.int32()),
-            "global_score": pa.array(np.asarray(column("global_score"), np.float32), type=pa.float32()),
+            "query_id": pa.array(listed("query_id"), type=pa.string()),
+            "rank": pa.array(numbers("rank", np.int32), type=pa.int32()),
+            "id": pa.array(listed("id"), type=pa.string()),
+            "score": pa.array(numbers("score", np.float32), type=pa.float32()),
+            "inliers": pa.array(numbers("inliers", np.int32), type=pa.int32()),
+            "global_score": pa.array(numbers("global_score", np.float32), type=pa.float32()),
             "matches": pa.array(matches, type=pa.list_(pa.float32())),
         },
         schema=RERANKED_SCHEMA,

@@ -83,7 +83,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     )
 
     built = cli("build-index", index_store, index, "--address", ray_cluster, "--tasks", "2")
-    assert table_rows(built.stdout)["factory"] == "Flat"  # 40 vectors: too few for IVF-PQ, and it says so
+    assert table_rows(built.stdout)["factory"] == "IDMap2,Flat"  # 40 vectors: too few for IVF-PQ
     cli("search", index, query_store, results, "--k", "10")
     table = pq.read_table(results)
     assert table.num_rows == 40 and sorted(set(table.column("rank").to_pylist())) == list(range(1, 11))
