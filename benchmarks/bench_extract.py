@@ -20,7 +20,7 @@ import torch
 from skimage import data
 
 from pipeline.config import RuntimeOptions, get_preset
-from pipeline.extract import Extractor, ImageFeatures, build_extractor
+from pipeline.features import Extractor, ImageFeatures, build_extractor
 
 SHARED_MOBILENET = (
     Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"

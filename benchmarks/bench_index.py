@@ -22,11 +22,11 @@ import faiss
 import numpy as np
 
 from pipeline import store
-from pipeline.distributed import ensure_ray
 from pipeline.index import BuildConfig, QualityConfig, build_index, io
 from pipeline.index.build import draw_samples, id_bases, sample_rows, shard_rows, train_size
 from pipeline.index.params import choose_index
 from pipeline.index.quality import exact_knn, quality_report
+from pipeline.ray_runtime import ensure_ray
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

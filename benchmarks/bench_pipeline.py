@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-# Extractor actors run with pipeline.distributed.ACTOR_ENV (checked in main); OpenMP reads it when torch
+# Extractor actors run with pipeline.extraction.ACTOR_ENV (checked in main); OpenMP reads it when torch
 # loads, so model-only sets it before the import to run under the same conditions.
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
@@ -44,11 +44,11 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline import distributed, images, manifest, storage
+from pipeline import extraction, images, manifest, ray_runtime, storage
 from pipeline.config import RuntimeOptions, get_preset
 from pipeline.demo import DEMO_PHOTOS, make_demo_dataset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
-from pipeline.extract import Extractor, build_extractor
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.features import Extractor, build_extractor
 
 SHARED_MOBILENET = (
     Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
@@ -165,7 +165,7 @@ def start_ray() -> tuple[float, int, int, int]:
     import ray
 
     started = time.perf_counter()
-    distributed.ensure_ray()
+    ray_runtime.ensure_ray()
     seconds = time.perf_counter() - started
     resources = ray.cluster_resources()
     return seconds, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), match_worker_niceness()
@@ -184,8 +184,8 @@ def measure_repeat(
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.ERROR)
-    if not distributed.ACTOR_ENV.items() <= os.environ.items():
-        raise ValueError(f"model-only must run with the actors' {distributed.ACTOR_ENV}; update this script")
+    if not extraction.ACTOR_ENV.items() <= os.environ.items():
+        raise ValueError(f"model-only must run with the actors' {extraction.ACTOR_ENV}; update this script")
     config = get_preset(args.preset)
     weights = (
         str(SHARED_MOBILENET) if config.backbone == "mobilenet_v2" and SHARED_MOBILENET.exists() else None
@@ -199,7 +199,7 @@ def main() -> None:
 
     ray_start_s, node_cpus, gpus, niceness = start_ray()
     extractors = cluster.num_extractors or max(gpus, 1)
-    threads = distributed.extractor_threads(node_cpus, extractors, gpus)
+    threads = extraction.extractor_threads(node_cpus, extractors, gpus)
     torch.set_num_threads(threads)
     started = time.perf_counter()
     extractor = build_extractor(config, weights, runtime=runtime)

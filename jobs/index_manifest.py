@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import get_preset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import build_index
 
 

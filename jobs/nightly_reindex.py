@@ -16,7 +16,8 @@ import os
 import sys
 
 from pipeline import storage
-from pipeline.reindex import LockHeldError, ReindexConfig, reindex
+from pipeline.lease import LockHeldError
+from pipeline.reindex import ReindexConfig, reindex
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

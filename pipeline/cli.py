@@ -132,7 +132,7 @@ def extract(
     Re-running the same command resumes: committed shards are kept, the rest is extracted.
     """
     from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.store import StoreSettings
 
     job = ExtractionJob(
@@ -154,20 +154,14 @@ def extract(
     cluster = ClusterOptions(
         address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
     )
-    options = storage.options_from_env()
     with _progress_bar() as bar:
         task = bar.add_task("extract", total=None, errors=0, rate=0.0)
 
         def show(p):
-            bar.update(
-                task,
-                total=p.total_rows,
-                completed=p.skipped_rows + p.done_rows,
-                errors=p.errors,
-                rate=p.images_per_s,
-            )
+            done = p.skipped_rows + p.done_rows
+            bar.update(task, total=p.total_rows, completed=done, errors=p.errors, rate=p.images_per_s)
 
-        summary = run_extraction(job, cluster, options, on_progress=show)
+        summary = run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
     _print_summary(summary, out)
 
 
@@ -330,9 +324,29 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score results: revisitop (Easy/Medium/Hard mAP, mP@k), GLDv2 retrieval mAP@100, or recognition GAP."""
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluate import evaluate as evaluate_results
 
-    run_evaluation(results, ground_truth, protocol, out, storage.options_from_env(), landmarks_url=landmarks)
+    options = storage.options_from_env()
+    metrics = evaluate_results(results, ground_truth, protocol, options, landmarks_url=landmarks, out_url=out)
+    stdout.print(_metrics_table(metrics, f"{protocol}: {storage.redact(results)} (%)"))
+
+
+def _metrics_table(metrics, title: str) -> Table:
+    """One row per setting / subset, one column per figure (fractions shown as percentages)."""
+    columns = list(dict.fromkeys(name for row in metrics.values() for name in row))
+    table = Table(title=title)
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row_name, row in metrics.items():
+        table.add_row(row_name, *(_percent(name, row.get(name)) for name in columns))
+    return table
+
+
+def _percent(name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if name == "queries" else f"{100 * value:.2f}"
 
 
 @app.command()
@@ -349,6 +363,22 @@ def run(
 
     parsed = load_run_config(config, storage.options_from_env())
     _run_and_show(parsed)
+
+
+@app.command()
+def report(
+    config: Annotated[str, typer.Argument(help="Run config of a finished run (.toml or .yaml).")],
+    out: Annotated[
+        str | None, typer.Option("--out", help="Where to write the HTML (default: the run's report.html).")
+    ] = None,
+) -> None:
+    """Render the HTML report of a run from its outputs alone: results, metrics, timings (nothing is recomputed)."""
+    from pipeline.report import report_run
+    from pipeline.runconfig import load_run_config
+
+    options = storage.options_from_env()
+    summary = report_run(load_run_config(config, options), options, out)
+    stdout.print(f"report: {summary['report']} ({summary['queries_shown']} queries shown)")
 
 
 @app.command()
@@ -410,6 +440,8 @@ def reindex(
         str | None, typer.Option(help="Index size budget for a retrain, e.g. 16GB.")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
+    lease_seconds: Annotated[float, typer.Option(help="Lock lease, renewed as the run goes on.")] = 6
+    * 3600.0,
     address: Address = None,
     image_root: ImageRoot = None,
 ) -> None:
@@ -418,7 +450,8 @@ def reindex(
 
     Idempotent and resumable; a lock with a lease in the same storage keeps two runs apart (exit code 3).
     """
-    from pipeline.reindex import LockHeldError, ReindexConfig
+    from pipeline.lease import LockHeldError
+    from pipeline.reindex import ReindexConfig
     from pipeline.reindex import reindex as run_reindex
 
     config = ReindexConfig(
@@ -427,6 +460,7 @@ def reindex(
         shard_size=shard_size,
         keep=keep,
         retrain_threshold=retrain_threshold,
+        lease_seconds=lease_seconds,
         memory_budget=memory_budget,
         image_root=image_root,
     )
@@ -443,7 +477,7 @@ def reindex(
 @app.command()
 def latest(root: Annotated[str, typer.Argument(help="Root of a versioned index (from reindex).")]) -> None:
     """Print the URL of the live index version (what searches should use)."""
-    from pipeline.reindex import resolve_latest
+    from pipeline.versions import resolve_latest
 
     stdout.print(resolve_latest(root, storage.options_from_env()))
 

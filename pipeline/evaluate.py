@@ -20,7 +20,7 @@ import csv
 import io
 import json
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.index.search import Ranking, read_rankings
+from pipeline.results import Ranking, read_rankings
 from pipeline.storage import Options
 
 PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
@@ -356,8 +356,11 @@ def evaluate(
     options: Options = None,
     *,
     landmarks_url: str | None = None,
+    out_url: str | None = None,
 ) -> dict[str, dict]:
-    """Score a search-results Parquet against ground truth; figures are fractions in [0, 1].
+    """Score a results file (pipeline.results) against ground truth; figures are fractions in [0, 1].
+
+    With ``out_url``, the figures are also written there as JSON.
 
     - ``revisitop``: ``ground_truth_url`` is a ``gnd_*.pkl``; returns ``{"easy"|"medium"|"hard": {"mAP",
       "mP@1", "mP@5", "mP@10", "queries"}}``. Result ids and query ids are imlist / qimlist names (result ids
@@ -376,50 +379,53 @@ def evaluate(
     rankings = read_rankings(results_url, options)
     ranked_ids = {q: ranking.ids for q, ranking in rankings.items()}
     if protocol == "revisitop":
-        return evaluate_revisitop(ranked_ids, read_revisitop_gnd(ground_truth_url, options))
-    if protocol == "gldv2-retrieval":
-        return evaluate_gldv2_retrieval(ranked_ids, read_gldv2_solution(ground_truth_url, "images", options))
-    solution = read_gldv2_solution(ground_truth_url, "landmarks", options)
-    assert landmarks_url is not None
-    return evaluate_gldv2_recognition(rankings, solution, read_landmarks(landmarks_url, options))
-
-
-def metrics_table(metrics: Mapping[str, Mapping[str, float]], title: str) -> Any:
-    """A rich Table: one row per setting / subset, one column per figure (fractions shown as percentages)."""
-    from rich.table import Table
-
-    columns = list(dict.fromkeys(name for row in metrics.values() for name in row))
-    table = Table(title=title)
-    table.add_column("")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for row_name, row in metrics.items():
-        table.add_row(row_name, *(_format_figure(name, row.get(name)) for name in columns))
-    return table
-
-
-def _format_figure(name: str, value: float | None) -> str:
-    if value is None:
-        return ""
-    if name == "queries":
-        return str(int(value))
-    return f"{100 * value:.2f}"
-
-
-def run_evaluation(
-    results_url: str,
-    ground_truth_url: str,
-    protocol: str,
-    out_url: str | None = None,
-    options: Options = None,
-    *,
-    landmarks_url: str | None = None,
-) -> dict[str, dict]:
-    """``evaluate``, print the figures as a table (in %), and write them as JSON (fractions) to ``out_url``."""
-    from rich.console import Console
-
-    metrics = evaluate(results_url, ground_truth_url, protocol, options, landmarks_url=landmarks_url)
-    Console().print(metrics_table(metrics, f"{protocol}: {storage.redact(results_url)} (%)"))
+        metrics = evaluate_revisitop(ranked_ids, read_revisitop_gnd(ground_truth_url, options))
+    elif protocol == "gldv2-retrieval":
+        metrics = evaluate_gldv2_retrieval(
+            ranked_ids, read_gldv2_solution(ground_truth_url, "images", options)
+        )
+    else:
+        solution = read_gldv2_solution(ground_truth_url, "landmarks", options)
+        assert landmarks_url is not None
+        metrics = evaluate_gldv2_recognition(rankings, solution, read_landmarks(landmarks_url, options))
     if out_url is not None:
         storage.write_text(out_url, json.dumps(metrics, indent=2) + "\n", options)
     return metrics
+
+
+Labeler = Callable[[str, str], "str | None"]
+
+
+def relevance_labeler(
+    protocol: str, ground_truth_url: str, options: Options = None, *, landmarks_url: str | None = None
+) -> Labeler:
+    """(query id, result id) → "positive" | "negative" | "junk" by the ground truth; None for unknown queries."""
+    if protocol == "revisitop":
+        return _revisitop_labeler(read_revisitop_gnd(ground_truth_url, options))
+    if protocol == "gldv2-retrieval":
+        solution = read_gldv2_solution(ground_truth_url, "images", options)
+        relevant = {q: set(ids) for q, ids in solution.truth.items()}
+        return lambda query, hit: (
+            None if query not in relevant else ("positive" if hit in relevant[query] else "negative")
+        )
+    solution = read_gldv2_solution(ground_truth_url, "landmarks", options)
+    landmarks = read_landmarks(landmarks_url or "", options)
+    truth = {q: set(ids) for q, ids in solution.truth.items()}
+    return lambda query, hit: (
+        None if query not in truth else ("positive" if landmarks.get(hit) in truth[query] else "negative")
+    )
+
+
+def _revisitop_labeler(gt: RevisitopGroundTruth) -> Labeler:
+    position = {name: i for i, name in enumerate(gt.qimlist)}
+
+    def label(query: str, hit: str) -> str | None:
+        if query not in position:
+            return None
+        entry = gt.gnd[position[query]]
+        names = {kind: {gt.imlist[i] for i in entry.get(kind, [])} for kind in ("easy", "hard", "junk")}
+        if hit in names["junk"]:
+            return "junk"
+        return "positive" if hit in names["easy"] | names["hard"] else "negative"
+
+    return label

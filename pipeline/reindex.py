@@ -1,29 +1,15 @@
-"""Nightly incremental re-index: bring a versioned index up to date with the current manifest.
+"""The re-index stage: bring a versioned index (layout: pipeline.versions) up to date with the current manifest.
 
-Layout under a root URL ``ROOT``::
-
-    ROOT/LATEST                      the live version's name ("v000003"), moved by one small atomic write
-    ROOT/versions/v000003/           a complete index dir (see pipeline.index) plus
-        state.parquet                the manifest rows this version indexes: id, url, image (sha256), etag, size
-        stores.json                  ordered descriptor stores (newest last, relative to ROOT): read_stores()
-                                     gives the URLs for LocalReader(stores)
-        report.json                  the run report that published this version
-    ROOT/descriptors/<run-name>/     descriptor store of one run's new + changed rows (+ _manifest.parquet)
-    ROOT/_lock.json                  owner and lease expiry of the run in progress
-
-A run diffs the manifest against the live version's state, extracts only new + changed rows, then builds the
-next version: a copy of the live index with changed and deleted ids removed and the new shards added, or, when
-the new vectors pass ``retrain_threshold`` of the live count (or nothing is live yet), a fresh build on the
-compacted global descriptors. The version is written completely before LATEST moves, so readers of
-:func:`resolve_latest` never see a half-built index.
+A run diffs the manifest against the live version's state, extracts only new + changed rows into
+``ROOT/descriptors/<run-name>/`` (with the rows' ``_manifest.parquet``), then builds the next version: a copy of
+the live index with changed and deleted ids removed and the new shards added, or, when the new vectors pass
+``retrain_threshold`` of the live count (or nothing is live yet), a fresh build on the compacted global
+descriptors. The version is written completely before LATEST moves, so readers of
+:func:`pipeline.versions.resolve_latest` never see a half-built index.
 
 Crash safety: the run's name derives from (live version, manifest, rows to extract, model), so a re-run
-resumes the same extraction (committed shards are kept) and rebuilds the same version number.
-
-Locking: ``_lock.json`` holds a lease. Object stores without conditional writes cannot make taking it atomic;
-we write, read back and compare owners, which leaves a window of one round trip in which two runs started
-at the same instant could both believe they hold it. Schedule one run at a time (the CronJob's
-``concurrencyPolicy: Forbid``); the lock guards against overlaps, not against simultaneous starts.
+resumes the same extraction (committed shards are kept) and rebuilds the same version number. Two runs are
+kept apart by the lease of pipeline.lease.
 """
 
 from __future__ import annotations
@@ -31,10 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,31 +26,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import manifest, storage, store
+from pipeline import manifest, storage, store, versions
 from pipeline.config import get_preset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
+from pipeline.lease import Lease
 from pipeline.storage import Options
-from pipeline.store import ShardCommit, StoreSettings
+from pipeline.store import StoreSettings
 
 log = logging.getLogger(__name__)
 
-LATEST = "LATEST"
-VERSIONS = "versions"
-DESCRIPTORS = "descriptors"
-LOCK = "_lock.json"
-STATE = "state.parquet"
-STORES = "stores.json"
-REPORT = "report.json"
 COMPACT = "_compact"  # the retrain path's global-only store, removed once the index is built
 SUBSET_MANIFEST = "_manifest.parquet"
-VERSION_FILES = (STATE, STORES, REPORT)  # ours; the rest of a version dir is the index
 MAX_REPORTED_ERRORS = 1000  # error records copied into a report; counts by reason are always complete
-
-
-class LockHeldError(RuntimeError):
-    """Another run holds a live lease on the root."""
 
 
 @dataclass(frozen=True)
@@ -126,141 +98,10 @@ class ReindexReport:
 # ------------------------------------------------------------------------------------------ versions
 
 
-def version_name(number: int) -> str:
-    return f"v{number:06d}"
-
-
-def version_number(name: str) -> int:
-    if len(name) != 7 or not name.startswith("v") or not name[1:].isdigit():
-        raise ValueError(f"version name {name!r}; expected 'v' and 6 digits, e.g. 'v000001'")
-    return int(name[1:])
-
-
-def version_url(root_url: str, name: str) -> str:
-    return storage.join(root_url, VERSIONS, name)
-
-
-def live_version(root_url: str, options: Options = None) -> str | None:
-    """The name LATEST holds, or None before the first publish."""
-    url = storage.join(root_url, LATEST)
-    if not storage.exists(url, options):
-        return None
-    name = storage.read_text(url, options).strip()
-    version_number(name)
-    return name
-
-
-def resolve_latest(root_url: str, options: Options = None) -> str:
-    """The URL of the live, complete version (an index dir with state.parquet and stores.json)."""
-    name = live_version(root_url, options)
-    if name is None:
-        raise FileNotFoundError(f"no published version under {storage.redact(root_url)} (no {LATEST})")
-    return version_url(root_url, name)
-
-
-def read_stores(version: str, options: Options = None) -> list[str]:
-    """The ordered descriptor store URLs (newest last) whose local features a version's ids use."""
-    root = version.rstrip("/").rsplit("/", 2)[0]  # ROOT/versions/vN → ROOT
-    return [
-        storage.join(root, name)
-        for name in json.loads(storage.read_text(storage.join(version, STORES), options))
-    ]
-
-
-def _store_names(stores: Sequence[str]) -> list[str]:
-    """Store URLs as paths relative to ROOT (all live under ROOT/descriptors), so a root can be moved."""
-    return [f"{DESCRIPTORS}/{url.rstrip('/').rsplit('/', 1)[-1]}" for url in stores]
-
-
-def _published_versions(root_url: str, options: Options) -> list[str]:
-    names = [
-        u.rstrip("/").rsplit("/", 1)[-1]
-        for u in storage.glob(storage.join(root_url, VERSIONS, "v*"), options)
-    ]
-    return sorted(n for n in names if len(n) == 7 and n[1:].isdigit())
-
-
 # ------------------------------------------------------------------------------------------ lock
 
 
-class Lease:
-    """``ROOT/_lock.json``: taken when absent or expired, renewed while the run goes on, removed at the end."""
-
-    def __init__(self, root_url: str, seconds: float, options: Options = None) -> None:
-        self.url = storage.join(root_url, LOCK)
-        self.seconds = seconds
-        self.options = options
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.renewed = 0.0
-        self.acquired_at = time.time()
-
-    def _read(self) -> dict[str, Any] | None:
-        if not storage.exists(self.url, self.options):
-            return None
-        return json.loads(storage.read_text(self.url, self.options))
-
-    def _write(self) -> None:
-        now = time.time()
-        record = {"owner": self.owner, "acquired_at": self.acquired_at, "expires_at": now + self.seconds}
-        storage.write_text(self.url, json.dumps(record), self.options)
-        self.renewed = time.monotonic()
-
-    def acquire(self) -> None:
-        held = self._read()
-        if held is not None and held["expires_at"] > time.time():
-            raise LockHeldError(
-                f"{storage.redact(self.url)} is held by {held['owner']} until "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(held['expires_at']))}; "
-                "another re-index is running (remove the file only if you know that run is dead)"
-            )
-        if held is not None:
-            log.warning("taking over the expired lock of %s", held["owner"])
-        self._write()
-        self._check_ours()
-
-    def _check_ours(self) -> None:
-        held = self._read()
-        if held is None or held["owner"] != self.owner:
-            other = held["owner"] if held else "nobody (removed)"
-            raise LockHeldError(f"lost {storage.redact(self.url)} to {other}")
-
-    def renew_if_due(self) -> None:
-        """Extend the lease once a third of it has passed (cheap to call after every chunk)."""
-        if time.monotonic() - self.renewed > self.seconds / 3:
-            self._check_ours()
-            self._write()
-
-    def release(self) -> None:
-        held = self._read()
-        if held is not None and held["owner"] == self.owner:
-            storage.remove(self.url, self.options)
-
-
 # ------------------------------------------------------------------------------------------ state and diff
-
-
-def state_table(table: pa.Table) -> pa.Table:
-    """The columns of manifest rows that decide whether an image changed; inline images as sha256 digests."""
-    images = table.column("image").combine_chunks()
-    digests = pa.array(
-        [None if b is None else hashlib.sha256(b).digest() for b in images.to_pylist()]
-        if images.null_count < len(images)
-        else pa.nulls(len(images), pa.binary()),
-        pa.binary(),
-    )
-    columns = {"id": table.column("id"), "url": table.column("url"), "image": digests}
-    columns |= {c: table.column(c) for c in ("etag", "size") if c in table.column_names}
-    return pa.table(columns)
-
-
-def _empty_state() -> pa.Table:
-    return pa.table(
-        {
-            "id": pa.array([], pa.string()),
-            "url": pa.array([], pa.string()),
-            "image": pa.array([], pa.binary()),
-        }
-    )
 
 
 def _run_name(live: str | None, fingerprint: str, todo: pa.Table, extraction: dict[str, Any]) -> str:
@@ -268,7 +109,7 @@ def _run_name(live: str | None, fingerprint: str, todo: pa.Table, extraction: di
     digest = hashlib.sha256(fingerprint.encode())
     digest.update(manifest.manifest_fingerprint(todo).encode())
     digest.update(json.dumps(extraction, sort_keys=True).encode())
-    return f"{live or version_name(0)}-{digest.hexdigest()[:16]}"
+    return f"{live or versions.version_name(0)}-{digest.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)
@@ -282,7 +123,7 @@ class _Plan:
 
 
 def _plan(table: pa.Table, live_state: pa.Table, model_changed: bool) -> _Plan:
-    current = state_table(table)
+    current = versions.state_table(table)
     diff = manifest.diff_manifests(live_state, current)
     if model_changed:  # descriptors of another model cannot share an index: every row is extracted again
         new = set(diff.added)
@@ -357,7 +198,7 @@ def _copy_index(source: str, target: str, options: Options) -> None:
     storage.remove(target, options, recursive=True)
     for url in storage.list_files(source, options):
         name = url.rsplit("/", 1)[-1]
-        if name not in VERSION_FILES:
+        if name not in versions.VERSION_FILES:
             storage.write_bytes(storage.join(target, name), storage.read_bytes(url, options), options)
 
 
@@ -371,26 +212,6 @@ def _update_in_place(
     shards = store.global_shard_urls(run_store, options) if run_store else []
     if shards:
         add_shards(target, shards, options)
-
-
-def _write_global_shard(
-    store_url: str, shard: int, ids: np.ndarray, vectors: np.ndarray, options: Options
-) -> None:
-    """A committed global-only shard: all that build_index reads of a store."""
-    table = pa.table(
-        {
-            "id": pa.array(list(ids), pa.string()),
-            "global": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]
-            ),
-        }
-    )
-    name = store.shard_name(shard)
-    storage.write_parquet(storage.join(store_url, store.GLOBAL_DIR, name + ".parquet"), table, options)
-    commit = ShardCommit(shard=shard, rows=len(ids), ok=len(ids), errors=0)
-    storage.write_text(
-        storage.join(store_url, store.COMMITS_DIR, name + ".json"), json.dumps(asdict(commit)), options
-    )
 
 
 def compact_globals(
@@ -410,7 +231,7 @@ def compact_globals(
         for ids, vectors in store.iter_global(store_url, options):  # (n,), (n, D)
             keep = np.fromiter((i in wanted and i not in taken for i in ids), dtype=bool, count=len(ids))
             if keep.any():
-                _write_global_shard(out_url, shard, ids[keep], vectors[keep], options)
+                store.write_global_only_shard(out_url, shard, ids[keep], vectors[keep], options)
                 taken.update(ids[keep].tolist())
                 shard += 1
                 supplied = True
@@ -449,30 +270,6 @@ def _rebuild(
     return stores
 
 
-def _indexed_ids(index_url: str, options: Options) -> set[str]:
-    table = storage.read_parquet(storage.join(index_url, index_io.ID_MAP), options)
-    return set(table.column("image_id").to_pylist())
-
-
-def _prune(root_url: str, live_number: int, keep: int, options: Options) -> None:
-    """Keep the newest ``keep`` published versions; remove older ones and stores no kept version uses.
-
-    Versions numbered above the live one are a crashed run's partial output: the next run overwrites them.
-    """
-    published = [n for n in _published_versions(root_url, options) if version_number(n) <= live_number]
-    kept = published[-keep:]
-    for name in published[:-keep]:
-        storage.remove(version_url(root_url, name), options, recursive=True)
-    referenced = {
-        url.rstrip("/").rsplit("/", 1)[-1]
-        for name in kept
-        for url in read_stores(version_url(root_url, name), options)
-    }
-    for url in storage.glob(storage.join(root_url, DESCRIPTORS, "*"), options):
-        if url.rstrip("/").rsplit("/", 1)[-1] not in referenced:
-            storage.remove(url, options, recursive=True)
-
-
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -489,18 +286,17 @@ class _Live:
 
 
 def _load_live(root_url: str, options: Options) -> _Live | None:
-    name = live_version(root_url, options)
+    name = versions.live_version(root_url, options)
     if name is None:
         return None
-    url = version_url(root_url, name)
-    report = json.loads(storage.read_text(storage.join(url, REPORT), options))
+    url = versions.version_url(root_url, name)
     return _Live(
         name=name,
         url=url,
-        state=storage.read_parquet(storage.join(url, STATE), options),
-        extraction=report["extraction"],
+        state=versions.read_state(url, options),
+        extraction=versions.read_report(url, options)["extraction"],
         params=index_io.read_params(url, options),
-        indexed=_indexed_ids(url, options),
+        indexed=set(index_io.read_id_map(url, options)[1].tolist()),
     )
 
 
@@ -515,14 +311,6 @@ def _run_errors(run_store: str | None, options: Options) -> dict[str, Any]:
         "errors_by_reason": stats["errors_by_reason"],
         "error_records": records,
     }
-
-
-def _write_version_files(
-    target: str, table: pa.Table, stores: Sequence[str], report: ReindexReport, options: Options
-) -> None:
-    storage.write_parquet(storage.join(target, STATE), state_table(table), options)
-    storage.write_text(storage.join(target, STORES), json.dumps(_store_names(stores), indent=2), options)
-    storage.write_text(storage.join(target, REPORT), json.dumps(report.to_dict(), indent=2), options)
 
 
 def reindex(
@@ -560,7 +348,6 @@ def _reindex_locked(
 ) -> ReindexReport:
     started = time.monotonic()
     table = manifest.read_manifest(manifest_url, options, config.image_root)
-    fingerprint = manifest.manifest_fingerprint(table)
     extraction = {
         "preset": config.preset,
         "weights": storage.redact(config.weights_url) if config.weights_url else None,
@@ -568,58 +355,84 @@ def _reindex_locked(
     live = _load_live(root_url, options)
     plan = _plan(
         table,
-        live.state if live else _empty_state(),
+        live.state if live else versions.empty_state(),
         model_changed=live is not None and live.extraction != extraction,
     )
-
-    def report(version: str, published: bool, **fields: Any) -> ReindexReport:
-        return ReindexReport(
-            version=version,
-            previous=live.name if live else None,
-            published=published,
-            added=len(plan.added),
-            changed=len(plan.changed),
-            manifest_fingerprint=fingerprint,
-            extraction=extraction,
-            duration_s=time.monotonic() - started,
-            **fields,
-        )
-
+    fingerprint = manifest.manifest_fingerprint(table)
+    run = _Run(
+        root_url, config, options, ray_address, on_stage, lease, live, plan, extraction, fingerprint, started
+    )
     if live and not (plan.added or plan.changed or plan.deleted):
-        reason = "the manifest matches the live version: nothing to do"
-        return report(
+        return run.report(
             live.name,
             False,
             removed=0,
             retrained=False,
-            reason=reason,
+            reason="the manifest matches the live version: nothing to do",
             run_name=None,
             ntotal=int(live.params["ntotal"]),
             **_run_errors(None, options),
         )
+    return _build_and_publish(run)
 
-    run_name = _run_name(live.name if live else None, fingerprint, plan.todo, extraction)
-    run_store = storage.join(root_url, DESCRIPTORS, run_name)
-    extracted = _extract(plan, run_store, config, options, ray_address, lease)
-    on_stage("extracted")
-    lease.renew_if_due()
 
-    name = version_name(version_number(live.name) + 1 if live else 1)
-    target = version_url(root_url, name)
+@dataclass
+class _Run:
+    """One re-index run's inputs, decided before anything is written."""
+
+    root_url: str
+    config: ReindexConfig
+    options: Options
+    ray_address: str | None
+    on_stage: Callable[[str], None]
+    lease: Lease
+    live: _Live | None
+    plan: _Plan
+    extraction: dict[str, Any]
+    fingerprint: str  # of the manifest
+    started: float  # time.monotonic() when the run began
+
+    def report(self, version: str, published: bool, **fields: Any) -> ReindexReport:
+        return ReindexReport(
+            version=version,
+            previous=self.live.name if self.live else None,
+            published=published,
+            added=len(self.plan.added),
+            changed=len(self.plan.changed),
+            manifest_fingerprint=self.fingerprint,
+            extraction=self.extraction,
+            duration_s=time.monotonic() - self.started,
+            **fields,
+        )
+
+    def reached(self, stage: str) -> None:
+        self.on_stage(stage)
+        self.lease.renew_if_due()
+
+
+def _build_and_publish(run: _Run) -> ReindexReport:
+    """Extract the plan's rows, build the next version beside the live one, write it whole, then publish it."""
+    live, plan, options = run.live, run.plan, run.options
+    run_name = _run_name(live.name if live else None, run.fingerprint, plan.todo, run.extraction)
+    run_store = storage.join(run.root_url, versions.DESCRIPTORS, run_name)
+    extracted = _extract(plan, run_store, run.config, options, run.ray_address, run.lease)
+    run.reached("extracted")
+
+    name = versions.version_name(versions.version_number(live.name) + 1 if live else 1)
+    target = versions.version_url(run.root_url, name)
     doomed = sorted(live.indexed & {*plan.changed, *plan.deleted}) if live else []
-    stores = [*(read_stores(live.url, options) if live else []), *([run_store] if extracted else [])]
+    stores = [*(versions.read_stores(live.url, options) if live else []), *([run_store] if extracted else [])]
     retrained, reason = _retrain_decision(
-        live.name if live else None, live.params if live else {}, plan, config.retrain_threshold
+        live.name if live else None, live.params if live else {}, plan, run.config.retrain_threshold
     )
     if retrained:
-        stores = _rebuild(target, stores, plan, config, options, ray_address)
+        stores = _rebuild(target, stores, plan, run.config, options, run.ray_address)
     else:
         assert live is not None, "the first version is always trained"
         _update_in_place(live.url, target, doomed, run_store if extracted else None, options)
-    on_stage("built")
-    lease.renew_if_due()
+    run.reached("built")
 
-    result = report(
+    result = run.report(
         name,
         True,
         removed=len(doomed),
@@ -629,9 +442,8 @@ def _reindex_locked(
         ntotal=int(index_io.read_params(target, options)["ntotal"]),
         **_run_errors(run_store if extracted else None, options),
     )
-    _write_version_files(target, table, stores, result, options)
-    on_stage("written")
-    lease.renew_if_due()
-    storage.write_text(storage.join(root_url, LATEST), name + "\n", options)  # the publish: one atomic write
-    _prune(root_url, version_number(name), config.keep, options)
+    versions.write_version_files(target, plan.table, stores, result.to_dict(), options)
+    run.reached("written")
+    versions.publish(run.root_url, name, options)
+    versions.prune(run.root_url, versions.version_number(name), run.config.keep, options)
     return result

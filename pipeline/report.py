@@ -12,15 +12,19 @@ import base64
 import hashlib
 import html
 import io
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from pipeline import storage
+from pipeline import images, results, storage
 from pipeline.storage import Options, StorageError
+
+if TYPE_CHECKING:
+    from pipeline.runconfig import RunConfig
 
 LABELS = ("positive", "negative", "junk")
 BADGES = {
@@ -108,12 +112,16 @@ def _load_bytes(source: ImageSource, options: Options) -> bytes | None:
 
 
 def make_thumbnail(data: bytes, max_side: int, quality: int, height: int | None = None) -> Thumbnail | None:
-    """A JPEG thumbnail with longest side ``max_side`` (or exactly ``height`` tall); None if undecodable."""
+    """A JPEG thumbnail with longest side ``max_side`` (or exactly ``height`` tall); None if undecodable.
+
+    Decoded by pipeline.images, as the extractor decodes: only safe formats, pixel count checked first,
+    upright, RGB; so match coordinates (extractor pixels) land on the same frame.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+        pixels = images.decode_image(data)  # (3, H, W) uint8
+    except images.ImageError:
         return None
+    image = Image.fromarray(np.ascontiguousarray(pixels.numpy().transpose(1, 2, 0)))
     original = image.size
     if height is not None:
         image = image.resize(
@@ -428,3 +436,78 @@ def write_report(
 ) -> None:
     """Render the report and write it atomically to ``out_url`` (local path or object-store URL)."""
     storage.write_text(out_url, render_report(summary, timings, queries, settings, options), options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report stage: a run's outputs → report.html (nothing is recomputed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _image_sources(manifest_url: str, options: Options, image_root: str = "") -> dict[str, ImageSource]:
+    """id → URL or inline bytes of a manifest's images."""
+    from pipeline import manifest
+
+    table = manifest.read_manifest(manifest_url, options, image_root or None)
+    urls, inline = table.column("url").to_pylist(), table.column("image").to_pylist()
+    return {
+        i: (b if b is not None else u)
+        for i, u, b in zip(table.column("id").to_pylist(), urls, inline, strict=True)
+    }
+
+
+def _labeler(config: RunConfig, options: Options) -> Callable[[str, str], str | None]:
+    from pipeline.evaluate import relevance_labeler
+
+    data = config.data
+    if not data.ground_truth:
+        return lambda query, hit: None
+    return relevance_labeler(data.protocol, data.ground_truth, options, landmarks_url=data.landmarks or None)
+
+
+def _metrics_summary(config: RunConfig, options: Options) -> dict[str, Any]:
+    """The run's metrics.json flattened to "<results> · <setting>" keys (empty without ground truth)."""
+    from pipeline.run import RunPaths
+
+    metrics_url = RunPaths(config.out).metrics
+    if not config.data.ground_truth or not storage.exists(metrics_url, options):
+        return {}
+    metrics = json.loads(storage.read_text(metrics_url, options))
+    return {f"{name} · {setting}": value for name, m in metrics.items() for setting, value in m.items()}
+
+
+def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> dict[str, Any]:
+    """Render the report of ``config``'s run from its outputs alone and write it (default: the run's
+    report.html): results files, metrics.json, stage markers, the manifests' images, the ground truth."""
+    from pipeline.run import RunPaths, stage_seconds
+
+    paths = RunPaths(config.out)
+    settings = ReportSettings(max_queries=config.report.max_queries)
+    label = _labeler(config, options)
+    data = config.data
+    sources = {
+        **_image_sources(data.index, options, data.index_image_root),
+        **_image_sources(data.queries, options, data.queries_image_root),
+    }
+    global_hits = results.read_hits(paths.search, settings.max_hits, options)
+    reranked_hits = (
+        results.read_hits(paths.reranked, settings.max_hits, options) if config.rerank.enabled else {}
+    )
+
+    def hits(query: str, rows: list[results.Hit]) -> list[Hit]:
+        return [Hit(r.id, r.score, sources.get(r.id), r.inliers, label(query, r.id)) for r in rows]
+
+    views = [
+        QueryView(
+            query_id=query,
+            query_image=sources.get(query),
+            global_ranking=hits(query, global_hits[query]),
+            reranked=hits(query, reranked_hits.get(query, [])),
+            matches={r.id: r.matches for r in reranked_hits.get(query, []) if r.matches is not None},
+        )
+        for query in sorted(global_hits)[: settings.max_queries]
+    ]
+    summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
+    timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
+    out_url = out_url or paths.report
+    write_report(out_url, summary, timings, views, settings, options)
+    return {"queries_shown": len(views), "report": storage.redact(out_url)}

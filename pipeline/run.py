@@ -26,9 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
-from pipeline import manifest, storage
+from pipeline import storage
 from pipeline.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +79,27 @@ class StageResult:
     reused: bool
 
 
+def stage_seconds(config: RunConfig, options: storage.Options = None) -> dict[str, float]:
+    """Seconds of each finished stage of ``config``'s run, in run order, from the stage markers."""
+    paths = RunPaths(config.out)
+    out = {}
+    for stage in active_stages(config):
+        marker = paths.marker(stage)
+        if storage.exists(marker, options):
+            out[stage] = json.loads(storage.read_text(marker, options))["seconds"]
+    return out
+
+
+def active_stages(config: RunConfig) -> list[str]:
+    """The stages ``config`` runs, in order."""
+    skipped = {
+        "rerank": not config.rerank.enabled,
+        "evaluate": not config.data.ground_truth,
+        "report": not config.report.enabled,
+    }
+    return [stage for stage in STAGES if not skipped.get(stage, False)]
+
+
 def _key(stage: str, params: Any, upstream: list[str]) -> str:
     text = json.dumps({"stage": stage, "params": params, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -120,44 +139,52 @@ def run_pipeline(
     config: RunConfig, options: storage.Options = None, say: Callable[[str], None] = log.info
 ) -> dict[str, StageResult]:
     """Run (or resume) every stage of ``config``; returns each stage's result."""
+    runner = _Runner(RunPaths(config.out), options, say)
+    _extract_stages(config, runner)
+    _index_stages(config, runner)
+    _verify_and_report_stages(config, runner)
+    return runner.results
+
+
+def _extract_stages(config: RunConfig, runner: _Runner) -> None:
     from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
-    from pipeline.index import BuildConfig, QualityConfig, build_index, search
-    from pipeline.rerank import rerank
+    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.store import StoreSettings
 
-    paths = RunPaths(config.out)
-    runner = _Runner(paths, options, say)
-    address = config.ray_address or None
-    preset = get_preset(config.extract.preset)
-    cluster = ClusterOptions(address=address, runtime=RuntimeOptions(batch_size=config.extract.batch_size))
-    store_settings = StoreSettings(local_dtype=config.extract.local_dtype)
+    runtime = RuntimeOptions(batch_size=config.extract.batch_size)
+    cluster = ClusterOptions(address=config.ray_address or None, runtime=runtime)
 
     def extraction(manifest_url: str, out_url: str, image_root: str) -> Callable[[], Mapping[str, Any]]:
         job = ExtractionJob(
             manifest_url,
             out_url,
-            preset,
+            get_preset(config.extract.preset),
             config.extract.weights or None,
-            store_settings,
+            StoreSettings(local_dtype=config.extract.local_dtype),
             config.extract.shard_size,
             image_root=image_root or None,
         )
-        return lambda: asdict(run_extraction(job, cluster, options))
+        return lambda: asdict(run_extraction(job, cluster, runner.options))
 
-    extract_params = asdict(config.extract)
+    params, paths = asdict(config.extract), runner.paths
     runner.stage(
         "extract-index",
-        [extract_params, config.data.index, *filter(None, [config.data.index_image_root])],
+        [params, config.data.index, *filter(None, [config.data.index_image_root])],
         [],
         extraction(config.data.index, paths.index_store, config.data.index_image_root),
     )
     runner.stage(
         "extract-queries",
-        [extract_params, config.data.queries, *filter(None, [config.data.queries_image_root])],
+        [params, config.data.queries, *filter(None, [config.data.queries_image_root])],
         [],
         extraction(config.data.queries, paths.query_store, config.data.queries_image_root),
     )
+
+
+def _index_stages(config: RunConfig, runner: _Runner) -> None:
+    from pipeline.index import BuildConfig, QualityConfig, build_index, search
+
+    paths, options = runner.paths, runner.options
 
     def build() -> Mapping[str, Any]:
         return build_index(
@@ -166,7 +193,7 @@ def run_pipeline(
             factory=config.index.factory or None,
             memory_budget=config.index.memory_budget or None,
             options=options,
-            ray_address=address,
+            ray_address=config.ray_address or None,
             config=BuildConfig(quality=QualityConfig(target=config.index.target_recall)),
         )
 
@@ -184,6 +211,13 @@ def run_pipeline(
             options,
         ),
     )
+
+
+def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
+    from pipeline.report import report_run
+    from pipeline.rerank import rerank
+
+    paths, options = runner.paths, runner.options
     rerank_config = config.rerank.rerank_config()
     if config.rerank.enabled:
         runner.stage(
@@ -201,21 +235,13 @@ def run_pipeline(
                 )
             ),
         )
+    done = runner.results
     if config.data.ground_truth:
-        runner.stage(
-            "evaluate",
-            asdict(config.data),
-            [s for s in ("search", "rerank") if s in runner.results],
-            lambda: _evaluate(config, paths, options),
-        )
+        upstream = [s for s in ("search", "rerank") if s in done]
+        runner.stage("evaluate", asdict(config.data), upstream, lambda: _evaluate(config, paths, options))
     if config.report.enabled:
-        runner.stage(
-            "report",
-            asdict(config.report),
-            [s for s in ("search", "rerank", "evaluate") if s in runner.results],
-            lambda: _report(config, paths, runner.results, rerank_config, options),
-        )
-    return runner.results
+        upstream = [s for s in ("search", "rerank", "evaluate") if s in done]
+        runner.stage("report", asdict(config.report), upstream, lambda: report_run(config, options))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -239,130 +265,3 @@ def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> d
     }
     storage.write_text(paths.metrics, json.dumps(metrics, indent=2), options)
     return metrics
-
-
-# ---------------------------------------------------------------- report
-
-
-def _labeler(config: RunConfig, options: storage.Options) -> Callable[[str, str], str | None]:
-    """(query id, result id) → positive | negative | junk, from the ground truth (None without it)."""
-    from pipeline.evaluate import read_gldv2_solution, read_landmarks, read_revisitop_gnd
-
-    data = config.data
-    if not data.ground_truth:
-        return lambda query, hit: None
-    if data.protocol == "revisitop":
-        gt = read_revisitop_gnd(data.ground_truth, options)
-        position = {name: i for i, name in enumerate(gt.qimlist)}
-
-        def revisitop(query: str, hit: str) -> str | None:
-            if query not in position:
-                return None
-            entry = gt.gnd[position[query]]
-            names = {kind: {gt.imlist[i] for i in entry.get(kind, [])} for kind in ("easy", "hard", "junk")}
-            if hit in names["junk"]:
-                return "junk"
-            return "positive" if hit in names["easy"] | names["hard"] else "negative"
-
-        return revisitop
-    if data.protocol == "gldv2-retrieval":
-        solution = read_gldv2_solution(data.ground_truth, "images", options)
-        relevant = {q: set(ids) for q, ids in solution.truth.items()}
-        return lambda query, hit: (
-            None if query not in relevant else ("positive" if hit in relevant[query] else "negative")
-        )
-    solution = read_gldv2_solution(data.ground_truth, "landmarks", options)
-    landmarks = read_landmarks(data.landmarks, options)
-    truth = {q: set(ids) for q, ids in solution.truth.items()}
-    return lambda query, hit: (
-        None if query not in truth else ("positive" if landmarks.get(hit) in truth[query] else "negative")
-    )
-
-
-def _image_sources(manifest_url: str, options: storage.Options, image_root: str) -> dict[str, Any]:
-    """id → URL or inline bytes of a manifest's images."""
-    table = manifest.read_manifest(manifest_url, options, image_root or None)
-    urls, inline = table.column("url").to_pylist(), table.column("image").to_pylist()
-    return {
-        i: (b if b is not None else u)
-        for i, u, b in zip(table.column("id").to_pylist(), urls, inline, strict=True)
-    }
-
-
-def _rankings(url: str, options: storage.Options, limit: int) -> dict[str, list[dict[str, Any]]]:
-    table = storage.read_parquet(url, options).sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    out: dict[str, list[dict[str, Any]]] = {}
-    for row in table.to_pylist():
-        hits = out.setdefault(row["query_id"], [])
-        if len(hits) < limit:
-            hits.append(row)
-    return out
-
-
-def _report(
-    config: RunConfig,
-    paths: RunPaths,
-    results: Mapping[str, StageResult],
-    rerank_config: Any,
-    options: storage.Options,
-) -> dict[str, Any]:
-    from pipeline.report import Hit, QueryView, ReportSettings, write_report
-    from pipeline.rerank import verify_candidates
-    from pipeline.store import LocalReader
-
-    settings = ReportSettings(max_queries=config.report.max_queries)
-    label = _labeler(config, options)
-    data = config.data
-    images = {
-        **_image_sources(data.index, options, data.index_image_root),
-        **_image_sources(data.queries, options, data.queries_image_root),
-    }
-    global_hits = _rankings(paths.search, options, settings.max_hits)
-    reranked_hits = _rankings(paths.reranked, options, settings.max_hits) if config.rerank.enabled else {}
-    queries = sorted(global_hits)[: settings.max_queries]
-    query_features = LocalReader(paths.query_store, options)
-    index_features = LocalReader(paths.index_store, options)
-
-    def hits(rows: list[dict[str, Any]], query: str) -> list[Hit]:
-        return [
-            Hit(r["id"], float(r["score"]), images.get(r["id"]), r.get("inliers"), label(query, r["id"]))
-            for r in rows
-        ]
-
-    def matches(query: str, rows: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Inlier correspondences of the top verified pairs, recomputed with the same settings."""
-        top = [r["id"] for r in rows if (r.get("inliers") or 0) > 0 and r["id"] in index_features]
-        top = top[: settings.max_match_pairs]
-        if not top or query not in query_features:
-            return {}
-        q = query_features.read([query])[query]
-        cands = index_features.read(top)
-        found, verification = verify_candidates(q, [cands[i] for i in top], rerank_config)
-        out = {}
-        for b, image_id in enumerate(top):
-            keep = (verification.inlier_mask[b] & found.valid[b]).cpu().numpy()
-            q_idx = found.query_idx[b].cpu().numpy()[keep]
-            c_idx = found.cand_idx[b].cpu().numpy()[keep]
-            out[image_id] = (q.keypoints[q_idx], cands[image_id].keypoints[c_idx])
-        return out
-
-    views = [
-        QueryView(
-            query_id=query,
-            query_image=images.get(query),
-            global_ranking=hits(global_hits[query], query),
-            reranked=hits(reranked_hits.get(query, []), query),
-            matches=matches(query, reranked_hits.get(query, [])),
-        )
-        for query in queries
-    ]
-    metrics = results["evaluate"].summary if "evaluate" in results else {}
-    summary: dict[str, Any] = {_setting_name(k, s): v for k, m in metrics.items() for s, v in m.items()}
-    summary["queries"] = len(global_hits)
-    timings = {name: r.seconds for name, r in results.items()}
-    write_report(paths.report, summary, timings, views, settings, options)
-    return {"queries_shown": len(views), "report": storage.redact(paths.report)}
-
-
-def _setting_name(result: str, setting: str) -> str:
-    return f"{result} · {setting}"

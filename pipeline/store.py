@@ -216,8 +216,13 @@ def write_shard(
     commit = ShardCommit(
         shard=shard, rows=rows, ok=n, errors=len(errors), reasons=dict(Counter(e.reason for e in errors))
     )
+    return _commit(store_url, commit, options)
+
+
+def _commit(store_url: str, commit: ShardCommit, options: Options) -> ShardCommit:
+    """Write the shard's commit marker: written last, it makes the shard visible to readers."""
     storage.write_text(
-        _shard_url(store_url, COMMITS_DIR, shard, ".json"), json.dumps(asdict(commit)), options
+        _shard_url(store_url, COMMITS_DIR, commit.shard, ".json"), json.dumps(asdict(commit)), options
     )
     return commit
 
@@ -238,6 +243,17 @@ def require_store(store_url: str, options: Options = None) -> None:
         raise FileNotFoundError(
             f"no descriptor store at {storage.redact(store_url)} (neither {RUN_INFO} nor {COMMITS_DIR}/ exists)"
         )
+
+
+def write_global_only_shard(
+    store_url: str, shard: int, ids: Sequence[str], vectors: np.ndarray, options: Options = None
+) -> ShardCommit:
+    """A committed shard of float32 global descriptors only, rows as given: all an index build reads of a
+    store (reindex's compacted store). It has no local features or error records."""
+    storage.write_parquet(
+        _shard_url(store_url, GLOBAL_DIR, shard), _global_table(ids, vectors, "float32"), options
+    )
+    return _commit(store_url, ShardCommit(shard=shard, rows=len(ids), ok=len(ids), errors=0), options)
 
 
 def read_commits(store_url: str, options: Options = None) -> list[ShardCommit]:

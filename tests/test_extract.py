@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
-from pipeline.extract import Extractor, ImageFeatures, build_extractor
+from pipeline.features import Extractor, ImageFeatures, build_extractor
 from tests.models import calibrated_model
 
 SMALL = get_preset("cpu-small")

@@ -29,7 +29,7 @@ from pipeline.index import (
 )
 from pipeline.index.build import draw_samples, merge_in_ram, part_urls, sample_rows, shard_rows, train
 from pipeline.index.params import HNSW_QUANTIZER_FROM
-from pipeline.index.search import RESULTS_SCHEMA
+from pipeline.results import RESULTS_SCHEMA
 
 N, DIM, SHARDS = 5000, 64, 4
 FACTORY = "IVF64,PQ8np"

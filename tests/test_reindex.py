@@ -19,18 +19,10 @@ from PIL import Image
 from pipeline import storage, store
 from pipeline.config import get_preset
 from pipeline.index import io as index_io
+from pipeline.lease import Lease, LockHeldError
 from pipeline.manifest import diff_manifests, read_manifest
-from pipeline.reindex import (
-    Lease,
-    LockHeldError,
-    ReindexConfig,
-    compact_globals,
-    live_version,
-    read_stores,
-    reindex,
-    resolve_latest,
-    state_table,
-)
+from pipeline.reindex import ReindexConfig, compact_globals, reindex
+from pipeline.versions import live_version, read_stores, resolve_latest, state_table
 from tests.models import calibrated_weights
 
 PRESET = "cpu-small"

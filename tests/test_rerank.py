@@ -444,7 +444,8 @@ def test_rerank_order_at_least_as_good_as_reference(photo_pairs) -> None:
         positions = rng.permutation(len(database))  # global order of the database for this query
         candidates = [database[j] for j in positions]
         relevant = positions == qi
-        order, inliers, _ = rerank_shortlist(query, candidates, global_scores)
+        reranked = rerank_shortlist(query, candidates, global_scores)
+        order, inliers = reranked.order, reranked.inliers
         ours.append(average_precision(relevant[order]))
         ref_inliers = []
         for cand in candidates:
@@ -529,7 +530,7 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
         config,
     )
     out = pq.read_table(tmp_path / "out.parquet")
-    assert out.column_names == ["query_id", "rank", "id", "score", "inliers", "global_score"]
+    assert out.column_names == ["query_id", "rank", "id", "score", "inliers", "global_score", "matches"]
     assert summary.queries == 2 and summary.pairs_verified == 10 and summary.candidates_without_features == 0
     for qi in range(2):
         part = out.filter(pc.equal(out["query_id"], f"q{qi}")).to_pydict()
@@ -546,6 +547,15 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
         _, direct = verify_candidates(queries[f"q{qi}"], [index[f"q{qi}-c{c}"] for c in range(5)], config)
         by_id = dict(zip(part["id"], part["inliers"], strict=True))
         assert [by_id[f"q{qi}-c{c}"] for c in range(5)] == direct.inliers.tolist()
+        # the top hit's inlier points are stored: those of verifying the pair alone, 4 floats per inlier
+        found, alone = verify_candidates(queries[f"q{qi}"], [index[f"q{qi}-c3"]], config)
+        keep = (alone.inlier_mask[0] & found.valid[0]).numpy()
+        query_points = queries[f"q{qi}"].keypoints[found.query_idx[0].numpy()[keep]]
+        cand_points = index[f"q{qi}-c3"].keypoints[found.cand_idx[0].numpy()[keep]]
+        expected_pairs = np.concatenate([query_points, cand_points], axis=1).reshape(-1)
+        assert len(part["matches"][0]) == 4 * part["inliers"][0]
+        np.testing.assert_array_equal(np.asarray(part["matches"][0], np.float32), expected_pairs)
+        assert all(m is None for m, n in zip(part["matches"], part["inliers"], strict=True) if n <= 0)
     assert out.to_pydict()["inliers"][-1] == -1  # candidate missing from the store stays last, unverified
     assert b"rerank_config" in out.schema.metadata
 

@@ -13,13 +13,12 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from pipeline import storage, store
-from pipeline.distributed import ensure_ray
 from pipeline.index import io
 from pipeline.index.params import IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
+from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,6 @@ def add_shards_to(
     return pa.concat_tables(tables) if tables else io.ID_MAP_SCHEMA.empty_table()
 
 
-@ray.remote
 def _add_part(
     trained_url: str,
     shard_urls: list[str],
@@ -178,10 +176,13 @@ def add_in_parallel(
     options: Options = None,
 ) -> list[int]:
     """Ray tasks; task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so merging must not shift ids)."""
+    import ray
+
     tasks = min(config.tasks, len(shard_urls))
+    task = ray.remote(_add_part)
     threads = max(1, int(config.task_cpus))
     refs = [
-        _add_part.options(num_cpus=config.task_cpus).remote(
+        task.options(num_cpus=config.task_cpus).remote(
             trained_url,
             list(shard_urls[t::tasks]),
             [int(b) for b in bases[t::tasks]],
@@ -245,7 +246,7 @@ def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options)
         index = merge_in_ram(io.read_index(trained_url, options), index_urls, options)
         io.write_index(index, storage.join(out_url, io.INDEX), options)
     id_map = pa.concat_tables(storage.read_parquet(u, options) for u in id_urls)
-    storage.write_parquet(storage.join(out_url, io.ID_MAP), id_map, options, compression="zstd")
+    io.write_id_map(out_url, id_map, options)
     return index, on_disk
 
 

@@ -53,9 +53,18 @@ def id_map_table(ids: np.ndarray, image_ids: np.ndarray) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.int64()), "image_id": pa.array(list(image_ids), pa.string())})
 
 
+def write_id_map(index_url: str, table: pa.Table, options: Options = None) -> None:
+    storage.write_parquet(storage.join(index_url, ID_MAP), table, options, compression="zstd")
+
+
+def read_id_map_table(index_url: str, options: Options = None) -> pa.Table:
+    """The id map as stored: columns id (int64, faiss id) and image_id (string), in no particular order."""
+    return storage.read_parquet(storage.join(index_url, ID_MAP), options)
+
+
 def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np.ndarray]:
     """int64 ids (n,) and image ids (n,) object array, sorted by int64 id."""
-    table = storage.read_parquet(storage.join(index_url, ID_MAP), options)
+    table = read_id_map_table(index_url, options)
     ids = table.column("id").to_numpy()
     image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")

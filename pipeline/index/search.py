@@ -1,50 +1,16 @@
-"""Batched k-NN search of a descriptor store's queries against a built index → search-results Parquet."""
+"""Batched k-NN search of a descriptor store's queries against a built index → search results (pipeline.results)."""
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage, store
 from pipeline.index import io
+from pipeline.results import search_table, write_search_results
 from pipeline.storage import Options
-
-RESULTS_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
-)
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """One query's results, best first."""
-
-    ids: list[str]
-    scores: np.ndarray  # (n,) float64
-
-
-def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
-    """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
-    with storage.open_input(results_url, options) as f:
-        schema = pq.read_schema(f)
-        missing = [c for c in RESULTS_SCHEMA.names if c not in schema.names]
-        if missing:
-            raise ValueError(
-                f"results {storage.redact(results_url)} lack columns {missing}; "
-                f"required: {RESULTS_SCHEMA.names}, found: {schema.names}"
-            )
-        table = pq.read_table(f, columns=RESULTS_SCHEMA.names)
-    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
-    ids = table["id"].to_pylist()
-    scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
-    starts = np.concatenate([[0], np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1, [len(ids)]]).tolist()
-    return {query_ids[a]: Ranking(ids[a:b], scores[a:b]) for a, b in itertools.pairwise(starts) if b > a}
 
 
 def to_device(index: faiss.Index) -> faiss.Index:
@@ -52,29 +18,6 @@ def to_device(index: faiss.Index) -> faiss.Index:
     if faiss.get_num_gpus() == 0:
         return index
     return faiss.index_cpu_to_all_gpus(index)
-
-
-def results_table(
-    query_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, id_keys: np.ndarray, image_ids: np.ndarray
-) -> pa.Table:
-    """Rows (query, rank) for the valid hits of (q, k) ``scores``/``ids``; -1 hits (k > N) are dropped.
-
-    ``id_keys`` (sorted int64) and ``image_ids`` are the index's id map.
-    """
-    valid = ids >= 0  # (q, k)
-    ranks = np.cumsum(valid, axis=1)  # rank among valid hits, 1 = best
-    rows, cols = np.nonzero(valid)
-    positions = np.searchsorted(id_keys, ids[rows, cols])
-    assert np.array_equal(id_keys[positions], ids[rows, cols]), "index holds an id missing from its id map"
-    return pa.table(
-        {
-            "query_id": pa.array(list(query_ids[rows]), pa.string()),
-            "rank": pa.array(ranks[rows, cols].astype(np.int32)),
-            "id": pa.array(list(image_ids[positions]), pa.string()),
-            "score": pa.array(scores[rows, cols].astype(np.float32)),
-        },
-        schema=RESULTS_SCHEMA,
-    )
 
 
 def search(
@@ -105,11 +48,10 @@ def search(
         for start in range(0, len(vectors), batch_size):
             scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
             tables.append(
-                results_table(query_ids[start : start + batch_size], scores, ids, id_keys, image_ids)
+                search_table(query_ids[start : start + batch_size], scores, ids, id_keys, image_ids)
             )
         queries += len(vectors)
-    table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
-    storage.write_parquet(out_url, table, options, compression="zstd")
+    table = write_search_results(out_url, tables, options)
     return {
         "queries": queries,
         "rows": table.num_rows,

@@ -30,7 +30,7 @@ def _save(
     """Index and id map first, params last: params.ntotal says which state is complete."""
     assert index.ntotal == id_map.num_rows, (index.ntotal, id_map.num_rows)
     io.write_index(index, storage.join(index_url, io.INDEX), options)
-    storage.write_parquet(storage.join(index_url, io.ID_MAP), id_map, options, compression="zstd")
+    io.write_id_map(index_url, id_map, options)
     io.write_json(storage.join(index_url, io.PARAMS), {**params, "ntotal": int(index.ntotal)}, options)
 
 
@@ -42,7 +42,7 @@ def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = Non
     params, index = _load_for_update(index_url, options)
     counts = shard_rows(shard_urls, options)
     added = add_shards_to(index, shard_urls, id_bases(counts, start=params["next_id"]), options)
-    old = storage.read_parquet(storage.join(index_url, io.ID_MAP), options)
+    old = io.read_id_map_table(index_url, options)
     new_images = added.column("image_id").to_pylist()
     clashes = set(new_images) & set(old.column("image_id").to_pylist())
     if clashes or len(set(new_images)) != len(new_images):
@@ -67,7 +67,7 @@ def new_shards(index_url: str, store_url: str, options: Options = None) -> list[
 def remove_ids(index_url: str, image_ids: Sequence[str], options: Options = None) -> dict[str, Any]:
     """Remove these images from the index and its id map; unknown image ids raise ValueError naming them."""
     params, index = _load_for_update(index_url, options)
-    table = storage.read_parquet(storage.join(index_url, io.ID_MAP), options)
+    table = io.read_id_map_table(index_url, options)
     indexed = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     doomed = np.isin(indexed, np.asarray(list(image_ids), dtype=object))
     unknown = set(image_ids) - set(indexed[doomed])

@@ -5,13 +5,20 @@ from __future__ import annotations
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
-from pipeline.rerank.stage import RerankSummary, rerank, rerank_shortlist, verify_candidates
+from pipeline.rerank.stage import (
+    RerankedShortlist,
+    RerankSummary,
+    rerank,
+    rerank_shortlist,
+    verify_candidates,
+)
 from pipeline.rerank.verify import Verification, verify
 
 __all__ = [
     "Matches",
     "RerankConfig",
     "RerankSummary",
+    "RerankedShortlist",
     "Verification",
     "gather_points",
     "match",

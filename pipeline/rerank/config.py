@@ -33,6 +33,9 @@ class RerankConfig:
     max_elements: int = 1 << 22  # bound on pairs × trials × matches (and pairs × features²) per tensor chunk
     queries_per_batch: int = 16  # queries whose candidates' local features are read together
 
+    # Output.
+    keep_matches: int = 3  # store the inlier pairs of this many top verified hits per query (for the report)
+
     def __post_init__(self) -> None:
         if not self.max_distance > 0:
             raise ValueError(f"max_distance={self.max_distance}: must be > 0")
@@ -56,3 +59,5 @@ class RerankConfig:
             raise ValueError(f"max_elements={self.max_elements}: must be >= 1")
         if self.queries_per_batch < 1:
             raise ValueError(f"queries_per_batch={self.queries_per_batch}: must be >= 1")
+        if self.keep_matches < 0:
+            raise ValueError(f"keep_matches={self.keep_matches}: must be >= 0")

@@ -1,14 +1,11 @@
-"""The re-ranking stage: search shortlist Parquet + two descriptor stores → re-ranked shortlist Parquet.
+"""The re-ranking stage: search results + two descriptor stores → re-ranked results (formats: pipeline.results).
 
-Input columns: query_id (string), rank (int32, 1 = best), id (string), score (float32, global similarity).
-Output: the same columns re-ranked (rank and score are the new ones) plus inliers (int32, −1 = not verified:
-beyond ``top`` or without local features) and global_score (float32, the input score). The config is kept in
-the Parquet schema metadata under ``rerank_config``.
+Re-ranked results keep, besides each hit's inlier count, the inlier points of the top verified hits, so the
+report draws them without re-running verification.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,15 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from pipeline import storage, store
-from pipeline.index.search import read_rankings
+from pipeline import store
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
 from pipeline.rerank.verify import Verification, verify
+from pipeline.results import flatten_matches, read_rankings, write_reranked
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
@@ -86,20 +82,43 @@ def verify_candidates(
     return matches, verification
 
 
+@dataclass(frozen=True)
+class RerankedShortlist:
+    """One query's shortlist after re-ranking; arrays are indexed by position in the GLOBAL order."""
+
+    order: np.ndarray  # (C,) global positions, best first
+    inliers: np.ndarray  # (C,) int64, −1 = not verified
+    scores: np.ndarray  # (C,) re-ranking scores
+    matches: dict[
+        int, tuple[np.ndarray, np.ndarray]
+    ]  # position → (M, 2) query, (M, 2) candidate inlier points
+
+
+def _inlier_points(
+    query: Features, candidate: Features, matches: Matches, verification: Verification, b: int
+) -> tuple[np.ndarray, np.ndarray]:
+    keep = (verification.inlier_mask[b] & matches.valid[b]).cpu().numpy()
+    query_idx = matches.query_idx[b].cpu().numpy()[keep]
+    cand_idx = matches.cand_idx[b].cpu().numpy()[keep]
+    return np.asarray(query.keypoints)[query_idx], np.asarray(candidate.keypoints)[cand_idx]
+
+
 def rerank_shortlist(
     query: Features | None,
     candidates: Sequence[Features | None],
     global_scores: np.ndarray,
     config: RerankConfig = RerankConfig(),
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-rank one query's shortlist, given in global order: (order (C,), inliers (C,), scores (C,)).
+) -> RerankedShortlist:
+    """Re-rank one query's shortlist, given in global order.
 
     The first ``config.top`` candidates that have local features are verified; the others get inliers −1.
+    The inlier points of the first ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
     """
     inliers = np.full(len(candidates), -1, dtype=np.int64)
     verifiable = [i for i, c in enumerate(candidates[: config.top]) if c is not None]
+    found = verification = None
     if query is not None and verifiable:
-        _, verification = verify_candidates(query, [candidates[i] for i in verifiable], config)
+        found, verification = verify_candidates(query, [candidates[i] for i in verifiable], config)
         inliers[verifiable] = verification.inliers.cpu().numpy()
     scores = rerank_scores(
         global_scores,
@@ -108,7 +127,15 @@ def rerank_shortlist(
         min_inliers=config.min_inliers,
         saturate_at=config.saturate_at,
     )
-    return rerank_order(scores), inliers, scores
+    order = rerank_order(scores)
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if found is not None and verification is not None:
+        batch_of = {position: b for b, position in enumerate(verifiable)}
+        for position in [int(p) for p in order if inliers[p] > 0][: config.keep_matches]:
+            kept[position] = _inlier_points(
+                query, candidates[position], found, verification, batch_of[position]
+            )
+    return RerankedShortlist(order, inliers, scores, kept)
 
 
 def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -119,21 +146,47 @@ def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, 
     ]
 
 
-def _output_table(parts: list[dict[str, np.ndarray]], config: RerankConfig) -> pa.Table:
-    def column(name: str) -> np.ndarray:
-        return np.concatenate([p[name] for p in parts]) if parts else np.array([])
+def _output_rows(query_id: str, ids: np.ndarray, global_scores: np.ndarray, r: RerankedShortlist) -> dict:
+    """The results-file columns of one re-ranked query (see pipeline.results)."""
+    matches = [flatten_matches(*r.matches[p]) if p in r.matches else None for p in r.order.tolist()]
+    return {
+        "query_id": [query_id] * len(ids),
+        "rank": np.arange(1, len(ids) + 1),
+        "id": ids[r.order].tolist(),
+        "score": r.scores[r.order],
+        "inliers": r.inliers[r.order],
+        "global_score": global_scores[r.order],
+        "matches": matches,
+    }
 
-    table = pa.table(
-        {
-            "query_id": pa.array(column("query_id").tolist(), type=pa.string()),
-            "rank": pa.array(column("rank"), type=pa.int32()),
-            "id": pa.array(column("id").tolist(), type=pa.string()),
-            "score": pa.array(column("score"), type=pa.float32()),
-            "inliers": pa.array(column("inliers"), type=pa.int32()),
-            "global_score": pa.array(column("global_score"), type=pa.float32()),
-        }
-    )
-    return table.replace_schema_metadata({"rerank_config": json.dumps(asdict(config))})
+
+@dataclass
+class _Counts:
+    pairs: int = 0
+    no_query: int = 0
+    no_cand: int = 0
+
+
+def _rerank_batch(
+    batch: list[tuple[str, np.ndarray, np.ndarray]],
+    query_reader: store.LocalReader,
+    index_reader: store.LocalReader,
+    config: RerankConfig,
+    counts: _Counts,
+) -> list[dict]:
+    """Re-rank a batch of queries, reading their local features (and their top candidates') together."""
+    queries = query_reader.read([q for q, _, _ in batch if q in query_reader])
+    wanted = {i for _, ids, _ in batch for i in ids[: config.top] if i in index_reader}
+    cands = index_reader.read(sorted(wanted))
+    parts = []
+    for query_id, ids, global_scores in batch:
+        candidates = [cands.get(i) for i in ids]
+        reranked = rerank_shortlist(queries.get(query_id), candidates, global_scores, config)
+        counts.no_query += query_id not in queries
+        counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
+        counts.pairs += int((reranked.inliers >= 0).sum())
+        parts.append(_output_rows(query_id, ids, global_scores, reranked))
+    return parts
 
 
 def rerank(
@@ -154,38 +207,17 @@ def rerank(
     shortlists = _read_shortlists(search_results, options)
     query_reader = store.LocalReader(query_store, options)
     index_reader = store.LocalReader(index_store, options)
-    parts: list[dict[str, np.ndarray]] = []
-    pairs = no_query = no_cand = 0
+    parts: list[dict] = []
+    counts = _Counts()
     for first in range(0, len(shortlists), config.queries_per_batch):
         batch = shortlists[first : first + config.queries_per_batch]
-        queries = query_reader.read([q for q, _, _ in batch if q in query_reader])
-        wanted = {i for _, ids, _ in batch for i in ids[: config.top] if i in index_reader}
-        cands = index_reader.read(sorted(wanted))
-        for query_id, ids, global_scores in batch:
-            candidates = [cands.get(i) for i in ids]
-            order, inliers, scores = rerank_shortlist(
-                queries.get(query_id), candidates, global_scores, config
-            )
-            shortlisted = min(len(ids), config.top)
-            no_query += query_id not in queries
-            no_cand += sum(c is None for c in candidates[:shortlisted])
-            pairs += int((inliers >= 0).sum())
-            parts.append(
-                {
-                    "query_id": np.full(len(ids), query_id, dtype=object),
-                    "rank": np.arange(1, len(ids) + 1),
-                    "id": ids[order],
-                    "score": scores[order],
-                    "inliers": inliers[order],
-                    "global_score": global_scores[order],
-                }
-            )
+        parts += _rerank_batch(batch, query_reader, index_reader, config, counts)
         log.info("re-ranked %d/%d queries", min(first + len(batch), len(shortlists)), len(shortlists))
-    storage.write_parquet(out, _output_table(parts, config), options)
+    write_reranked(out, parts, asdict(config), options)
     return RerankSummary(
         queries=len(shortlists),
-        pairs_verified=pairs,
-        queries_without_features=no_query,
-        candidates_without_features=no_cand,
+        pairs_verified=counts.pairs,
+        queries_without_features=counts.no_query,
+        candidates_without_features=counts.no_cand,
         seconds=time.perf_counter() - start,
     )

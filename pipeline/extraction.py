@@ -20,8 +20,6 @@ are retried by Ray; actors restart and their pending calls are retried (``max_re
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import images, manifest, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
+from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 from pipeline.store import ErrorRecord, LocalFeatures, StoreSettings
 
@@ -105,31 +104,6 @@ class ExtractionSummary:
         return self.rows_this_run / max(self.seconds, 1e-9)
 
 
-# ---------------------------------------------------------------- Ray plumbing
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` or start a local Ray; keep Ray's files out of the home directory."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:  # the cluster's own auth settings apply (KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in pods)
-        ray.init(address=address, log_to_driver=False)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # only the private local cluster started here
-    temp_dir = os.environ.get("LANDMARK_INDEX_RAY_TMP") or os.path.join(
-        tempfile.gettempdir(), "landmark-index-ray"
-    )
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-    )
-
-
 FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "fetch_failed"})  # the rest fail in decoding
 
 
@@ -180,7 +154,7 @@ class ExtractorActor:
     ) -> None:
         import torch
 
-        from pipeline.extract import build_extractor
+        from pipeline.features import build_extractor
 
         torch.set_num_threads(cpu_threads)
         self.extractor = build_extractor(job.config, job.weights_url, options=options, runtime=runtime)

@@ -26,12 +26,13 @@ from PIL import Image
 
 from pipeline import storage, store
 from pipeline.config import get_preset
-from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
-from pipeline.extract import Extractor
+from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.features import Extractor
 from pipeline.images import load_image
 from pipeline.model.delg import Delg
 from pipeline.store import StoreSettings
 from tests.models import calibrated_weights
+from tests.tables import table_rows
 
 CONFIG = get_preset("cpu-small")
 EXACT = StoreSettings(global_dtype="float32", local_dtype="float32")
@@ -241,7 +242,10 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights
     expected = _reference(weights, tmp_path, [r for r in rows if r["id"] not in bad])
     for image_id, vector in expected.items():
         assert float(vector @ got[image_id]) > 1 - 1e-4, image_id
-    assert "rows" in finished.stdout and "16" in finished.stdout  # the summary table
+    summary = table_rows(finished.stdout)
+    assert summary["rows"] == str(len(rows)) and summary["shards"].endswith(
+        f"({committed} from an earlier run)"
+    )
 
 
 def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s3_bucket, http_server):

@@ -1,0 +1,177 @@
+"""Search and re-ranking results files: their schemas, writers and readers (the one owner of the format).
+
+Search results (``search.parquet``), one row per (query, hit)::
+
+    query_id string, rank int32 (1 = best), id string, score float32 (global similarity)
+
+Re-ranked results (``reranked.parquet``): the same columns re-ranked (rank and score are the new ones) plus
+
+    inliers int32            −1 = not verified (beyond ``top`` or without local features)
+    global_score float32     the search score
+    matches list<float32>    inlier correspondences of the first ``keep_matches`` verified hits of the
+                             re-ranked order, flattened (x_q, y_q, x_c, y_c) per pair in original-image
+                             pixels; null for the other hits
+
+The re-ranking settings are kept in the Parquet schema metadata under ``rerank_config``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.storage import Options
+
+RESULTS_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
+)
+RERANKED_SCHEMA = pa.schema(
+    [
+        *RESULTS_SCHEMA,
+        ("inliers", pa.int32()),
+        ("global_score", pa.float32()),
+        ("matches", pa.list_(pa.float32())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One query's results, best first."""
+
+    ids: list[str]
+    scores: np.ndarray  # (n,) float64
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One row of a results file, as the report shows it."""
+
+    id: str
+    score: float
+    inliers: int | None  # None: search results (no verification)
+    matches: tuple[np.ndarray, np.ndarray] | None  # (M, 2) query and (M, 2) candidate points, or None
+
+
+def _read_columns(
+    results_url: str, columns: list[str], options: Options, optional: tuple[str, ...] = ()
+) -> pa.Table:
+    """The named columns (and those of ``optional`` present) sorted by (query, rank); ValueError naming
+    what is missing."""
+    with storage.open_input(results_url, options) as f:
+        schema = pq.read_schema(f)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"results {storage.redact(results_url)} lack columns {missing}; "
+                f"required: {columns}, found: {schema.names}"
+            )
+        table = pq.read_table(f, columns=[*columns, *(c for c in optional if c in schema.names)])
+    return table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def _query_spans(query_ids: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each query's rows in rows sorted by query."""
+    starts = np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1
+    bounds = np.concatenate([[0], starts, [len(query_ids)]]).tolist()
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
+    """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
+    table = _read_columns(results_url, RESULTS_SCHEMA.names, options)
+    query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
+    ids = table["id"].to_pylist()
+    scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    return {query_ids[a]: Ranking(ids[a:b], scores[a:b]) for a, b in _query_spans(query_ids)}
+
+
+def _points(flat: list[float] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    if flat is None:
+        return None
+    pairs = np.asarray(flat, dtype=np.float32).reshape(-1, 4)  # (M, 4)
+    return pairs[:, :2], pairs[:, 2:]
+
+
+def read_hits(results_url: str, limit: int, options: Options = None) -> dict[str, list[Hit]]:
+    """Per query, its first ``limit`` hits; search results and re-ranked results alike."""
+    table = _read_columns(results_url, RESULTS_SCHEMA.names, options, optional=("inliers", "matches"))
+    out: dict[str, list[Hit]] = {}
+    for row in table.to_pylist():
+        hits = out.setdefault(row["query_id"], [])
+        if len(hits) < limit:
+            hits.append(Hit(row["id"], float(row["score"]), row.get("inliers"), _points(row.get("matches"))))
+    return out
+
+
+def search_table(
+    query_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, id_keys: np.ndarray, image_ids: np.ndarray
+) -> pa.Table:
+    """Rows (query, rank) for the valid hits of (q, k) ``scores``/``ids``; -1 hits (k > N) are dropped.
+
+    ``id_keys`` (sorted int64) and ``image_ids`` are the index's id map.
+    """
+    valid = ids >= 0  # (q, k)
+    ranks = np.cumsum(valid, axis=1)  # rank among valid hits, 1 = best
+    rows, cols = np.nonzero(valid)
+    positions = np.searchsorted(id_keys, ids[rows, cols])
+    assert np.array_equal(id_keys[positions], ids[rows, cols]), "index holds an id missing from its id map"
+    return pa.table(
+        {
+            "query_id": pa.array(list(query_ids[rows]), pa.string()),
+            "rank": pa.array(ranks[rows, cols].astype(np.int32)),
+            "id": pa.array(list(image_ids[positions]), pa.string()),
+            "score": pa.array(scores[rows, cols].astype(np.float32)),
+        },
+        schema=RESULTS_SCHEMA,
+    )
+
+
+def write_search_results(url: str, tables: list[pa.Table], options: Options = None) -> pa.Table:
+    """Concatenate search result tables (none: an empty file with the schema) and write them to ``url``."""
+    table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
+    storage.write_parquet(url, table, options, compression="zstd")
+    return table
+
+
+def flatten_matches(query_points: np.ndarray, cand_points: np.ndarray) -> np.ndarray:
+    """(M, 2) and (M, 2) points → the (4M,) float32 value of the ``matches`` column."""
+    return np.concatenate([query_points, cand_points], axis=1).astype(np.float32).reshape(-1)
+
+
+def write_reranked(
+    url: str, parts: list[Mapping[str, Any]], config: Mapping[str, Any], options: Options = None
+) -> pa.Table:
+    """Write re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences)."""
+
+    def listed(name: str) -> list[Any]:
+        return [value for part in parts for value in part[name]]
+
+    def numbers(name: str, dtype: type) -> np.ndarray:
+        return (
+            np.concatenate([np.asarray(part[name], dtype) for part in parts]) if parts else np.zeros(0, dtype)
+        )
+
+    matches = [None if m is None else np.asarray(m, np.float32) for m in listed("matches")]
+    table = pa.table(
+        {
+            "query_id": pa.array(listed("query_id"), type=pa.string()),
+            "rank": pa.array(numbers("rank", np.int32), type=pa.int32()),
+            "id": pa.array(listed("id"), type=pa.string()),
+            "score": pa.array(numbers("score", np.float32), type=pa.float32()),
+            "inliers": pa.array(numbers("inliers", np.int32), type=pa.int32()),
+            "global_score": pa.array(numbers("global_score", np.float32), type=pa.float32()),
+            "matches": pa.array(matches, type=pa.list_(pa.float32())),
+        },
+        schema=RERANKED_SCHEMA,
+    ).replace_schema_metadata({"rerank_config": json.dumps(dict(config))})
+    storage.write_parquet(url, table, options)
+    return table
