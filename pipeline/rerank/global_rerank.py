@@ -107,22 +107,39 @@ def alpha_qe_scores(
     return torch.einsum("bd,bcd->bc", expanded, cands).masked_fill(~valid, float("-inf"))
 
 
+def nearest_others(
+    vectors: torch.Tensor, rows: torch.Tensor, k: int, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k most similar other rows of ``vectors`` (N, D) for each row position in ``rows`` (n,), exact.
+
+    Returns similarities (n, k'), positions (n, k') and a taken mask (n, k'), k' = min(k, N − 1); best first.
+    """
+    width = min(k, vectors.shape[0] - 1)
+    sims, idx, taken = [], [], []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]  # (c,)
+        scores = vectors[part] @ vectors.T  # (c, N)
+        not_self = torch.ones_like(scores, dtype=torch.bool)
+        not_self[torch.arange(len(part)), part] = False
+        found = _top_k(scores, not_self, width)
+        sims.append(found[0])
+        idx.append(found[1])
+        taken.append(found[2])
+    empty = torch.zeros(0, max(width, 0), dtype=torch.long, device=vectors.device)
+    if not sims:
+        return empty.to(vectors.dtype), empty, empty.bool()
+    return torch.cat(sims), torch.cat(idx), torch.cat(taken)
+
+
 def database_augmentation(
     vectors: torch.Tensor, k: int = 10, alpha: float = 3.0, chunk: int = 4096
 ) -> torch.Tensor:
     """(N, D) DBA vectors: each row combined with its k most similar other rows (exact, chunked GEMM)."""
     if vectors.ndim != 2:
         raise ValueError(f"vectors {tuple(vectors.shape)} must be (N, D)")
-    out = torch.empty_like(vectors)
-    everyone = torch.ones(vectors.shape[0], dtype=torch.bool, device=vectors.device)
-    for start in range(0, vectors.shape[0], chunk):
-        rows = vectors[start : start + chunk]  # (n, D)
-        sims = rows @ vectors.T  # (n, N)
-        not_self = everyone.expand_as(sims).clone()
-        not_self[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = False
-        top, idx, taken = _top_k(sims, not_self, k)  # (n, k')
-        out[start : start + chunk] = alpha_weighted_sum(rows, vectors[idx], top, taken, alpha)
-    return out
+    rows = torch.arange(vectors.shape[0], device=vectors.device)
+    sims, idx, taken = nearest_others(vectors, rows, k, chunk)
+    return alpha_weighted_sum(vectors, vectors[idx], sims, taken, alpha)
 
 
 def superglobal_scores(
