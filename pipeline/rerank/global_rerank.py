@@ -15,6 +15,7 @@ is padded to one length C: ``cands`` (B, C, D) holds the candidates' global desc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,7 @@ def alpha_qe_scores(
 
 
 def nearest_others(
-    vectors: torch.Tensor, rows: torch.Tensor, k: int, chunk: int = 4096
+    vectors: torch.Tensor, rows: torch.Tensor, k: int, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k most similar other rows of ``vectors`` (N, D) for each row position in ``rows`` (n,), exact.
 
@@ -132,7 +133,7 @@ def nearest_others(
 
 
 def database_augmentation(
-    vectors: torch.Tensor, k: int = 10, alpha: float = 3.0, chunk: int = 4096
+    vectors: torch.Tensor, k: int = 10, alpha: float = 3.0, chunk: int = 1024
 ) -> torch.Tensor:
     """(N, D) DBA vectors: each row combined with its k most similar other rows (exact, chunked GEMM)."""
     if vectors.ndim != 2:
@@ -154,8 +155,8 @@ def superglobal_scores(
     sims, idx, taken = _top_k(pair, valid[:, None, :].expand_as(pair), k + 1)  # (B, C, k+1); itself first
     weights = torch.where(taken, beta * sims.clamp(min=0), torch.zeros_like(sims))
     weights[..., 0] = 1.0  # the descriptor itself (its own similarity is the top one)
-    neighbours = torch.take_along_dim(cands[:, None], idx[..., None], dim=2)  # (B, C, k+1, D)
-    refined = torch.einsum("bck,bckd->bcd", weights, neighbours) / weights.sum(-1, keepdim=True)  # (B, C, D)
+    mixing = torch.zeros_like(pair).scatter_(2, idx, weights)  # (B, C, C): row c mixes its k + 1 neighbours
+    refined = (mixing @ cands) / weights.sum(-1, keepdim=True)  # (B, C, D)
     first = torch.einsum("bd,bcd->bc", queries, refined)  # (B, C)
     _, best, best_taken = _top_k(first, valid, k + 1)  # (B, k+1)
     tops = torch.take_along_dim(refined, best[..., None], dim=1)  # (B, k+1, D)
@@ -205,3 +206,57 @@ def refined_order(refined: np.ndarray, global_scores: np.ndarray) -> tuple[np.nd
     floor = head.min(initial=1.0)
     tail = np.minimum(global_scores[~done], floor)
     return order, np.concatenate([np.sort(head)[::-1], tail])
+
+
+@dataclass(frozen=True)
+class GlobalVectors:
+    """Global descriptors by image id: what the refinements read for queries and shortlisted images."""
+
+    rows: dict[str, int]
+    vectors: np.ndarray  # (N, D) float32
+
+    @classmethod
+    def of(cls, ids: Sequence[str], vectors: np.ndarray) -> GlobalVectors:
+        return cls({image_id: i for i, image_id in enumerate(ids)}, np.asarray(vectors, dtype=np.float32))
+
+    def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(n, D) vectors (zeros where absent) and (n,) found mask."""
+        rows = np.array([self.rows.get(i, -1) for i in ids], dtype=np.int64)
+        found = rows >= 0
+        out = np.zeros((len(rows), self.vectors.shape[1] if self.vectors.ndim == 2 else 0), np.float32)
+        out[found] = self.vectors[rows[found]]
+        return out, found
+
+
+def refine_shortlists(
+    refinement: str,
+    queries: GlobalVectors,
+    index: GlobalVectors,
+    shortlists: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    config: GlobalRerankConfig = GlobalRerankConfig(),
+    device: torch.device | str = "cpu",
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per (query_id, ids (C,), global scores (C,)) shortlist: refined (order (C,), scores (C,)), one batch.
+
+    ``index`` holds the DBA vectors for "dba" and "dba+qe". A query or candidate without a global vector is
+    not refined (a query keeps its order; a candidate goes below the refined ones).
+    """
+    width = max((len(ids) for _, ids, _ in shortlists), default=0)
+    query_vectors, query_found = queries.get([q for q, _, _ in shortlists])  # (B, D), (B,)
+    cands = np.zeros((len(shortlists), width, query_vectors.shape[1]), np.float32)  # (B, C, D)
+    valid = np.zeros((len(shortlists), width), dtype=bool)  # (B, C)
+    for b, (_, ids, _) in enumerate(shortlists):
+        cands[b, : len(ids)], found = index.get(ids)
+        valid[b, : len(ids)] = found & query_found[b]
+    scores = (
+        refined_scores(
+            refinement,
+            torch.as_tensor(query_vectors, device=device),
+            torch.as_tensor(cands, device=device),
+            torch.as_tensor(valid, device=device),
+            config,
+        )
+        .cpu()
+        .numpy()
+    )
+    return [refined_order(scores[b, : len(ids)], g) for b, (_, ids, g) in enumerate(shortlists)]
