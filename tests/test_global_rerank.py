@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.index.dba import compute_dba, read_dba, write_dba
+from pipeline.rerank import RerankConfig, rerank
 from pipeline.rerank.global_rerank import (
     GlobalRerankConfig,
     alpha_qe_scores,
@@ -151,3 +158,114 @@ def test_bad_shapes_rejected() -> None:
         superglobal_scores(queries, cands, valid.int())
     with pytest.raises(ValueError, match="allowed"):
         refined_scores("diffusion", queries, cands, valid)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def write_store(url: str, ids: list[str], vectors: np.ndarray, rng: np.random.Generator) -> None:
+    from pipeline import store
+
+    ones = np.ones(40, np.float32)
+    local = []
+    for _ in ids:
+        desc = rng.normal(size=(40, 8)).astype(np.float32)
+        kp = rng.uniform(0, 400, size=(40, 2)).astype(np.float32)
+        local.append(store.LocalFeatures(kp, ones, ones, desc / np.linalg.norm(desc, axis=1, keepdims=True)))
+    store.write_shard(url, 0, ids, vectors.astype(np.float32), local)
+
+
+@pytest.fixture
+def stage_inputs(tmp_path: Path) -> dict:
+    """Two queries, 8 index images with 6-d global vectors, each query's shortlist = all 8 by similarity."""
+    rng = np.random.default_rng(5)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    queries, index = unit(rng.normal(size=(2, 6))), unit(rng.normal(size=(8, 6)))
+    index_ids = [f"i{c}" for c in range(8)]
+    write_store(str(tmp_path / "q"), ["q0", "q1"], queries, rng)
+    write_store(str(tmp_path / "i"), index_ids, index, rng)
+    rows = []
+    for q in range(2):
+        sims = index @ queries[q]
+        for rank, c in enumerate(np.argsort(-sims)):
+            rows.append((f"q{q}", rank + 1, index_ids[c], float(sims[c])))
+    pq.write_table(
+        pa.table(
+            {
+                "query_id": [r[0] for r in rows],
+                "rank": pa.array([r[1] for r in rows], pa.int32()),
+                "id": [r[2] for r in rows],
+                "score": pa.array([r[3] for r in rows], pa.float32()),
+            }
+        ),
+        tmp_path / "search.parquet",
+    )
+    write_dba(str(tmp_path / "index"), compute_dba(index_ids, index.astype(np.float32), k=2))
+    return {"tmp": tmp_path, "queries": queries, "index": index, "ids": index_ids, "rows": rows}
+
+
+def run_stage(inputs: dict, method: str, config: RerankConfig = RerankConfig(device="cpu")) -> pa.Table:
+    tmp = inputs["tmp"]
+    out = str(tmp / f"{method}.parquet")
+    summary = rerank(
+        str(tmp / "search.parquet"),
+        str(tmp / "q"),
+        str(tmp / "i"),
+        out,
+        config,
+        method=method,
+        global_config=GlobalRerankConfig(qe_k=3, sg_k=2),
+        index_url=str(tmp / "index"),
+    )
+    assert summary.method == method
+    return pq.read_table(out)
+
+
+@pytest.mark.parametrize("refinement", ["qe", "dba", "dba+qe", "superglobal"])
+def test_stage_refinement_alone(stage_inputs: dict, refinement: str) -> None:
+    out = run_stage(stage_inputs, refinement)
+    meta = out.schema.metadata
+    assert meta[b"rerank_method"] == refinement.encode()
+    assert json.loads(meta[b"global_rerank_config"])["qe_k"] == 3
+    dba = read_dba(str(stage_inputs["tmp"] / "index"))
+    index = dba.refined if refinement.startswith("dba") else stage_inputs["index"]
+    config = GlobalRerankConfig(qe_k=3, sg_k=2)
+    for q in range(2):
+        shortlist = [r for r in stage_inputs["rows"] if r[0] == f"q{q}"]
+        rows = [stage_inputs["ids"].index(r[2]) for r in shortlist]
+        scores = refined_scores(
+            refinement,
+            torch.as_tensor(stage_inputs["queries"][q : q + 1], dtype=torch.float32),
+            torch.as_tensor(index[rows][None], dtype=torch.float32),
+            torch.ones(1, len(rows), dtype=torch.bool),
+            config,
+        )[0].numpy()
+        part = out.filter(pc.equal(out["query_id"], f"q{q}")).to_pydict()
+        assert part["id"] == [shortlist[i][2] for i in np.argsort(-scores, kind="stable")]
+        assert part["inliers"] == [-1] * 8
+        by_id = {r[2]: r[3] for r in shortlist}
+        np.testing.assert_allclose(part["global_score"], [by_id[i] for i in part["id"]], rtol=1e-6)
+
+
+def test_stage_refinement_then_verification(stage_inputs: dict) -> None:
+    config = RerankConfig(device="cpu", top=3, trials=50)
+    refined_only = run_stage(stage_inputs, "superglobal")
+    combined = run_stage(stage_inputs, "superglobal+verify", config)
+    assert combined.schema.metadata[b"rerank_method"] == b"superglobal+verify"
+    for q in ("q0", "q1"):
+        first = refined_only.filter(pc.equal(refined_only["query_id"], q)).to_pydict()
+        both = combined.filter(pc.equal(combined["query_id"], q)).to_pydict()
+        verified = {i for i, n in zip(both["id"], both["inliers"], strict=True) if n >= 0}
+        assert verified == set(first["id"][:3])  # the refined shortlist's top 3 were verified
+        assert [i for i in both["id"] if i not in verified] == first["id"][3:]  # the rest in refined order
+
+
+def test_stage_dba_needs_its_file(stage_inputs: dict) -> None:
+    tmp = stage_inputs["tmp"]
+    args = (str(tmp / "search.parquet"), str(tmp / "q"), str(tmp / "i"), str(tmp / "o.parquet"))
+    with pytest.raises(ValueError, match="index URL"):
+        rerank(*args, method="dba")
+    with pytest.raises(FileNotFoundError, match="no DBA vectors"):
+        rerank(*args, method="dba+qe", index_url=str(tmp / "elsewhere"))
+    with pytest.raises(ValueError, match="allowed"):
+        rerank(*args, method="verify+qe")

@@ -3,7 +3,9 @@
 Input columns: query_id (string), rank (int32, 1 = best), id (string), score (float32, global similarity).
 Output: the same columns re-ranked (rank and score are the new ones) plus inliers (int32, −1 = not verified:
 beyond ``top`` or without local features) and global_score (float32, the input score). The config is kept in
-the Parquet schema metadata under ``rerank_config``.
+the Parquet schema metadata under ``rerank_config``; the method that ran (verify, a global refinement, or a
+refinement followed by verification of the refined shortlist) under ``rerank_method``, with the refinement's
+settings under ``global_rerank_config``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from pipeline import storage, store
 from pipeline.index.search import read_rankings
 from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
 from pipeline.rerank.verify import Verification, verify
@@ -44,6 +47,7 @@ class RerankSummary:
     queries_without_features: int
     candidates_without_features: int
     seconds: float
+    method: str = "verify"  # what ran: see pipeline.rerank.global_rerank.parse_method
 
 
 def resolve_device(config: RerankConfig) -> torch.device:
@@ -119,7 +123,9 @@ def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, 
     ]
 
 
-def _output_table(parts: list[dict[str, np.ndarray]], config: RerankConfig) -> pa.Table:
+def _output_table(
+    parts: list[dict[str, np.ndarray]], config: RerankConfig, method: str, global_config: GlobalRerankConfig
+) -> pa.Table:
     def column(name: str) -> np.ndarray:
         return np.concatenate([p[name] for p in parts]) if parts else np.array([])
 
@@ -133,7 +139,28 @@ def _output_table(parts: list[dict[str, np.ndarray]], config: RerankConfig) -> p
             "global_score": pa.array(column("global_score"), type=pa.float32()),
         }
     )
-    return table.replace_schema_metadata({"rerank_config": json.dumps(asdict(config))})
+    return table.replace_schema_metadata(
+        {
+            "rerank_config": json.dumps(asdict(config)),
+            "rerank_method": method,
+            "global_rerank_config": json.dumps(asdict(global_config)),
+        }
+    )
+
+
+def _global_vectors(
+    refinement: str, query_store: str, index_store: str, index_url: str | None, options: Options
+) -> tuple[GlobalVectors, GlobalVectors]:
+    """(queries, index images) global vectors; the index side is the DBA file's refined vectors for DBA."""
+    queries = GlobalVectors.of(*store.read_global(query_store, options))
+    if not refinement.startswith("dba"):
+        return queries, GlobalVectors.of(*store.read_global(index_store, options))
+    if index_url is None:
+        raise ValueError(f"method {refinement!r} needs the index URL whose dba.parquet holds the DBA vectors")
+    from pipeline.index.dba import read_dba  # here: pipeline.index imports this package (update → dba)
+
+    table = read_dba(index_url, options)
+    return queries, GlobalVectors.of(table.ids, table.refined)
 
 
 def rerank(
@@ -144,30 +171,48 @@ def rerank(
     config: RerankConfig = RerankConfig(),
     *,
     options: Options = None,
+    method: str = "verify",
+    global_config: GlobalRerankConfig = GlobalRerankConfig(),
+    index_url: str | None = None,
 ) -> RerankSummary:
-    """Re-rank every query's shortlist by geometric verification and write the result Parquet to ``out``.
+    """Re-rank every query's shortlist and write the result Parquet to ``out``.
 
-    Local features are read for exactly the queries and top-``config.top`` candidates being verified,
-    ``config.queries_per_batch`` queries at a time. Images absent from a store are left unverified.
+    ``method``: "verify" (geometric verification), a global refinement ("qe", "dba", "dba+qe",
+    "superglobal"; DBA vectors from ``index_url``'s dba.parquet), or a refinement followed by verification
+    of the refined shortlist ("superglobal+verify", ...). Local features are read for exactly the queries and
+    top-``config.top`` candidates being verified, ``config.queries_per_batch`` queries at a time. Images
+    absent from a store are left unverified (and unrefined).
     """
     start = time.perf_counter()
+    refinement, verifying = parse_method(method)
     shortlists = _read_shortlists(search_results, options)
+    if refinement:
+        vectors = _global_vectors(refinement, query_store, index_store, index_url, options)
     query_reader = store.LocalReader(query_store, options)
     index_reader = store.LocalReader(index_store, options)
     parts: list[dict[str, np.ndarray]] = []
     pairs = no_query = no_cand = 0
     for first in range(0, len(shortlists), config.queries_per_batch):
         batch = shortlists[first : first + config.queries_per_batch]
-        queries = query_reader.read([q for q, _, _ in batch if q in query_reader])
-        wanted = {i for _, ids, _ in batch for i in ids[: config.top] if i in index_reader}
+        original = {q: (ids, g) for q, ids, g in batch}
+        if refinement:  # the refined order and scores replace the global ones from here on
+            refined = refine_shortlists(refinement, *vectors, batch, global_config, resolve_device(config))
+            batch = [(q, ids[o], s) for (q, ids, _), (o, s) in zip(batch, refined, strict=True)]
+        verified = batch if verifying else []
+        queries = query_reader.read([q for q, _, _ in verified if q in query_reader])
+        wanted = {i for _, ids, _ in verified for i in ids[: config.top] if i in index_reader}
         cands = index_reader.read(sorted(wanted))
         for query_id, ids, global_scores in batch:
             candidates = [cands.get(i) for i in ids]
-            order, inliers, scores = rerank_shortlist(
-                queries.get(query_id), candidates, global_scores, config
-            )
-            shortlisted = min(len(ids), config.top)
-            no_query += query_id not in queries
+            if verifying:
+                order, inliers, scores = rerank_shortlist(
+                    queries.get(query_id), candidates, global_scores, config
+                )
+            else:
+                order, inliers, scores = np.arange(len(ids)), np.full(len(ids), -1), global_scores
+            input_scores = dict(zip(*original[query_id], strict=True))
+            shortlisted = min(len(ids), config.top) if verifying else 0
+            no_query += verifying and query_id not in queries
             no_cand += sum(c is None for c in candidates[:shortlisted])
             pairs += int((inliers >= 0).sum())
             parts.append(
@@ -177,15 +222,16 @@ def rerank(
                     "id": ids[order],
                     "score": scores[order],
                     "inliers": inliers[order],
-                    "global_score": global_scores[order],
+                    "global_score": np.array([input_scores[i] for i in ids[order]], dtype=np.float32),
                 }
             )
         log.info("re-ranked %d/%d queries", min(first + len(batch), len(shortlists)), len(shortlists))
-    storage.write_parquet(out, _output_table(parts, config), options)
+    storage.write_parquet(out, _output_table(parts, config, method, global_config), options)
     return RerankSummary(
         queries=len(shortlists),
         pairs_verified=pairs,
         queries_without_features=no_query,
         candidates_without_features=no_cand,
         seconds=time.perf_counter() - start,
+        method=method,
     )
