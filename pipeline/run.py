@@ -5,7 +5,7 @@ extract index images → extract query images → build index → search → re-
 Outputs under the config's ``out``::
 
     index-descriptors/  query-descriptors/   descriptor stores (resumable themselves)
-    index/                                   the FAISS index (pipeline.index layout)
+    index/                                   the FAISS index (pipeline.index layout; + dba.parquet for DBA)
     search.parquet  reranked.parquet         shortlists, global and re-ranked
     metrics.json                             {"global": {...}, "reranked": {...}} when ground truth is given
     report.html                              the visual report
@@ -170,6 +170,19 @@ def run_pipeline(
         )
 
     runner.stage("build-index", asdict(config.index), ["extract-index"], build)
+    global_config = config.rerank.global_rerank_config()
+    needs_dba = config.rerank.enabled and config.rerank.method.startswith("dba")
+    if needs_dba:  # DBA vectors beside the index, for re-ranking
+        from pipeline.index.dba import build_dba
+
+        runner.stage(
+            "dba",
+            [global_config.dba_k, global_config.dba_alpha],
+            ["build-index"],
+            lambda: build_dba(
+                paths.index, [paths.index_store], global_config.dba_k, global_config.dba_alpha, options
+            ),
+        )
     runner.stage(
         "search",
         asdict(config.search),
@@ -187,8 +200,8 @@ def run_pipeline(
     if config.rerank.enabled:
         runner.stage(
             "rerank",
-            asdict(rerank_config),
-            ["search"],
+            [asdict(rerank_config), config.rerank.method, asdict(global_config)],
+            ["search", *(["dba"] if needs_dba else [])],
             lambda: asdict(
                 rerank(
                     paths.search,
@@ -197,6 +210,9 @@ def run_pipeline(
                     paths.reranked,
                     rerank_config,
                     options=options,
+                    method=config.rerank.method,
+                    global_config=global_config,
+                    index_url=paths.index,
                 )
             ),
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +271,30 @@ def test_stage_dba_needs_its_file(stage_inputs: dict) -> None:
         rerank(*args, method="dba+qe", index_url=str(tmp / "elsewhere"))
     with pytest.raises(ValueError, match="allowed"):
         rerank(*args, method="verify+qe")
+
+
+def test_cli_method_and_bad_method(stage_inputs: dict) -> None:
+    tmp = stage_inputs["tmp"]
+    args = [sys.executable, "-m", "pipeline.cli", "rerank", str(tmp / "search.parquet"), str(tmp / "q")]
+    args += [str(tmp / "i"), str(tmp / "cli.parquet"), "--index", str(tmp / "index")]
+    done = subprocess.run([*args, "--method", "dba+qe", "--qe-k", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = pq.read_schema(tmp / "cli.parquet").metadata
+    assert meta[b"rerank_method"] == b"dba+qe" and json.loads(meta[b"global_rerank_config"])["qe_k"] == 3
+    bad = subprocess.run([*args, "--method", "dba+verify+qe"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "method='dba+verify+qe'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_config_rerank_method() -> None:
+    from pipeline.runconfig import parse_run_config
+
+    data = {"index": "i.parquet", "queries": "q.parquet"}
+    config = parse_run_config(
+        {"out": "o", "data": data, "rerank": {"method": "superglobal+verify", "sg_k": 4}}
+    )
+    assert config.rerank.method == "superglobal+verify"
+    assert config.rerank.global_rerank_config() == GlobalRerankConfig(sg_k=4)
+    with pytest.raises(ValueError, match="rerank: method='magic'"):
+        parse_run_config({"out": "o", "data": data, "rerank": {"method": "magic"}})
+    with pytest.raises(ValueError, match="rerank: sg_beta"):
+        parse_run_config({"out": "o", "data": data, "rerank": {"sg_beta": 0.0}})
