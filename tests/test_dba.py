@@ -90,3 +90,37 @@ def test_missing_file_and_bad_parameters(tmp_path: Path) -> None:
     ids, vectors = clustered(4, 5)
     with pytest.raises(ValueError, match="k=0"):
         compute_dba(ids, vectors, k=0)
+
+
+def write_global_store(url: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """A committed store (one local feature per image: the index reads only the global vectors)."""
+    from pipeline import store
+
+    one = np.ones(1, np.float32)
+    local = [store.LocalFeatures(np.zeros((1, 2), np.float32), one, one, np.ones((1, 4), np.float32))] * len(
+        ids
+    )
+    store.write_shard(url, 0, list(ids), vectors, local)
+
+
+def test_index_add_and_remove_keep_dba_equal_to_scratch(tmp_path: Path, ray_cluster: str) -> None:
+    from pipeline import store
+    from pipeline.index import add_shards, build_index, remove_ids
+    from pipeline.index import io as index_io
+    from pipeline.index.dba import build_dba
+
+    ids, vectors = clustered(5, 90)
+    vectors = vectors.astype(np.float16).astype(np.float32)  # what the store (float16 globals) gives back
+    first, second, index = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "index")
+    write_global_store(first, ids[:60], vectors[:60])
+    write_global_store(second, ids[60:], vectors[60:])
+    build_index(first, index, ray_address=ray_cluster)
+    build_dba(index, [first], k=4, alpha=3.0)
+    assert_same(read_dba(index), compute_dba(ids[:60], vectors[:60], k=4))
+    add_shards(index, store.global_shard_urls(second))
+    gone = ids[::5]
+    remove_ids(index, list(gone))
+    left = ~np.isin(ids, gone)
+    table = read_dba(index)
+    assert_same(table, compute_dba(ids[left], vectors[left], k=4))
+    assert set(table.ids) == set(index_io.read_id_map(index)[1])

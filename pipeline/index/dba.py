@@ -205,12 +205,20 @@ def update_dba(
     removed: Sequence[str] = (),
     options: Options = None,
 ) -> None:
-    """Keep an index's DBA vectors (if it has any) in step with added (ids, vectors) and removed ids."""
+    """Keep an index's DBA vectors (if it has any) in step with added (ids, vectors) and removed ids.
+
+    Idempotent (rows already added or removed are skipped), so the index update calls it before saving the
+    index: a run that crashes in between and is repeated leaves both consistent.
+    """
     if not has_dba(index_url, options):
         return
     table = read_dba(index_url, options)
-    if len(removed):
-        table = remove_rows(table, removed)
-    if added is not None and len(added[0]):
-        table = add_rows(table, *added)
+    present = set(table.ids.tolist())
+    gone = [i for i in removed if i in present]
+    if gone:
+        table = remove_rows(table, gone)
+    if added is not None:
+        new = np.array([i not in present or i in gone for i in added[0]], dtype=bool)
+        if new.any():
+            table = add_rows(table, np.asarray(added[0], dtype=object)[new], np.asarray(added[1])[new])
     write_dba(index_url, table, options)
