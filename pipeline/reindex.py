@@ -8,6 +8,7 @@ Layout under a root URL ``ROOT``::
         stores.json                  ordered descriptor stores (newest last, relative to ROOT): read_stores()
                                      gives the URLs for LocalReader(stores)
         report.json                  the run report that published this version
+        dba.parquet                  DBA vectors of its images (with ``ReindexConfig.dba``; pipeline.index.dba)
     ROOT/descriptors/<run-name>/     descriptor store of one run's new + changed rows (+ _manifest.parquet)
     ROOT/_lock.json                  owner and lease expiry of the run in progress
 
@@ -48,6 +49,7 @@ from pipeline.config import get_preset
 from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
+from pipeline.index.dba import build_dba, has_dba
 from pipeline.storage import Options
 from pipeline.store import ShardCommit, StoreSettings
 
@@ -82,6 +84,9 @@ class ReindexConfig:
     lease_seconds: float = 6 * 3600.0  # lock lease, renewed as the run progresses
     factory: str | None = None  # faiss factory for a retrain; None: chosen from N (and memory_budget)
     memory_budget: str | None = None  # e.g. "48GiB": steers the automatic factory choice
+    dba: bool = False  # keep DBA vectors beside every version (global re-ranking methods "dba", "dba+qe")
+    dba_k: int = 10  # DBA neighbours (a fresh DBA file only; an updated one keeps its own k and α)
+    dba_alpha: float = 3.0  # DBA weight exponent
     store: StoreSettings = field(default_factory=StoreSettings)
     build: BuildConfig = field(default_factory=BuildConfig)
 
@@ -93,6 +98,10 @@ class ReindexConfig:
             raise ValueError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds={self.lease_seconds}; must be > 0")
+        if self.dba_k < 1 or not self.dba_alpha >= 0:
+            raise ValueError(
+                f"dba_k={self.dba_k}, dba_alpha={self.dba_alpha}; need dba_k ≥ 1 and dba_alpha ≥ 0"
+            )
         if self.factory is not None and self.memory_budget is not None:
             raise ValueError("give factory or memory_budget, not both")
 
@@ -615,6 +624,8 @@ def _reindex_locked(
     else:
         assert live is not None, "the first version is always trained"
         _update_in_place(live.url, target, doomed, run_store if extracted else None, options)
+    if config.dba and not has_dba(target, options):  # retrained, or DBA newly asked for; else kept in step
+        build_dba(target, stores, config.dba_k, config.dba_alpha, options)
     on_stage("built")
     lease.renew_if_due()
 
