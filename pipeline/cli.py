@@ -439,6 +439,9 @@ def reindex(
         str | None, typer.Option(help="Index size budget for a retrain, e.g. 16GB.")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
+    dba: Annotated[
+        bool, typer.Option(help="Keep DBA vectors beside every version (re-rank --method dba...).")
+    ] = False,
     address: Address = None,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
@@ -456,6 +459,7 @@ def reindex(
         keep=keep,
         retrain_threshold=retrain_threshold,
         memory_budget=memory_budget,
+        dba=dba,
     )
     try:
         report = run_reindex(manifest, root, config, storage.options_from_env(), ray_address=address)
