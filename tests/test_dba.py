@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,46 @@ def test_index_add_and_remove_keep_dba_equal_to_scratch(tmp_path: Path, ray_clus
     table = read_dba(index)
     assert_same(table, compute_dba(ids[left], vectors[left], k=4))
     assert set(table.ids) == set(index_io.read_id_map(index)[1])
+
+
+@pytest.fixture(scope="module")
+def reindex_weights(tmp_path_factory) -> str:
+    from pipeline.config import get_preset
+    from tests.models import calibrated_weights
+
+    return calibrated_weights(get_preset("cpu-small"), tmp_path_factory.mktemp("weights") / "cpu-small.pt")
+
+
+def test_nightly_reindex_keeps_dba_equal_to_scratch(
+    tmp_path: Path, ray_cluster: str, reindex_weights: str
+) -> None:
+    """First build, an in-place update (add, change, delete) and a retrain: each version's DBA = from scratch."""
+    from pipeline.index import io as index_io
+    from pipeline.reindex import ReindexConfig, read_stores, reindex, resolve_latest
+    from tests.test_reindex import Catalogue, _newest_descriptors
+
+    def check(config: ReindexConfig) -> None:
+        version = resolve_latest(root)
+        _, indexed = index_io.read_id_map(version)
+        newest = _newest_descriptors(version)
+        scratch = compute_dba(indexed, np.stack([newest[i] for i in indexed]), k=config.dba_k, alpha=3.0)
+        assert_same(read_dba(version), scratch)
+        assert read_stores(version)
+
+    root = str(tmp_path / "root")
+    catalogue = Catalogue(tmp_path)
+    for i in range(6):
+        catalogue.put(f"img{i}", seed=i)
+    in_place = ReindexConfig(preset="cpu-small", weights_url=reindex_weights, shard_size=4, dba=True, dba_k=3)
+    in_place = dataclasses.replace(in_place, retrain_threshold=10.0)
+    assert reindex(catalogue.write(), root, in_place, ray_address=ray_cluster).retrained  # first build
+    check(in_place)
+    catalogue.put("img6", seed=60)
+    catalogue.put("img0", seed=70)
+    catalogue.delete("img3")
+    assert not reindex(catalogue.write(), root, in_place, ray_address=ray_cluster).retrained
+    check(in_place)
+    catalogue.put("img7", seed=80)
+    retrain = dataclasses.replace(in_place, retrain_threshold=0.0)
+    assert reindex(catalogue.write(), root, retrain, ray_address=ray_cluster).retrained
+    check(retrain)
