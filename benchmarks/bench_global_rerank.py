@@ -46,6 +46,7 @@ from bench_real_data import (
 
 from pipeline import storage
 from pipeline.evaluate import evaluate
+from pipeline.rerank.global_rerank import GlobalRerankConfig
 
 METHODS = (
     "verify",
@@ -174,7 +175,9 @@ def score(url: str, ground_truth: str) -> float:
     return evaluate(filtered, ground_truth, "gldv2-retrieval")["all"]["mAP@100"]
 
 
-def run_methods(d: Dataset, search_url: str, methods: tuple[str, ...], verify_config, folder: str) -> None:
+def run_methods(
+    d: Dataset, search_url: str, methods: tuple[str, ...], verify_config, global_config, folder: str
+) -> None:
     from pipeline.rerank import rerank
 
     queries = len(set(storage.read_parquet(search_url, columns=["query_id"]).column("query_id").to_pylist()))
@@ -184,13 +187,24 @@ def run_methods(d: Dataset, search_url: str, methods: tuple[str, ...], verify_co
     for method in methods:
         out = storage.join(folder, method.replace("+", "_") + ".parquet")
         summary = rerank(
-            search_url, d.query_store, d.index_store, out, verify_config, method=method, index_url=d.index
+            search_url,
+            d.query_store,
+            d.index_store,
+            out,
+            verify_config,
+            method=method,
+            global_config=global_config,
+            index_url=d.index,
         )
         per_query = summary.seconds / max(summary.queries, 1) * 1000
         print(
             f"| {d.name} ({queries} queries) | {method} | {score(out, d.ground_truth):.4f} | {per_query:.1f} |",
             flush=True,
         )
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    return [tuple(item.split("=", 1)) for item in text.split(",") if item]  # type: ignore[misc]
 
 
 def main() -> None:
@@ -201,7 +215,17 @@ def main() -> None:
     parser.add_argument("--verify", default="mutual=true,score=saturate", help="RerankConfig of verification")
     parser.add_argument("--coil-verify-every", type=int, default=24, help="COIL queries verified: every n-th")
     parser.add_argument("--datasets", default="landmarks+coil,landmarks,coil")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument(
+        "--global-config",
+        default="",
+        help="GlobalRerankConfig changes, e.g. qe_k=2,sg_k=2 (DBA is built once)",
+    )
     args = parser.parse_args()
+    global_config = GlobalRerankConfig(
+        **{k: (int if k.endswith(("_k", "_m")) else float)(v) for k, v in _pairs(args.global_config)}
+    )
+    methods = tuple(args.methods.split(","))
     verify_config = dataclasses.replace(parse_variant(args.verify), device="cpu")
     wanted = args.datasets.split(",")
     if not storage.exists(storage.join(args.cache, "run", "search.parquet")):
@@ -209,19 +233,20 @@ def main() -> None:
     print(
         f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     )
-    print(f"verification config: {args.verify}; load average before: {_load()}")
+    print(f"verification config: {args.verify}; global: {global_config}; load average before: {_load()}")
     print("\n| dataset | method | mAP@100 | ms/query |\n|---|---|---|---|")
     for d in datasets(args.cache):
         if d.name not in wanted:
             continue
-        folder = storage.join(args.cache, "bench", "results", d.name)
+        variant = f"-{args.global_config.replace(',', '-')}" if args.global_config else ""
+        folder = storage.join(args.cache, "bench", "results", d.name + variant)
         if d.name != "coil":
-            run_methods(d, d.search, METHODS, verify_config, folder)
+            run_methods(d, d.search, methods, verify_config, global_config, folder)
             continue
-        global_methods = tuple(m for m in METHODS if "verify" not in m)
-        run_methods(d, d.search, global_methods, verify_config, folder)
+        global_methods = tuple(m for m in methods if "verify" not in m)
+        run_methods(d, d.search, global_methods, verify_config, global_config, folder)
         few = subset(d.search, args.coil_verify_every, storage.join(folder, "search-subset.parquet"))
-        run_methods(d, few, METHODS, verify_config, storage.join(folder, "subset"))
+        run_methods(d, few, methods, verify_config, global_config, storage.join(folder, "subset"))
     print(f"\nload average at the end: {_load()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
