@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline import store
+from pipeline.storage import Options
+
 METHODS = ("qe", "dba", "dba+qe", "superglobal")  # global refinements; each may be followed by "+verify"
 
 
@@ -218,6 +221,16 @@ class GlobalVectors:
     @classmethod
     def of(cls, ids: Sequence[str], vectors: np.ndarray) -> GlobalVectors:
         return cls({image_id: i for i, image_id in enumerate(ids)}, np.asarray(vectors, dtype=np.float32))
+
+    @classmethod
+    def read(cls, store_url: str, wanted: set[str], options: Options = None) -> GlobalVectors:
+        """The ``wanted`` images' vectors from a descriptor store (one shard in memory at a time)."""
+        ids, vectors = [], []
+        for shard_ids, shard_vectors in store.iter_global(store_url, options):  # (n,), (n, D)
+            keep = np.fromiter((i in wanted for i in shard_ids), dtype=bool, count=len(shard_ids))
+            ids.extend(shard_ids[keep].tolist())
+            vectors.append(shard_vectors[keep])
+        return cls.of(ids, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32))
 
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) vectors (zeros where absent) and (n,) found mask."""
