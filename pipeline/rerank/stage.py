@@ -149,12 +149,16 @@ def _output_table(
 
 
 def _global_vectors(
-    refinement: str, query_store: str, index_store: str, index_url: str | None, options: Options
+    refinement: str,
+    shortlists: list[tuple[str, np.ndarray, np.ndarray]],
+    stores: tuple[str, str],
+    index_url: str | None,
+    options: Options,
 ) -> tuple[GlobalVectors, GlobalVectors]:
-    """(queries, index images) global vectors; the index side is the DBA file's refined vectors for DBA."""
-    queries = GlobalVectors.of(*store.read_global(query_store, options))
+    """(queries, shortlisted images) global vectors from the (query, index) stores; DBA: the refined ones."""
+    queries = GlobalVectors.read(stores[0], {q for q, _, _ in shortlists}, options)
     if not refinement.startswith("dba"):
-        return queries, GlobalVectors.of(*store.read_global(index_store, options))
+        return queries, GlobalVectors.read(stores[1], {i for _, ids, _ in shortlists for i in ids}, options)
     if index_url is None:
         raise ValueError(f"method {refinement!r} needs the index URL whose dba.parquet holds the DBA vectors")
     from pipeline.index.dba import read_dba  # here: pipeline.index imports this package (update → dba)
@@ -187,7 +191,7 @@ def rerank(
     refinement, verifying = parse_method(method)
     shortlists = _read_shortlists(search_results, options)
     if refinement:
-        vectors = _global_vectors(refinement, query_store, index_store, index_url, options)
+        vectors = _global_vectors(refinement, shortlists, (query_store, index_store), index_url, options)
     query_reader = store.LocalReader(query_store, options)
     index_reader = store.LocalReader(index_store, options)
     parts: list[dict[str, np.ndarray]] = []
