@@ -162,12 +162,18 @@ def datasets(cache: str) -> list[Dataset]:
     return out
 
 
-def subset(search_url: str, every: int, out_url: str) -> str:
-    """The search results of every ``every``-th query (sorted ids)."""
-    table = storage.read_parquet(search_url)
+def subset(d: Dataset, every: int, folder: str) -> Dataset:
+    """``d`` restricted to every ``every``-th query (sorted ids): its search results and ground truth."""
+    table = storage.read_parquet(d.search)
     queries = sorted(set(table.column("query_id").to_pylist()))[::every]
-    storage.write_parquet(out_url, table.filter(pc.is_in(table["query_id"], pa.array(queries))))
-    return out_url
+    search_url, truth_url = storage.join(folder, "search.parquet"), storage.join(folder, "ground_truth.csv")
+    storage.write_parquet(search_url, table.filter(pc.is_in(table["query_id"], pa.array(queries))))
+    lines = storage.read_text(d.ground_truth).splitlines()
+    kept = set(queries)
+    storage.write_text(
+        truth_url, "\n".join([lines[0], *(x for x in lines[1:] if x.split(",")[0] in kept)]) + "\n"
+    )
+    return dataclasses.replace(d, search=search_url, ground_truth=truth_url, queries=len(queries))
 
 
 def score(url: str, ground_truth: str) -> float:
@@ -245,8 +251,8 @@ def main() -> None:
             continue
         global_methods = tuple(m for m in methods if "verify" not in m)
         run_methods(d, d.search, global_methods, verify_config, global_config, folder)
-        few = subset(d.search, args.coil_verify_every, storage.join(folder, "search-subset.parquet"))
-        run_methods(d, few, methods, verify_config, global_config, storage.join(folder, "subset"))
+        few = subset(d, args.coil_verify_every, storage.join(folder, "subset"))
+        run_methods(few, few.search, methods, verify_config, global_config, storage.join(folder, "subset"))
     print(f"\nload average at the end: {_load()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
