@@ -11,6 +11,12 @@ is padded to one length C: ``cands`` (B, C, D) holds the candidates' global desc
 - SuperGlobal (Shao et al., ICCV 2023), on the top M of the shortlist: each of the M descriptors is replaced
   by the weighted mean of itself (weight 1) and its K nearest among the M (weights β·similarity); the refined
   query is the element-wise max of the K+1 best refined descriptors by q·d'; the score is (q·d' + q'·d')/2.
+
+Sources of the defaults: α = 3 is the paper's; the public cnnimageretrieval-pytorch code holds no α-QE or DBA,
+so the neighbour counts (10) are the common choice of later evaluations, not a published code default — tune
+them down when a landmark has fewer images (benchmarks/RESULTS.md). M = 400, K = 9, β = 0.15 are the defaults
+of SuperGlobal's public re-ranking code. Negative similarities get weight 0 in all three (ours: SuperGlobal's
+code does not clamp; a negative weight could make its weighted mean's denominator vanish).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ METHODS = ("qe", "dba", "dba+qe", "superglobal")  # global refinements; each may
 class GlobalRerankConfig:
     # α-QE (Radenović et al. TPAMI 2018: α = 3).
     qe_k: int = (
-        10  # top-ranked shortlist entries averaged into the query (nQE; the query itself always counts)
+        10  # nQE: top shortlist entries averaged into the query (which counts too); see the module doc
     )
     qe_alpha: float = 3.0  # weight = similarity^α (α = 3 published; 0 = plain average QE)
     # DBA (same weighting, applied to database vectors offline).
