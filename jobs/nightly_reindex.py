@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lease-seconds", type=float, default=6 * 3600.0, help="Lock lease, renewed as it runs."
     )
     parser.add_argument(
+        "--dba", action="store_true", help="Keep DBA vectors beside every version (re-rank --method dba...)."
+    )
+    parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
     return parser.parse_args(argv)
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             lease_seconds=args.lease_seconds,
             memory_budget=args.memory_budget or None,
             image_root=args.image_root or None,
+            dba=args.dba,
         )
         address = args.address or os.environ.get("RAY_ADDRESS") or None
         report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)

@@ -292,14 +292,31 @@ def rerank(
     score: Annotated[
         str, typer.Option(help="inliers: (inliers, global) order; saturate: min(i,k)/k + global.")
     ] = "inliers",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="verify (local features) | qe | dba | dba+qe | superglobal (global features), or one of "
+            "the four + '+verify' (refine, then verify the refined shortlist)."
+        ),
+    ] = "verify",
+    index: Annotated[
+        str | None, typer.Option("--index", help="Index URL whose dba.parquet DBA methods read.")
+    ] = None,
+    qe_k: Annotated[int, typer.Option(help="α-QE: top entries averaged into the query.")] = 10,
+    qe_alpha: Annotated[float, typer.Option(help="α-QE: weight = similarity^α.")] = 3.0,
+    sg_m: Annotated[int, typer.Option(help="SuperGlobal: shortlist entries refined.")] = 400,
+    sg_k: Annotated[int, typer.Option(help="SuperGlobal: neighbours per descriptor.")] = 9,
+    sg_beta: Annotated[float, typer.Option(help="SuperGlobal: neighbour weight β.")] = 0.15,
 ) -> None:
-    """Re-rank each shortlist by local-feature matching and batched RANSAC verification."""
+    """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both."""
     from pipeline.rerank import RerankConfig
     from pipeline.rerank import rerank as rerank_stage
+    from pipeline.rerank.global_rerank import GlobalRerankConfig
 
     config = RerankConfig(
         top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
     )
+    global_config = GlobalRerankConfig(qe_k=qe_k, qe_alpha=qe_alpha, sg_m=sg_m, sg_k=sg_k, sg_beta=sg_beta)
     summary = rerank_stage(
         search_results,
         query_descriptors,
@@ -307,8 +324,28 @@ def rerank(
         out,
         config,
         options=storage.options_from_env(),
+        method=method,
+        global_config=global_config,
+        index_url=index,
     )
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
+
+
+@app.command()
+def dba(
+    index: Annotated[str, typer.Argument(help="Index URL (from build-index); dba.parquet is written there.")],
+    descriptors: Annotated[
+        list[str], typer.Argument(help="Descriptor store(s) holding the indexed images (newest last).")
+    ],
+    k: Annotated[int, typer.Option(help="Neighbours averaged into each index vector.")] = 10,
+    alpha: Annotated[float, typer.Option(help="Weight = similarity^α.")] = 3.0,
+) -> None:
+    """Database-side augmentation: refined vectors of every indexed image, kept beside the index (index-add,
+    index-remove and reindex keep them up to date)."""
+    from pipeline.index.dba import build_dba
+
+    summary = build_dba(index, descriptors, k, alpha, storage.options_from_env())
+    _print_mapping(f"dba → {storage.redact(index)}", summary)
 
 
 @app.command()
@@ -442,6 +479,9 @@ def reindex(
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     lease_seconds: Annotated[float, typer.Option(help="Lock lease, renewed as the run goes on.")] = 6
     * 3600.0,
+    dba: Annotated[
+        bool, typer.Option(help="Keep DBA vectors beside every version (re-rank --method dba...).")
+    ] = False,
     address: Address = None,
     image_root: ImageRoot = None,
 ) -> None:
@@ -463,6 +503,7 @@ def reindex(
         lease_seconds=lease_seconds,
         memory_budget=memory_budget,
         image_root=image_root,
+        dba=dba,
     )
     try:
         report = run_reindex(manifest, root, config, storage.options_from_env(), ray_address=address)

@@ -31,6 +31,7 @@ from pipeline.config import get_preset
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
+from pipeline.index.dba import build_dba, has_dba
 from pipeline.lease import Lease
 from pipeline.storage import Options
 from pipeline.store import StoreSettings
@@ -54,6 +55,9 @@ class ReindexConfig:
     lease_seconds: float = 6 * 3600.0  # lock lease, renewed as the run progresses
     factory: str | None = None  # faiss factory for a retrain; None: chosen from N (and memory_budget)
     memory_budget: str | None = None  # e.g. "48GiB": steers the automatic factory choice
+    dba: bool = False  # keep DBA vectors beside every version (global re-ranking methods "dba", "dba+qe")
+    dba_k: int = 10  # DBA neighbours (a fresh DBA file only; an updated one keeps its own k and α)
+    dba_alpha: float = 3.0  # DBA weight exponent
     store: StoreSettings = field(default_factory=StoreSettings)
     build: BuildConfig = field(default_factory=BuildConfig)
     image_root: str | None = None  # urls for id-only manifests (GLDv2 index.csv): ROOT/a/b/c/ID.jpg
@@ -66,6 +70,10 @@ class ReindexConfig:
             raise ValueError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds={self.lease_seconds}; must be > 0")
+        if self.dba_k < 1 or not self.dba_alpha >= 0:
+            raise ValueError(
+                f"dba_k={self.dba_k}, dba_alpha={self.dba_alpha}; need dba_k ≥ 1 and dba_alpha ≥ 0"
+            )
         if self.factory is not None and self.memory_budget is not None:
             raise ValueError("give factory or memory_budget, not both")
 
@@ -430,6 +438,10 @@ def _build_and_publish(run: _Run) -> ReindexReport:
     else:
         assert live is not None, "the first version is always trained"
         _update_in_place(live.url, target, doomed, run_store if extracted else None, options)
+    if run.config.dba and not has_dba(
+        target, options
+    ):  # retrained, or DBA newly asked for; else kept in step
+        build_dba(target, stores, run.config.dba_k, run.config.dba_alpha, options)
     run.reached("built")
 
     result = run.report(

@@ -12,7 +12,8 @@ Re-ranked results (``reranked.parquet``): the same columns re-ranked (rank and s
                              re-ranked order, flattened (x_q, y_q, x_c, y_c) per pair in original-image
                              pixels; null for the other hits
 
-The re-ranking settings are kept in the Parquet schema metadata under ``rerank_config``.
+The re-ranking settings are kept in the Parquet schema metadata: ``rerank_config`` (verification),
+``rerank_method`` (what ran: verify, a global refinement, or both) and ``global_rerank_config``.
 """
 
 from __future__ import annotations
@@ -148,9 +149,16 @@ def flatten_matches(query_points: np.ndarray, cand_points: np.ndarray) -> np.nda
 
 
 def write_reranked(
-    url: str, parts: list[Mapping[str, Any]], config: Mapping[str, Any], options: Options = None
+    url: str,
+    parts: list[Mapping[str, Any]],
+    config: Mapping[str, Any],
+    options: Options = None,
+    *,
+    method: str = "verify",
+    global_config: Mapping[str, Any] | None = None,
 ) -> pa.Table:
-    """Write re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences)."""
+    """Write re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences), with
+    the verification settings, the method that ran and the global refinement's settings as metadata."""
 
     def listed(name: str) -> list[Any]:
         return [value for part in parts for value in part[name]]
@@ -172,6 +180,12 @@ def write_reranked(
             "matches": pa.array(matches, type=pa.list_(pa.float32())),
         },
         schema=RERANKED_SCHEMA,
-    ).replace_schema_metadata({"rerank_config": json.dumps(dict(config))})
+    ).replace_schema_metadata(
+        {
+            "rerank_config": json.dumps(dict(config)),
+            "rerank_method": method,
+            "global_rerank_config": json.dumps(dict(global_config or {})),
+        }
+    )
     storage.write_parquet(url, table, options)
     return table

@@ -5,7 +5,7 @@ extract index images → extract query images → build index → search → re-
 Outputs under the config's ``out``::
 
     index-descriptors/  query-descriptors/   descriptor stores (resumable themselves)
-    index/                                   the FAISS index (pipeline.index layout)
+    index/                                   the FAISS index (pipeline.index layout; + dba.parquet for DBA)
     search.parquet  reranked.parquet         shortlists, global and re-ranked
     metrics.json                             {"global": {...}, "reranked": {...}} when ground truth is given
     report.html                              the visual report
@@ -198,6 +198,18 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
         )
 
     runner.stage("build-index", asdict(config.index), ["extract-index"], build)
+    global_config = config.rerank.global_rerank_config()
+    if _needs_dba(config):  # DBA vectors beside the index, for re-ranking
+        from pipeline.index.dba import build_dba
+
+        runner.stage(
+            "dba",
+            [global_config.dba_k, global_config.dba_alpha],
+            ["build-index"],
+            lambda: build_dba(
+                paths.index, [paths.index_store], global_config.dba_k, global_config.dba_alpha, options
+            ),
+        )
     runner.stage(
         "search",
         asdict(config.search),
@@ -213,17 +225,21 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
     )
 
 
+def _needs_dba(config: RunConfig) -> bool:
+    return config.rerank.enabled and config.rerank.method.startswith("dba")
+
+
 def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
     from pipeline.report import report_run
     from pipeline.rerank import rerank
 
     paths, options = runner.paths, runner.options
-    rerank_config = config.rerank.rerank_config()
+    rerank_config, global_config = config.rerank.rerank_config(), config.rerank.global_rerank_config()
     if config.rerank.enabled:
         runner.stage(
             "rerank",
-            asdict(rerank_config),
-            ["search"],
+            [asdict(rerank_config), config.rerank.method, asdict(global_config)],
+            ["search", *(["dba"] if _needs_dba(config) else [])],
             lambda: asdict(
                 rerank(
                     paths.search,
@@ -232,6 +248,9 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
                     paths.reranked,
                     rerank_config,
                     options=options,
+                    method=config.rerank.method,
+                    global_config=global_config,
+                    index_url=paths.index,
                 )
             ),
         )

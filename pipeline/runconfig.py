@@ -41,6 +41,11 @@ relative to the config file's folder)::
     threshold        RANSAC inlier threshold in pixels [20.0]
     score            inliers: order by (inliers, global) | saturate: min(inliers, k)/k + global [inliers]
     min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
+    method           verify | qe | dba | dba+qe | superglobal, or one of the four + "+verify" (refine with
+                     global features, then verify the refined shortlist) [verify]
+    qe_k, qe_alpha   α-QE: neighbours averaged into the query, weight exponent [10, 3.0]
+    dba_k, dba_alpha DBA: neighbours averaged into each index vector (index/dba.parquet) [10, 3.0]
+    sg_m, sg_k, sg_beta  SuperGlobal: shortlist entries refined, neighbours, neighbour weight [400, 9, 0.15]
 
     [report]
     enabled          write report.html [true]
@@ -121,6 +126,22 @@ class RerankSection:
     threshold: float = 20.0
     score: str = "inliers"
     min_inliers: int = 0
+    method: str = "verify"
+    qe_k: int = 10
+    qe_alpha: float = 3.0
+    dba_k: int = 10
+    dba_alpha: float = 3.0
+    sg_m: int = 400
+    sg_k: int = 9
+    sg_beta: float = 0.15
+
+    def global_rerank_config(self) -> Any:
+        """The global refinements' config; raises ValueError on a bad method or value."""
+        from pipeline.rerank.global_rerank import GlobalRerankConfig, parse_method
+
+        parse_method(self.method)
+        names = ("qe_k", "qe_alpha", "dba_k", "dba_alpha", "sg_m", "sg_k", "sg_beta")
+        return GlobalRerankConfig(**{n: getattr(self, n) for n in names})
 
     def rerank_config(self) -> Any:
         """The re-ranker's own config (validated there: a bad value names the key and what is allowed)."""
@@ -224,6 +245,7 @@ def parse_run_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     config = _build(RunConfig, {**top, **sections}, "config")
     try:
         config.rerank.rerank_config()
+        config.rerank.global_rerank_config()
     except ValueError as exc:
         raise ValueError(f"rerank: {exc}") from None
     return config

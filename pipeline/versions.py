@@ -8,6 +8,7 @@ Layout under a root URL ``ROOT``::
         stores.json                  ordered descriptor stores (newest last, relative to ROOT): read_stores()
                                      gives the URLs for LocalReader(stores)
         report.json                  the run report that published this version
+        dba.parquet                  DBA vectors of its images (with ``ReindexConfig.dba``; pipeline.index.dba)
     ROOT/descriptors/<run-name>/     descriptor store of one run's new + changed rows
 """
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
-from pipeline.index import io
+from pipeline.index import dba, io
 from pipeline.index.build import add_shards_to, id_bases, shard_rows
 from pipeline.storage import Options
 
@@ -54,6 +54,10 @@ def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = Non
         "next_id": params["next_id"] + sum(counts),
         "shards": [*params["shards"], *(storage.redact(u) for u in shard_urls)],
     }
+    if shard_urls and dba.has_dba(index_url, options):  # DBA vectors follow the index (saved before it)
+        shards = [store.read_global_shard(u, options) for u in shard_urls]  # (ids (n,), vectors (n, D))
+        added_rows = (np.concatenate([i for i, _ in shards]), np.concatenate([v for _, v in shards]))
+        dba.update_dba(index_url, added_rows, (), options)
     _save(index_url, params, index, pa.concat_tables([old, added]), options)
     return {"added": added.num_rows, "ntotal": int(index.ntotal)}
 
@@ -76,5 +80,6 @@ def remove_ids(index_url: str, image_ids: Sequence[str], options: Options = None
     ids = table.column("id").to_numpy()[doomed].astype(np.int64)
     removed = index.remove_ids(faiss.IDSelectorBatch(ids))
     assert removed == len(ids), (removed, len(ids))
+    dba.update_dba(index_url, None, list(image_ids), options)  # DBA vectors beside the index follow it
     _save(index_url, params, index, table.filter(pa.array(~doomed)), options)
     return {"removed": int(removed), "ntotal": int(index.ntotal)}

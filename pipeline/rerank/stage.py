@@ -1,7 +1,8 @@
 """The re-ranking stage: search results + two descriptor stores → re-ranked results (formats: pipeline.results).
 
 Re-ranked results keep, besides each hit's inlier count, the inlier points of the top verified hits, so the
-report draws them without re-running verification.
+report draws them without re-running verification. The method that ran (verify, a global refinement, or a
+refinement followed by verification of the refined shortlist) is recorded with the results.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from pipeline import store
 from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
 from pipeline.rerank.verify import Verification, verify
@@ -40,6 +42,7 @@ class RerankSummary:
     queries_without_features: int
     candidates_without_features: int
     seconds: float
+    method: str = "verify"  # what ran: see pipeline.rerank.global_rerank.parse_method
 
 
 def resolve_device(config: RerankConfig) -> torch.device:
@@ -146,8 +149,12 @@ def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, 
     ]
 
 
-def _output_rows(query_id: str, ids: np.ndarray, global_scores: np.ndarray, r: RerankedShortlist) -> dict:
-    """The results-file columns of one re-ranked query (see pipeline.results)."""
+Shortlist = tuple[str, np.ndarray, np.ndarray]  # query id, candidate ids (C,), scores (C,) in rank order
+
+
+def _output_rows(query_id: str, ids: np.ndarray, input_scores: np.ndarray, r: RerankedShortlist) -> dict:
+    """The results-file columns of one re-ranked query (see pipeline.results); ``input_scores`` are the
+    search scores of ``ids``."""
     matches = [flatten_matches(*r.matches[p]) if p in r.matches else None for p in r.order.tolist()]
     return {
         "query_id": [query_id] * len(ids),
@@ -155,7 +162,7 @@ def _output_rows(query_id: str, ids: np.ndarray, global_scores: np.ndarray, r: R
         "id": ids[r.order].tolist(),
         "score": r.scores[r.order],
         "inliers": r.inliers[r.order],
-        "global_score": global_scores[r.order],
+        "global_score": input_scores[r.order],
         "matches": matches,
     }
 
@@ -167,26 +174,79 @@ class _Counts:
     no_cand: int = 0
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What runs on each batch: an optional global refinement, then optional verification."""
+
+    config: RerankConfig
+    refinement: str | None
+    verifying: bool
+    global_config: GlobalRerankConfig
+    vectors: tuple[GlobalVectors, GlobalVectors] | None  # (queries, shortlisted images) for the refinement
+
+
+def _refine(batch: list[Shortlist], plan: _Plan) -> list[Shortlist]:
+    """The batch's shortlists in refined order, with refined scores (they replace the global ones)."""
+    if not plan.refinement:
+        return batch
+    assert plan.vectors is not None
+    refined = refine_shortlists(
+        plan.refinement, *plan.vectors, batch, plan.global_config, resolve_device(plan.config)
+    )
+    return [(q, ids[o], s) for (q, ids, _), (o, s) in zip(batch, refined, strict=True)]
+
+
+def _unverified(scores: np.ndarray) -> RerankedShortlist:
+    return RerankedShortlist(np.arange(len(scores)), np.full(len(scores), -1, np.int64), scores, {})
+
+
 def _rerank_batch(
-    batch: list[tuple[str, np.ndarray, np.ndarray]],
-    query_reader: store.LocalReader,
-    index_reader: store.LocalReader,
-    config: RerankConfig,
+    batch: list[Shortlist],
+    readers: tuple[store.LocalReader, store.LocalReader],
+    plan: _Plan,
     counts: _Counts,
 ) -> list[dict]:
     """Re-rank a batch of queries, reading their local features (and their top candidates') together."""
-    queries = query_reader.read([q for q, _, _ in batch if q in query_reader])
-    wanted = {i for _, ids, _ in batch for i in ids[: config.top] if i in index_reader}
-    cands = index_reader.read(sorted(wanted))
+    config, (query_reader, index_reader) = plan.config, readers
+    input_scores = {q: dict(zip(ids, scores, strict=True)) for q, ids, scores in batch}
+    batch = _refine(batch, plan)
+    verified = batch if plan.verifying else []
+    queries = query_reader.read([q for q, _, _ in verified if q in query_reader])
+    cands = index_reader.read(
+        sorted({i for _, ids, _ in verified for i in ids[: config.top] if i in index_reader})
+    )
     parts = []
-    for query_id, ids, global_scores in batch:
-        candidates = [cands.get(i) for i in ids]
-        reranked = rerank_shortlist(queries.get(query_id), candidates, global_scores, config)
-        counts.no_query += query_id not in queries
-        counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
-        counts.pairs += int((reranked.inliers >= 0).sum())
-        parts.append(_output_rows(query_id, ids, global_scores, reranked))
+    for query_id, ids, scores in batch:
+        if plan.verifying:
+            candidates = [cands.get(i) for i in ids]
+            reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config)
+            counts.no_query += query_id not in queries
+            counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
+            counts.pairs += int((reranked.inliers >= 0).sum())
+        else:
+            reranked = _unverified(scores)
+        searched = np.array([input_scores[query_id][i] for i in ids], dtype=np.float32)
+        parts.append(_output_rows(query_id, ids, searched, reranked))
     return parts
+
+
+def _global_vectors(
+    refinement: str,
+    shortlists: list[Shortlist],
+    stores: tuple[str, str],
+    index_url: str | None,
+    options: Options,
+) -> tuple[GlobalVectors, GlobalVectors]:
+    """(queries, shortlisted images) global vectors from the (query, index) stores; DBA: the refined ones."""
+    queries = GlobalVectors.read(stores[0], {q for q, _, _ in shortlists}, options)
+    if not refinement.startswith("dba"):
+        return queries, GlobalVectors.read(stores[1], {i for _, ids, _ in shortlists for i in ids}, options)
+    if index_url is None:
+        raise ValueError(f"method {refinement!r} needs the index URL whose dba.parquet holds the DBA vectors")
+    from pipeline.index.dba import read_dba  # here: pipeline.index imports this package (update → dba)
+
+    table = read_dba(index_url, options)
+    return queries, GlobalVectors.of(table.ids, table.refined)
 
 
 def rerank(
@@ -197,27 +257,40 @@ def rerank(
     config: RerankConfig = RerankConfig(),
     *,
     options: Options = None,
+    method: str = "verify",
+    global_config: GlobalRerankConfig = GlobalRerankConfig(),
+    index_url: str | None = None,
 ) -> RerankSummary:
-    """Re-rank every query's shortlist by geometric verification and write the result Parquet to ``out``.
+    """Re-rank every query's shortlist and write the results to ``out``.
 
-    Local features are read for exactly the queries and top-``config.top`` candidates being verified,
-    ``config.queries_per_batch`` queries at a time. Images absent from a store are left unverified.
+    ``method``: "verify" (geometric verification), a global refinement ("qe", "dba", "dba+qe",
+    "superglobal"; DBA vectors from ``index_url``'s dba.parquet), or a refinement followed by verification
+    of the refined shortlist ("superglobal+verify", ...). Local features are read for exactly the queries and
+    top-``config.top`` candidates being verified, ``config.queries_per_batch`` queries at a time. Images
+    absent from a store are left unverified (and unrefined).
     """
     start = time.perf_counter()
+    refinement, verifying = parse_method(method)
     shortlists = _read_shortlists(search_results, options)
-    query_reader = store.LocalReader(query_store, options)
-    index_reader = store.LocalReader(index_store, options)
+    vectors = (
+        _global_vectors(refinement, shortlists, (query_store, index_store), index_url, options)
+        if refinement
+        else None
+    )
+    plan = _Plan(config, refinement, verifying, global_config, vectors)
+    readers = (store.LocalReader(query_store, options), store.LocalReader(index_store, options))
     parts: list[dict] = []
     counts = _Counts()
     for first in range(0, len(shortlists), config.queries_per_batch):
         batch = shortlists[first : first + config.queries_per_batch]
-        parts += _rerank_batch(batch, query_reader, index_reader, config, counts)
+        parts += _rerank_batch(batch, readers, plan, counts)
         log.info("re-ranked %d/%d queries", min(first + len(batch), len(shortlists)), len(shortlists))
-    write_reranked(out, parts, asdict(config), options)
+    write_reranked(out, parts, asdict(config), options, method=method, global_config=asdict(global_config))
     return RerankSummary(
         queries=len(shortlists),
         pairs_verified=counts.pairs,
         queries_without_features=counts.no_query,
         candidates_without_features=counts.no_cand,
         seconds=time.perf_counter() - start,
+        method=method,
     )
