@@ -294,6 +294,7 @@ def _check_model_matches(model: Delg, config: ExtractionConfig) -> None:
         "whitening": model.whitening is not None,
         "global_dim": model.global_dim,
         "gem_p": model.gem_p,
+        "global_pool": model.global_pool,
     }
     wrong = {k: v for k, v in found.items() if getattr(config, k) != v}
     if wrong:
