@@ -215,3 +215,10 @@ def test_convert_weights_cli_verifies(saved_model: str, photo: str, tmp_path: Pa
         cli.app, ["convert-weights", saved_model + "/variables", out, "--preset", "tiny", "--verify", photo]
     )
     assert result.exit_code != 0 and "not a SavedModel directory" in str(result.exception)
+
+
+def test_the_dev_lock_installs_tensorflow_for_these_tests() -> None:
+    """`make test` installs requirements/dev.lock, which must carry the convert extra (TensorFlow)."""
+    lock = (Path(__file__).resolve().parents[1] / "requirements" / "dev.lock").read_text()
+    assert "\ntensorflow-cpu==" in lock and "platform_machine == 'x86_64'" in lock
+    assert "--extra convert" in (Path(__file__).resolve().parents[1] / "scripts" / "lock.sh").read_text()
