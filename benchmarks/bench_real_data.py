@@ -188,8 +188,9 @@ def ordered_pair_fraction(reranked_url: str, data: RealData, column: str) -> flo
 NETVLAD_CLUSTERS = 16
 
 
-def block4_maps(data: RealData) -> dict[str, list[Any]]:
-    """id → the preset's block4 maps (C, h, w), one per global scale, preprocessed as extraction does."""
+def block4_maps(data: RealData, batch_size: int) -> dict[str, list[Any]]:
+    """id → the preset's block4 maps (C, h, w), one per global scale, preprocessed as extraction does
+    (images of one capped shape run in batches)."""
     import torch
 
     from pipeline.config import get_preset
@@ -197,18 +198,25 @@ def block4_maps(data: RealData) -> dict[str, list[Any]]:
     from pipeline.images import load_image
 
     config = get_preset(PRESET)
-    extractor = build_extractor(config, str(WEIGHTS), device="cpu")
-    model, mean, std = extractor.model, extractor._mean, extractor._std
-    urls = {r["id"]: r["url"] for r in storage.read_parquet(data.index_manifest).to_pylist()}
-    maps: dict[str, list[Any]] = {}
+    model = build_extractor(config, str(WEIGHTS), device="cpu").model
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (config.pixel_mean, config.pixel_std))
+    groups: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
+    for row in storage.read_parquet(data.index_manifest).to_pylist():
+        pixels = load_image(row)
+        capped = pil_bilinear(pixels, capped_size(*pixels.shape[-2:], config.max_side))
+        groups[tuple(capped.shape[-2:])][row["id"]] = capped
+    maps: dict[str, list[Any]] = defaultdict(list)
     with torch.inference_mode():
-        for image_id, url in urls.items():
-            pixels = load_image({"url": url})
-            capped = pil_bilinear(pixels, capped_size(*pixels.shape[-2:], config.max_side)).float()[None]
-            maps[image_id] = []
-            for scale in config.global_scales:
-                x = (resize(capped, scaled_size(*capped.shape[-2:], scale)) - mean) / std
-                maps[image_id].append(model.backbone.forward_global(model.backbone.forward_local(x))[0])
+        for size, images in groups.items():
+            ids = list(images)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                batch = torch.stack([images[i] for i in chunk]).float()
+                for scale in config.global_scales:
+                    x = (resize(batch, scaled_size(*size, scale)) - mean) / std
+                    block4 = model.backbone.forward_global(model.backbone.forward_local(x))
+                    for image_id, one in zip(chunk, block4, strict=True):
+                        maps[image_id].append(one)
     return maps
 
 
@@ -258,9 +266,9 @@ def retrieval_map(ids: list[str], descriptors: np.ndarray, data: RealData, index
     return float(np.mean(aps))
 
 
-def pooling_table(data: RealData) -> None:
+def pooling_table(data: RealData, batch_size: int) -> None:
     started = time.perf_counter()
-    maps = block4_maps(data)
+    maps = block4_maps(data, batch_size)
     print(f"block4 maps of {len(maps)} images in {time.perf_counter() - started:.0f} s; load {_load()}")
     netvlad = netvlad_from_kmeans(maps, NETVLAD_CLUSTERS)
     print("\n| global pooling | dims | mAP@100 landmarks-mini alone | mAP@100 + COIL distractors |")
@@ -387,7 +395,7 @@ def main() -> None:
         print(
             f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
         )
-        pooling_table(data)
+        pooling_table(data, args.batch_size)
         print(f"load average at the end: {_load()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
         return
     run_out = storage.join(out, "run")
