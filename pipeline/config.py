@@ -14,8 +14,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 DELG_MEAN = (128.0, 128.0, 128.0)  # the TF reference normalises (x − 128) / 128
 DELG_STD = (128.0, 128.0, 128.0)
 
-DELG_SCALES = (0.25, 0.35355, 0.5, 0.70711, 1.0, 1.41421, 2.0)  # powers of √2 around the capped image
-DELG_GLOBAL_SCALES = (0.70711, 1.0, 1.41421)
+# Powers of √2 around the capped image, as the reference's pbtxt writes them (float32 values: the scaled
+# sizes are round(side · scale) in float32, so 0.35355 instead of 0.35355338 can change a size by a pixel).
+DELG_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+DELG_GLOBAL_SCALES = (0.70710677, 1.0, 1.4142135)  # the reference's image_scales_ind 3, 4, 5
 
 AUTOCAST_DTYPES = ("none", "bf16", "fp16")
 LOCAL_HEADS = ("learned", "backbone")
@@ -30,7 +32,7 @@ def _check_positive(name: str, value: float) -> None:
 class ExtractionConfig:
     """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean settings."""
 
-    backbone: str = "resnet50"  # a name in pipeline.model.backbones.BACKBONES
+    backbone: str = "resnet50-ref"  # a name in pipeline.model.backbones.BACKBONES
     max_side: int = 1024  # longest image side after capping (downscale only)
     scales: tuple[float, ...] = DELG_SCALES  # image pyramid, relative to the capped image
     global_scales: tuple[float, ...] = DELG_GLOBAL_SCALES  # subset of scales pooled into the global vector
@@ -38,6 +40,10 @@ class ExtractionConfig:
     max_local_features: int = 1000  # top-K by attention over all scales
     pixel_mean: tuple[float, float, float] = DELG_MEAN  # per RGB channel, 0..255 units
     pixel_std: tuple[float, float, float] = DELG_STD
+    global_pool: str = (
+        "gem"  # global pooling: gem (DELG), mac, spoc, rmac or netvlad (pipeline.model.pooling)
+    )
+    netvlad_clusters: int = 64  # NetVLAD centroids K (its output has K · channels dims)
     gem_p: float = 3.0  # GeM exponent, fixed (not learned)
     whitening: bool = True  # FC layer after GeM; off = raw GeM of the backbone
     global_dim: int = 2048  # output dim of the whitening FC (= backbone channels when off)
@@ -50,6 +56,7 @@ class ExtractionConfig:
     def __post_init__(self) -> None:
         # Lazy import keeps this module importable without building torch models at import time.
         from pipeline.model.backbones import BACKBONES
+        from pipeline.model.pooling import GLOBAL_POOLS, pooled_dim
 
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONES)}")
@@ -67,11 +74,13 @@ class ExtractionConfig:
             )
         for v in self.pixel_std:
             _check_positive("pixel_std", v)
-        global_channels = BACKBONES[self.backbone].global_channels
-        if not self.whitening and self.global_dim != global_channels:
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool {self.global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
+        pooled = pooled_dim(self.global_pool, BACKBONES[self.backbone].global_channels, self.netvlad_clusters)
+        if not self.whitening and self.global_dim != pooled:
             raise ValueError(
-                f"global_dim {self.global_dim} without whitening must equal the {self.backbone} global "
-                f"channels ({global_channels})"
+                f"global_dim {self.global_dim} without whitening must equal the {self.global_pool} output of "
+                f"{self.backbone} ({pooled})"
             )
 
     def _validate_scales(self) -> None:
@@ -88,7 +97,14 @@ class ExtractionConfig:
             raise ValueError(f"global_scales {extra} are not in scales {self.scales}")
 
     def _validate_sizes(self) -> None:
-        for name in ("max_side", "global_dim", "local_dim", "attention_hidden", "max_local_features"):
+        for name in (
+            "max_side",
+            "global_dim",
+            "local_dim",
+            "attention_hidden",
+            "max_local_features",
+            "netvlad_clusters",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -145,10 +161,11 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 PRESETS: dict[str, ExtractionConfig] = {
-    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt).
+    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt); the reference's Keras
+    # ResNet layout with block3_strides, so the released weights load (landmark-index convert-weights).
     "delg-r50-gldv2": ExtractionConfig(),
-    # Reference DELG R101: same pipeline, its own attention threshold.
-    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101", attention_threshold=357.48),
+    # Reference DELG R101: same pipeline, its own attention threshold (r101delg_gldv2clean_config.pbtxt).
+    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101-ref", attention_threshold=357.48),
     # Quality checks with the shared ImageNet MobileNetV2 (no DELG training): ImageNet normalisation, raw
     # 1280-d GeM (an untrained whitening FC would scramble it). ImageNet objects span ~224 px, so a 512 cap
     # with scales 0.5–1.0 keeps objects near that size; upsampling (√2, 2) adds cost, not ImageNet detail.

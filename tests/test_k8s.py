@@ -980,7 +980,7 @@ def test_every_declared_dependency_is_locked() -> None:
     wanted = {
         "cpu": project["dependencies"] + extras["cpu"],
         "gpu": project["dependencies"] + extras["gpu"],
-        "dev": project["dependencies"] + extras["cpu"] + extras["dev"],
+        "dev": project["dependencies"] + extras["cpu"] + extras["dev"] + extras["convert"],
     }
     for lock, requirements in wanted.items():
         pins = {name.lower().replace("_", "-") for name in lock_pins(lock)}

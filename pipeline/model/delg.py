@@ -1,5 +1,7 @@
 """DELG (Cao, Araujo, Sim 2020): one backbone, a global GeM head and an attentive local head.
 
+The global pooling is selectable (pipeline.model.pooling: GeM as DELG, MAC, SPoC, R-MAC, NetVLAD).
+
 Pure torch: no I/O, no Ray. ``forward`` returns what training needs; ``extract`` what extraction needs.
 """
 
@@ -13,18 +15,12 @@ from torch import nn
 
 from pipeline.model.backbones import Backbone, get_backbone_spec
 from pipeline.model.geometry import ReceptiveField, receptive_field
+from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, pooled_dim, rmac, spoc
+
+__all__ = ["Delg", "DelgOutput", "LocalAndGlobal", "attention_pool", "gem"]
 
 if TYPE_CHECKING:
     from pipeline.config import ExtractionConfig
-
-
-def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised mean pooling: (B, C, H, W) → (B, C), (mean over H·W of clamp(x, eps)^p)^(1/p).
-
-    Computed in at least float32: x³ of activations overflows fp16 and loses digits in bf16.
-    """
-    x = features.to(torch.promote_types(features.dtype, torch.float32)).clamp(min=eps)
-    return x.pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 class Attention(nn.Module):
@@ -33,7 +29,7 @@ class Attention(nn.Module):
     def __init__(self, in_channels: int, hidden: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=1)
-        self.bn = nn.BatchNorm2d(hidden)
+        self.bn = nn.BatchNorm2d(hidden, eps=1e-3)  # the reference's Keras BatchNormalization
         self.conv2 = nn.Conv2d(hidden, 1, kernel_size=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -75,9 +71,18 @@ def orthonormal_projection(in_channels: int, out_dim: int, seed: int = PROJECTIO
     return q if out_dim >= in_channels else q.T
 
 
+def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The reference's attention pooling for training the attention: (B, C, h, w) features, (B, h, w)
+    attention → (B, C), the mean over locations of the channel-L2-normalised features times the attention."""
+    return (F.normalize(features, dim=1) * attention.unsqueeze(1)).mean(dim=(-2, -1))
+
+
 class DelgOutput(NamedTuple):
     global_embedding: torch.Tensor  # (B, global_dim), L2-normalised
-    attention: torch.Tensor  # (B, h, w)
+    attention: torch.Tensor  # (B, h, w), computed on the reconstruction
+    attention_pooled: (
+        torch.Tensor
+    )  # (B, local_channels): attention_pool(block3, attention), for its classifier
     reconstruction: torch.Tensor  # (B, local_channels, h, w)
     local_features: torch.Tensor  # (B, local_channels, h, w) detached block3 features (target)
 
@@ -99,17 +104,24 @@ class Delg(nn.Module):
         attention_hidden: int = 512,
         gem_p: float = 3.0,
         local_head: str = "learned",
+        global_pool: str = "gem",
+        netvlad_clusters: int = 64,
     ) -> None:
         super().__init__()
         if local_head not in LOCAL_HEADS:
             raise ValueError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool {global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
         spec = get_backbone_spec(backbone)
-        if not whitening and global_dim != spec.global_channels:
-            raise ValueError(f"global_dim {global_dim} without whitening must be {spec.global_channels}")
+        pooled = pooled_dim(global_pool, spec.global_channels, netvlad_clusters)
+        if not whitening and global_dim != pooled:
+            raise ValueError(f"global_dim {global_dim} without whitening must be {pooled}")
         self.backbone = Backbone(spec)
         self.gem_p = gem_p
+        self.global_pool = global_pool
+        self.netvlad = NetVLAD(spec.global_channels, netvlad_clusters) if global_pool == "netvlad" else None
         self.global_dim = global_dim
-        self.whitening = nn.Linear(spec.global_channels, global_dim, bias=True) if whitening else None
+        self.whitening = nn.Linear(pooled, global_dim, bias=True) if whitening else None
         self.local_head = local_head
         self.local_dim = local_dim
         if local_head == "learned":
@@ -132,24 +144,40 @@ class Delg(nn.Module):
             attention_hidden=config.attention_hidden,
             gem_p=config.gem_p,
             local_head=config.local_head,
+            global_pool=config.global_pool,
+            netvlad_clusters=config.netvlad_clusters,
         )
 
     def local_receptive_field(self) -> ReceptiveField:
         """Geometry of the local feature map w.r.t. the input image, traced from the backbone."""
         return receptive_field(self.backbone.local_modules())
 
+    def keypoint_field(self) -> ReceptiveField:
+        """The field keypoints are placed with: the backbone's declared convention (the reference's
+        receptive box) where it has one, else the traced field."""
+        return self.backbone.spec.keypoint_field or self.local_receptive_field()
+
+    def pool(self, global_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, C) (NetVLAD: (B, K·C)) with the configured global pooling."""
+        if self.netvlad is not None:
+            return self.netvlad(global_features)
+        if self.global_pool == "gem":
+            return gem(global_features, self.gem_p)
+        return {"mac": mac, "spoc": spoc, "rmac": rmac}[self.global_pool](global_features)
+
     def global_head(self, global_features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) block4 features → (B, global_dim): GeM → whitening FC → L2, in float32 even
-        under autocast (a descriptor for search, not an activation)."""
+        """(B, C, h, w) block4 features → (B, global_dim): pooling (GeM for DELG) → whitening FC → L2, in
+        float32 even under autocast (a descriptor for search, not an activation)."""
         with torch.autocast(global_features.device.type, enabled=False):
-            pooled = gem(global_features, self.gem_p)  # (B, C)
+            pooled = self.pool(global_features)  # (B, C)
             if self.whitening is not None:
                 pooled = self.whitening(pooled)
             return F.normalize(pooled, dim=-1)
 
     def forward(self, images: torch.Tensor) -> DelgOutput:
         """(B, 3, H, W) normalised images → training outputs. The local head sees block3 through a
-        stop-gradient: only the global loss trains the backbone."""
+        stop-gradient: only the global loss trains the backbone. As in the reference, the attention is
+        computed on the autoencoder's reconstruction and pools the (normalised) block3 features."""
         if self.local_head != "learned":
             raise ValueError(
                 "local_head='backbone' has no trainable local head; train with local_head='learned'"
@@ -158,7 +186,9 @@ class Delg(nn.Module):
         global_embedding = self.global_head(self.backbone.forward_global(block3))
         local_input = block3.detach()
         reconstruction = self.autoencoder.decode(self.autoencoder.encode(local_input))
-        return DelgOutput(global_embedding, self.attention(local_input), reconstruction, local_input)
+        attention = self.attention(reconstruction)
+        pooled = attention_pool(local_input, attention)
+        return DelgOutput(global_embedding, attention, pooled, reconstruction, local_input)
 
     def extract(self, images: torch.Tensor, with_global: bool = True) -> LocalAndGlobal:
         """(B, 3, H, W) normalised images → attention, L2-normalised local descriptors per location, and
@@ -171,7 +201,9 @@ class Delg(nn.Module):
     def local_outputs(self, block3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) block3 → L2-normalised descriptors (B, local_dim, h, w) and attention (B, h, w)."""
         if self.local_head == "learned":
-            codes, attention = self.autoencoder.encode(block3).float(), self.attention(block3).float()
+            codes = self.autoencoder.encode(block3)
+            attention = self.attention(self.autoencoder.decode(codes)).float()
+            codes = codes.float()
         else:
             features = block3.float()
             codes = torch.einsum("dc,bchw->bdhw", self.projection, features)
