@@ -16,6 +16,7 @@ from pipeline.config import RuntimeOptions
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.reindex import ReindexConfig
 from pipeline.rerank import RerankConfig
+from pipeline.rerank.global_rerank import GlobalRerankConfig
 from pipeline.runconfig import ExtractSection, RerankSection
 from pipeline.store import StoreSettings
 
@@ -53,7 +54,8 @@ def test_importing_the_index_package_loads_neither_ray_nor_torch() -> None:
 @pytest.mark.parametrize(
     ("command", "classes", "positional"),
     [
-        ("rerank", (RerankConfig,), set()),
+        # method and index are rerank()'s own arguments (which stage variant runs, where DBA vectors are)
+        ("rerank", (RerankConfig, GlobalRerankConfig), {"method", "index"}),
         ("extract", (ExtractionJob, StoreSettings, RuntimeOptions, ClusterOptions), {"preset"}),
         ("reindex", (ReindexConfig,), set()),
     ],
@@ -74,7 +76,8 @@ def test_cli_options_are_library_fields_with_their_defaults(
 
 
 def test_run_config_sections_are_library_fields() -> None:
-    assert {f.name for f in dataclasses.fields(RerankSection)} - {"enabled"} <= set(defaults(RerankConfig))
+    rerank_fields = set(defaults(RerankConfig, GlobalRerankConfig))
+    assert {f.name for f in dataclasses.fields(RerankSection)} - {"enabled", "method"} <= rerank_fields
     extract_fields = set(defaults(ExtractionJob, StoreSettings, RuntimeOptions)) | {"preset", "weights"}
     assert {f.name for f in dataclasses.fields(ExtractSection)} <= extract_fields
 

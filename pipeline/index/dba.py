@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline import storage, store
 from pipeline.index import io
-from pipeline.rerank.global_rerank import alpha_weighted_sum, nearest_others
 from pipeline.storage import Options
 
 DBA = "dba.parquet"
@@ -51,6 +49,10 @@ def dba_url(index_url: str) -> str:
 
 def _rows(vectors: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> tuple[np.ndarray, ...]:
     """(neighbours, sims, refined) of ``rows`` against all ``vectors`` (exact)."""
+    import torch  # here: importing pipeline.index must not import torch
+
+    from pipeline.rerank.global_rerank import alpha_weighted_sum, nearest_others
+
     x = torch.as_tensor(vectors)
     sims, idx, taken = nearest_others(x, torch.as_tensor(rows, dtype=torch.long), k)
     refined = alpha_weighted_sum(x[torch.as_tensor(rows, dtype=torch.long)], x[idx], sims, taken, alpha)
