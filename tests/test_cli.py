@@ -17,6 +17,8 @@ from tests.tables import table_rows
 
 COMMANDS = (
     "presets",
+    "convert-weights",
+    "dba",
     "extract",
     "stats",
     "build-index",
