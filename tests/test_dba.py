@@ -140,7 +140,8 @@ def test_nightly_reindex_keeps_dba_equal_to_scratch(
 ) -> None:
     """First build, an in-place update (add, change, delete) and a retrain: each version's DBA = from scratch."""
     from pipeline.index import io as index_io
-    from pipeline.reindex import ReindexConfig, read_stores, reindex, resolve_latest
+    from pipeline.reindex import ReindexConfig, reindex
+    from pipeline.versions import read_stores, resolve_latest
     from tests.test_reindex import Catalogue, _newest_descriptors
 
     def check(config: ReindexConfig) -> None:
