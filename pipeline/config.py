@@ -14,8 +14,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 DELG_MEAN = (128.0, 128.0, 128.0)  # the TF reference normalises (x − 128) / 128
 DELG_STD = (128.0, 128.0, 128.0)
 
-DELG_SCALES = (0.25, 0.35355, 0.5, 0.70711, 1.0, 1.41421, 2.0)  # powers of √2 around the capped image
-DELG_GLOBAL_SCALES = (0.70711, 1.0, 1.41421)
+# Powers of √2 around the capped image, as the reference's pbtxt writes them (float32 values: the scaled
+# sizes are round(side · scale) in float32, so 0.35355 instead of 0.35355338 can change a size by a pixel).
+DELG_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
+DELG_GLOBAL_SCALES = (0.70710677, 1.0, 1.4142135)  # the reference's image_scales_ind 3, 4, 5
 
 AUTOCAST_DTYPES = ("none", "bf16", "fp16")
 LOCAL_HEADS = ("learned", "backbone")
@@ -30,7 +32,7 @@ def _check_positive(name: str, value: float) -> None:
 class ExtractionConfig:
     """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean settings."""
 
-    backbone: str = "resnet50"  # a name in pipeline.model.backbones.BACKBONES
+    backbone: str = "resnet50-ref"  # a name in pipeline.model.backbones.BACKBONES
     max_side: int = 1024  # longest image side after capping (downscale only)
     scales: tuple[float, ...] = DELG_SCALES  # image pyramid, relative to the capped image
     global_scales: tuple[float, ...] = DELG_GLOBAL_SCALES  # subset of scales pooled into the global vector
@@ -145,10 +147,11 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 PRESETS: dict[str, ExtractionConfig] = {
-    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt).
+    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt); the reference's Keras
+    # ResNet layout with block3_strides, so the released weights load (landmark-index convert-weights).
     "delg-r50-gldv2": ExtractionConfig(),
-    # Reference DELG R101: same pipeline, its own attention threshold.
-    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101", attention_threshold=357.48),
+    # Reference DELG R101: same pipeline, its own attention threshold (r101delg_gldv2clean_config.pbtxt).
+    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101-ref", attention_threshold=357.48),
     # Quality checks with the shared ImageNet MobileNetV2 (no DELG training): ImageNet normalisation, raw
     # 1280-d GeM (an untrained whitening FC would scramble it). ImageNet objects span ~224 px, so a 512 cap
     # with scales 0.5–1.0 keeps objects near that size; upsampling (√2, 2) adds cost, not ImageNet detail.

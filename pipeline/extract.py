@@ -1,10 +1,13 @@
 """Batched multi-scale DELG extraction (pure torch, no Ray, no I/O beyond loading weights).
 
-Per image: optional bbox crop → cap the longest side (bilinear, downscale only) → for each scale resize to
-round(side · scale) (bilinear, no antialias, like the TF reference) → normalise → DELG.
+Per image, as the TF reference (delf extractor.py + export_model_utils.py) does it: optional bbox crop (rounded
+with round()) → cap the longest side at max_side, scaled by the crop's share of the full image (a crop keeps
+its image's scale), with PIL's antialiased bilinear on uint8 (downscale only) → for each scale resize to
+round(side · scale) (bilinear, no antialias, like tf.image.resize) → normalise → DELG.
 Global: per-scale L2-normalised descriptors of the global scales, summed, L2-normalised again.
-Local: all scales pooled, attention ≥ threshold, top-K by attention; keypoints are receptive-field
-centres in ORIGINAL image pixels (pixel i centred at i), so crops and resizes are undone.
+Local: all scales pooled, attention ≥ threshold, top-K by attention; keypoints are the reference's
+receptive-box centres (offset + stride · i in scaled pixels) divided by the scale and by the capping
+factor, plus the crop origin: ORIGINAL image pixels.
 
 Images with the same capped shape have the same shape at every scale: they are grouped and run in
 chunks of ``batch_size``. A single image is a batch of one through the same code.
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
@@ -63,7 +67,7 @@ class _Accumulator:
     scales: list[np.ndarray] = field(default_factory=list)  # per scale (n,)
 
 
-def capped_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+def capped_size(height: int, width: int, max_side: float) -> tuple[int, int]:
     """(h, w) with the longest side at most ``max_side`` (never upscaled), rounded like the reference."""
     longest = max(height, width)
     if longest <= max_side:
@@ -73,7 +77,19 @@ def capped_size(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """round(side · scale) in float32, halves to even: tf.round of the reference's float32 product."""
+    size = np.rint(np.array([height, width], dtype=np.float32) * np.float32(scale))
+    return max(1, int(size[0])), max(1, int(size[1]))
+
+
+def pil_bilinear(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w) uint8 → (3, *size) uint8 with PIL's antialiased bilinear resize (the reference caps its
+    images with PIL, so this is PIL itself)."""
+    if tuple(pixels.shape[-2:]) == size:
+        return pixels
+    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
+    resized = np.asarray(image.resize((size[1], size[0]), resample=Image.Resampling.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1)
 
 
 def validate_image(image: object, index: int = 0) -> torch.Tensor:
@@ -91,10 +107,11 @@ def validate_image(image: object, index: int = 0) -> torch.Tensor:
 
 
 def crop_bounds(bbox: BBox, height: int, width: int) -> tuple[int, int, int, int]:
-    """Integer pixel bounds (x0, y0, x1, y1) covering ``bbox`` (rounded outwards); it must lie in the image."""
+    """Integer pixel bounds (x0, y0, x1, y1) of ``bbox``, each rounded with round() like the reference
+    (halves to even); they must lie in the image."""
     if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
         raise ValueError(f"bbox {bbox!r} must be 4 finite numbers (x0, y0, x1, y1)")
-    x0, y0, x1, y1 = math.floor(bbox[0]), math.floor(bbox[1]), math.ceil(bbox[2]), math.ceil(bbox[3])
+    x0, y0, x1, y1 = (round(v) for v in bbox)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(
             f"bbox {tuple(bbox)} is empty or outside the {width}x{height} image; need 0 <= x0 < x1 <= {width} "
@@ -111,13 +128,13 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _to_original(
-    index: np.ndarray, rf: ReceptiveField, crop_side: int, scaled_side: int, origin: int
+    index: np.ndarray, rf: ReceptiveField, scale: float, capped_side: int, crop_side: int, origin: int
 ) -> np.ndarray:
-    """Feature index along one axis → original-image coordinate. Bilinear resizing with half-pixel
-    centres maps pixel u of a size-n image to (u + 0.5) · N / n − 0.5 in the size-N one; capping then
-    scaling composes to one such map from the crop to the scaled image; the crop origin undoes the crop."""
-    centre = rf.offset + rf.stride * index.astype(np.float64)  # in scaled-image pixels
-    return (centre + 0.5) * (crop_side / scaled_side) - 0.5 + origin
+    """Feature index along one axis → original-image coordinate, as the reference maps its box centres:
+    divided by the pyramid scale (float32, like its boxes), then by the capping factor (capped / crop
+    side), plus the crop origin."""
+    centre = (rf.offset + rf.stride * index.astype(np.float32)).astype(np.float32)  # scaled-image pixels
+    return (centre / np.float32(scale)).astype(np.float64) / (capped_side / crop_side) + origin
 
 
 class Extractor:
@@ -140,7 +157,7 @@ class Extractor:
         if self.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.receptive_field = model.local_receptive_field()
+        self.receptive_field = model.keypoint_field()
         self._forward = torch.compile(model.extract, dynamic=True) if self.runtime.compile else model.extract
         self._mean = torch.tensor(config.pixel_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(config.pixel_std, device=self.device).view(1, 3, 1, 1)
@@ -180,7 +197,9 @@ class Extractor:
         height, width = image.shape[-2:]
         x0, y0, x1, y1 = (0, 0, width, height) if bbox is None else crop_bounds(bbox, height, width)
         pixels = image[:, y0:y1, x0:x1]
-        return _Crop(pixels, (x0, y0), capped_size(y1 - y0, x1 - x0, self.config.max_side))
+        # The reference caps a crop at max_side · (crop's longest side / image's longest side).
+        max_side = (max(y1 - y0, x1 - x0) / max(height, width)) * self.config.max_side
+        return _Crop(pixels, (x0, y0), capped_size(y1 - y0, x1 - x0, max_side))
 
     def _autocast(self) -> torch.autocast:
         dtype = _AUTOCAST_DTYPES.get(self.runtime.autocast)
@@ -202,8 +221,7 @@ class Extractor:
 
     def _capped(self, crop: _Crop) -> torch.Tensor:
         """(3, h, w) uint8 crop → (3, *capped_size) float32 on the device."""
-        pixels = crop.pixels.to(self.device, non_blocking=True).float().unsqueeze(0)
-        return resize(pixels, crop.capped_size).squeeze(0)
+        return pil_bilinear(crop.pixels, crop.capped_size).to(self.device, non_blocking=True).float()
 
     def _run_scale(self, batch: torch.Tensor, scale: float, with_global: bool) -> LocalAndGlobal:
         """(B, 3, h, w) capped images → model outputs at ``scale``, in forward passes of at most
@@ -250,9 +268,9 @@ class Extractor:
     def _keypoints(self, rows: np.ndarray, cols: np.ndarray, scale: float, crop: _Crop) -> np.ndarray:
         """Receptive-field centres (n, 2) (x, y) of feature rows/cols at ``scale``, in original pixels."""
         crop_h, crop_w = crop.pixels.shape[-2:]
-        scaled_h, scaled_w = scaled_size(*crop.capped_size, scale)
-        x = _to_original(cols, self.receptive_field, crop_w, scaled_w, crop.origin[0])
-        y = _to_original(rows, self.receptive_field, crop_h, scaled_h, crop.origin[1])
+        capped_h, capped_w = crop.capped_size
+        x = _to_original(cols, self.receptive_field, scale, capped_w, crop_w, crop.origin[0])
+        y = _to_original(rows, self.receptive_field, scale, capped_h, crop_h, crop.origin[1])
         return np.stack([x, y], axis=1)
 
     def _finish(self, acc: _Accumulator) -> ImageFeatures:

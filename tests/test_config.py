@@ -12,14 +12,14 @@ from pipeline.config import PRESETS, ExtractionConfig, RuntimeOptions, get_prese
 
 def test_reference_presets_carry_the_published_settings() -> None:
     r50, r101 = get_preset("delg-r50-gldv2"), get_preset("delg-r101-gldv2")
-    assert r50.backbone == "resnet50" and r101.backbone == "resnet101"
-    assert r50.scales == (0.25, 0.35355, 0.5, 0.70711, 1.0, 1.41421, 2.0)
-    assert r50.global_scales == (0.70711, 1.0, 1.41421)
+    assert r50.backbone == "resnet50-ref" and r101.backbone == "resnet101-ref"  # the reference's layout
+    assert r50.scales == (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)  # as the pbtxt writes them
+    assert r50.global_scales == (0.70710677, 1.0, 1.4142135)
     assert (r50.attention_threshold, r101.attention_threshold) == (454.6, 357.48)
     assert (r50.max_side, r50.max_local_features, r50.global_dim, r50.local_dim) == (1024, 1000, 2048, 128)
     assert r50.pixel_mean == (128.0,) * 3 and r50.pixel_std == (128.0,) * 3
     assert r50.gem_p == 3.0 and r50.whitening
-    assert dataclasses.replace(r101, backbone="resnet50", attention_threshold=454.6) == r50
+    assert dataclasses.replace(r101, backbone="resnet50-ref", attention_threshold=454.6) == r50
 
 
 def test_small_presets_use_raw_imagenet_gem() -> None:

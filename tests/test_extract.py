@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
 from pipeline.extract import Extractor, ImageFeatures, build_extractor
@@ -64,8 +65,9 @@ def test_global_is_the_normalised_sum_of_normalised_scale_descriptors() -> None:
         SMALL, max_side=128, scales=(0.5, 0.70711, 1.0), global_scales=(0.70711, 1.0)
     )
     extractor = extractor_for(config)
-    image = random_image(200, 150, seed=3)  # capped to 128 × 96
-    capped = F.interpolate(image[None].float(), size=(128, 96), mode="bilinear", align_corners=False)
+    image = random_image(200, 150, seed=3)  # capped to 128 × 96 with PIL's antialiased bilinear, on uint8
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((96, 128), Image.Resampling.BILINEAR)
+    capped = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float()
     mean, std = (
         torch.tensor(config.pixel_mean).view(1, 3, 1, 1),
         torch.tensor(config.pixel_std).view(1, 3, 1, 1),
@@ -117,16 +119,18 @@ def test_capping_maps_keypoints_back_to_original_pixels() -> None:
     features = extractor_for(config).extract_single(
         random_image(384, 512, seed=2)
     )  # capped ×0.5 to 192 × 256
-    # capped pixel u ↔ original (u + 0.5) · 2 − 0.5; feature centres u = 16 c
-    expected = {(32.0 * c + 0.5, 32.0 * r + 0.5) for r in range(12) for c in range(16)}
+    # as the reference: centre 16 c in capped pixels, divided by the capping factor 0.5
+    expected = {(32.0 * c, 32.0 * r) for r in range(12) for c in range(16)}
     assert {tuple(p) for p in features.keypoints.tolist()} == expected
 
 
 def test_bbox_crop_keypoints_are_in_original_coordinates() -> None:
     extractor = extractor_for()
     image = random_image(180, 240, seed=4)
-    cropped = extractor.extract_single(image, bbox=(30.4, 20.0, 199.2, 150.5))  # pixels x 30..199, y 20..150
-    manual = extractor.extract_single(image[:, 20:151, 30:200].contiguous())
+    cropped = extractor.extract_single(
+        image, bbox=(30.4, 20.0, 199.2, 150.5)
+    )  # round(): x 30..198, y 20..149
+    manual = extractor.extract_single(image[:, 20:150, 30:199].contiguous())
     np.testing.assert_allclose(cropped.global_descriptor, manual.global_descriptor, atol=1e-6)
     np.testing.assert_allclose(cropped.keypoints, manual.keypoints + np.array([30.0, 20.0]), atol=1e-4)
     np.testing.assert_allclose(cropped.descriptors, manual.descriptors, atol=1e-6)
@@ -207,8 +211,9 @@ def test_full_resnet50_with_the_reference_preset() -> None:
     loose = Extractor(extractor.model, dataclasses.replace(config, attention_threshold=0.0)).extract_single(
         image
     )
-    # 7 scales of a 72 × 96 image: maps of 2×2, 2×3, 3×3, 4×5, 5×6, 7×9, 9×12 locations
-    assert len(loose.scores) == 4 + 6 + 9 + 20 + 30 + 63 + 108
+    # 7 scales of a 72 × 96 image (18 × 24 … 144 × 192), stride-32 maps (block3_strides) of
+    # 1×1, 1×1, 1×2, 2×2, 3×3, 4×5, 5×6 locations
+    assert len(loose.scores) == 1 + 1 + 2 + 4 + 9 + 20 + 30
     np.testing.assert_allclose(loose.global_descriptor, features.global_descriptor, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(loose.descriptors, axis=1), 1.0, atol=1e-5)
     assert set(loose.scales.tolist()) <= {np.float32(s) for s in config.scales}

@@ -24,7 +24,9 @@ from pipeline.model import (
     load_weights,
     weights_checksum,
 )
+from pipeline.model.delg import attention_pool
 from pipeline.model.geometry import receptive_field, trace_main_path
+from pipeline.model.resnet_ref import ReferenceResNet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_imagenet_features.pt"
@@ -90,9 +92,11 @@ def test_backbones_declare_their_channels_and_local_stride(name: str) -> None:
     with torch.no_grad():
         block3 = model.backbone.forward_local(torch.randn(1, 3, 64, 96))
         block4 = model.backbone.forward_global(block3)
-    assert block3.shape == (1, BACKBONES[name].local_channels, 4, 6)  # stride 16
+    stride = 32 if name.endswith("-ref") else 16  # block3_strides subsamples the reference's block3
+    assert block3.shape == (1, BACKBONES[name].local_channels, 64 // stride, 96 // stride)
     assert block4.shape[:2] == (1, BACKBONES[name].global_channels)
-    assert model.local_receptive_field().stride == 16
+    assert block4.shape[-2:] == (2, 3)  # block4 is at stride 32 in every layout
+    assert model.local_receptive_field().stride == stride
 
 
 def test_trace_leaves_out_residual_shortcuts() -> None:
@@ -141,6 +145,78 @@ def test_receptive_field_of_resnet_block3() -> None:
         0.0,
     )
     assert rf.padding == (rf.size - 1) / 2
+
+
+def test_reference_layout_geometry_is_traced_and_checked_against_the_gradient() -> None:
+    """The reference layout's block3 (block3_strides): receptive field 291, stride 32. Its TF-'same' stem
+    pads 2 before / 3 after on even sizes and 3 / 3 on odd ones, so true centres sit at 32·i + 3 or + 2;
+    the reference's keypoints use its hard-coded box (291, 32, padding 145: centres 32·i)."""
+    torch.manual_seed(0)
+    net = ReferenceResNet((3, 4, 6, 3), base_width=4).double().eval()  # geometry does not depend on width
+    modules = [net.get_submodule(name) for name in net.local_layers()]
+    for height, width, offset in ((320, 352, 3.0), (321, 353, 2.0)):
+        rf = receptive_field(modules, side=width)
+        assert (rf.size, rf.stride, rf.offset) == (291, 32, offset)
+        image = torch.randn(1, 3, height, width, dtype=torch.float64, requires_grad=True)
+        x = image
+        for module in modules:
+            x = module(x)
+        x[0, :, 5, 5].sum().backward()
+        rows, cols = torch.nonzero(image.grad[0].abs().sum(0) > 0, as_tuple=True)
+        assert (cols.min() + cols.max()).item() / 2 == (rows.min() + rows.max()).item() / 2 == offset + 32 * 5
+        assert cols.max().item() - cols.min().item() + 1 == 291
+    box = Delg("resnet50-ref").keypoint_field()
+    assert (box.size, box.stride, box.padding) == (291, 32, 145.0)
+    assert Delg("mobilenet_v2", global_dim=1280, whitening=False).keypoint_field().stride == 16  # traced
+
+
+def test_reference_layout_follows_the_keras_resnet() -> None:
+    net = Delg("resnet101-ref").backbone.net
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 1 + 3 * (3 + 4 + 23 + 3) + 4 and all(c.bias is not None for c in convs)
+    assert len(norms) == len(convs) and all(n.eps == 1e-3 for n in norms)
+    # the stride sits on the first 1×1 conv (and the shortcut) of l3a and l4a; l5a keeps stride 1
+    for block, stride in (("l2a", 1), ("l3a", 2), ("l4a", 2), ("l5a", 1)):
+        b = net.get_submodule(block)
+        assert (b.conv2a.stride, b.conv2b.stride, b.conv_shortcut.stride) == (
+            (stride,) * 2,
+            (1, 1),
+            (stride,) * 2,
+        )
+    assert net.l4w.conv_shortcut is None and not hasattr(net, "l4x")  # 23 blocks: l4a … l4w
+    assert (net.max_pool.kernel_size, net.max_pool.padding) == (3, 0)  # 'valid'
+    assert (net.subsampling_layer.kernel_size, net.subsampling_layer.stride) == (1, 2)
+    # the stem pads TF 'same': (2, 3) on an even side, (3, 3) on an odd one
+    x = torch.randn(1, 3, 16, 17)
+    stem = net.conv1
+    expected = F.conv2d(F.pad(x, (3, 3, 2, 3)), stem.weight, stem.bias, stride=2)
+    torch.testing.assert_close(stem(x), expected)
+    assert stem(x).shape[-2:] == (8, 9)
+
+
+def test_local_head_attends_to_the_reconstruction_and_pools_like_the_reference() -> None:
+    torch.manual_seed(0)
+    model = Delg("mobilenet_v2", global_dim=1280, whitening=False, local_dim=16).eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        block3 = model.backbone.forward_local(images)
+        out = model.extract(images, with_global=False)
+        reconstruction = F.relu(model.autoencoder.decoder(model.autoencoder.encoder(block3)))
+        hidden = F.relu(model.attention.bn(model.attention.conv1(reconstruction)))
+        torch.testing.assert_close(out.attention, F.softplus(model.attention.conv2(hidden))[:, 0])
+        train = model(images)
+    torch.testing.assert_close(train.attention, out.attention)
+    # hand-computed pooling: for each image, mean over locations of attention · block3 / ‖block3‖
+    b, c, h, w = block3.shape
+    expected = torch.zeros(b, c)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                v = block3[i, :, y, x]
+                expected[i] += train.attention[i, y, x] * v / v.norm().clamp(min=1e-12)
+    torch.testing.assert_close(train.attention_pooled, expected / (h * w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention_pool(block3, train.attention), train.attention_pooled)
 
 
 # --- weights -------------------------------------------------------------------------------------------

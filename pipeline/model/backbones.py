@@ -1,8 +1,9 @@
-"""Backbone registry: torchvision networks split into a local part (→ local head) and a global part.
+"""Backbone registry: networks split into a local part (→ local head) and a global part.
 
-Each entry names, in forward order, the sub-modules of the torchvision network that lead to the local
-layer and those that continue to the global layer. The network keeps torchvision's parameter names, so
-torchvision / ImageNet state dicts load into it directly.
+Each entry names, in forward order, the sub-modules of the network that lead to the local layer and those
+that continue to the global layer. torchvision entries keep torchvision's parameter names, so torchvision /
+ImageNet state dicts load into them directly. The ``-ref`` entries are the DELG reference's Keras ResNet
+layout (pipeline/model/resnet_ref.py), the one the released DELG weights need.
 """
 
 from __future__ import annotations
@@ -14,20 +15,44 @@ import torch
 from torch import nn
 from torchvision import models
 
+from pipeline.model.geometry import ReceptiveField
+from pipeline.model.resnet_ref import resnet50_ref, resnet101_ref
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    build: Callable[[], nn.Module]  # torchvision constructor, random init
+    build: Callable[[], nn.Module]  # constructor, random init
     local_layers: tuple[str, ...]  # sub-module names, input image → local feature map
     global_layers: tuple[str, ...]  # sub-module names, local feature map → global feature map
     local_channels: int
     global_channels: int
-    classifier: str  # ImageNet classifier sub-module, dropped from the backbone
-    imagenet_weights: str  # torchvision weights enum, for models.get_weight
+    classifier: str | None = None  # ImageNet classifier sub-module, dropped from the backbone
+    imagenet_weights: str | None = None  # torchvision weights enum, for models.get_weight
+    # Keypoint geometry when it is a convention rather than the traced field: the reference hard-codes the
+    # receptive box (291, 32, 145), i.e. centres at 32·i, while its TF-'same' stem puts the true centres at
+    # 32·i + 3 on even input sizes (+2 on odd ones). Reference-exact keypoints follow the convention.
+    keypoint_field: ReceptiveField | None = None
 
 
 _RESNET_LOCAL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+
+# The reference's receptive box for block3 with block3_strides (export_model_utils: rf, stride, padding).
+REFERENCE_BOX = ReceptiveField(size=291, stride=32, offset=0.0)
+
+
+def _reference_spec(name: str, build: Callable[[], nn.Module]) -> BackboneSpec:
+    net = build()
+    return BackboneSpec(
+        name=name,
+        build=build,
+        local_layers=net.local_layers(),
+        global_layers=net.global_layers(),
+        local_channels=1024,
+        global_channels=2048,
+        keypoint_field=REFERENCE_BOX,
+    )
+
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
@@ -61,6 +86,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         classifier="classifier",
         imagenet_weights="MobileNet_V2_Weights.IMAGENET1K_V2",
     ),
+    # The DELG reference layout (block3_strides: local features at stride 32); no torchvision weights.
+    "resnet50-ref": _reference_spec("resnet50-ref", resnet50_ref),
+    "resnet101-ref": _reference_spec("resnet101-ref", resnet101_ref),
 }
 
 
@@ -71,13 +99,14 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 class Backbone(nn.Module):
-    """A torchvision network run in two parts: image → local features → global features."""
+    """A network run in two parts: image → local features → global features."""
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
         self.spec = spec
         self.net = spec.build()
-        self.net.set_submodule(spec.classifier, nn.Identity())  # no classifier weights in the state dict
+        if spec.classifier is not None:  # no classifier weights in the state dict
+            self.net.set_submodule(spec.classifier, nn.Identity())
 
     def local_modules(self) -> list[nn.Module]:
         return [self.net.get_submodule(name) for name in self.spec.local_layers]

@@ -33,7 +33,7 @@ class Attention(nn.Module):
     def __init__(self, in_channels: int, hidden: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=1)
-        self.bn = nn.BatchNorm2d(hidden)
+        self.bn = nn.BatchNorm2d(hidden, eps=1e-3)  # the reference's Keras BatchNormalization
         self.conv2 = nn.Conv2d(hidden, 1, kernel_size=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -75,9 +75,18 @@ def orthonormal_projection(in_channels: int, out_dim: int, seed: int = PROJECTIO
     return q if out_dim >= in_channels else q.T
 
 
+def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The reference's attention pooling for training the attention: (B, C, h, w) features, (B, h, w)
+    attention → (B, C), the mean over locations of the channel-L2-normalised features times the attention."""
+    return (F.normalize(features, dim=1) * attention.unsqueeze(1)).mean(dim=(-2, -1))
+
+
 class DelgOutput(NamedTuple):
     global_embedding: torch.Tensor  # (B, global_dim), L2-normalised
-    attention: torch.Tensor  # (B, h, w)
+    attention: torch.Tensor  # (B, h, w), computed on the reconstruction
+    attention_pooled: (
+        torch.Tensor
+    )  # (B, local_channels): attention_pool(block3, attention), for its classifier
     reconstruction: torch.Tensor  # (B, local_channels, h, w)
     local_features: torch.Tensor  # (B, local_channels, h, w) detached block3 features (target)
 
@@ -138,6 +147,11 @@ class Delg(nn.Module):
         """Geometry of the local feature map w.r.t. the input image, traced from the backbone."""
         return receptive_field(self.backbone.local_modules())
 
+    def keypoint_field(self) -> ReceptiveField:
+        """The field keypoints are placed with: the backbone's declared convention (the reference's
+        receptive box) where it has one, else the traced field."""
+        return self.backbone.spec.keypoint_field or self.local_receptive_field()
+
     def global_head(self, global_features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) block4 features → (B, global_dim): GeM → whitening FC → L2, in float32 even
         under autocast (a descriptor for search, not an activation)."""
@@ -149,7 +163,8 @@ class Delg(nn.Module):
 
     def forward(self, images: torch.Tensor) -> DelgOutput:
         """(B, 3, H, W) normalised images → training outputs. The local head sees block3 through a
-        stop-gradient: only the global loss trains the backbone."""
+        stop-gradient: only the global loss trains the backbone. As in the reference, the attention is
+        computed on the autoencoder's reconstruction and pools the (normalised) block3 features."""
         if self.local_head != "learned":
             raise ValueError(
                 "local_head='backbone' has no trainable local head; train with local_head='learned'"
@@ -158,7 +173,9 @@ class Delg(nn.Module):
         global_embedding = self.global_head(self.backbone.forward_global(block3))
         local_input = block3.detach()
         reconstruction = self.autoencoder.decode(self.autoencoder.encode(local_input))
-        return DelgOutput(global_embedding, self.attention(local_input), reconstruction, local_input)
+        attention = self.attention(reconstruction)
+        pooled = attention_pool(local_input, attention)
+        return DelgOutput(global_embedding, attention, pooled, reconstruction, local_input)
 
     def extract(self, images: torch.Tensor, with_global: bool = True) -> LocalAndGlobal:
         """(B, 3, H, W) normalised images → attention, L2-normalised local descriptors per location, and
@@ -171,7 +188,9 @@ class Delg(nn.Module):
     def local_outputs(self, block3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) block3 → L2-normalised descriptors (B, local_dim, h, w) and attention (B, h, w)."""
         if self.local_head == "learned":
-            codes, attention = self.autoencoder.encode(block3).float(), self.attention(block3).float()
+            codes = self.autoencoder.encode(block3)
+            attention = self.attention(self.autoencoder.decode(codes)).float()
+            codes = codes.float()
         else:
             features = block3.float()
             codes = torch.einsum("dc,bchw->bdhw", self.projection, features)

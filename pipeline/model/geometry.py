@@ -35,11 +35,15 @@ def _square(value: int | tuple[int, ...], what: str, layer: nn.Module) -> int:
     return int(values[0])
 
 
-def _compose(rf: ReceptiveField, layer: nn.Module) -> ReceptiveField:
-    """The receptive field after applying ``layer`` to a map whose features have field ``rf``."""
+def _compose(rf: ReceptiveField, layer: nn.Module, input_width: int) -> ReceptiveField:
+    """The receptive field after applying ``layer`` to a map (``input_width`` wide) whose features have
+    field ``rf``. Layers that pad from the input size (TF 'same') say how much via ``left_padding``."""
     kernel = _square(layer.kernel_size, "kernel_size", layer)
     stride = _square(layer.stride, "stride", layer)
-    padding = _square(layer.padding, "padding", layer)
+    if hasattr(layer, "left_padding"):
+        padding = layer.left_padding(input_width)
+    else:
+        padding = _square(layer.padding, "padding", layer)
     dilation = _square(getattr(layer, "dilation", 1), "dilation", layer)
     span = dilation * (kernel - 1)  # extent of the kernel minus one, in input features
     return ReceptiveField(
@@ -50,18 +54,23 @@ def _compose(rf: ReceptiveField, layer: nn.Module) -> ReceptiveField:
 
 
 def trace_main_path(modules: Sequence[nn.Module], channels: int = 3, side: int = 64) -> list[nn.Module]:
-    """Spatial layers (conv / pooling) on the main path, in the order they run.
+    """Spatial layers (conv / pooling) on the main path, in the order they run."""
+    return [layer for layer, _ in _trace(modules, channels, side)]
+
+
+def _trace(modules: Sequence[nn.Module], channels: int, side: int) -> list[tuple[nn.Module, int]]:
+    """(layer, input width) of the spatial layers on the main path of a ``side`` × ``side`` input.
 
     A layer whose input tensor already fed an earlier layer is a parallel branch (a residual shortcut
     like ResNet's ``downsample``) and is left out: the main path sees that input first.
     """
     seen_inputs: list[torch.Tensor] = []  # keeps tensors alive so identity checks stay valid
-    main_path: list[nn.Module] = []
+    main_path: list[tuple[nn.Module, int]] = []
 
     def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         x = inputs[0]
         if not any(x is earlier for earlier in seen_inputs):
-            main_path.append(layer)
+            main_path.append((layer, x.shape[-1]))
         seen_inputs.append(x)
 
     handles = [
@@ -85,9 +94,10 @@ def trace_main_path(modules: Sequence[nn.Module], channels: int = 3, side: int =
     return main_path
 
 
-def receptive_field(modules: Sequence[nn.Module], channels: int = 3) -> ReceptiveField:
-    """Receptive field of the output of ``modules`` (run in sequence) w.r.t. their input."""
+def receptive_field(modules: Sequence[nn.Module], channels: int = 3, side: int = 64) -> ReceptiveField:
+    """Receptive field of the output of ``modules`` (run in sequence) w.r.t. a ``side``-pixel input (the
+    side matters only where padding depends on the input size, like TF 'same' with stride 2)."""
     rf = ReceptiveField(size=1, stride=1, offset=0.0)
-    for layer in trace_main_path(modules, channels):
-        rf = _compose(rf, layer)
+    for layer, width in _trace(modules, channels, side):
+        rf = _compose(rf, layer, width)
     return rf

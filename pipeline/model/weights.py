@@ -93,8 +93,10 @@ def load_weights(model: nn.Module, url: str, options: storage.Options = None, st
 
 
 def _without_classifier(model: Delg, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = model.backbone.spec.classifier + "."
-    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    classifier = model.backbone.spec.classifier
+    if classifier is None:
+        return dict(state_dict)
+    return {k: v for k, v in state_dict.items() if not k.startswith(classifier + ".")}
 
 
 def load_backbone_weights(model: Delg, url: str, options: storage.Options = None, strict: bool = True) -> str:
@@ -135,6 +137,11 @@ def load_pretrained(model: Delg, url: str, options: storage.Options = None) -> s
 
 def _imagenet_state_dict(model: Delg) -> dict[str, torch.Tensor]:
     spec = model.backbone.spec
+    if spec.imagenet_weights is None:
+        raise ValueError(
+            f"backbone {spec.name} has no torchvision ImageNet weights; convert the released DELG weights "
+            "(landmark-index convert-weights) or pass a weights URL"
+        )
     try:
         return models.get_weight(spec.imagenet_weights).get_state_dict(progress=False)
     except OSError as exc:  # URLError, connection and DNS errors are OSErrors
