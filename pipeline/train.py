@@ -545,11 +545,11 @@ def weights_url(out_url: str) -> str:
 
 
 def _worker_loop(setup: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point; rank 0's summary becomes the result's metrics."""
-    import ray.train
-
-    summary = _Worker(setup).run()
-    ray.train.report({"summary": json.dumps(summary)})
+    """Ray Train's per-worker entry point; rank 0 sends the run's summary after its last progress line."""
+    worker = _Worker(setup)
+    summary = worker.run()
+    if worker.rank == 0:
+        worker.progress.put({"summary": summary})
 
 
 # ---------------------------------------------------------------- the driver
@@ -592,11 +592,14 @@ def run_training(
         "rows": ray.put(rows),
     }
     started = time.monotonic()
+    lines: list[dict[str, Any]] = []
     try:
-        result = _fit(_trainer(setup, cluster, workers, gpus), progress, on_progress or (lambda _: None))
+        _fit(
+            _trainer(setup, cluster, workers, gpus), progress, lambda line: _forward(line, lines, on_progress)
+        )
     finally:
         progress.shutdown()
-    summary = json.loads(result.metrics["summary"])
+    summary = lines[-1]["summary"]
     seconds = time.monotonic() - started
     record = {
         "identity": identity,
@@ -608,6 +611,14 @@ def run_training(
     storage.write_text(storage.join(job.out_url, "_run.json"), json.dumps(record, indent=2), options)
     log.info("trained %d steps (resumed at %d) → %s", total_steps, resumed_from, storage.redact(job.out_url))
     return TrainSummary(**summary, seconds=seconds, weights_url=weights_url(job.out_url))
+
+
+def _forward(
+    line: dict[str, Any], lines: list[dict[str, Any]], on_progress: Callable[[dict[str, Any]], None] | None
+) -> None:
+    lines.append(line)
+    if on_progress is not None and "summary" not in line:
+        on_progress(line)
 
 
 def worker_shape(cluster: TrainCluster, cluster_gpus: float) -> tuple[int, float]:
@@ -639,7 +650,7 @@ def _trainer(setup: dict[str, Any], cluster: TrainCluster, workers: int, gpus: f
     )
 
 
-def _fit(trainer: Any, progress: Any, on_progress: Callable[[dict[str, Any]], None]) -> Any:
+def _fit(trainer: Any, progress: Any, on_line: Callable[[dict[str, Any]], None]) -> Any:
     """``trainer.fit()`` in a thread while this one forwards the workers' progress lines."""
     outcome: dict[str, Any] = {}
 
@@ -651,10 +662,12 @@ def _fit(trainer: Any, progress: Any, on_progress: Callable[[dict[str, Any]], No
 
     thread = threading.Thread(target=fit, name="train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
+    alive = True
+    while alive:
         thread.join(timeout=0.5)
+        alive = thread.is_alive()  # read before draining: lines put before the end are all forwarded
         while not progress.empty():
-            on_progress(progress.get_nowait())
+            on_line(progress.get_nowait())
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
