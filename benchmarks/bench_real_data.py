@@ -18,6 +18,11 @@ on filtered copies of ``search.parquet`` and ``reranked.parquet`` with the self-
 renumbered (``*-noself.parquet``). The pipeline's own ``metrics.json`` scores the unfiltered shortlists (the
 self-match counts as a miss at rank 1) and is printed for reference only.
 
+``--global-pools`` instead compares the global pooling heads off-the-shelf (no Ray, no re-ranking): the preset's
+block4 maps at its global scales, pooled by each of GeM, MAC, SPoC, R-MAC and NetVLAD (centroids: k-means on the
+index's own block4 features, no labels), summed over scales, L2-normalised, exact cosine search; mAP@100 with
+and without the COIL distractors (self-match removed).
+
 Also printed: per-landmark AP, stage timings, a landmarks-only index without distractors (built from the query
 store, no extra extraction), inlier counts of true pairs vs negatives, and any ``--variant`` of the re-ranking
 config (comma-separated ``field=value`` of ``RerankConfig``; the headline figures use the defaults).
@@ -178,6 +183,103 @@ def ordered_pair_fraction(reranked_url: str, data: RealData, column: str) -> flo
     return float(np.mean(fractions))
 
 
+# ---------------------------------------------------------------------------------------------- pooling heads
+
+NETVLAD_CLUSTERS = 16
+
+
+def block4_maps(data: RealData, batch_size: int) -> dict[str, list[Any]]:
+    """id → the preset's block4 maps (C, h, w), one per global scale, preprocessed as extraction does
+    (images of one capped shape run in batches)."""
+    import torch
+
+    from pipeline.config import get_preset
+    from pipeline.extract import build_extractor, capped_size, pil_bilinear, resize, scaled_size
+    from pipeline.images import load_image
+
+    config = get_preset(PRESET)
+    model = build_extractor(config, str(WEIGHTS), device="cpu").model
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (config.pixel_mean, config.pixel_std))
+    groups: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
+    for row in storage.read_parquet(data.index_manifest).to_pylist():
+        pixels = load_image(row)
+        capped = pil_bilinear(pixels, capped_size(*pixels.shape[-2:], config.max_side))
+        groups[tuple(capped.shape[-2:])][row["id"]] = capped
+    maps: dict[str, list[Any]] = defaultdict(list)
+    with torch.inference_mode():
+        for size, images in groups.items():
+            ids = list(images)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                batch = torch.stack([images[i] for i in chunk]).float()
+                for scale in config.global_scales:
+                    x = (resize(batch, scaled_size(*size, scale)) - mean) / std
+                    block4 = model.backbone.forward_global(model.backbone.forward_local(x))
+                    for image_id, one in zip(chunk, block4, strict=True):
+                        maps[image_id].append(one)
+    return maps
+
+
+def netvlad_from_kmeans(maps: Mapping[str, list[Any]], clusters: int, seed: int = 0) -> Any:
+    """NetVLAD initialised from k-means (faiss, cosine) of L2-normalised block4 features of every map."""
+    import faiss
+    import torch
+
+    from pipeline.model import NetVLAD
+
+    features = torch.cat([m.flatten(1).T for ms in maps.values() for m in ms])  # (N, C)
+    features = torch.nn.functional.normalize(features, dim=1).numpy().astype(np.float32)
+    kmeans = faiss.Kmeans(features.shape[1], clusters, niter=25, seed=seed, spherical=True)
+    kmeans.train(features)
+    pool = NetVLAD(features.shape[1], clusters)
+    pool.init_from_centroids(torch.from_numpy(kmeans.centroids))
+    return pool
+
+
+def pooled(maps: Mapping[str, list[Any]], pool: str, netvlad: Any) -> tuple[list[str], np.ndarray]:
+    """(ids, (N, D) L2-normalised global descriptors): per-scale pooled, L2-normalised, summed, L2."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.model import gem, mac, rmac, spoc
+
+    heads = {"gem": lambda x: gem(x, 3.0), "mac": mac, "spoc": spoc, "rmac": rmac, "netvlad": netvlad}
+    ids, rows = list(maps), []
+    with torch.inference_mode():
+        for image_id in ids:
+            per_scale = [F.normalize(heads[pool](m[None]), dim=-1)[0] for m in maps[image_id]]
+            rows.append(F.normalize(torch.stack(per_scale).sum(0), dim=0).numpy())
+    return ids, np.stack(rows)
+
+
+def retrieval_map(ids: list[str], descriptors: np.ndarray, data: RealData, index_ids: set[str]) -> float:
+    """mAP@100 of the landmarks-mini queries against ``index_ids`` (exact cosine, self removed)."""
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    candidates = [i for i in ids if i in index_ids]
+    matrix = descriptors[[row[i] for i in candidates]]
+    aps = []
+    for query in data.queries:
+        order = np.argsort(-(matrix @ descriptors[row[query]]), kind="stable")
+        ranking = [candidates[j] for j in order if candidates[j] != query][:100]
+        relevant = [i for i in data.queries if i != query and data.landmark_of[i] == data.landmark_of[query]]
+        aps.append(gldv2_average_precision(ranking, relevant))
+    return float(np.mean(aps))
+
+
+def pooling_table(data: RealData, batch_size: int) -> None:
+    started = time.perf_counter()
+    maps = block4_maps(data, batch_size)
+    print(f"block4 maps of {len(maps)} images in {time.perf_counter() - started:.0f} s; load {_load()}")
+    netvlad = netvlad_from_kmeans(maps, NETVLAD_CLUSTERS)
+    print("\n| global pooling | dims | mAP@100 landmarks-mini alone | mAP@100 + COIL distractors |")
+    print("|---|---|---|---|")
+    for pool in ("gem", "mac", "spoc", "rmac", "netvlad"):
+        ids, descriptors = pooled(maps, pool, netvlad)
+        alone = retrieval_map(ids, descriptors, data, set(data.queries))
+        full = retrieval_map(ids, descriptors, data, set(ids))
+        print(f"| {pool} | {descriptors.shape[1]} | {alone:.4f} | {full:.4f} |", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- variants
 
 
@@ -272,6 +374,9 @@ def main() -> None:
         "--variant", action="append", default=[], help="RerankConfig fields, e.g. mutual=true"
     )
     parser.add_argument("--skip-landmarks-only", action="store_true", help="no second, distractor-free index")
+    parser.add_argument(
+        "--global-pools", action="store_true", help="only compare the global pooling heads (no Ray)"
+    )
     args = parser.parse_args()
     missing = [p for p in (LANDMARKS_MINI, COIL100, WEIGHTS) if not p.exists()]
     if missing:
@@ -286,6 +391,13 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="bench-real-data-")
     os.environ.setdefault("LANDMARK_INDEX_RAY_TMP", storage.join(out, "ray"))
     data = write_real_data(storage.join(out, "data"))
+    if args.global_pools:
+        print(
+            f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+        )
+        pooling_table(data, args.batch_size)
+        print(f"load average at the end: {_load()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+        return
     run_out = storage.join(out, "run")
     config = parse_run_config(
         {

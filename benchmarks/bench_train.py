@@ -67,7 +67,9 @@ def main() -> None:
         trainable=args.trainable,
         log_every=2,
     )
-    print(f"preset {args.preset}  image {args.image_size}px  global batch {args.batch_size}  steps {args.steps}")
+    print(
+        f"preset {args.preset}  image {args.image_size}px  global batch {args.batch_size}  steps {args.steps}"
+    )
     print(f"load average before: {os.getloadavg()}")
     results = {}
     for workers in (int(w) for w in args.workers_list.split(",")):
@@ -88,7 +90,9 @@ def main() -> None:
         )
     first = min(results)
     for workers, rate in results.items():
-        print(f"scaling {first}→{workers} workers: {rate / results[first]:.2f}× (ideal {workers / first:.0f}×)")
+        print(
+            f"scaling {first}→{workers} workers: {rate / results[first]:.2f}× (ideal {workers / first:.0f}×)"
+        )
 
 
 if __name__ == "__main__":

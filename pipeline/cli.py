@@ -474,6 +474,46 @@ def _print_mapping(title: str, values) -> None:
     stdout.print(table)
 
 
+@app.command("convert-weights")
+def convert_weights_command(
+    src: Annotated[str, typer.Argument(help="Released DELG TF2 SavedModel directory (or its variables/).")],
+    out: Annotated[str, typer.Argument(help="Where to write the PyTorch state dict (.pt; any storage URL).")],
+    preset: Preset = "delg-r50-gldv2",
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            "--verify", help="Image: extract it with the SavedModel and the converted weights, compare."
+        ),
+    ] = None,
+    min_matched: Annotated[
+        float, typer.Option(help="--verify: share of reference keypoints the conversion must reproduce.")
+    ] = 0.99,
+) -> None:
+    """Convert released DELG weights (TF2 SavedModel) into a state dict for a DELG preset.
+
+    Workflow: download and unpack a released model (e.g. r50delg_gldv2clean_20200914.tar.gz from the
+    tensorflow/models research/delf README); `landmark-index convert-weights r50delg_gldv2clean_20200914
+    delg-r50.pt --verify photo.jpg` (exit 1 when the features differ beyond tolerance); then
+    `landmark-index extract ... --preset delg-r50-gldv2 --weights delg-r50.pt`. R101: --preset
+    delg-r101-gldv2. Needs TensorFlow: pip install 'landmark-index[convert]'.
+    """
+    from pipeline.config import get_preset
+    from pipeline.convert import convert_weights, verify_conversion
+
+    config, options = get_preset(preset), storage.options_from_env()
+    conversion = convert_weights(src, out, config, options)
+    _print_mapping(f"{src} → {conversion.out}", asdict(conversion) | {"ignored": len(conversion.ignored)})
+    if verify is None:
+        return
+    comparison = verify_conversion(src, out, verify, config, options)
+    _print_mapping(f"SavedModel vs converted on {verify}", asdict(comparison))
+    if not comparison.passes(min_matched=min_matched):
+        console.print(
+            "[bold red]verification failed:[/] the converted model's features differ beyond tolerance"
+        )
+        raise SystemExit(1)
+
+
 @app.command()
 def reindex(
     manifest: Annotated[

@@ -40,6 +40,10 @@ class ExtractionConfig:
     max_local_features: int = 1000  # top-K by attention over all scales
     pixel_mean: tuple[float, float, float] = DELG_MEAN  # per RGB channel, 0..255 units
     pixel_std: tuple[float, float, float] = DELG_STD
+    global_pool: str = (
+        "gem"  # global pooling: gem (DELG), mac, spoc, rmac or netvlad (pipeline.model.pooling)
+    )
+    netvlad_clusters: int = 64  # NetVLAD centroids K (its output has K · channels dims)
     gem_p: float = 3.0  # GeM exponent, fixed (not learned)
     whitening: bool = True  # FC layer after GeM; off = raw GeM of the backbone
     global_dim: int = 2048  # output dim of the whitening FC (= backbone channels when off)
@@ -52,6 +56,7 @@ class ExtractionConfig:
     def __post_init__(self) -> None:
         # Lazy import keeps this module importable without building torch models at import time.
         from pipeline.model.backbones import BACKBONES
+        from pipeline.model.pooling import GLOBAL_POOLS, pooled_dim
 
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONES)}")
@@ -69,11 +74,13 @@ class ExtractionConfig:
             )
         for v in self.pixel_std:
             _check_positive("pixel_std", v)
-        global_channels = BACKBONES[self.backbone].global_channels
-        if not self.whitening and self.global_dim != global_channels:
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool {self.global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
+        pooled = pooled_dim(self.global_pool, BACKBONES[self.backbone].global_channels, self.netvlad_clusters)
+        if not self.whitening and self.global_dim != pooled:
             raise ValueError(
-                f"global_dim {self.global_dim} without whitening must equal the {self.backbone} global "
-                f"channels ({global_channels})"
+                f"global_dim {self.global_dim} without whitening must equal the {self.global_pool} output of "
+                f"{self.backbone} ({pooled})"
             )
 
     def _validate_scales(self) -> None:
@@ -90,7 +97,14 @@ class ExtractionConfig:
             raise ValueError(f"global_scales {extra} are not in scales {self.scales}")
 
     def _validate_sizes(self) -> None:
-        for name in ("max_side", "global_dim", "local_dim", "attention_hidden", "max_local_features"):
+        for name in (
+            "max_side",
+            "global_dim",
+            "local_dim",
+            "attention_hidden",
+            "max_local_features",
+            "netvlad_clusters",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

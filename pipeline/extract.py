@@ -157,7 +157,7 @@ class Extractor:
         if self.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.receptive_field = model.keypoint_field()
+        self.keypoint_field = model.keypoint_field()  # where keypoints are placed
         self._forward = torch.compile(model.extract, dynamic=True) if self.runtime.compile else model.extract
         self._mean = torch.tensor(config.pixel_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(config.pixel_std, device=self.device).view(1, 3, 1, 1)
@@ -269,8 +269,8 @@ class Extractor:
         """Receptive-field centres (n, 2) (x, y) of feature rows/cols at ``scale``, in original pixels."""
         crop_h, crop_w = crop.pixels.shape[-2:]
         capped_h, capped_w = crop.capped_size
-        x = _to_original(cols, self.receptive_field, scale, capped_w, crop_w, crop.origin[0])
-        y = _to_original(rows, self.receptive_field, scale, capped_h, crop_h, crop.origin[1])
+        x = _to_original(cols, self.keypoint_field, scale, capped_w, crop_w, crop.origin[0])
+        y = _to_original(rows, self.keypoint_field, scale, capped_h, crop_h, crop.origin[1])
         return np.stack([x, y], axis=1)
 
     def _finish(self, acc: _Accumulator) -> ImageFeatures:
@@ -294,6 +294,7 @@ def _check_model_matches(model: Delg, config: ExtractionConfig) -> None:
         "whitening": model.whitening is not None,
         "global_dim": model.global_dim,
         "gem_p": model.gem_p,
+        "global_pool": model.global_pool,
     }
     wrong = {k: v for k, v in found.items() if getattr(config, k) != v}
     if wrong:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
-from pipeline.extract import Extractor, ImageFeatures, build_extractor
+from pipeline.extract import Extractor, ImageFeatures, build_extractor, pil_bilinear
 from tests.models import calibrated_model
 
 SMALL = get_preset("cpu-small")
@@ -218,3 +218,17 @@ def test_full_resnet50_with_the_reference_preset() -> None:
     np.testing.assert_allclose(np.linalg.norm(loose.descriptors, axis=1), 1.0, atol=1e-5)
     assert set(loose.scales.tolist()) <= {np.float32(s) for s in config.scales}
     assert loose.keypoints[:, 0].max() <= 96 and loose.keypoints[:, 1].max() <= 72
+
+
+def test_a_crop_keeps_the_scale_of_its_image() -> None:
+    """As the reference: a crop is capped at max_side · (crop side / image side), here 256 · 300 / 600 = 128,
+    with PIL's bilinear on uint8; its keypoints are divided by the capping factors of each axis."""
+    extractor = extractor_for(dataclasses.replace(SMALL, max_local_features=1000))
+    image = random_image(200, 600, seed=9)
+    cropped = extractor.extract_single(image, bbox=(299.5, 0.0, 599.5, 200.0))  # round(): x 300..599
+    capped = pil_bilinear(image[:, :, 300:600].contiguous(), (85, 128))  # 200 · 128 / 300 = 85.3
+    manual = extractor.extract_single(capped)  # 85 × 128 ≤ 256: not capped again
+    np.testing.assert_allclose(cropped.global_descriptor, manual.global_descriptor, atol=1e-6)
+    np.testing.assert_allclose(cropped.descriptors, manual.descriptors, atol=1e-6)
+    expected = manual.keypoints.astype(np.float64) / [128 / 300, 85 / 200] + [300, 0]
+    np.testing.assert_allclose(cropped.keypoints, expected, rtol=1e-6)

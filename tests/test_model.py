@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,19 @@ from torchvision import models
 from pipeline import storage
 from pipeline.model import (
     BACKBONES,
+    GLOBAL_POOLS,
     IMAGENET,
     Delg,
+    NetVLAD,
     WeightsUnavailableError,
     gem,
     load_backbone_weights,
     load_pretrained,
     load_weights,
+    mac,
+    rmac,
+    rmac_regions,
+    spoc,
     weights_checksum,
 )
 from pipeline.model.delg import attention_pool
@@ -354,3 +361,62 @@ def test_backbone_local_head_keeps_feature_geometry():
     assert not any("projection" in k for k in model.state_dict())  # state dicts stay the backbone's
     with pytest.raises(ValueError, match="local_head 'trained'"):
         Delg("mobilenet_v2", whitening=False, global_dim=1280, local_head="trained")
+
+
+# --- global pooling heads -------------------------------------------------------------------------------
+
+
+def test_mac_and_spoc_on_a_hand_computed_map() -> None:
+    x = torch.tensor([[[[1.0, -2.0], [3.0, 0.5]], [[-1.0, -4.0], [-3.0, -2.0]]]])  # (1, 2, 2, 2)
+    torch.testing.assert_close(mac(x), torch.tensor([[3.0, -1.0]]))
+    torch.testing.assert_close(spoc(x), torch.tensor([[2.5 / 4, -10.0 / 4]]))
+
+
+def test_rmac_regions_and_pooling_on_a_hand_computed_grid() -> None:
+    # 3 × 5 map, 2 levels. Level 1: side 3; one extra region along the width (overlap (3 − 2) / 3 is
+    # closest to 40 %), at 0 and 2. Level 2: side ⌊6 / 3⌋ = 2; rows at 0, 1; 3 columns at 0, 1.5 → 1, 3.
+    expected = [(0, 0, 3), (0, 2, 3), (0, 0, 2), (0, 1, 2), (0, 3, 2), (1, 0, 2), (1, 1, 2), (1, 3, 2)]
+    assert rmac_regions(3, 5, levels=2) == expected
+    transposed = sorted((left, top, side) for top, left, side in expected)
+    assert sorted(rmac_regions(5, 3, levels=2)) == transposed
+    assert rmac_regions(4, 4, levels=1) == [(0, 0, 4)]  # square: no extra region
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 5)
+    total = torch.zeros(2, 4)
+    for top, left, side in expected:
+        region_max = x[:, :, top : top + side, left : left + side].amax(dim=(-2, -1))
+        total += region_max / region_max.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(rmac(x, levels=2), total)
+
+
+def test_netvlad_on_a_hand_computed_example() -> None:
+    pool = NetVLAD(channels=2, clusters=2)
+    with torch.no_grad():
+        pool.assign.weight.zero_()
+        pool.assign.bias.copy_(torch.tensor([0.0, math.log(3.0)]))  # every location: a = (1/4, 3/4)
+        pool.centroids.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # (1, C=2, 1, 2): features (1, 0) and (0, 2) → (0, 1)
+    # V1 = ¼((1,0) − c1) + ¼((0,1) − c1) = (−¼, ¼); V2 = ¾((1,0) − c2) + ¾((0,1) − c2) = (¾, −¾);
+    # each intra-normalised to ±1/√2, then the whole L2-normalised
+    torch.testing.assert_close(pool(x), torch.tensor([[-0.5, 0.5, 0.5, -0.5]]))
+    centroids = F.normalize(torch.randn(3, 2), dim=1)
+    pool = NetVLAD(channels=2, clusters=3)
+    pool.init_from_centroids(centroids)
+    features = F.normalize(torch.randn(5, 2), dim=1)
+    logits = pool.assign(features[:, :, None, None])[:, :, 0, 0]
+    distances = torch.cdist(features, centroids).pow(2)  # softmax(2α c·x − α‖c‖²) = softmax(−α‖x − c‖²)
+    torch.testing.assert_close(logits.softmax(1), (-pool.alpha * distances).softmax(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pool", GLOBAL_POOLS)
+def test_every_global_pool_runs_in_the_model(pool: str) -> None:
+    clusters = 4
+    dim = 1280 * clusters if pool == "netvlad" else 1280
+    torch.manual_seed(0)
+    model = Delg("mobilenet_v2", global_dim=dim, whitening=False, global_pool=pool, netvlad_clusters=clusters)
+    out = model.eval().extract(torch.randn(2, 3, 96, 64))
+    assert out.global_descriptor.shape == (2, dim)
+    torch.testing.assert_close(out.global_descriptor.norm(dim=1), torch.ones(2))
+    assert any("netvlad" in k for k in model.state_dict()) == (pool == "netvlad")  # trainable
+    with pytest.raises(ValueError, match="global_pool 'sum'"):
+        Delg("mobilenet_v2", global_dim=1280, whitening=False, global_pool="sum")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pipeline.model.backbones import BACKBONES, Backbone, BackboneSpec, get_backbone_spec
-from pipeline.model.delg import Delg, DelgOutput, LocalAndGlobal, gem
+from pipeline.model.delg import Delg, DelgOutput, LocalAndGlobal
 from pipeline.model.geometry import ReceptiveField, receptive_field
+from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, rmac, rmac_regions, spoc
 from pipeline.model.weights import (
     IMAGENET,
     WeightsUnavailableError,
@@ -17,12 +18,14 @@ from pipeline.model.weights import (
 
 __all__ = [
     "BACKBONES",
+    "GLOBAL_POOLS",
     "IMAGENET",
     "Backbone",
     "BackboneSpec",
     "Delg",
     "DelgOutput",
     "LocalAndGlobal",
+    "NetVLAD",
     "ReceptiveField",
     "WeightsUnavailableError",
     "gem",
@@ -30,7 +33,11 @@ __all__ = [
     "load_backbone_weights",
     "load_pretrained",
     "load_weights",
+    "mac",
     "receptive_field",
+    "rmac",
+    "rmac_regions",
     "sha256_hex",
+    "spoc",
     "weights_checksum",
 ]

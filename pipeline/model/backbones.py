@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models
 
 from pipeline.model.geometry import ReceptiveField
-from pipeline.model.resnet_ref import resnet50_ref, resnet101_ref
+from pipeline.model.resnet_ref import RESNET50_BLOCKS, RESNET101_BLOCKS, ReferenceResNet
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,22 @@ _RESNET_LOCAL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"
 REFERENCE_BOX = ReceptiveField(size=291, stride=32, offset=0.0)
 
 
-def _reference_spec(name: str, build: Callable[[], nn.Module]) -> BackboneSpec:
+def reference_backbone(
+    name: str, block_counts: tuple[int, int, int, int], base_width: int = 64
+) -> BackboneSpec:
+    """A spec for the reference layout; ``base_width`` below 64 only for small test networks."""
+
+    def build() -> ReferenceResNet:
+        return ReferenceResNet(block_counts, base_width)
+
     net = build()
     return BackboneSpec(
         name=name,
         build=build,
         local_layers=net.local_layers(),
         global_layers=net.global_layers(),
-        local_channels=1024,
-        global_channels=2048,
+        local_channels=16 * base_width,
+        global_channels=32 * base_width,
         keypoint_field=REFERENCE_BOX,
     )
 
@@ -87,8 +94,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         imagenet_weights="MobileNet_V2_Weights.IMAGENET1K_V2",
     ),
     # The DELG reference layout (block3_strides: local features at stride 32); no torchvision weights.
-    "resnet50-ref": _reference_spec("resnet50-ref", resnet50_ref),
-    "resnet101-ref": _reference_spec("resnet101-ref", resnet101_ref),
+    "resnet50-ref": reference_backbone("resnet50-ref", RESNET50_BLOCKS),
+    "resnet101-ref": reference_backbone("resnet101-ref", RESNET101_BLOCKS),
 }
 
 

@@ -1,5 +1,7 @@
 """DELG (Cao, Araujo, Sim 2020): one backbone, a global GeM head and an attentive local head.
 
+The global pooling is selectable (pipeline.model.pooling: GeM as DELG, MAC, SPoC, R-MAC, NetVLAD).
+
 Pure torch: no I/O, no Ray. ``forward`` returns what training needs; ``extract`` what extraction needs.
 """
 
@@ -13,18 +15,12 @@ from torch import nn
 
 from pipeline.model.backbones import Backbone, get_backbone_spec
 from pipeline.model.geometry import ReceptiveField, receptive_field
+from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, pooled_dim, rmac, spoc
+
+__all__ = ["Delg", "DelgOutput", "LocalAndGlobal", "attention_pool", "gem"]
 
 if TYPE_CHECKING:
     from pipeline.config import ExtractionConfig
-
-
-def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised mean pooling: (B, C, H, W) → (B, C), (mean over H·W of clamp(x, eps)^p)^(1/p).
-
-    Computed in at least float32: x³ of activations overflows fp16 and loses digits in bf16.
-    """
-    x = features.to(torch.promote_types(features.dtype, torch.float32)).clamp(min=eps)
-    return x.pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 class Attention(nn.Module):
@@ -108,17 +104,24 @@ class Delg(nn.Module):
         attention_hidden: int = 512,
         gem_p: float = 3.0,
         local_head: str = "learned",
+        global_pool: str = "gem",
+        netvlad_clusters: int = 64,
     ) -> None:
         super().__init__()
         if local_head not in LOCAL_HEADS:
             raise ValueError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool {global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
         spec = get_backbone_spec(backbone)
-        if not whitening and global_dim != spec.global_channels:
-            raise ValueError(f"global_dim {global_dim} without whitening must be {spec.global_channels}")
+        pooled = pooled_dim(global_pool, spec.global_channels, netvlad_clusters)
+        if not whitening and global_dim != pooled:
+            raise ValueError(f"global_dim {global_dim} without whitening must be {pooled}")
         self.backbone = Backbone(spec)
         self.gem_p = gem_p
+        self.global_pool = global_pool
+        self.netvlad = NetVLAD(spec.global_channels, netvlad_clusters) if global_pool == "netvlad" else None
         self.global_dim = global_dim
-        self.whitening = nn.Linear(spec.global_channels, global_dim, bias=True) if whitening else None
+        self.whitening = nn.Linear(pooled, global_dim, bias=True) if whitening else None
         self.local_head = local_head
         self.local_dim = local_dim
         if local_head == "learned":
@@ -141,6 +144,8 @@ class Delg(nn.Module):
             attention_hidden=config.attention_hidden,
             gem_p=config.gem_p,
             local_head=config.local_head,
+            global_pool=config.global_pool,
+            netvlad_clusters=config.netvlad_clusters,
         )
 
     def local_receptive_field(self) -> ReceptiveField:
@@ -152,11 +157,19 @@ class Delg(nn.Module):
         receptive box) where it has one, else the traced field."""
         return self.backbone.spec.keypoint_field or self.local_receptive_field()
 
+    def pool(self, global_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, C) (NetVLAD: (B, K·C)) with the configured global pooling."""
+        if self.netvlad is not None:
+            return self.netvlad(global_features)
+        if self.global_pool == "gem":
+            return gem(global_features, self.gem_p)
+        return {"mac": mac, "spoc": spoc, "rmac": rmac}[self.global_pool](global_features)
+
     def global_head(self, global_features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) block4 features → (B, global_dim): GeM → whitening FC → L2, in float32 even
-        under autocast (a descriptor for search, not an activation)."""
+        """(B, C, h, w) block4 features → (B, global_dim): pooling (GeM for DELG) → whitening FC → L2, in
+        float32 even under autocast (a descriptor for search, not an activation)."""
         with torch.autocast(global_features.device.type, enabled=False):
-            pooled = gem(global_features, self.gem_p)  # (B, C)
+            pooled = self.pool(global_features)  # (B, C)
             if self.whitening is not None:
                 pooled = self.whitening(pooled)
             return F.normalize(pooled, dim=-1)

@@ -119,9 +119,6 @@ class ReferenceResNet(nn.Module):
         return tuple(self.stage_blocks(5))
 
 
-def resnet50_ref(base_width: int = 64) -> ReferenceResNet:
-    return ReferenceResNet((3, 4, 6, 3), base_width)
-
-
-def resnet101_ref(base_width: int = 64) -> ReferenceResNet:
-    return ReferenceResNet((3, 4, 23, 3), base_width)
+RESNET50_BLOCKS = (3, 4, 6, 3)
+# The reference's TF2 code defines ResNet50 only; the released R101 continues its naming (l4a … l4w).
+RESNET101_BLOCKS = (3, 4, 23, 3)
