@@ -110,6 +110,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
         if self.objective != "arcface" and self.sampling != "balanced":
             log.warning("%s loss with uniform sampling: batches may hold few positives", self.objective)
 

@@ -151,6 +151,23 @@ def test_config_errors_are_clear():
     assert TrainConfig(epochs=2.5, batch_size=4).total_steps(13) == 9
 
 
+def test_train_job_rejects_unknown_config_keys(manifest, tmp_path):
+    command = [
+        sys.executable,
+        "jobs/train.py",
+        "--manifest",
+        manifest,
+        "--out",
+        str(tmp_path),
+        "--preset",
+        PRESET,
+    ]
+    command += ["--steps", "1", "--config", '{"bogus": 1}']
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    assert "unknown --config keys ['bogus']" in done.stderr
+
+
 def test_unlabelled_rows_are_a_manifest_error(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "url": [str(tmp_path / "a.png")]}), tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match="landmark_id"):
