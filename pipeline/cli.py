@@ -491,11 +491,16 @@ def convert_weights_command(
 ) -> None:
     """Convert released DELG weights (TF2 SavedModel) into a state dict for a DELG preset.
 
-    Workflow: download and unpack a released model (e.g. r50delg_gldv2clean_20200914.tar.gz from the
-    tensorflow/models research/delf README); `landmark-index convert-weights r50delg_gldv2clean_20200914
-    delg-r50.pt --verify photo.jpg` (exit 1 when the features differ beyond tolerance); then
-    `landmark-index extract ... --preset delg-r50-gldv2 --weights delg-r50.pt`. R101: --preset
-    delg-r101-gldv2. Needs TensorFlow: pip install 'landmark-index[convert]'.
+    1. Download and unpack a released model (r50delg_gldv2clean_20200914.tar.gz or
+    r101delg_gldv2clean_20200914.tar.gz, linked from the tensorflow/models research/delf README).
+
+    2. landmark-index convert-weights SAVED_MODEL delg-r50.pt --verify photo.jpg (R101: --preset
+    delg-r101-gldv2). --verify runs the SavedModel's own serving function and the converted extractor on the
+    image and exits 1 when their features differ beyond tolerance.
+
+    3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt
+
+    Needs TensorFlow: pip install 'landmark-index\\[convert]'.
     """
     from pipeline.config import get_preset
     from pipeline.convert import convert_weights, verify_conversion
