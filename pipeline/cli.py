@@ -194,6 +194,96 @@ def _print_summary(summary, out: str) -> None:
     stdout.print(table)
 
 
+@app.command()
+def train(
+    manifest: Annotated[str, typer.Argument(help="Labelled manifest (landmark_id on every row).")],
+    out: Annotated[str, typer.Argument(help="Output URL: weights.pt, metrics.jsonl, checkpoints/.")],
+    preset: Preset = "delg-r50-gldv2",
+    weights: Weights = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (or --epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the manifest (or --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch, split over the workers.")] = 32,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (linear decay to 0).")] = 0.01,
+    image_size: Annotated[int, typer.Option(help="Square training crop side.")] = 321,
+    augment: Annotated[bool, typer.Option(help="Reference random crops (off: whole image).")] = True,
+    objective: Annotated[str, typer.Option(help="Global loss: arcface, contrastive, triplet.")] = "arcface",
+    margin: Annotated[float | None, typer.Option(help="Loss margin (default per objective).")] = None,
+    mining: Annotated[str, typer.Option(help="Negatives: hard, distance-weighted.")] = "hard",
+    trainable: Annotated[str, typer.Option(help="all, local-head, global-head.")] = "all",
+    batchnorm: Annotated[str, typer.Option(help="batch (per-worker statistics) or frozen.")] = "batch",
+    sampling: Annotated[str, typer.Option(help="uniform or balanced (per class).")] = "uniform",
+    images_per_class: Annotated[int, typer.Option(help="Adjacent images per class (balanced).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps per metrics line.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps per checkpoint.")] = 500,
+    workers: Annotated[int | None, typer.Option(help="Workers (default: one per GPU, else 1).")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="Default: 1 with GPUs, else 0.")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker.")] = 1.0,
+    decode_threads: Annotated[int, typer.Option(help="Decode threads per worker.")] = 4,
+    address: Address = None,
+) -> None:
+    """Train DELG (or fine-tune with a metric-learning loss) on Ray Train; re-running resumes."""
+    from pipeline.train import TrainCluster, TrainConfig, TrainJob, run_training
+
+    config = TrainConfig(
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        augment=augment,
+        objective=objective,
+        margin=margin,
+        mining=mining,
+        trainable=trainable,
+        batchnorm=batchnorm,
+        sampling=sampling,
+        images_per_class=images_per_class,
+        seed=seed,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+    )
+    job = TrainJob(manifest, out, preset, config, weights_url=weights)
+    cluster = TrainCluster(
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        decode_threads=decode_threads,
+    )
+    bar = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with bar:
+        task = bar.add_task("train", total=None, loss=float("nan"), rate=0.0)
+
+        def show(line):
+            bar.update(
+                task,
+                total=line["total_steps"],
+                completed=line["step"],
+                loss=line["loss"],
+                rate=line["images_per_s"],
+            )
+
+        summary = run_training(job, cluster, storage.options_from_env(), on_progress=show)
+    table = Table(title=f"training → {storage.redact(out)}", show_header=False)
+    table.add_row("steps", f"{summary.steps} (resumed at {summary.resumed_from})")
+    table.add_row("final loss", "-" if summary.final_loss is None else f"{summary.final_loss:.4f}")
+    table.add_row("failed rows", str(sum(summary.failed_rows.values())))
+    table.add_row(
+        "throughput", f"{summary.images_per_s:.2f} images/s ({summary.images} in {summary.seconds:.1f} s)"
+    )
+    table.add_row("weights", storage.redact(summary.weights_url))
+    stdout.print(table)
+
+
 @app.command("build-index")
 def build_index_command(
     descriptors: Annotated[str, typer.Argument(help="Descriptor store of the images to index.")],

@@ -32,6 +32,7 @@ COMMANDS = (
     "demo",
     "reindex",
     "latest",
+    "train",
 )
 
 

@@ -1,0 +1,218 @@
+"""Training input: which manifest rows each step trains on, and their decoded, augmented pixels.
+
+Every random choice derives from (seed, position in the sample sequence), so a step's images and crops
+are the same whoever computes them: a run resumed at step s, or a batch split over any number of workers.
+Rows that cannot be fetched or decoded are counted and dropped from their batch, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, deque
+from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pipeline import images, storage
+from pipeline.manifest import ManifestError
+
+SAMPLING = ("uniform", "balanced")
+CROP_AREA = (0.1, 1.0)  # the reference's area range 0.08–1 with min_object_covered 0.1 of the whole image
+CROP_ASPECT = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 100  # then the whole image, as the reference's sample_distorted_bounding_box
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """What the workers need of a labelled manifest: where each image is and its class index."""
+
+    urls: list[str]
+    inline: list[bytes | None]
+    labels: np.ndarray  # (N,) int64 class index into ``classes``
+    classes: tuple[str, ...]  # landmark ids, sorted
+
+    @property
+    def digest(self) -> str:
+        """Identity of the label assignment (the manifest fingerprint leaves labels out)."""
+        digest = hashlib.sha256("\n".join(self.classes).encode())
+        digest.update(self.labels.tobytes())
+        return digest.hexdigest()
+
+
+def training_rows(table: pa.Table) -> TrainingRows:
+    """The manifest's rows with their labels; ManifestError when a row has no ``landmark_id``."""
+    labels = table.column("landmark_id").to_pylist()
+    unlabelled = [i for i, label in enumerate(labels) if label is None]
+    if unlabelled:
+        raise ManifestError(
+            f"training needs a landmark_id on every row; {len(unlabelled)} rows have none "
+            f"(rows {unlabelled[:5]})"
+        )
+    classes = tuple(sorted(set(labels)))
+    index = {label: i for i, label in enumerate(classes)}
+    return TrainingRows(
+        urls=table.column("url").to_pylist(),
+        inline=table.column("image").to_pylist(),
+        labels=np.array([index[label] for label in labels], dtype=np.int64),
+        classes=classes,
+    )
+
+
+class SampleSequence:
+    """An endless sequence of row indices, epoch by epoch: position p → the row trained on at p.
+
+    ``uniform``: each epoch is a permutation of the rows. ``balanced``: each epoch draws N/K classes
+    uniformly (GLDv2's long tail: rare landmarks as often as famous ones) and K images of each, adjacent,
+    so batches hold positives for metric learning (with replacement when a class has fewer than K).
+    """
+
+    def __init__(self, labels: np.ndarray, sampling: str, images_per_class: int, seed: int) -> None:
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling {sampling!r}; allowed: {list(SAMPLING)}")
+        self.labels = labels
+        self.sampling = sampling
+        self.k = images_per_class if sampling == "balanced" else 1
+        self.seed = seed
+        self.epoch_length = math.ceil(len(labels) / self.k) * self.k
+        self._members = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+        self._epoch = lru_cache(maxsize=2)(self._epoch_order)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Row indices at positions [start, stop)."""
+        positions = np.arange(start, stop)
+        return np.array([self._epoch(p // self.epoch_length)[p % self.epoch_length] for p in positions])
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.sampling == "uniform":
+            return rng.permutation(len(self.labels))
+        groups = rng.integers(len(self._members), size=self.epoch_length // self.k)
+        return np.concatenate(
+            [rng.choice(m, self.k, replace=len(m) < self.k) for m in (self._members[g] for g in groups)]
+        )
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Decoded uint8 image → normalised (3, S, S) float tensor, with the reference's random crop or not."""
+
+    size: int  # square side (the reference trains at 321)
+    mean: tuple[float, float, float]  # per RGB channel, 0..255 units
+    std: tuple[float, float, float]
+    augment: bool
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if self.augment:
+            top, left, height, width = random_crop_box(image.shape[1], image.shape[2], rng)
+            image = image[:, top : top + height, left : left + width]
+        # Antialiased bilinear: an area-like average when shrinking (the reference resizes with 'area').
+        pixels = image[None].float()
+        resized = F.interpolate(pixels, (self.size, self.size), mode="bilinear", antialias=True)[0]
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        return (resized - mean) / torch.tensor(self.std).view(3, 1, 1)
+
+
+def random_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of an ImageNet-style crop: area a fraction in CROP_AREA of the image, aspect
+    ratio log-uniform in CROP_ASPECT; the whole image when no draw fits."""
+    for _ in range(CROP_ATTEMPTS):
+        area = rng.uniform(*CROP_AREA) * height * width
+        aspect = math.exp(rng.uniform(math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < h <= height and 0 < w <= width:
+            return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (b, 3, S, S), b ≤ the rows asked for
+    labels: torch.Tensor  # (b,) int64
+    failures: Counter[str] = field(default_factory=Counter)  # ImageError reason → rows dropped
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Fetch, decode and transform one sequence position (the project's safe decoding)."""
+
+    rows: TrainingRows
+    transform: ImageTransform
+    seed: int
+    options: storage.Options = None
+    allowed_schemes: Collection[str] = images.DEFAULT_ALLOWED_SCHEMES
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def load(self, position: int, row: int) -> torch.Tensor | images.ImageError:
+        try:
+            data = images.fetch_image_bytes(
+                self.rows.urls[row], self.rows.inline[row], self.options, self.allowed_schemes
+            )
+            image = images.decode_image(data, self.max_pixels)
+        except images.ImageError as error:
+            return error
+        return self.transform(image, np.random.default_rng([self.seed, position]))
+
+
+class BatchStream:
+    """The batches of steps [first, last), each one the slice [lo, hi) of its global batch, decoded by a
+    thread pool ``prefetch`` steps ahead so the training loop rarely waits on I/O or decoding."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        sequence: SampleSequence,
+        global_batch: int,
+        part: tuple[int, int],
+        threads: int,
+        prefetch: int,
+    ) -> None:
+        self.source = source
+        self.sequence = sequence
+        self.global_batch = global_batch
+        self.part = part
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="train-decode")
+        self.prefetch = prefetch
+
+    def batches(self, first: int, last: int) -> Iterator[Batch]:
+        pending: deque[list[tuple[int, Future]]] = deque()
+        try:
+            for step in range(first, last):
+                while len(pending) <= self.prefetch and step + len(pending) < last:
+                    pending.append(self._submit(step + len(pending)))
+                yield self._collect(pending.popleft())
+        finally:
+            for futures in pending:
+                for _, future in futures:
+                    future.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, step: int) -> list[tuple[int, Future]]:
+        start = step * self.global_batch
+        lo, hi = start + self.part[0], start + self.part[1]
+        rows = self.sequence.rows(lo, hi)
+        return [
+            (int(row), self.pool.submit(self.source.load, position, int(row)))
+            for position, row in zip(range(lo, hi), rows, strict=True)
+        ]
+
+    def _collect(self, futures: list[tuple[int, Future]]) -> Batch:
+        kept, labels, failures = [], [], Counter()
+        for row, future in futures:
+            result = future.result()
+            if isinstance(result, images.ImageError):
+                failures[result.reason] += 1
+            else:
+                kept.append(result)
+                labels.append(int(self.source.rows.labels[row]))
+        size = self.source.transform.size
+        stacked = torch.stack(kept) if kept else torch.empty(0, 3, size, size)
+        return Batch(stacked, torch.tensor(labels, dtype=torch.int64), failures)

@@ -1,0 +1,287 @@
+"""Training: the step as the reference trains, and real Ray Train runs (2 CPU workers) on tiny real images.
+
+The Ray runs share one config: 8 steps of 4 images at 64 px, training the local head (attention,
+autoencoder, attention classifier) of a calibrated random model, with frozen BatchNorm so one worker and two
+compute the same update (per-worker batch statistics would differ). Full-model training on a random
+backbone does not settle in 8 steps (the reconstruction target moves with the backbone), so the full step
+is checked in-process. Runs: the CLI with two workers, the library with one, a crashed + resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import get_preset
+from pipeline.features import build_extractor
+from pipeline.manifest import ManifestError, read_manifest
+from pipeline.train import (
+    TrainCluster,
+    TrainConfig,
+    TrainJob,
+    build_trainee,
+    run_training,
+    set_train_mode,
+    train_step,
+)
+from pipeline.train_data import SampleSequence, random_crop_box, training_rows
+from tests.models import calibrated_weights
+
+PRESET = "cpu-small"  # MobileNetV2 with a learned local head: small enough for CPU tests
+SIZE = 64
+COLOURS = [(200, 40, 40), (40, 170, 40), (40, 40, 200)]
+STEPS, BATCH = 8, 4
+RAY_RUN = dict(
+    steps=STEPS,
+    batch_size=BATCH,
+    image_size=SIZE,
+    lr=0.05,
+    trainable="local-head",
+    batchnorm="frozen",
+    log_every=1,
+)
+
+
+def write_images(folder: Path, per_class: int = 4) -> list[dict]:
+    """Colour-coded classes with noise and a bright square at a random place; one row points at nothing."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, colour in enumerate(COLOURS):
+        for i in range(per_class):
+            pixels = np.array(colour)[None, None] + rng.normal(0, 25, (SIZE, SIZE, 3))
+            y, x = rng.integers(0, SIZE - 16, size=2)
+            pixels[y : y + 16, x : x + 16] = 255
+            path = folder / f"{label}-{i}.png"
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+            rows.append({"id": path.stem, "url": str(path), "landmark_id": f"L{label}"})
+    rows.append({"id": "gone", "url": str(folder / "gone.png"), "landmark_id": "L0"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("train-images")
+    path = folder / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(write_images(folder)), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory) -> str:
+    return calibrated_weights(get_preset(PRESET), tmp_path_factory.mktemp("init") / "init.pt")
+
+
+def job(manifest: str, out: Path, weights: str | None = None, **overrides) -> TrainJob:
+    return TrainJob(manifest, str(out), PRESET, TrainConfig(**(RAY_RUN | overrides)), weights_url=weights)
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ the step, without Ray
+
+
+def tiny_batch(manifest: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows = training_rows(read_manifest(manifest))
+    images = torch.randn(4, 3, SIZE, SIZE)
+    return images, torch.tensor([0, 1, 2, 0]), len(rows.classes)
+
+
+def test_local_losses_leave_the_backbone_unchanged(manifest):
+    images, labels, classes = tiny_batch(manifest)
+    trainee = build_trainee(job(manifest, Path("unused"), trainable="all"), classes)
+    set_train_mode(trainee)
+    terms = trainee(images, labels, torch.Generator())
+    (terms["attention"].mean() + terms["reconstruction"].mean()).backward()
+    backbone = dict(trainee.model.backbone.named_parameters())
+    assert all(p.grad is None for p in backbone.values())  # stop-gradient: not even zeros
+    assert trainee.model.autoencoder.encoder.weight.grad.abs().sum() > 0
+    assert trainee.model.attention.conv1.weight.grad.abs().sum() > 0
+    assert terms["global"].grad_fn is not None  # the global loss alone trains the backbone
+
+
+def test_local_head_training_keeps_backbone_weights_and_statistics(manifest):
+    images, labels, classes = tiny_batch(manifest)
+    trainee = build_trainee(job(manifest, Path("unused"), trainable="local-head", batchnorm="batch"), classes)
+    before = {k: v.clone() for k, v in trainee.model.state_dict().items()}
+    set_train_mode(trainee)
+    optimizer = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    sums = train_step(trainee, optimizer, images, labels, 0.1, 1 / 4, torch.Generator())
+    assert set(sums) == {"attention", "reconstruction", "loss"}
+    after = trainee.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("attention.", "autoencoder.")) for k in changed)
+
+
+def test_global_head_fine_tuning_needs_a_whitening_layer(manifest):
+    with pytest.raises(ValueError, match="whitening"):
+        build_trainee(job(manifest, Path("unused"), trainable="global-head"), 3)
+
+
+def test_metric_objective_replaces_arcface(manifest):
+    images, labels, classes = tiny_batch(manifest)
+    trainee = build_trainee(
+        job(manifest, Path("unused"), trainable="all", objective="triplet", margin=0.5), classes
+    )
+    assert trainee.arcface is None
+    terms = trainee(images, labels, torch.Generator().manual_seed(0))
+    assert terms["global"].shape == (4,)
+    assert terms["global"][1] == 0  # label 1 has no positive in the batch
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="exactly one of steps or epochs"):
+        TrainConfig()
+    with pytest.raises(ValueError, match="objective 'arcfase'"):
+        TrainConfig(steps=1, objective="arcfase")
+    assert TrainConfig(epochs=2.5, batch_size=4).total_steps(13) == 9
+
+
+def test_train_job_rejects_unknown_config_keys(manifest, tmp_path):
+    command = [
+        sys.executable,
+        "jobs/train.py",
+        "--manifest",
+        manifest,
+        "--out",
+        str(tmp_path),
+        "--preset",
+        PRESET,
+    ]
+    command += ["--steps", "1", "--config", '{"bogus": 1}']
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    assert "unknown --config keys ['bogus']" in done.stderr
+
+
+def test_unlabelled_rows_are_a_manifest_error(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "url": [str(tmp_path / "a.png")]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="landmark_id"):
+        training_rows(read_manifest(str(tmp_path / "m.parquet")))
+
+
+def test_balanced_sampling_draws_adjacent_images_of_one_class():
+    labels = np.array([0] * 10 + [1] + [2, 2])
+    sequence = SampleSequence(labels, "balanced", images_per_class=2, seed=3)
+    rows = sequence.rows(0, 40)
+    assert (labels[rows[0::2]] == labels[rows[1::2]]).all()
+    assert set(labels[rows]) == {0, 1, 2}  # the one-image class is drawn too (twice, with replacement)
+    assert np.array_equal(SampleSequence(labels, "balanced", 2, 3).rows(22, 30), rows[22:30])
+
+
+def test_uniform_sampling_visits_every_row_once_per_epoch():
+    sequence = SampleSequence(np.arange(7) % 2, "uniform", 1, seed=0)
+    assert sorted(sequence.rows(7, 14)) == list(range(7))
+
+
+def test_random_crop_stays_inside_and_covers_a_tenth():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = random_crop_box(50, 80, rng)
+        assert top >= 0 and top + h <= 50 and left >= 0 and left + w <= 80
+        assert h * w >= 0.1 * 50 * 80 * 0.9  # rounding
+
+
+# ------------------------------------------------------------------ real Ray Train
+
+
+@pytest.fixture(scope="module")
+def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) -> Path:
+    """8 steps with 2 CPU workers through the CLI, connected to the test's Ray cluster."""
+    out = tmp_path_factory.mktemp("train-2w") / "out"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in RAY_RUN.items()]
+    command = [sys.executable, "-m", "pipeline.cli", "train", manifest, str(out), "--preset", PRESET, *args]
+    command += ["--weights", initial_weights]
+    command += [
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--decode-threads",
+        "2",
+        "--address",
+        ray_cluster,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final loss" in done.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_worker(manifest, initial_weights, ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-1w") / "out"
+    run_training(
+        job(manifest, out, initial_weights, checkpoint_every=3), TrainCluster(workers=1, cpus_per_worker=0.5)
+    )
+    return out
+
+
+def test_loss_falls_and_bad_rows_are_counted(two_workers_cli, manifest):
+    lines = metrics(two_workers_cli)
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    assert {"loss", "attention", "reconstruction", "lr", "images_per_s"} <= set(lines[0])
+    first, last = np.mean([m["loss"] for m in lines[:3]]), np.mean([m["loss"] for m in lines[-3:]])
+    assert last < 0.9 * first
+    labels = training_rows(read_manifest(manifest)).labels
+    drawn = SampleSequence(labels, "uniform", 1, seed=0).rows(0, STEPS * BATCH)
+    bad = int((drawn == len(labels) - 1).sum())  # the missing image is the manifest's last row
+    assert bad > 0
+    assert sum(m["failed_rows"] for m in lines) == bad
+    assert sum(m["images"] for m in lines) == STEPS * BATCH - bad
+    record = json.loads((two_workers_cli / "_run.json").read_text())
+    assert record["workers"] == 2 and record["failed_rows"] == {"missing": bad}
+
+
+def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, initial_weights):
+    two, one = load(two_workers_cli / "weights.pt"), load(one_worker / "weights.pt")
+    assert two.keys() == one.keys()
+    initial = load(Path(initial_weights))
+    moved = {k.split(".")[0] for k in one if k not in initial or not torch.equal(one[k], initial[k])}
+    assert moved == {"attention", "autoencoder"}  # the local head trained, the frozen backbone did not
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    crashing = TrainCluster(workers=1, cpus_per_worker=0.5, crash_after_step=5)
+    with pytest.raises(Exception, match="injected crash after step 5"):
+        run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing)
+    assert not (out / "weights.pt").exists()
+    summary = run_training(
+        job(manifest, out, initial_weights, checkpoint_every=3), TrainCluster(workers=1, cpus_per_worker=0.5)
+    )
+    assert summary.resumed_from == 3
+    resumed, uninterrupted = load(out / "weights.pt"), load(one_worker / "weights.pt")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(one_worker)]
+
+
+def test_resuming_a_different_run_is_refused(manifest, initial_weights, one_worker):
+    with pytest.raises(
+        ValueError, match=r"different training run \(differs in \['config', 'total_steps'\]\)"
+    ):
+        run_training(job(manifest, one_worker, initial_weights, steps=STEPS + 1))
+
+
+def test_trained_weights_extract(two_workers_cli, manifest):
+    extractor = build_extractor(PRESET, str(two_workers_cli / "weights.pt"))  # strict load
+    image = torch.from_numpy(np.array(Image.open(read_manifest(manifest).column("url")[0].as_py())))
+    features = extractor.extract_single(image.permute(2, 0, 1).contiguous())
+    assert features.global_descriptor.shape == (1280,)
+    assert np.isfinite(features.global_descriptor).all() and len(features.scores) > 0
