@@ -280,32 +280,47 @@ def rerank(
     index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
     out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
     top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
-    model: Annotated[str, typer.Option(help="Geometric model: affine or homography.")] = "affine",
-    threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold in pixels.")] = 20.0,
-    trials: Annotated[int, typer.Option(help="RANSAC hypotheses per pair.")] = 1000,
-    ratio: Annotated[
-        float | None, typer.Option(help="Lowe ratio test (off by default, as the reference).")
+    model: Annotated[str | None, typer.Option(help="Geometric model: affine or homography.")] = None,
+    residual_in: Annotated[
+        str | None, typer.Option(help="Inlier threshold in query (reference) or candidate pixels.")
     ] = None,
-    mutual: Annotated[bool, typer.Option(help="Keep only mutual nearest neighbours.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="RANSAC inlier threshold in pixels.")] = None,
+    trials: Annotated[int | None, typer.Option(help="RANSAC hypotheses per pair.")] = None,
+    max_distance: Annotated[float | None, typer.Option(help="Descriptor L2 distance bound.")] = None,
+    ratio: Annotated[float | None, typer.Option(help="Lowe ratio test; 0 = off.")] = None,
+    mutual: Annotated[bool | None, typer.Option(help="Keep only mutual nearest neighbours.")] = None,
     score: Annotated[
-        str, typer.Option(help="inliers: (inliers, global) order; saturate: min(i,k)/k + global.")
-    ] = "inliers",
+        str | None,
+        typer.Option(
+            help="inliers: (inliers, global) order; saturate: min(i,k)/k + global; "
+            "shortlist: global + a boost for inlier counts standing out of the shortlist's."
+        ),
+    ] = None,
 ) -> None:
-    """Re-rank each shortlist by local-feature matching and batched RANSAC verification."""
-    from pipeline.rerank import RerankConfig
+    """Re-rank each shortlist by local-feature matching and batched RANSAC verification.
+
+    Matching, verification and scoring default to the settings recorded in the descriptor stores (chosen
+    by their preset); options given here override them.
+    """
+    from pipeline.rerank import config_from_stores
     from pipeline.rerank import rerank as rerank_stage
 
-    config = RerankConfig(
-        top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
+    options = storage.options_from_env()
+    given = dict(
+        model=model,
+        residual_in=residual_in,
+        threshold=threshold,
+        trials=trials,
+        max_distance=max_distance,
+        ratio=ratio,
+        mutual=mutual,
+        score=score,
     )
-    summary = rerank_stage(
-        search_results,
-        query_descriptors,
-        index_descriptors,
-        out,
-        config,
-        options=storage.options_from_env(),
-    )
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if overrides.get("ratio") == 0:
+        overrides["ratio"] = None  # 0 = off
+    config = config_from_stores(query_descriptors, index_descriptors, {**overrides, "top": top}, options)
+    summary = rerank_stage(search_results, query_descriptors, index_descriptors, out, config, options=options)
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
 
 

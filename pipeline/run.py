@@ -123,7 +123,7 @@ def run_pipeline(
     from pipeline.config import RuntimeOptions, get_preset
     from pipeline.distributed import ClusterOptions, ExtractionJob, run_extraction
     from pipeline.index import BuildConfig, QualityConfig, build_index, search
-    from pipeline.rerank import rerank
+    from pipeline.rerank import config_from_stores, rerank
     from pipeline.store import StoreSettings
 
     paths = RunPaths(config.out)
@@ -183,7 +183,11 @@ def run_pipeline(
             options,
         ),
     )
-    rerank_config = config.rerank.rerank_config()
+    rerank_config = (
+        config_from_stores(paths.query_store, paths.index_store, config.rerank.overrides(), options)
+        if config.rerank.enabled
+        else None
+    )
     if config.rerank.enabled:
         runner.stage(
             "rerank",

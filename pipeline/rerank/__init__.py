@@ -5,7 +5,13 @@ from __future__ import annotations
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
-from pipeline.rerank.stage import RerankSummary, rerank, rerank_shortlist, verify_candidates
+from pipeline.rerank.stage import (
+    RerankSummary,
+    config_from_stores,
+    rerank,
+    rerank_shortlist,
+    verify_candidates,
+)
 from pipeline.rerank.verify import Verification, verify
 
 __all__ = [
@@ -13,6 +19,7 @@ __all__ = [
     "RerankConfig",
     "RerankSummary",
     "Verification",
+    "config_from_stores",
     "gather_points",
     "match",
     "pad",
