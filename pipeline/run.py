@@ -324,7 +324,14 @@ def _report(
 
     def hits(rows: list[dict[str, Any]], query: str) -> list[Hit]:
         return [
-            Hit(r["id"], float(r["score"]), images.get(r["id"]), r.get("inliers"), label(query, r["id"]))
+            Hit(
+                r["id"],
+                float(r["score"]),
+                images.get(r["id"]),
+                r.get("inliers"),
+                label(query, r["id"]),
+                r.get("global_score"),
+            )
             for r in rows
         ]
 
