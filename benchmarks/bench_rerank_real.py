@@ -122,7 +122,7 @@ def main() -> None:
     print("| dataset | queries | global | re-ranked before | re-ranked after | after − global |")
     print("|---|---|---|---|---|---|")
     for name, (source, queries, index, vectors, feats, label) in datasets(
-        args.stores, args.datasets.split(",")
+        args.stores, args.datasets.split(","), args.coil_query_step
     ).items():
         url = str(args.stores / f"store-{source}")
         after = config_from_stores(url, url, overrides)
