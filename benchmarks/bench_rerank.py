@@ -109,7 +109,8 @@ def main() -> None:
     cand_kp, _ = pad([c.keypoints for c in cands], device)
     query_kp = torch.as_tensor(query.keypoints, device=device)[None]
     src, dst = gather_points(query_kp, matches.query_idx), gather_points(cand_kp, matches.cand_idx)
-    verify_s, verify_cpu, _ = timed(lambda: verify(src, dst, matches.valid), args.repeats, sync)
+    # the reference's direction (and the default): candidate → query, threshold in query pixels
+    verify_s, verify_cpu, _ = timed(lambda: verify(dst, src, matches.valid), args.repeats, sync)
     cand_desc, cand_mask = pad([c.descriptors for c in cands], device)
     query_desc = torch.as_tensor(query.descriptors, device=device)
     match_s, match_cpu, _ = timed(
@@ -128,7 +129,7 @@ def main() -> None:
         start = time.perf_counter()
         q, c = reference_matches(query.descriptors, cands[i].descriptors)
         middle = time.perf_counter()
-        reference.append(reference_inliers(query.keypoints[q], cands[i].keypoints[c])[0])
+        reference.append(reference_inliers(cands[i].keypoints[c], query.keypoints[q])[0])
         match_time, ransac_time = match_time + middle - start, ransac_time + time.perf_counter() - middle
     per_pair = (match_time + ransac_time) / len(subset)
     ransac_pair = ransac_time / len(subset)

@@ -372,16 +372,22 @@ def rerank(
     index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
     out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
     top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
-    model: Annotated[str, typer.Option(help="Geometric model: affine or homography.")] = "affine",
-    threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold in pixels.")] = 20.0,
-    trials: Annotated[int, typer.Option(help="RANSAC hypotheses per pair.")] = 1000,
-    ratio: Annotated[
-        float | None, typer.Option(help="Lowe ratio test (off by default, as the reference).")
+    model: Annotated[str | None, typer.Option(help="Geometric model: affine or homography.")] = None,
+    residual_in: Annotated[
+        str | None, typer.Option(help="Inlier threshold in query (reference) or candidate pixels.")
     ] = None,
-    mutual: Annotated[bool, typer.Option(help="Keep only mutual nearest neighbours.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="RANSAC inlier threshold in pixels.")] = None,
+    trials: Annotated[int | None, typer.Option(help="RANSAC hypotheses per pair.")] = None,
+    max_distance: Annotated[float | None, typer.Option(help="Descriptor L2 distance bound.")] = None,
+    ratio: Annotated[float | None, typer.Option(help="Lowe ratio test; 0 = off.")] = None,
+    mutual: Annotated[bool | None, typer.Option(help="Keep only mutual nearest neighbours.")] = None,
     score: Annotated[
-        str, typer.Option(help="inliers: (inliers, global) order; saturate: min(i,k)/k + global.")
-    ] = "inliers",
+        str | None,
+        typer.Option(
+            help="inliers: (inliers, global) order; saturate: min(i,k)/k + global; "
+            "shortlist: global + a boost for inlier counts standing out of the shortlist's."
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -398,14 +404,30 @@ def rerank(
     sg_k: Annotated[int, typer.Option(help="SuperGlobal: neighbours per descriptor.")] = 9,
     sg_beta: Annotated[float, typer.Option(help="SuperGlobal: neighbour weight β.")] = 0.15,
 ) -> None:
-    """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both."""
-    from pipeline.rerank import RerankConfig
+    """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both.
+
+    Matching, verification and scoring default to the settings recorded in the descriptor stores (chosen
+    by their preset); options given here override them.
+    """
+    from pipeline.rerank import config_from_stores
     from pipeline.rerank import rerank as rerank_stage
     from pipeline.rerank.global_rerank import GlobalRerankConfig
 
-    config = RerankConfig(
-        top=top, model=model, threshold=threshold, trials=trials, ratio=ratio, mutual=mutual, score=score
+    options = storage.options_from_env()
+    given = dict(
+        model=model,
+        residual_in=residual_in,
+        threshold=threshold,
+        trials=trials,
+        max_distance=max_distance,
+        ratio=ratio,
+        mutual=mutual,
+        score=score,
     )
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if overrides.get("ratio") == 0:
+        overrides["ratio"] = None  # 0 = off
+    config = config_from_stores(query_descriptors, index_descriptors, {**overrides, "top": top}, options)
     global_config = GlobalRerankConfig(qe_k=qe_k, qe_alpha=qe_alpha, sg_m=sg_m, sg_k=sg_k, sg_beta=sg_beta)
     summary = rerank_stage(
         search_results,
@@ -413,7 +435,7 @@ def rerank(
         index_descriptors,
         out,
         config,
-        options=storage.options_from_env(),
+        options=options,
         method=method,
         global_config=global_config,
         index_url=index,

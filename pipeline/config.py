@@ -198,6 +198,25 @@ PRESETS: dict[str, ExtractionConfig] = {
 }
 
 
+# Re-ranking defaults by local head (every preset picks one through ``local_head``), written into each store's
+# _run.json and used by rerank / run unless overridden. Trained DELG heads keep the reference's (RerankConfig
+# defaults). The backbone-only head's untrained descriptors give false pairs tens of inliers: their counts
+# are judged against the shortlist's own false candidates (benchmarks/RESULTS.md, issue 17).
+RERANK_BY_LOCAL_HEAD: dict[str, dict[str, Any]] = {
+    "learned": {},
+    "backbone": {"score": "shortlist"},
+}
+
+
+def rerank_settings(local_head: str) -> dict[str, Any]:
+    """Matching, verification and scoring settings for features of ``local_head`` (JSON-ready)."""
+    from pipeline.rerank.config import RerankConfig, settings_of
+
+    if local_head not in RERANK_BY_LOCAL_HEAD:
+        raise ValueError(f"local_head {local_head!r}; allowed: {list(RERANK_BY_LOCAL_HEAD)}")
+    return settings_of(RerankConfig(**RERANK_BY_LOCAL_HEAD[local_head]))
+
+
 def get_preset(name: str) -> ExtractionConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")

@@ -212,7 +212,7 @@ def write_chunks(
 
 
 def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) -> dict[str, Any]:
-    from pipeline.config import PRESETS
+    from pipeline.config import PRESETS, rerank_settings
     from pipeline.model.weights import weights_checksum
 
     preset = next((name for name, config in PRESETS.items() if config == job.config), "custom")
@@ -229,6 +229,7 @@ def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) 
         "manifest_rows": rows,
         "shard_size": job.shard_size,
         "store": asdict(job.store),
+        "rerank": rerank_settings(job.config.local_head),  # re-ranking defaults for these features
     }
 
 

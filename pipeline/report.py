@@ -47,6 +47,7 @@ class Hit:
     image: ImageSource = None
     inliers: int | None = None  # verified inliers, for re-ranked hits
     label: str | None = None  # "positive" | "negative" | "junk"; None without ground truth
+    global_score: float | None = None  # the global similarity before re-ranking, for re-ranked hits
 
     def __post_init__(self) -> None:
         if self.label is not None and self.label not in LABELS:
@@ -236,6 +237,7 @@ def hit_html(rank: int, hit: Hit, thumbs: _Thumbnails, global_rank: int | None =
         else ""
     )
     details = [f"score {hit.score:.3f}"]
+    details += [f"global {hit.global_score:.3f}"] if hit.global_score is not None else []
     details += [f"{hit.inliers} inliers"] if hit.inliers is not None else []
     details += [f"was #{global_rank}"] if global_rank is not None else []
     return (

@@ -231,10 +231,15 @@ def _needs_dba(config: RunConfig) -> bool:
 
 def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
     from pipeline.report import report_run
-    from pipeline.rerank import rerank
+    from pipeline.rerank import config_from_stores, rerank
 
     paths, options = runner.paths, runner.options
-    rerank_config, global_config = config.rerank.rerank_config(), config.rerank.global_rerank_config()
+    global_config = config.rerank.global_rerank_config()
+    rerank_config = (  # the stores' settings (their preset's), overridden by the [rerank] keys given
+        config_from_stores(paths.query_store, paths.index_store, config.rerank.overrides(), options)
+        if config.rerank.enabled
+        else None
+    )
     if config.rerank.enabled:
         runner.stage(
             "rerank",

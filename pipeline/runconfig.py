@@ -31,15 +31,18 @@ relative to the config file's folder)::
     k                shortlist length per query [100]
     nprobe           IVF cells visited [0; the one chosen by the quality report]
 
-    [rerank]         defaults are the DELG reference's, made for trained DELG local features
+    [rerank]         unset keys take the stores' settings, chosen by the preset's local head
+                     (DELG heads: the reference's, shown here; backbone-only heads: score = shortlist)
     enabled          re-rank the shortlist with local features [true]
     top              how many of the shortlist to verify [100]
     max_distance     putative match if descriptor L2 distance is below this [1.0]
     ratio            Lowe ratio test, 0 = off [0]
     mutual           keep only mutual nearest neighbours [false]
     model            affine | homography [affine]
+    residual_in      query | candidate: whose pixels the threshold is in [query]
     threshold        RANSAC inlier threshold in pixels [20.0]
-    score            inliers: order by (inliers, global) | saturate: min(inliers, k)/k + global [inliers]
+    score            inliers: (inliers, global) | saturate: min(inliers, k)/k + global |
+                     shortlist: global + boost for inlier counts standing out of the shortlist's [inliers]
     min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
     method           verify | qe | dba | dba+qe | superglobal, or one of the four + "+verify" (refine with
                      global features, then verify the refined shortlist) [verify]
@@ -115,17 +118,25 @@ class SearchSection:
             raise ValueError(f"search.nprobe={self.nprobe}; must be ≥ 0 (0: chosen by the quality report)")
 
 
+# [rerank] keys of the global refinements (GlobalRerankConfig) and the method choice, not RerankConfig's.
+_GLOBAL_KEYS = ("method", "qe_k", "qe_alpha", "dba_k", "dba_alpha", "sg_m", "sg_k", "sg_beta")
+
+
 @dataclass(frozen=True)
 class RerankSection:
+    """Unset (None) keys take the descriptor stores' settings (chosen by their preset)."""
+
     enabled: bool = True
     top: int = 100
-    max_distance: float = 1.0
-    ratio: float = 0.0
-    mutual: bool = False
-    model: str = "affine"
-    threshold: float = 20.0
-    score: str = "inliers"
-    min_inliers: int = 0
+    max_distance: float | None = None
+    ratio: float | None = None
+    mutual: bool | None = None
+    model: str | None = None
+    residual_in: str | None = None
+    threshold: float | None = None
+    score: str | None = None
+    min_inliers: int | None = None
+
     method: str = "verify"
     qe_k: int = 10
     qe_alpha: float = 3.0
@@ -140,23 +151,21 @@ class RerankSection:
         from pipeline.rerank.global_rerank import GlobalRerankConfig, parse_method
 
         parse_method(self.method)
-        names = ("qe_k", "qe_alpha", "dba_k", "dba_alpha", "sg_m", "sg_k", "sg_beta")
-        return GlobalRerankConfig(**{n: getattr(self, n) for n in names})
+        return GlobalRerankConfig(**{n: getattr(self, n) for n in _GLOBAL_KEYS if n != "method"})
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys set in the file, as RerankConfig fields (ratio 0 = off)."""
+        local = set(self.__dataclass_fields__) - {"enabled", *_GLOBAL_KEYS}
+        given = {k: v for k, v in dataclasses.asdict(self).items() if k in local and v is not None}
+        if given.get("ratio") == 0:
+            given["ratio"] = None
+        return given
 
     def rerank_config(self) -> Any:
-        """The re-ranker's own config (validated there: a bad value names the key and what is allowed)."""
+        """The re-ranker's config with only the file's keys set (validated there: a bad value names the key)."""
         from pipeline.rerank import RerankConfig
 
-        return RerankConfig(
-            top=self.top,
-            max_distance=self.max_distance,
-            ratio=self.ratio or None,
-            mutual=self.mutual,
-            model=self.model,
-            threshold=self.threshold,
-            score=self.score,
-            min_inliers=self.min_inliers,
-        )
+        return RerankConfig(**self.overrides())
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
     if missing:
         raise ValueError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
     for name, value in values.items():
-        expected = _SCALARS.get(fields[name].type)
+        expected = _SCALARS.get(fields[name].type.removesuffix(" | None"))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if expected is not None and type(value) is not expected:

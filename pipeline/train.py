@@ -569,7 +569,7 @@ def run_training(
     import ray
     from ray.util.queue import Queue
 
-    from pipeline.distributed import ensure_ray
+    from pipeline.ray_runtime import ensure_ray
 
     cluster = cluster or TrainCluster()
     storage.remember_secrets(job.out_url, options)

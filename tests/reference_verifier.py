@@ -49,6 +49,9 @@ def reference_inliers(
 def reference_pair(
     query_kp: np.ndarray, query_desc: np.ndarray, cand_kp: np.ndarray, cand_desc: np.ndarray, seed: int = 0
 ) -> int:
-    """Inliers of one pair end to end (match, then verify), as the reference re-ranking computes them."""
+    """Inliers of one pair end to end (match, then verify), as the reference re-ranking computes them.
+
+    The reference fits the model index image → query, so its threshold is in query pixels.
+    """
     q, c = reference_matches(query_desc, cand_desc)
-    return reference_inliers(query_kp[q], cand_kp[c], seed=seed)[0]
+    return reference_inliers(cand_kp[c], query_kp[q], seed=seed)[0]

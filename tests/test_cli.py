@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import store
+from pipeline.config import rerank_settings
 from pipeline.store import LocalFeatures
 from tests.tables import table_rows
 
@@ -96,6 +97,18 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
 
     cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--trials", "50")
     assert {"inliers", "global_score"} <= set(pq.read_table(reranked).column_names)
+    used = json.loads(pq.read_schema(reranked).metadata[b"rerank_config"])
+    assert (used["score"], used["residual_in"], used["trials"]) == (
+        "inliers",
+        "query",
+        50,
+    )  # no settings stored
+    # stores that record their preset's settings: those are used, flags given override them
+    for url in (index_store, query_store):
+        store.write_run_info(url, {"rerank": rerank_settings("backbone")})
+    cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--threshold", "7")
+    used = json.loads(pq.read_schema(reranked).metadata[b"rerank_config"])
+    assert (used["score"], used["threshold"], used["trials"], used["top"]) == ("shortlist", 7.0, 1000, 5)
 
     truth = tmp_path / "truth.csv"
     rows = [f"q{q:03d},{' '.join(f'img{i:03d}' for i in range(q, 40, 4))},Public" for q in range(4)]

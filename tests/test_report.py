@@ -227,3 +227,14 @@ def test_chromium_renders_the_report(tmp_path: Path, views: list[QueryView]) -> 
     for label, colour in (("positive", (0x1A, 0x8F, 0x3C)), ("negative", (0xC6, 0x28, 0x28))):
         n_tiles = sum(h.label == label for v in tiles_only for h in [*v.global_ranking, *v.reranked])
         assert (np.abs(pixels - colour).max(axis=2) <= 6).sum() > 800 * n_tiles
+
+
+def test_reranked_hits_say_why_they_moved() -> None:
+    """A re-ranked tile shows its new score, its global score before, its inliers and its former rank."""
+    image = jpeg(60, 60, 3)
+    before = [Hit("a", 0.80, image), Hit("b", 0.70, image)]
+    after = [Hit("b", 0.912, image, 57, None, 0.70), Hit("a", 0.818, image, 4, None, 0.80)]
+    html = render_report({}, {}, [QueryView("q", image, before, after, {})])
+    tile = html[html.index("#1</span>b") :]
+    tile = tile[: tile.index("</li>")]
+    assert "score 0.912" in tile and "global 0.700" in tile and "57 inliers" in tile and "was #2" in tile

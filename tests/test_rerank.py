@@ -17,8 +17,11 @@ from skimage.feature import ORB
 from skimage.io import imread
 from skimage.transform import ProjectiveTransform, warp
 
+from pipeline import store
+from pipeline.config import rerank_settings
 from pipeline.rerank import (
     RerankConfig,
+    config_from_stores,
     gather_points,
     match,
     pad,
@@ -29,6 +32,8 @@ from pipeline.rerank import (
     verify,
     verify_candidates,
 )
+from pipeline.rerank.config import settings_of
+from pipeline.runconfig import RerankSection
 from tests.reference_verifier import reference_inliers, reference_matches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -397,6 +402,105 @@ def test_scores_follow_reference_ordering() -> None:
         rerank_scores(g, inliers[:-1])
 
 
+def test_shortlist_scores_hand_computed() -> None:
+    # verified counts 10, 12, 12, 15, 12: median 12, MAD 0 → spread 1 (floor); z = −2, 0, 0, 3, 0
+    g = np.array([0.5, 0.4, 0.3, 0.25, 0.1, 0.9])
+    inliers = np.array([10, 12, 12, 15, 12, -1])
+    scores = rerank_scores(g, inliers, mode="shortlist", z_from=2.0, z_span=2.0, boost=0.2)
+    gain = np.array([0, 0, 0, 0.5, 0])  # clip((z − 2) / 2, 0, 1)
+    np.testing.assert_allclose(scores[:5], (g[:5] + 1 + 0.2 * gain) / 2.2)
+    assert scores[5] < 0  # unverified: below every verified candidate
+    assert rerank_order(scores).tolist() == [0, 1, 3, 2, 4, 5]
+    # counts 10, 20, 30, 40, 100: median 30, MAD 10 → spread 14.826; z(100) = 70 / 14.826 = 4.7214
+    inliers = np.array([10, 20, 30, 40, 100])
+    scores = rerank_scores(np.zeros(5), inliers, mode="shortlist", z_from=4.0, z_span=2.0, boost=0.5)
+    gain = (70 / 14.826 - 4.0) / 2.0
+    np.testing.assert_allclose(scores, [1 / 2.5] * 4 + [(1 + 0.5 * gain) / 2.5])
+    # no verified candidate, or one: nothing stands out, the global order stays
+    for counts in ([-1, -1, -1], [-1, 50, -1]):
+        assert rerank_order(rerank_scores(g[:3], np.array(counts), mode="shortlist")).tolist() == (
+            [0, 1, 2] if counts[1] < 0 else [1, 0, 2]
+        )
+
+
+def test_mutual_and_ratio_matching_by_hand() -> None:
+    # 2-d unit descriptors at angles: query 0°, 12°, 90°; candidate 5°, 60°, 95°
+    def at(*degrees: float) -> torch.Tensor:
+        return torch.tensor(
+            [[np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))] for a in degrees], dtype=torch.float32
+        )
+
+    query, cand = at(0, 12, 90), at(5, 60, 95)[None]
+    plain = match(query, cand, max_distance=2.0)
+    assert plain.query_idx[0].tolist() == [0, 1, 2] and plain.cand_idx[0].tolist() == [0, 0, 2]
+    # candidate 0 is nearer query 0 (5°) than query 1 (7°): query 1 loses its match
+    mutual = match(query, cand, max_distance=2.0, mutual=True)
+    assert mutual.query_idx[0].tolist() == [0, 2] and mutual.cand_idx[0].tolist() == [0, 2]
+
+    # L2 of unit vectors θ apart = 2 sin(θ/2); d1/d2: query 0 5°/55° = 0.094, 1 7°/48° = 0.150, 2 5°/30° = 0.168
+    def d(degrees: float) -> float:
+        return 2 * np.sin(np.deg2rad(degrees) / 2)
+
+    kept = match(query, cand, max_distance=2.0, ratio=(d(7) / d(48) + d(5) / d(30)) / 2)
+    assert kept.query_idx[0].tolist() == [0, 1] and kept.cand_idx[0].tolist() == [0, 0]
+    assert match(query, cand, max_distance=2.0, ratio=0.12).query_idx[0].tolist() == [0]
+
+
+def test_residual_threshold_in_query_or_candidate_pixels() -> None:
+    """The candidate is the query at a quarter of its size: a 10 px query error is 2.5 candidate px.
+
+    With a 5 px threshold, matches off by 10 query pixels are inliers in candidate pixels and outliers in
+    query pixels (the reference's direction: the model maps candidate → query).
+    """
+    rng = np.random.default_rng(21)
+    exact = rng.uniform(0, 800, (60, 2))
+    shifted = rng.uniform(0, 800, (30, 2))
+    offset = 10 * np.stack([np.cos(a := rng.uniform(0, 2 * np.pi, 30)), np.sin(a)], axis=1)
+    descriptors = unit(rng.normal(size=(90, 128)))
+    query = Features(np.concatenate([exact, shifted]), descriptors)
+    cand = Features(np.concatenate([exact, shifted + offset]) * 0.25 + 7, descriptors)
+    counts = {
+        space: int(
+            verify_candidates(query, [cand], RerankConfig(threshold=5.0, residual_in=space))[1].inliers[0]
+        )
+        for space in ("query", "candidate")
+    }
+    assert counts == {"query": 60, "candidate": 90}
+
+
+def test_settings_travel_with_the_stores(tmp_path: Path) -> None:
+    reference = settings_of(RerankConfig())
+    assert rerank_settings("learned") == reference and reference["residual_in"] == "query"
+    assert rerank_settings("backbone") == {**reference, "score": "shortlist"}
+    backbone, learned, old = (str(tmp_path / n) for n in ("backbone", "learned", "old"))
+    store.write_run_info(backbone, {"rerank": {**rerank_settings("backbone"), "threshold": 12.0}})
+    store.write_run_info(learned, {"rerank": rerank_settings("learned")})
+    store.write_run_info(old, {"config": {"local_head": "backbone"}})  # written before settings were recorded
+    config = config_from_stores(backbone, backbone)
+    assert (config.score, config.threshold, config.top) == ("shortlist", 12.0, 100)
+    assert config_from_stores(old, old).score == "shortlist"
+    assert config_from_stores(str(tmp_path / "none"), str(tmp_path / "none")) == RerankConfig()
+    overridden = config_from_stores(backbone, backbone, {"score": "inliers", "mutual": True, "top": 7})
+    assert (overridden.score, overridden.mutual, overridden.threshold, overridden.top) == (
+        "inliers",
+        True,
+        12.0,
+        7,
+    )
+    with pytest.raises(ValueError, match="score, threshold"):
+        config_from_stores(backbone, learned)
+    assert config_from_stores(backbone, learned, {"score": "saturate", "threshold": 3.0}).score == "saturate"
+    with pytest.raises(ValueError, match="unknown re-ranking setting"):
+        config_from_stores(backbone, backbone, {"thresold": 3.0})
+    # run config: only the keys set in the file override (ratio 0 = off)
+    assert RerankSection().overrides() == {"top": 100}
+    assert RerankSection(score="inliers", ratio=0.0).overrides() == {
+        "top": 100,
+        "score": "inliers",
+        "ratio": None,
+    }
+
+
 # ---------------------------------------------------------------- real photographs
 
 
@@ -450,7 +554,7 @@ def test_rerank_order_at_least_as_good_as_reference(photo_pairs) -> None:
         ref_inliers = []
         for cand in candidates:
             q, c = reference_matches(query.descriptors, cand.descriptors)
-            ref_inliers.append(reference_inliers(query.keypoints[q], cand.keypoints[c])[0])
+            ref_inliers.append(reference_inliers(cand.keypoints[c], query.keypoints[q])[0])  # index → query
         ref_order = sorted(range(len(candidates)), key=lambda i: (-ref_inliers[i], -global_scores[i]))
         theirs.append(average_precision(relevant[ref_order]))
         assert inliers[relevant][0] > 3 * inliers[~relevant].max()
@@ -481,7 +585,29 @@ def test_graffiti_pair_against_ground_truth_homography() -> None:
         error = np.linalg.norm(project(h, src) - dst, axis=1)
         assert len(error) >= 50 and np.median(error) < 3.0 and (error < 10).mean() > 0.9, model
     corners = np.array([[100, 100], [700, 100], [100, 540], [700, 540]], dtype=np.float64)
-    assert np.abs(project(result.model[0].numpy(), corners) - project(h, corners)).max() < 15
+    third_to_first = result.model[0].numpy()  # the reference's direction: candidate → query
+    assert np.abs(project(np.linalg.inv(third_to_first), corners) - project(h, corners)).max() < 15
+
+
+@pytest.mark.shared
+def test_graffiti_inliers_within_4_8_16_px_of_ground_truth() -> None:
+    """Share of inliers (default settings) whose query point lands within 4/8/16 px of its match under H1to3p.
+
+    Measured 0.667 / 0.987 / 1.000 with these ORB features (75 inliers); the preset's backbone features are in
+    benchmarks/RESULTS.md (their keypoints sit on a stride-16/32 grid, so few are within 4 px).
+    """
+    if not PAIRS.is_dir():
+        pytest.skip(f"real graffiti pair not available: {PAIRS} is absent (../shared not checked out)")
+    h = read_opencv_matrix(PAIRS / "H1to3p.xml")
+    first = orb_features(gray(imread(PAIRS / "graf1.png")), n=600)
+    third = orb_features(gray(imread(PAIRS / "graf3.png")), n=600)
+    matches, result = verify_candidates(first, [third], RerankConfig())
+    mask = result.inlier_mask[0]
+    src = first.keypoints[matches.query_idx[0][mask].numpy()]
+    dst = third.keypoints[matches.cand_idx[0][mask].numpy()]
+    error = np.linalg.norm(project(h, src) - dst, axis=1)
+    within = [float((error < px).mean()) for px in (4, 8, 16)]
+    assert len(error) >= 60 and within[0] > 0.6 and within[1] > 0.95 and within[2] == 1.0, within
 
 
 # ---------------------------------------------------------------- stage

@@ -70,7 +70,8 @@ def test_cli_options_are_library_fields_with_their_defaults(
     differ = {
         name: (value, library[name])
         for name, value in options.items()
-        if name in library and name != "preset" and value != library[name]
+        # None: "take the setting recorded in the descriptor stores" (re-ranking), not a default of its own
+        if name in library and name != "preset" and value is not None and value != library[name]
     }
     assert not differ, f"`{command}` defaults differ from the library's: {differ}"
 

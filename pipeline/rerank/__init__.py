@@ -8,6 +8,7 @@ from pipeline.rerank.score import rerank_order, rerank_scores
 from pipeline.rerank.stage import (
     RerankedShortlist,
     RerankSummary,
+    config_from_stores,
     rerank,
     rerank_shortlist,
     verify_candidates,
@@ -20,6 +21,7 @@ __all__ = [
     "RerankSummary",
     "RerankedShortlist",
     "Verification",
+    "config_from_stores",
     "gather_points",
     "match",
     "pad",

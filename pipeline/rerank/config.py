@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 MODELS = ("affine", "homography")
-SCORE_MODES = ("inliers", "saturate")
+SCORE_MODES = ("inliers", "saturate", "shortlist")
+RESIDUAL_SPACES = ("query", "candidate")
 
 
 @dataclass(frozen=True)
@@ -15,17 +18,24 @@ class RerankConfig:
     ratio: float | None = None  # Lowe ratio test d1 < ratio · d2; None = off (reference)
     mutual: bool = False  # keep only matches that are nearest neighbours both ways
 
-    # Verification (reference: affine, 3-point samples, 20 px, 1000 trials, fixed seed).
+    # Verification (reference: affine, 3-point samples, 20 px in query pixels, 1000 trials, fixed seed).
     model: str = "affine"  # "affine" (3-point) or "homography" (4-point DLT)
-    threshold: float = 20.0  # inlier if the reprojection error in candidate pixels is below this
+    # "query" (reference): models map candidate → query pixels, so the threshold is in query pixels, the
+    # same ruler for every candidate; "candidate": query → candidate, threshold in each candidate's pixels
+    residual_in: str = "query"
+    threshold: float = 20.0  # inlier if the reprojection error (pixels of ``residual_in``) is below this
     trials: int = 1000  # RANSAC hypotheses per pair (degenerate samples count as trials and are skipped)
     seed: int = 0  # torch.Generator seed; every pair sees the same uniform stream (batch-invariant)
     refit: bool = True  # least-squares refit on the best consensus set, kept when it does not lose inliers
 
-    # Scoring (reference: sort by (inliers, global similarity)).
+    # Scoring (reference: sort by (inliers, global similarity)). "shortlist": see pipeline.rerank.score.
     score: str = "inliers"  # "inliers": (inliers, global); "saturate": min(inliers, k)/k + global
     min_inliers: int = 0  # fewer inliers than this = unverified: kept in global order below verified ones
     saturate_at: int = 20  # k of the "saturate" score
+    # "shortlist": z = (inliers − shortlist median) / robust spread; boost = clip((z − z_from) / z_span, 0, 1)
+    z_from: float = 2.0  # candidates this many spreads above the shortlist's median start gaining
+    z_span: float = 16.0  # ... and gain the full boost this many spreads further
+    boost: float = 0.5  # added to the global similarity at full boost
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below
 
     # Execution.
@@ -43,6 +53,8 @@ class RerankConfig:
             raise ValueError(f"ratio={self.ratio}: must be in (0, 1] or None")
         if self.model not in MODELS:
             raise ValueError(f"model={self.model!r}: allowed {MODELS}")
+        if self.residual_in not in RESIDUAL_SPACES:
+            raise ValueError(f"residual_in={self.residual_in!r}: allowed {RESIDUAL_SPACES}")
         if not self.threshold > 0:
             raise ValueError(f"threshold={self.threshold}: must be > 0 pixels")
         if self.trials < 1:
@@ -53,6 +65,8 @@ class RerankConfig:
             raise ValueError(f"min_inliers={self.min_inliers}: must be >= 0")
         if self.saturate_at < 1:
             raise ValueError(f"saturate_at={self.saturate_at}: must be >= 1")
+        if not self.z_span > 0 or not self.boost >= 0:
+            raise ValueError(f"z_span={self.z_span}, boost={self.boost}: need z_span > 0 and boost >= 0")
         if self.top < 1:
             raise ValueError(f"top={self.top}: must be >= 1")
         if self.max_elements < 1:
@@ -61,3 +75,21 @@ class RerankConfig:
             raise ValueError(f"queries_per_batch={self.queries_per_batch}: must be >= 1")
         if self.keep_matches < 0:
             raise ValueError(f"keep_matches={self.keep_matches}: must be >= 0")
+
+
+# how re-ranking runs, not what it computes
+EXECUTION = ("device", "keep_matches", "max_elements", "queries_per_batch", "top")
+
+
+def settings_of(config: RerankConfig) -> dict[str, Any]:
+    """The matching, verification and scoring settings: what travels with a store's local features."""
+    return {k: v for k, v in asdict(config).items() if k not in EXECUTION}
+
+
+def from_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RerankConfig:
+    """A config from stored settings (keys this version does not know are ignored) and explicit overrides."""
+    known = {f.name for f in fields(RerankConfig)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown re-ranking setting(s) {unknown}; allowed: {sorted(known)}")
+    return RerankConfig(**{**{k: v for k, v in settings.items() if k in known}, **(overrides or {})})

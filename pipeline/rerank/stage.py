@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from pipeline import store
-from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
@@ -71,9 +71,12 @@ def verify_candidates(
         mutual=config.mutual,
         max_elements=config.max_elements,
     )
+    query_pts, cand_pts = gather_points(query_kp, matches.query_idx), gather_points(cand_kp, matches.cand_idx)
+    # the model maps src → dst and the threshold is measured in dst pixels
+    src, dst = (cand_pts, query_pts) if config.residual_in == "query" else (query_pts, cand_pts)
     verification = verify(
-        gather_points(query_kp, matches.query_idx),
-        gather_points(cand_kp, matches.cand_idx),
+        src,
+        dst,
         matches.valid,
         model=config.model,
         threshold=config.threshold,
@@ -129,6 +132,9 @@ def rerank_shortlist(
         mode=config.score,
         min_inliers=config.min_inliers,
         saturate_at=config.saturate_at,
+        z_from=config.z_from,
+        z_span=config.z_span,
+        boost=config.boost,
     )
     order = rerank_order(scores)
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -139,6 +145,40 @@ def rerank_shortlist(
                 query, candidates[position], found, verification, batch_of[position]
             )
     return RerankedShortlist(order, inliers, scores, kept)
+
+
+def stored_settings(store_url: str, options: Options = None) -> dict[str, Any]:
+    """A store's re-ranking settings from its _run.json ({} when it has none: reference defaults).
+
+    Stores written before settings were recorded get the defaults of their local head.
+    """
+    from pipeline.config import rerank_settings
+
+    info = store.read_run_info(store_url, options) or {}
+    if "rerank" in info:
+        return dict(info["rerank"])
+    head = info.get("config", {}).get("local_head")
+    return rerank_settings(head) if head else {}
+
+
+def config_from_stores(
+    query_store: str,
+    index_store: str,
+    overrides: Mapping[str, Any] | None = None,
+    options: Options = None,
+) -> RerankConfig:
+    """The stores' re-ranking settings with explicit ``overrides`` on top; the stores must agree."""
+    overrides = dict(overrides or {})
+    query, index = stored_settings(query_store, options), stored_settings(index_store, options)
+    differ = sorted(
+        k for k in query.keys() | index.keys() if query.get(k) != index.get(k) and k not in overrides
+    )
+    if query and index and differ:
+        raise ValueError(
+            f"query and index stores record different re-ranking settings ({', '.join(differ)}): "
+            "were they extracted with different presets? Set those explicitly to choose."
+        )
+    return from_settings(index or query, overrides)
 
 
 def _read_shortlists(url: str, options: Options) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -3,7 +3,7 @@
 Per pair, the matches are normalised (centre and scale rounded to an integer and a power of two, so the
 normalisation is identical whatever the padding), hypotheses are fitted in closed form from minimal samples
 (3 points: affine; 4 points: homography through the projective basis), and inliers are counted against all
-matches with the residual threshold in candidate pixels. Sample indices come from one seeded stream of
+matches with the residual threshold in dst pixels. Sample indices come from one seeded stream of
 uniforms shared by every pair (index = floor(u · n) without replacement), so a pair gets the same hypotheses
 alone or in any batch: batched results equal one-pair-at-a-time results (up to float rounding inside the
 batched matmul that scores hypotheses, which has not changed a count in any test).
@@ -27,7 +27,7 @@ class Verification:
 
     inliers: torch.Tensor  # (B,) int64 inlier count, 0 when no model was found
     inlier_mask: torch.Tensor  # (B, M) bool
-    model: torch.Tensor  # (B, 3, 3) float64, maps query pixels to candidate pixels; NaN when no model
+    model: torch.Tensor  # (B, 3, 3) float64, maps src pixels to dst pixels; NaN when no model
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -335,10 +335,10 @@ def verify(
 ) -> Verification:
     """RANSAC over B pairs of matches at once.
 
-    src, dst: (B, M, 2) matched query / candidate keypoints in pixels; valid: (B, M) bool (padding False).
+    src, dst: (B, M, 2) matched keypoints in pixels (the model maps src to dst); valid: (B, M) bool (padding False).
     Each pair gets ``trials`` minimal-sample hypotheses (``model`` "affine": 3 points, "homography": 4);
     degenerate samples (collinear points) are skipped; a match is an inlier when the model maps it within
-    ``threshold`` pixels of its candidate keypoint. The best hypothesis (earliest on ties) is optionally
+    ``threshold`` pixels of its dst keypoint. The best hypothesis (earliest on ties) is optionally
     refitted by least squares on its inliers, kept when it loses none. Hypotheses are evaluated in chunks of
     at most about ``max_elements`` pair × trial × match values.
     """
@@ -374,7 +374,7 @@ def verify(
     dst_centre, dst_scale = _normaliser(dst, valid, n)
     src_n = (src - src_centre[:, None]) / src_scale[:, None, None]
     dst_n = (dst - dst_centre[:, None]) / dst_scale[:, None, None]
-    thr2 = (threshold / dst_scale) ** 2  # (B,) threshold in normalised candidate units
+    thr2 = (threshold / dst_scale) ** 2  # (B,) threshold in normalised dst units
     # one stream of uniforms (trials, k) shared by all pairs, drawn on the CPU: same samples on any device
     generator = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(trials, k, generator=generator, dtype=torch.float64).to(src.device)
