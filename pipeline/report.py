@@ -496,7 +496,9 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     )
 
     def hits(query: str, rows: list[results.Hit]) -> list[Hit]:
-        return [Hit(r.id, r.score, sources.get(r.id), r.inliers, label(query, r.id)) for r in rows]
+        return [
+            Hit(r.id, r.score, sources.get(r.id), r.inliers, label(query, r.id), r.global_score) for r in rows
+        ]
 
     views = [
         QueryView(

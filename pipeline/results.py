@@ -60,6 +60,7 @@ class Hit:
     score: float
     inliers: int | None  # None: search results (no verification)
     matches: tuple[np.ndarray, np.ndarray] | None  # (M, 2) query and (M, 2) candidate points, or None
+    global_score: float | None = None  # re-ranked results: the search score before re-ranking
 
 
 def _read_columns(
@@ -104,12 +105,16 @@ def _points(flat: list[float] | None) -> tuple[np.ndarray, np.ndarray] | None:
 
 def read_hits(results_url: str, limit: int, options: Options = None) -> dict[str, list[Hit]]:
     """Per query, its first ``limit`` hits; search results and re-ranked results alike."""
-    table = _read_columns(results_url, RESULTS_SCHEMA.names, options, optional=("inliers", "matches"))
+    optional = ("inliers", "matches", "global_score")
+    table = _read_columns(results_url, RESULTS_SCHEMA.names, options, optional=optional)
     out: dict[str, list[Hit]] = {}
     for row in table.to_pylist():
         hits = out.setdefault(row["query_id"], [])
         if len(hits) < limit:
-            hits.append(Hit(row["id"], float(row["score"]), row.get("inliers"), _points(row.get("matches"))))
+            points = _points(row.get("matches"))
+            hits.append(
+                Hit(row["id"], float(row["score"]), row.get("inliers"), points, row.get("global_score"))
+            )
     return out
 
 
