@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_index.py --n 200000   # default 1M; auto parameters
 
 Prints build time (train / add / merge), the ratio distributed ÷ single, peak RSS of the process tree (driver +
-Ray workers, sampled), recall and queries/s per nprobe, and a projection from the measured per-vector costs.
+Ray workers, sampled), recall and queries/s per nprobe without refinement and per nprobe × k_factor with it,
+bytes per vector of both, the stored setting, and a projection from the measured per-vector costs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 from pipeline import store
 from pipeline.index import BuildConfig, QualityConfig, build_index, io
 from pipeline.index.build import draw_samples, id_bases, sample_rows, shard_rows, train_size
-from pipeline.index.params import choose_index
-from pipeline.index.quality import exact_knn, quality_report
+from pipeline.index.params import choose_index, parse_size
+from pipeline.index.quality import exact_knn, measure
 from pipeline.ray_runtime import ensure_ray
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -130,6 +131,26 @@ def single_process_build(
     return index, {"train_s": train_s, "add_s": time.perf_counter() - start}
 
 
+def print_quality(index_dir: Path, summary: dict, n: int) -> None:
+    """Recall/QPS rows without and with refinement, bytes per vector of each, and the stored setting."""
+    quality = json.loads((index_dir / io.QUALITY).read_text())
+    pq_bytes = (index_dir / io.INDEX).stat().st_size / n
+    codes = sum(p.stat().st_size for p in index_dir.glob("refine-*.codes")) / n
+    where = "disk, memory-mapped" if summary["refine"] == "store" else "RAM"
+    print(
+        f"quality ({quality['queries']} held-out queries, k={quality['k']}); refinement: {summary['refine']}"
+    )
+    print(f"  bytes per vector: without refinement {pq_bytes:.0f} B (RAM); with it + {codes:.0f} B ({where})")
+    for row in quality["rows"]:
+        print(
+            "  nprobe {nprobe!s:>5}  k_factor {k_factor!s:>4}  1-R@1 {1-recall@1:.3f}  10-R@10 {10-recall@10:.3f}  "
+            "100-R@100 {100-recall@100:.3f}  QPS {qps:8.0f}  cost {cost_bytes:9.0f} B/query".format(**row)
+        )
+    print(
+        f"stored setting: nprobe {quality['nprobe']}, k_factor {quality['k_factor']} — {quality['nprobe_reason']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,6 +162,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--refine", default="auto", help="auto, none, sq8, fp16 or store")
+    parser.add_argument("--memory-budget", default=None, help="e.g. 600MB: steers factory and refinement")
     args = parser.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
@@ -151,15 +174,24 @@ def main() -> None:
     print(
         f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root} ({time.perf_counter() - start:.0f} s)"
     )
-    choice = choose_index(args.n, args.dim)
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    choice = choose_index(args.n, args.dim, budget, args.refine)
     factory = args.factory or choice.factory
     print(f"factory: {factory}" + ("" if args.factory else f"  (auto: {choice.reason})"))
-    config = BuildConfig(tasks=args.tasks, merge="ram", quality=QualityConfig(queries=args.queries))
+    config = BuildConfig(
+        tasks=args.tasks, merge="ram", refine=args.refine, quality=QualityConfig(queries=args.queries)
+    )
 
     ensure_ray(None)
     with PeakRss() as dist_rss:
         start = time.perf_counter()
-        summary = build_index(store_url, str(root / "index"), factory=args.factory, config=config)
+        summary = build_index(
+            store_url,
+            str(root / "index"),
+            factory=args.factory,
+            memory_budget=None if args.factory else args.memory_budget,
+            config=config,
+        )
         dist_total = time.perf_counter() - start
     t = summary["timings"]
     with PeakRss() as single_rss:
@@ -183,23 +215,17 @@ def main() -> None:
         f"ratio distributed/single: build {dist_build / single_total:.2f}, add {t['add_s'] / st['add_s']:.2f}"
     )
 
-    quality = json.loads(Path(root / "index" / io.QUALITY).read_text())
-    print(
-        f"quality ({quality['queries']} held-out queries, k={quality['k']}): chosen nprobe {quality['nprobe']} "
-        f"— {quality['nprobe_reason']}"
-    )
-    for row in quality["rows"]:
-        print(
-            "  nprobe {nprobe:>5}  1-R@1 {1-recall@1:.3f}  10-R@10 {10-recall@10:.3f}  "
-            "100-R@100 {100-recall@100:.3f}  QPS {qps:8.0f}".format(**row)
-        )
+    print_quality(root / "index", summary, args.n)
     urls = store.global_shard_urls(store_url)
+    base_rows = [
+        r for r in json.loads((root / "index" / io.QUALITY).read_text())["rows"] if not r["k_factor"]
+    ]
+    nprobe = max(base_rows, key=lambda r: (r["100-recall@100"], -r["cost_bytes"]))["nprobe"]
     _, q_rows = draw_samples(args.n, summary["train_points"], args.queries, config.seed)
     queries = sample_rows(urls, shard_rows(urls), q_rows)
     _, exact_ids = exact_knn(queries, urls, id_bases(shard_rows(urls)), 100)
-    single_q = quality_report(single, queries, exact_ids, summary["nlist"], config.quality)
-    chosen = next(r for r in single_q["rows"] if r["nprobe"] == quality["nprobe"])
-    print(f"single-process index at nprobe {quality['nprobe']}: 100-R@100 {chosen['100-recall@100']:.3f}")
+    row = measure(single, queries, exact_ids, nprobe)
+    print(f"single-process index (unrefined) at nprobe {nprobe}: 100-R@100 {row['100-recall@100']:.3f}")
 
     index_bytes = (root / "index" / io.INDEX).stat().st_size
     add_core_s = t["add_s"] * min(args.tasks, os.cpu_count() or 1) / args.n

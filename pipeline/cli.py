@@ -299,6 +299,12 @@ def build_index_command(
     merge: Annotated[
         str, typer.Option(help="Merge inverted lists in RAM, on disk (larger than RAM), or auto by size.")
     ] = "auto",
+    refine: Annotated[
+        str,
+        typer.Option(
+            help="Shortlist re-scoring: auto (from the budget), none, sq8, fp16 (RAM), store (disk)."
+        ),
+    ] = "auto",
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
@@ -308,7 +314,7 @@ def build_index_command(
     """
     from pipeline.index import BuildConfig, QualityConfig, build_index
 
-    config = BuildConfig(tasks=tasks, merge=merge, quality=QualityConfig(target=target_recall))
+    config = BuildConfig(tasks=tasks, merge=merge, refine=refine, quality=QualityConfig(target=target_recall))
     summary = build_index(
         descriptors,
         out,
@@ -357,11 +363,14 @@ def search(
     nprobe: Annotated[
         int | None, typer.Option(help="IVF cells visited (default: the one stored by the quality report).")
     ] = None,
+    k_factor: Annotated[
+        float | None, typer.Option(help="Refined shortlist size in multiples of k (default: stored one).")
+    ] = None,
 ) -> None:
     """Batched k-NN search of every query descriptor; GPU when there is one."""
     from pipeline.index import search as search_index
 
-    summary = search_index(index, queries, out, k, nprobe, storage.options_from_env())
+    summary = search_index(index, queries, out, k, nprobe, storage.options_from_env(), k_factor=k_factor)
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 

@@ -7,7 +7,8 @@ Layout under a store URL ``OUT``::
                                     scales: list<float32>, scores: list<float32> (attention),
                                     descriptors: list<fixed_size_list<float16|int8|float32, 128>>
     OUT/errors/part-00000.parquet   id, url, stage, reason, message
-    OUT/_commits/part-00000.json    commit marker: written last; a shard without one does not exist
+    OUT/_commits/part-00000.json    commit marker {"rows", "ok", "errors"[, "reasons", "shard"]}: written last;
+                                    a shard without one does not exist; its number comes from the file name
     OUT/_run.json                   what produced the store (preset, weights checksum, version, manifest)
 
 A shard holds many images (one per manifest shard, never one object per image). Its three Parquet files are
@@ -19,6 +20,7 @@ L2-normalised float descriptor; readers decode and re-normalise.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
@@ -88,11 +90,19 @@ class ErrorRecord:
 class ShardCommit:
     """The commit marker of one shard: what the shard accounts for."""
 
-    shard: int
-    rows: int  # manifest rows the shard covers
-    ok: int
-    errors: int
-    reasons: dict[str, int] = field(default_factory=dict)  # error reason → count
+    shard: int  # the NNNNN of part-NNNNN.json; optional in the file, which must agree with its name
+    rows: int  # manifest rows the shard covers = ok + errors
+    ok: int  # rows with descriptors (in global/ and local/)
+    errors: int  # rows in errors/
+    reasons: dict[str, int] = field(default_factory=dict)  # error reason → count; optional
+
+
+class StoreFormatError(ValueError):
+    """A store file that does not follow the documented format (README, "Descriptor store format")."""
+
+
+COMMIT_KEYS = ("rows", "ok", "errors")  # required in a commit marker
+COMMIT_OPTIONAL = ("shard", "reasons")
 
 
 ERROR_SCHEMA = pa.schema(
@@ -256,10 +266,52 @@ def write_global_only_shard(
     return _commit(store_url, ShardCommit(shard=shard, rows=len(ids), ok=len(ids), errors=0), options)
 
 
+def _count(marker: Mapping[str, Any], key: str, where: str) -> int:
+    value = marker[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreFormatError(f"{where}: {key!r} is {value!r}; must be an integer ≥ 0")
+    return value
+
+
+def parse_commit(url: str, text: str) -> ShardCommit:
+    """A commit marker, validated; the shard number is taken from the file name ``part-NNNNN.json``."""
+    where = f"commit marker {storage.redact(url)}"
+    name = url.rsplit("/", 1)[-1]
+    if not re.fullmatch(r"part-\d{5,}\.json", name):
+        raise StoreFormatError(f"{where}: file name must be part-NNNNN.json (NNNNN = shard number)")
+    shard = int(name[len("part-") : -len(".json")])
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StoreFormatError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(marker, dict):
+        raise StoreFormatError(f"{where}: must be a JSON object, not {type(marker).__name__}")
+    missing = [k for k in COMMIT_KEYS if k not in marker]
+    unknown = sorted(set(marker) - set(COMMIT_KEYS) - set(COMMIT_OPTIONAL))
+    if missing or unknown:
+        raise StoreFormatError(
+            f"{where}: missing keys {missing}, unknown keys {unknown}; required {list(COMMIT_KEYS)}, "
+            f"optional {list(COMMIT_OPTIONAL)}"
+        )
+    rows, ok, errors = (_count(marker, k, where) for k in COMMIT_KEYS)
+    if rows != ok + errors:
+        raise StoreFormatError(f"{where}: rows {rows} != ok {ok} + errors {errors}")
+    if "shard" in marker and marker["shard"] != shard:
+        raise StoreFormatError(f"{where}: says shard {marker['shard']!r} but is named for shard {shard}")
+    reasons = marker.get("reasons", {})
+    if not isinstance(reasons, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in reasons.items()
+    ):
+        raise StoreFormatError(f"{where}: 'reasons' must map reason strings to counts ≥ 0, got {reasons!r}")
+    return ShardCommit(shard=shard, rows=rows, ok=ok, errors=errors, reasons=dict(reasons))
+
+
 def read_commits(store_url: str, options: Options = None) -> list[ShardCommit]:
-    """The commit markers of all committed shards, in shard order."""
+    """The commit markers of all committed shards, in shard order; StoreFormatError on a malformed one."""
     urls = storage.list_files(storage.join(store_url, COMMITS_DIR), options, suffix=".json")
-    return [ShardCommit(**json.loads(storage.read_text(u, options))) for u in urls]
+    commits = [parse_commit(u, storage.read_text(u, options)) for u in urls]
+    return sorted(commits, key=lambda c: c.shard)
 
 
 def committed_shards(store_url: str, options: Options = None) -> list[int]:

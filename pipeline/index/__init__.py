@@ -8,8 +8,11 @@ Output layout under an index URL ``OUT``::
     OUT/index.faiss                the merged index (whole, or the header of an on-disk index)
     OUT/index.ivfdata              inverted lists of an on-disk index (local outputs only)
     OUT/ids.parquet                id map: id int64 (faiss id) ↔ image_id string
-    OUT/params.json                factory, reason, dim, ntotal, next_id, nprobe (+ why), on_disk, timings
-    OUT/quality.json               recall@1/10/100 and queries/s per nprobe on held-out queries
+    OUT/refine.faiss               trained, empty scalar quantizer of the refinement codes (refined indexes)
+    OUT/refine-<first id>.codes    refinement codes of ids [first id, first id + n), one file per added shard
+    OUT/params.json                factory, reason, refine, dim, ntotal, next_id, nprobe, k_factor (+ why),
+                                   on_disk, timings
+    OUT/quality.json               recall@1/10/100, queries/s and cost per nprobe (× k_factor when refined)
 
 Ids: the store's committed shards in shard order, the n-th row overall gets id n (shard base offsets from the
 shards' row counts); added shards continue from ``next_id``; removed ids are never reused.

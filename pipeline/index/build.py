@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage, store
-from pipeline.index import io
-from pipeline.index.params import IndexChoice, choose_index, parse_size
+from pipeline.index import io, refine
+from pipeline.index.params import MIN_POINTS_PER_LIST, REFINE_KINDS, IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
@@ -24,7 +24,7 @@ from pipeline.storage import Options
 log = logging.getLogger(__name__)
 
 MERGE_MODES = ("auto", "ram", "disk")
-MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
+REFINE_SAMPLE = 2**16  # rows that train the SQ8 ranges when the index itself needs no training sample
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class BuildConfig:
     merge: str = "auto"  # "ram": merge_from in memory; "disk": merge_ondisk (local out only); "auto": by RAM
     ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of physical RAM
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
+    refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -44,6 +45,8 @@ class BuildConfig:
             raise ValueError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
         if self.tasks < 1 or self.task_cpus <= 0:
             raise ValueError(f"tasks={self.tasks}, task_cpus={self.task_cpus}; need tasks ≥ 1, task_cpus > 0")
+        if self.refine != "auto" and self.refine not in REFINE_KINDS:
+            raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
 
 
 def shard_rows(urls: Sequence[str], options: Options = None) -> list[int]:
@@ -98,7 +101,7 @@ def train_size(factory: str, total: int, dim: int, config: BuildConfig) -> int:
     centroids = max(nlist_of(factory, dim), 256)
     affordable = config.max_train_bytes // (4 * dim)
     wanted = min(config.max_points_per_centroid * centroids, affordable)
-    return int(min(total, max(wanted, MIN_POINTS_PER_CENTROID * centroids)))
+    return int(min(total, max(wanted, MIN_POINTS_PER_LIST * centroids)))
 
 
 def nlist_of(factory: str, dim: int) -> int:
@@ -139,20 +142,27 @@ def part_urls(out_url: str, task: int) -> tuple[str, str]:
 
 
 def add_shards_to(
-    index: faiss.Index, shard_urls: Sequence[str], bases: Sequence[int], options: Options = None
+    index: faiss.Index,
+    shard_urls: Sequence[str],
+    bases: Sequence[int],
+    options: Options = None,
+    codes: refine.CodeWriter | None = None,
 ) -> pa.Table:
-    """Add each shard's vectors with ids base + row; returns the id map of what was added."""
+    """Add each shard's vectors with ids base + row (and their refinement codes, given a writer); returns the
+    id map of what was added."""
     tables = []
     for url, base in zip(shard_urls, bases, strict=True):
         image_ids, vectors = store.read_global_shard(url, options)  # (n,), (n, D)
         ids = base + np.arange(len(vectors), dtype=np.int64)
         index.add_with_ids(vectors, ids)
+        if codes is not None:
+            codes.write(vectors, int(base))
         tables.append(io.id_map_table(ids, image_ids))
     return pa.concat_tables(tables) if tables else io.ID_MAP_SCHEMA.empty_table()
 
 
 def _add_part(
-    trained_url: str,
+    out_url: str,
     shard_urls: list[str],
     bases: list[int],
     out: tuple[str, str],
@@ -160,22 +170,22 @@ def _add_part(
     threads: int,
 ) -> int:
     faiss.omp_set_num_threads(threads)
-    index = io.read_index(trained_url, options)
-    table = add_shards_to(index, shard_urls, bases, options)
+    index = io.read_index(storage.join(out_url, io.TRAINED), options)
+    table = add_shards_to(index, shard_urls, bases, options, refine.code_writer(out_url, options))
     io.write_index(index, out[0], options)
     storage.write_parquet(out[1], table, options, compression="zstd")
     return int(index.ntotal)
 
 
 def add_in_parallel(
-    trained_url: str,
     shard_urls: Sequence[str],
     bases: Sequence[int],
     out_url: str,
     config: BuildConfig,
     options: Options = None,
 ) -> list[int]:
-    """Ray tasks; task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so merging must not shift ids)."""
+    """Ray tasks adding to OUT's trained index; task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so
+    merging must not shift ids). Each task also writes its shards' refinement codes when OUT has a quantizer."""
     import ray
 
     tasks = min(config.tasks, len(shard_urls))
@@ -183,7 +193,7 @@ def add_in_parallel(
     threads = max(1, int(config.task_cpus))
     refs = [
         task.options(num_cpus=config.task_cpus).remote(
-            trained_url,
+            out_url,
             list(shard_urls[t::tasks]),
             [int(b) for b in bases[t::tasks]],
             part_urls(out_url, t),
@@ -250,20 +260,81 @@ def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options)
     return index, on_disk
 
 
-def resolve_choice(factory: str | None, memory_budget: str | int | None, total: int, dim: int) -> IndexChoice:
+def resolve_choice(
+    factory: str | None, memory_budget: str | int | None, total: int, dim: int, refine_kind: str = "auto"
+) -> IndexChoice:
     if factory is not None and memory_budget is not None:
         raise ValueError(
             "give factory or memory_budget, not both (the budget only steers automatic parameters)"
         )
     if factory is None:
-        return choose_index(total, dim, parse_size(memory_budget) if memory_budget is not None else None)
+        budget = parse_size(memory_budget) if memory_budget is not None else None
+        return choose_index(total, dim, budget, refine_kind)
     try:
         nlist = nlist_of(factory, dim)
     except RuntimeError as exc:
         raise ValueError(
             f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
         ) from exc
-    return IndexChoice(factory, "factory given by the user", nlist, 0, 0)
+    kind = ("sq8" if nlist else "none") if refine_kind == "auto" else refine_kind
+    return IndexChoice(factory, "factory given by the user", nlist, 0, 0, kind)
+
+
+def train_step(
+    choice: IndexChoice,
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    out_url: str,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[int, np.ndarray]:
+    """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index) from one random sample.
+
+    Returns the training points used by the index and the held-out query rows.
+    """
+    total, dim = sum(counts), shard_dim(shard_urls[0], options)
+    n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
+    # one sample trains both; SQ8 ranges still need one when the index does not (reused or untrained)
+    n_sample = n_train or (min(total, REFINE_SAMPLE) if choice.refine == "sq8" else 0)
+    rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
+    sample = sample_rows(shard_urls, counts, rows, options)
+    if config.trained_url:
+        trained = io.read_index(config.trained_url, options)
+        if trained.d != dim:
+            raise ValueError(
+                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, store has {dim}"
+            )
+    else:
+        trained = train(choice.factory, sample, dim)
+    io.write_index(trained, storage.join(out_url, io.TRAINED), options)
+    refine.remove_codes(out_url, options)
+    if choice.refine != "none":
+        quantizer = refine.train_quantizer(choice.refine, sample, dim)
+        io.write_index(quantizer, storage.join(out_url, refine.QUANTIZER), options)
+    return n_train, query_rows
+
+
+def quality_step(
+    index: faiss.Index,
+    choice: IndexChoice,
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    query_rows: np.ndarray,
+    out_url: str,
+    options: Options,
+    config: BuildConfig,
+) -> dict[str, Any]:
+    """quality.json: recall of the index alone and refined, per nprobe (× k_factor), and the chosen setting."""
+    queries = sample_rows(shard_urls, counts, query_rows, options)
+    total = sum(counts)
+    _, exact_ids = exact_knn(
+        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options
+    )
+    state = {"refine": choice.refine, "next_id": total, "dim": queries.shape[1]}
+    refined = refine.attach(index, out_url, state, options) if choice.refine != "none" else None
+    quality = quality_report(index, queries, exact_ids, choice.nlist, config.quality, refined)
+    io.write_json(storage.join(out_url, io.QUALITY), quality, options)
+    return quality
 
 
 def build_index(
@@ -278,7 +349,8 @@ def build_index(
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
-    Returns the summary that is also written to ``OUT/params.json`` (factory, reason, nprobe, timings).
+    Returns the summary that is also written to ``OUT/params.json`` (factory, reason, refinement, nprobe,
+    k_factor, timings).
     """
     if config.merge == "disk":
         check_disk_output(out_url)  # before the expensive steps
@@ -289,28 +361,17 @@ def build_index(
     total, dim = sum(counts), shard_dim(shard_urls[0], options)
     if total == 0:
         raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
-    choice = resolve_choice(factory, memory_budget, total, dim)
-    log.info("index %s: %s", choice.factory, choice.reason)
+    choice = resolve_choice(factory, memory_budget, total, dim, config.refine)
+    log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
-    train_rows, query_rows = draw_samples(total, n_train, min(config.quality.queries, total), config.seed)
-    if config.trained_url:
-        trained = io.read_index(config.trained_url, options)
-        if trained.d != dim:
-            raise ValueError(
-                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, store has {dim}"
-            )
-    else:
-        trained = train(choice.factory, sample_rows(shard_urls, counts, train_rows, options), dim)
-    io.write_index(trained, storage.join(out_url, io.TRAINED), options)
+    n_train, query_rows = train_step(choice, shard_urls, counts, out_url, config, options)
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     ensure_ray(ray_address)
-    bases = id_bases(counts)
-    added = add_in_parallel(storage.join(out_url, io.TRAINED), shard_urls, bases, out_url, config, options)
+    added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
     assert sum(added) == total, (added, total)
     timings["add_s"] = time.perf_counter() - start
 
@@ -319,10 +380,7 @@ def build_index(
     timings["merge_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    queries = sample_rows(shard_urls, counts, query_rows, options)
-    _, exact_ids = exact_knn(queries, shard_urls, bases, min(config.quality.target_k, total), options)
-    quality = quality_report(index, queries, exact_ids, choice.nlist, config.quality)
-    io.write_json(storage.join(out_url, io.QUALITY), quality, options)
+    quality = quality_step(index, choice, shard_urls, counts, query_rows, out_url, options, config)
     timings["quality_s"] = time.perf_counter() - start
 
     summary = {
@@ -336,6 +394,7 @@ def build_index(
         "shards": [storage.redact(u) for u in shard_urls],
         "on_disk": on_disk,
         "nprobe": quality["nprobe"],
+        "k_factor": quality["k_factor"],
         "nprobe_reason": quality["nprobe_reason"],
         "timings": timings,
     }

@@ -8,13 +8,23 @@ from dataclasses import dataclass
 
 # Below this many vectors IVF-PQ cannot be trained well: each of the 256 centroids of a PQ sub-quantizer
 # wants ≥ 39 training points, and an exact search over so few vectors is fast anyway.
-MIN_IVF_PQ_VECTORS = 39 * 256
+MIN_POINTS_PER_LIST = 39  # faiss k-means warns below this many training points per centroid
+MIN_IVF_PQ_VECTORS = MIN_POINTS_PER_LIST * 256
 PQ_SIZES = (256, 128, 96, 64, 48, 32, 16, 8)  # bytes per code, largest (most accurate) first
 DEFAULT_PQ_BYTES = 64  # without a budget: the usual size at 1M-100M (GUIDE §2)
 HNSW_QUANTIZER_FROM = 2**16  # a flat coarse quantizer costs O(nlist) per query; HNSW is sublinear
 HNSW_M = 32
 ID_BYTES = 8  # int64 id stored beside each code in the inverted lists
 OVERHEAD = 1.1  # inverted-list slack (vector growth), per-list headers
+REFINE_KINDS = ("none", "sq8", "fp16", "store")  # see pipeline.index.refine
+IN_RAM_REFINE = ("fp16", "sq8")  # most exact first: fp16 holds the store's own values
+DEFAULT_REFINE = "sq8"  # without a budget: 1 byte per dimension, error far below neighbour gaps
+REFINE_WHY = {
+    "none": "the PQ order is final (recall capped by the PQ code)",
+    "sq8": "shortlist re-scored with 8-bit scalar codes in RAM (D B/vector)",
+    "fp16": "shortlist re-scored with the float16 vectors in RAM (2·D B/vector): exact scores",
+    "store": "shortlist re-scored with the float16 vectors memory-mapped from disk (no RAM)",
+}
 
 _UNITS = {
     "": 1,
@@ -42,7 +52,8 @@ class IndexChoice:
     reason: str
     nlist: int  # 0 for an exact flat index
     code_bytes: int  # bytes per stored vector code
-    estimated_bytes: int  # index size in RAM: codes + ids + coarse quantizer
+    estimated_bytes: int  # index size in RAM: codes + ids + coarse quantizer (+ in-RAM refinement codes)
+    refine: str = "none"  # how the shortlist is re-scored (pipeline.index.refine.KINDS)
 
 
 def parse_size(size: str | int) -> int:
@@ -63,11 +74,20 @@ def parse_size(size: str | int) -> int:
 
 
 def choose_nlist(n: int) -> int:
-    """The largest power of 2 in [4√N, 16√N] that still gets ≥ 39 training points per centroid."""
+    """The largest power of 2 in [4√N, 16√N] with ≥ 39 training points per list.
+
+    Below N ≈ 24k no list count in that range gets 39 points each (39 · 4√N > N); the k-means floor then
+    wins over the √N heuristic: the largest power of 2 with ≥ 39 points per list (N ≥ 9984 here, so ≥ 256).
+    """
     low, high = 4 * math.sqrt(n), 16 * math.sqrt(n)
     candidates = [2**e for e in range(math.ceil(math.log2(low)), math.floor(math.log2(high)) + 1)]
-    trainable = [c for c in candidates if n >= 39 * c]
-    return max(trainable) if trainable else min(candidates)
+    trainable = [c for c in candidates if n >= MIN_POINTS_PER_LIST * c]
+    return max(trainable) if trainable else 2 ** int(math.log2(n // MIN_POINTS_PER_LIST))
+
+
+def refine_ram_bytes(kind: str, dim: int) -> int:
+    """RAM per indexed vector of the refinement codes (the store tier keeps them on disk)."""
+    return {"sq8": dim, "fp16": 2 * dim}.get(kind, 0)
 
 
 def quantizer_bytes(nlist: int, dim: int) -> int:
@@ -96,10 +116,53 @@ def _factory(nlist: int, m: int, dim: int) -> str:
     return f"{transform}{quantizer},PQ{m}np"
 
 
-def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
-    """Pick a factory for ``n`` vectors of ``dim`` dims (inner product) within ``memory_budget`` bytes."""
+def _nlist_reason(n: int, nlist: int) -> str:
+    low, high = 4 * math.sqrt(n), 16 * math.sqrt(n)
+    if low <= nlist <= high:
+        return f"nlist={nlist}: largest power of 2 in [4√N, 16√N] = [{low:.0f}, {high:.0f}] with ≥ 39 training points per list"
+    return (
+        f"nlist={nlist}: no power of 2 in [4√N, 16√N] = [{low:.0f}, {high:.0f}] gets ≥ 39 training points per "
+        "list; largest power of 2 that does"
+    )
+
+
+def _pq_and_refine(
+    n: int, nlist: int, dim: int, memory_budget: int | None, refine: str
+) -> tuple[int, str, str]:
+    """(PQ bytes, refinement kind, why).
+
+    Rule: the PQ code only has to build the shortlist, the refinement codes set the final order. Without a
+    budget: PQ64 + SQ8 codes in RAM (``refine`` overrides the kind). With one: PQ64 + fp16 codes in RAM
+    (exact scores) if they fit, else PQ64 + SQ8, else the largest PQ code that fits with the float16 vectors
+    left on disk (store tier, no RAM).
+    """
+    sizes = [m for m in PQ_SIZES if m <= dim]
+    default = min(DEFAULT_PQ_BYTES, max(sizes))
+    if memory_budget is None:
+        kind = DEFAULT_REFINE if refine == "auto" else refine
+        return default, kind, "default code size without a budget"
+    tiers = [(kind, [default]) for kind in IN_RAM_REFINE] + [("store", sizes)]
+    if refine != "auto":
+        tiers = [(refine, sizes if refine in ("store", "none") else [default])]
+    for kind, candidates in tiers:
+        for m in candidates:
+            refine_bytes = int(n * refine_ram_bytes(kind, dim) * OVERHEAD)
+            if ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m), dim) + refine_bytes <= memory_budget:
+                return m, kind, f"fits the budget of {memory_budget} B with {kind} refinement"
+    need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]), dim)
+    raise ValueError(
+        f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
+        f"(PQ{PQ_SIZES[-1]}) of {n} vectors with refinement {refine!r}"
+    )
+
+
+def choose_index(n: int, dim: int, memory_budget: int | None = None, refine: str = "auto") -> IndexChoice:
+    """Pick a factory and refinement for ``n`` vectors of ``dim`` dims (inner product) within ``memory_budget``
+    bytes of RAM. ``refine`` is "auto" or one of REFINE_KINDS (an exact flat index is never refined)."""
     if n < 1 or dim < 1:
         raise ValueError(f"n={n}, dim={dim}; both must be ≥ 1")
+    if refine != "auto" and refine not in REFINE_KINDS:
+        raise ValueError(f"refine={refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
     if n < MIN_IVF_PQ_VECTORS:
         size = n * (dim * 4 + ID_BYTES)
         if memory_budget is not None and size > memory_budget:
@@ -115,35 +178,15 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexCho
             size,
         )
     nlist = choose_nlist(n)
-    fitting = [
-        m
-        for m in PQ_SIZES
-        if m <= dim
-        and (memory_budget is None or ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m), dim) <= memory_budget)
-    ]
-    if not fitting:
-        need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]), dim)
-        raise ValueError(
-            f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
-            f"(PQ{PQ_SIZES[-1]}) of {n} vectors"
-        )
-    m = fitting[0] if memory_budget is not None else min(DEFAULT_PQ_BYTES, max(fitting))
+    m, kind, pq_why = _pq_and_refine(n, nlist, dim, memory_budget, refine)
     pq_dim = _pq_dim(dim, m)
-    estimated = ivf_pq_bytes(n, nlist, m, pq_dim, dim)
-    pq_why = (
-        "default code size without a budget"
-        if memory_budget is None
-        else (f"largest code that fits the budget of {memory_budget} B")
-    )
-    reasons = [
-        f"nlist={nlist}: largest power of 2 in [4√N, 16√N] = [{4 * math.sqrt(n):.0f}, {16 * math.sqrt(n):.0f}] "
-        f"with ≥ 39 training points per list",
-        f"PQ{m}: {pq_why} (estimated {estimated} B)",
-    ]
+    estimated = ivf_pq_bytes(n, nlist, m, pq_dim, dim) + int(n * refine_ram_bytes(kind, dim) * OVERHEAD)
+    reasons = [_nlist_reason(n, nlist), f"PQ{m}: {pq_why} (estimated {estimated} B in RAM)"]
     if pq_dim < dim:
         reasons.append(f"PCAR{pq_dim}: reduce {dim} → {pq_dim} dims (≤ 4 dims per PQ byte, divisible by {m})")
     reasons.append(
         f"{'HNSW' if nlist >= HNSW_QUANTIZER_FROM else 'flat'} coarse quantizer for nlist={nlist} "
         f"({'≥' if nlist >= HNSW_QUANTIZER_FROM else '<'} {HNSW_QUANTIZER_FROM})"
     )
-    return IndexChoice(_factory(nlist, m, dim), "; ".join(reasons), nlist, m, estimated)
+    reasons.append(f"refine={kind}: {REFINE_WHY[kind]}")
+    return IndexChoice(_factory(nlist, m, dim), "; ".join(reasons), nlist, m, estimated, kind)

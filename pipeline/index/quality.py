@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from pipeline import store
-from pipeline.index.io import set_search_params
+from pipeline.index.refine import code_size, configure
 from pipeline.storage import Options
 
 RECALL_KS = (1, 10, 100)
@@ -26,15 +26,19 @@ PLATEAU = 0.001  # recall gains below this are not worth more probes
 @dataclass(frozen=True)
 class QualityConfig:
     queries: int = 1000  # held-out query sample size (capped at N)
-    target: float = 0.95  # smallest nprobe whose 100-recall@100 reaches this is stored with the index
+    target: float = 0.95  # the stored setting must reach this target_k-recall@target_k ...
     target_k: int = 100
+    target_r1: float = 0.99  # ... and this 1-recall@1
     max_nprobe: int = 1024  # nprobe values tried: 1, 2, 4, ... up to min(nlist, this)
+    k_factors: tuple[int, ...] = (1, 2, 4, 8, 16)  # refined shortlist sizes tried, in multiples of k
 
     def __post_init__(self) -> None:
-        if not 0 < self.target <= 1:
-            raise ValueError(f"recall target {self.target}; must be in (0, 1]")
+        if not (0 < self.target <= 1 and 0 < self.target_r1 <= 1):
+            raise ValueError(f"recall targets {self.target}, {self.target_r1}; must be in (0, 1]")
         if self.queries < 1 or self.target_k < 1:
             raise ValueError(f"queries={self.queries}, target_k={self.target_k}; both must be ≥ 1")
+        if not self.k_factors or min(self.k_factors) < 1:
+            raise ValueError(f"k_factors={self.k_factors}; need at least one, each ≥ 1")
 
 
 def exact_knn(
@@ -68,32 +72,71 @@ def nprobe_values(nlist: int, max_nprobe: int) -> list[int | None]:
 
 
 def measure(
-    index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray, nprobe: int | None
+    index: Any, queries: np.ndarray, exact_ids: np.ndarray, nprobe: int | None, k_factor: int | None = None
 ) -> dict[str, Any]:
-    """Recall at 1/10/100 (those ≤ the ground-truth depth) and queries/s at one nprobe."""
-    set_search_params(index, nprobe)
+    """Recall at 1/10/100 (those ≤ the ground-truth depth) and queries/s at one nprobe and refinement factor
+    (``k_factor`` None: the unrefined index)."""
+    configure(index, nprobe, k_factor)
     k = exact_ids.shape[1]
     start = time.perf_counter()
     _, ids = index.search(queries, k)
     seconds = time.perf_counter() - start
-    row: dict[str, Any] = {"nprobe": nprobe, "qps": len(queries) / max(seconds, 1e-9)}
+    row: dict[str, Any] = {"nprobe": nprobe, "k_factor": k_factor, "qps": len(queries) / max(seconds, 1e-9)}
     for r in (*RECALL_KS, k):
         if r <= k:
             row[f"{r}-recall@{r}"] = recall_at(ids, exact_ids, r)
     return row
 
 
-def pick_nprobe(rows: Sequence[dict[str, Any]], target: float, target_k: int) -> tuple[int | None, str]:
-    """The smallest nprobe reaching ``target`` k-recall@k; when none does (the codes, not nprobe, limit recall),
-    the smallest nprobe within PLATEAU of the best recall seen, rather than the costliest one tried."""
-    key = f"{target_k}-recall@{target_k}"
-    for row in rows:
-        if row[key] >= target:
-            return row["nprobe"], f"smallest nprobe with {key} ≥ {target} ({row[key]:.4f})"
-    best = max(row[key] for row in rows)
-    row = next(r for r in rows if r[key] >= best - PLATEAU)
-    return row["nprobe"], (
-        f"no nprobe reached {key} ≥ {target}; best {best:.4f}: smallest nprobe within {PLATEAU} of it ({row[key]:.4f})"
+@dataclass(frozen=True)
+class Target:
+    """What the stored setting must reach, and the per-query cost model that ranks the settings that do."""
+
+    key: str  # e.g. "100-recall@100"
+    recall: float
+    recall_at_1: float
+    probe_bytes: float  # PQ bytes scanned per probed list: ntotal / nlist · code size
+    candidate_bytes: float  # refinement bytes per re-scored candidate: k · code size
+
+    def met(self, row: dict[str, Any]) -> bool:
+        return row[self.key] >= self.recall and row["1-recall@1"] >= self.recall_at_1
+
+    def cost(self, row: dict[str, Any]) -> float:
+        """Bytes read per query: probed inverted lists + the refined candidates' codes."""
+        return (row["nprobe"] or 0) * self.probe_bytes + (row["k_factor"] or 0) * self.candidate_bytes
+
+
+def sweep(
+    index: Any,
+    queries: np.ndarray,
+    exact_ids: np.ndarray,
+    nprobes: Sequence[int | None],
+    k_factor: int | None,
+    target: Target,
+) -> list[dict[str, Any]]:
+    """Rows over increasing nprobe; a refined sweep stops once the target is met or recall stops rising."""
+    rows: list[dict[str, Any]] = []
+    for nprobe in nprobes:
+        rows.append(measure(index, queries, exact_ids, nprobe, k_factor))
+        plateau = len(rows) > 1 and rows[-1][target.key] - rows[-2][target.key] < PLATEAU
+        if k_factor is not None and (target.met(rows[-1]) or plateau):
+            break
+    return rows
+
+
+def pick(rows: Sequence[dict[str, Any]], target: Target) -> tuple[dict[str, Any], str]:
+    """The cheapest row meeting the target; when none does (the codes, not nprobe, limit recall), the
+    cheapest within PLATEAU of the best recall seen, rather than the costliest one tried."""
+    reached = [r for r in rows if target.met(r)]
+    if reached:
+        row = min(reached, key=target.cost)
+        why = f"cheapest setting with {target.key} ≥ {target.recall} and 1-recall@1 ≥ {target.recall_at_1}"
+        return row, f"{why} ({row[target.key]:.4f}, {row['1-recall@1']:.4f})"
+    best = max(r[target.key] for r in rows)
+    row = min((r for r in rows if r[target.key] >= best - PLATEAU), key=target.cost)
+    return row, (
+        f"no setting reached {target.key} ≥ {target.recall} with 1-recall@1 ≥ {target.recall_at_1}; best "
+        f"{target.key} {best:.4f}: cheapest within {PLATEAU} of it ({row[target.key]:.4f})"
     )
 
 
@@ -103,19 +146,35 @@ def quality_report(
     exact_ids: np.ndarray,
     nlist: int,
     config: QualityConfig = QualityConfig(),
+    refined: Any = None,
 ) -> dict[str, Any]:
-    """Recall/QPS table over nprobe values and the chosen nprobe; ``exact_ids`` (q, k) from :func:`exact_knn`."""
+    """Recall/QPS rows over nprobe for ``index`` alone (k_factor None) and, given the ``refined`` index
+    (pipeline.index.refine.attach), over nprobe × k_factor; the cheapest setting reaching the target is stored.
+    ``exact_ids`` (q, k) from :func:`exact_knn`."""
     target_k = min(config.target_k, exact_ids.shape[1])
-    rows = [measure(index, queries, exact_ids, p) for p in nprobe_values(nlist, config.max_nprobe)]
-    nprobe, reason = pick_nprobe(rows, config.target, target_k)
-    set_search_params(index, nprobe)
+    target = Target(
+        f"{target_k}-recall@{target_k}",
+        config.target,
+        config.target_r1,
+        index.ntotal / nlist * faiss.extract_index_ivf(index).code_size if nlist else 0.0,
+        target_k * code_size(refined) if refined is not None else 0.0,
+    )
+    nprobes = nprobe_values(nlist, config.max_nprobe)
+    rows = [measure(index, queries, exact_ids, p) for p in nprobes]
+    for k_factor in sorted(config.k_factors) if refined is not None else ():
+        rows += sweep(refined, queries, exact_ids, nprobes, k_factor, target)
+    row, reason = pick(rows, target)
+    configure(refined if refined is not None else index, row["nprobe"], row["k_factor"])
     return {
         "definition": "queries: seeded random sample of stored vectors; truth: exact inner-product top-k over all "
-        "indexed vectors; k-recall@k = |approx top-k ∩ exact top-k| / k",
+        "indexed vectors; k-recall@k = |approx top-k ∩ exact top-k| / k; k_factor: refined shortlist of "
+        "k · k_factor PQ candidates (null: PQ order, no refinement); cost: PQ + refinement bytes read per query",
         "queries": len(queries),
         "k": int(exact_ids.shape[1]),
         "target": config.target,
-        "rows": rows,
-        "nprobe": nprobe,
+        "target_r1": config.target_r1,
+        "rows": [{**r, "cost_bytes": target.cost(r)} for r in rows],
+        "nprobe": row["nprobe"],
+        "k_factor": row["k_factor"],
         "nprobe_reason": reason,
     }

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from pipeline import storage, store
-from pipeline.index import io
+from pipeline.index import io, refine
 from pipeline.results import search_table, write_search_results
 from pipeline.storage import Options
 
@@ -28,10 +28,12 @@ def search(
     nprobe: int | None = None,
     options: Options = None,
     batch_size: int = 4096,
+    k_factor: float | None = None,
 ) -> dict[str, Any]:
     """Top-``k`` of every committed query descriptor in ``query_store_url``, written as Parquet to ``out_url``.
 
-    ``nprobe`` defaults to the one stored with the index by its quality report.
+    ``nprobe`` and ``k_factor`` (refined shortlist size in multiples of k) default to the setting stored with
+    the index by its quality report.
     """
     if k < 1 or batch_size < 1:
         raise ValueError(f"k={k}, batch_size={batch_size}; both must be ≥ 1")
@@ -40,6 +42,10 @@ def search(
     chosen = nprobe if nprobe is not None else params.get("nprobe")
     io.set_search_params(index, chosen)
     index = index if params.get("on_disk") else to_device(index)
+    factor = k_factor if k_factor is not None else params.get("k_factor")
+    if factor is not None:  # None: the quality report found the PQ order good enough
+        index = refine.attach(index, index_url, params, options)
+        refine.configure(index, None, factor)
     id_keys, image_ids = io.read_id_map(index_url, options)
     tables, queries = [], 0
     for query_ids, vectors in store.iter_global(query_store_url, options):  # (n,), (n, D)
@@ -57,5 +63,6 @@ def search(
         "rows": table.num_rows,
         "k": k,
         "nprobe": chosen,
+        "k_factor": factor,
         "out": storage.redact(out_url),
     }

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
-from pipeline.index import dba, io
+from pipeline.index import dba, io, refine
 from pipeline.index.build import add_shards_to, id_bases, shard_rows
 from pipeline.storage import Options
 
@@ -36,12 +36,15 @@ def _save(
 
 def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = None) -> dict[str, Any]:
     """Add global descriptor shard files to the index with the trained quantizer; ids continue from next_id.
+    A refined index gets the new vectors' refinement codes too (written before params.json commits them).
 
     Raises ValueError if an image id is already indexed (remove it first to replace its descriptor).
     """
     params, index = _load_for_update(index_url, options)
     counts = shard_rows(shard_urls, options)
-    added = add_shards_to(index, shard_urls, id_bases(counts, start=params["next_id"]), options)
+    bases = id_bases(counts, start=params["next_id"])
+    refine.remove_codes(index_url, options, from_id=params["next_id"])
+    added = add_shards_to(index, shard_urls, bases, options, refine.code_writer(index_url, options))
     old = io.read_id_map_table(index_url, options)
     new_images = added.column("image_id").to_pylist()
     clashes = set(new_images) & set(old.column("image_id").to_pylist())
