@@ -16,14 +16,13 @@ import pyarrow.parquet as pq
 
 from pipeline import storage, store
 from pipeline.index import io
-from pipeline.index.params import IndexChoice, choose_index, parse_size
+from pipeline.index.params import MERGE_MODES, IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
 
-MERGE_MODES = ("auto", "ram", "disk")
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 
 
