@@ -6,11 +6,12 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...) or from LANDMARK_INDEX_STORAGE_OPT
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import sys
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -25,7 +26,12 @@ from rich.progress import (
 from rich.table import Table
 
 from pipeline import storage
+from pipeline.config import AUTOCAST_DTYPES, PRESETS
+from pipeline.evaluate import PROTOCOLS
+from pipeline.index.params import MERGE_MODES
+from pipeline.rerank.config import METHODS, MODELS, RESIDUAL_SPACES, SCORE_MODES
 from pipeline.storage import StorageError
+from pipeline.store import GLOBAL_DTYPES, LOCAL_DTYPES
 
 app = typer.Typer(
     help="Distributed batch indexing for landmark image retrieval: DELG extraction on Ray, FAISS IVF-PQ "
@@ -37,7 +43,17 @@ console = Console(stderr=True)
 # Tables go to stdout; when it is a pipe or file, rich would wrap at 80 columns and split names.
 stdout = Console() if sys.stdout.isatty() else Console(width=200)
 
-Preset = Annotated[str, typer.Option("--preset", help="Extraction preset (see `landmark-index presets`).")]
+
+# A str, not a Literal: PRESETS is a registry that can grow at run time (the library checks the name);
+# the shell still completes the names registered when it asks.
+Preset = Annotated[
+    str,
+    typer.Option(
+        "--preset",
+        autocompletion=lambda: list(PRESETS),
+        help="Extraction preset (see `landmark-index presets`).",
+    ),
+]
 Weights = Annotated[
     str | None,
     typer.Option(
@@ -57,15 +73,28 @@ ImageRoot = Annotated[
 ]
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        stdout.print(f"landmark-index {importlib.metadata.version('landmark-index')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
 
 # What a user can fix (bad config, manifest, URL, missing input): one readable line and exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, KeyError, StorageError)
+# KeyError is not one: the stages check ids themselves, so a KeyError escaping them is a bug (traceback).
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, StorageError)
 
 
 def main() -> None:
@@ -73,8 +102,7 @@ def main() -> None:
     try:
         app()
     except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        console.print(f"[bold red]error:[/] {message}")
+        console.print(f"[bold red]error:[/] {exc}")
         raise SystemExit(2) from None
 
 
@@ -109,10 +137,10 @@ def extract(
     image_root: ImageRoot = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     local_dtype: Annotated[
-        str, typer.Option(help="Local descriptor encoding: float16, int8, float32.")
+        Literal[LOCAL_DTYPES], typer.Option(help="Local descriptor encoding.")
     ] = "float16",
     global_dtype: Annotated[
-        str, typer.Option(help="Global descriptor encoding: float16, float32.")
+        Literal[GLOBAL_DTYPES], typer.Option(help="Global descriptor encoding.")
     ] = "float16",
     num_extractors: Annotated[
         int | None, typer.Option(help="Extractor actors (default: one per GPU, else one).")
@@ -123,7 +151,7 @@ def extract(
         int,
         typer.Option(help="Cap on pixels per forward pass (0: none); large images then go fewer at a time."),
     ] = 0,
-    autocast: Annotated[str, typer.Option(help="CUDA mixed precision: none, bf16, fp16.")] = "none",
+    autocast: Annotated[Literal[AUTOCAST_DTYPES], typer.Option(help="CUDA mixed precision.")] = "none",
     channels_last: Annotated[bool, typer.Option(help="NHWC memory format (faster convs on GPUs).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass.")] = False,
 ) -> None:
@@ -297,7 +325,10 @@ def build_index_command(
     target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.95,
     tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
     merge: Annotated[
-        str, typer.Option(help="Merge inverted lists in RAM, on disk (larger than RAM), or auto by size.")
+        Literal[MERGE_MODES],
+        typer.Option(
+            help="Merge inverted lists in RAM, on disk (larger than RAM), or auto by size.",
+        ),
     ] = "auto",
     refine: Annotated[
         str,
@@ -381,9 +412,10 @@ def rerank(
     index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
     out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
     top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
-    model: Annotated[str | None, typer.Option(help="Geometric model: affine or homography.")] = None,
+    model: Annotated[Literal[MODELS] | None, typer.Option(help="Geometric model.")] = None,
     residual_in: Annotated[
-        str | None, typer.Option(help="Inlier threshold in query (reference) or candidate pixels.")
+        Literal[RESIDUAL_SPACES] | None,
+        typer.Option(help="Inlier threshold in query (reference) or candidate pixels."),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="RANSAC inlier threshold in pixels.")] = None,
     trials: Annotated[int | None, typer.Option(help="RANSAC hypotheses per pair.")] = None,
@@ -391,17 +423,17 @@ def rerank(
     ratio: Annotated[float | None, typer.Option(help="Lowe ratio test; 0 = off.")] = None,
     mutual: Annotated[bool | None, typer.Option(help="Keep only mutual nearest neighbours.")] = None,
     score: Annotated[
-        str | None,
+        Literal[SCORE_MODES] | None,
         typer.Option(
             help="inliers: (inliers, global) order; saturate: min(i,k)/k + global; "
             "shortlist: global + a boost for inlier counts standing out of the shortlist's."
         ),
     ] = None,
     method: Annotated[
-        str,
+        Literal[METHODS],
         typer.Option(
             help="verify (local features) | qe | dba | dba+qe | superglobal (global features), or one of "
-            "the four + '+verify' (refine, then verify the refined shortlist)."
+            "the four + '+verify' (refine, then verify the refined shortlist).",
         ),
     ] = "verify",
     index: Annotated[
@@ -473,9 +505,7 @@ def dba(
 def evaluate(
     results: Annotated[str, typer.Argument(help="Results Parquet from `search` or `rerank`.")],
     ground_truth: Annotated[str, typer.Argument(help="gnd_*.pkl (revisitop) or GLDv2 solution CSV.")],
-    protocol: Annotated[
-        str, typer.Option(help="revisitop, gldv2-retrieval or gldv2-recognition.")
-    ] = "revisitop",
+    protocol: Annotated[Literal[PROTOCOLS], typer.Option(help="Evaluation protocol.")] = "revisitop",
     out: Annotated[str | None, typer.Option("--out", help="Write the figures as JSON (fractions).")] = None,
     landmarks: Annotated[
         str | None, typer.Option(help="id → landmark_id of index images (gldv2-recognition).")
@@ -690,11 +720,18 @@ def latest(root: Annotated[str, typer.Argument(help="Root of a versioned index (
 
 
 @app.command()
-def stats(store_url: Annotated[str, typer.Argument(help="Descriptor store URL.")]) -> None:
+def stats(
+    store_url: Annotated[str, typer.Argument(help="Descriptor store URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as one JSON object.")] = False,
+) -> None:
     """Counts of a descriptor store: shards, rows, ok, errors by reason."""
     from pipeline.store import store_stats
 
-    _print_mapping(f"store {storage.redact(store_url)}", store_stats(store_url, storage.options_from_env()))
+    counts = store_stats(store_url, storage.options_from_env())
+    if as_json:
+        print(json.dumps(counts, sort_keys=True))
+    else:
+        _print_mapping(f"store {storage.redact(store_url)}", counts)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,9 @@ def _extract_shards(
             actor_of[ref] = actor
             load[actor] += 1
             states[shard].results.append(ref)
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        # Only completion matters here: the features go from the extractor's node to the writer task, never
+        # through the driver (the default fetch_local=True would pull every result onto the driver's node).
+        ready, _ = ray.wait(list(in_flight), num_returns=1, fetch_local=False)
         for ref in ready:
             shard, count = in_flight.pop(ref)
             load[actor_of.pop(ref)] -= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import cli as cli_module
 from pipeline import store
 from pipeline.config import rerank_settings
 from pipeline.store import LocalFeatures
@@ -138,3 +140,35 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     bad_preset = cli("extract", str(tmp_path), str(tmp_path / "out"), "--preset", "delg-r51", check=False)
     assert bad_preset.returncode == 2 and "delg-r50-gldv2" in bad_preset.stderr  # names the allowed presets
+
+
+def test_version_and_choices_are_shown_and_checked(tmp_path: Path):
+    assert cli("--version").stdout.split() == ["landmark-index", importlib.metadata.version("landmark-index")]
+    shown = cli("rerank", "--help").stdout
+    assert "superglobal+verify" in shown and "saturate" in shown and "homography" in shown
+    bad = cli("evaluate", "r.parquet", "gt.csv", "--protocol", "trec", check=False)
+    assert bad.returncode == 2 and "gldv2-recognition" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_stats_counts_as_json_and_a_missing_store_is_a_user_error(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    url = str(tmp_path / "store")
+    _write_store(url, "img", 10, rng, rng.standard_normal((2, 32)).astype(np.float32))
+    counts = json.loads(cli("stats", url, "--json").stdout)
+    assert counts == {"shards": 2, "rows": 10, "ok": 10, "errors": 0, "errors_by_reason": {}}  # 8 + 2 rows
+    missing = cli("stats", str(tmp_path / "typo"), check=False)
+    assert missing.returncode == 2 and "no descriptor store" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch):
+    """A bug (a bare KeyError here) must not be dressed up as a user error with exit code 2."""
+    monkeypatch.setattr(cli_module.app, "registered_commands", list(cli_module.app.registered_commands))
+
+    @cli_module.app.command("crash")
+    def crash() -> None:
+        raise KeyError("an internal lookup")
+
+    monkeypatch.setattr(sys, "argv", ["landmark-index", "crash"])
+    with pytest.raises(KeyError, match="an internal lookup"):
+        cli_module.main()

@@ -16,14 +16,20 @@ import pyarrow.parquet as pq
 
 from pipeline import storage, store
 from pipeline.index import io, refine
-from pipeline.index.params import MIN_POINTS_PER_LIST, REFINE_KINDS, IndexChoice, choose_index, parse_size
+from pipeline.index.params import (
+    MERGE_MODES,
+    MIN_POINTS_PER_LIST,
+    REFINE_KINDS,
+    IndexChoice,
+    choose_index,
+    parse_size,
+)
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
 
-MERGE_MODES = ("auto", "ram", "disk")
 REFINE_SAMPLE = 2**16  # rows that train the SQ8 ranges when the index itself needs no training sample
 
 

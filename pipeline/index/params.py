@@ -6,6 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
+MERGE_MODES = ("auto", "ram", "disk")  # how build-index merges inverted lists
+
 # Below this many vectors IVF-PQ cannot be trained well: each of the 256 centroids of a PQ sub-quantizer
 # wants ≥ 39 training points, and an exact search over so few vectors is fast anyway.
 MIN_POINTS_PER_LIST = 39  # faiss k-means warns below this many training points per centroid

@@ -9,6 +9,13 @@ from typing import Any
 MODELS = ("affine", "homography")
 SCORE_MODES = ("inliers", "saturate", "shortlist")
 RESIDUAL_SPACES = ("query", "candidate")
+GLOBAL_METHODS = (
+    "qe",
+    "dba",
+    "dba+qe",
+    "superglobal",
+)  # global refinements; each may be followed by "+verify"
+METHODS = ("verify", *GLOBAL_METHODS, *(f"{m}+verify" for m in GLOBAL_METHODS))  # the re-rank stage's choices
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from pipeline import store
+from pipeline.rerank.config import GLOBAL_METHODS, METHODS
 from pipeline.storage import Options
-
-METHODS = ("qe", "dba", "dba+qe", "superglobal")  # global refinements; each may be followed by "+verify"
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,8 @@ class GlobalRerankConfig:
 
 def parse_method(method: str) -> tuple[str | None, bool]:
     """ "superglobal+verify" → ("superglobal", True); "verify" → (None, True). Raises ValueError otherwise."""
-    allowed = ("verify", *METHODS, *(f"{m}+verify" for m in METHODS))
-    if method not in allowed:
-        raise ValueError(f"method={method!r}: allowed {', '.join(allowed)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: allowed {', '.join(METHODS)}")
     if method == "verify":
         return None, True
     refinement = method.removesuffix("+verify")
@@ -195,7 +193,7 @@ def refined_scores(
         head = superglobal_scores(queries, cands[:, :m], valid[:, :m], config.sg_k, config.sg_beta)
         tail = torch.full_like(valid[:, m:], float("-inf"), dtype=head.dtype)
         return torch.cat([head, tail], dim=1)
-    raise ValueError(f"refinement={refinement!r}: allowed {', '.join(METHODS)}")
+    raise ValueError(f"refinement={refinement!r}: allowed {', '.join(GLOBAL_METHODS)}")
 
 
 def refined_order(refined: np.ndarray, global_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
