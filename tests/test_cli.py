@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +40,11 @@ COMMANDS = (
 )
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, check: bool = True, columns: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; ``columns`` widens rich's output so that no choice list is wrapped mid-word."""
+    env = {**os.environ, "COLUMNS": str(columns)} if columns else None
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300, env=env
     )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -144,7 +147,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
 
 def test_version_and_choices_are_shown_and_checked(tmp_path: Path):
     assert cli("--version").stdout.split() == ["landmark-index", importlib.metadata.version("landmark-index")]
-    shown = cli("rerank", "--help").stdout
+    shown = cli("rerank", "--help", columns=300).stdout
     assert "superglobal+verify" in shown and "saturate" in shown and "homography" in shown
     bad = cli("evaluate", "r.parquet", "gt.csv", "--protocol", "trec", check=False)
     assert bad.returncode == 2 and "gldv2-recognition" in bad.stderr and "Traceback" not in bad.stderr
