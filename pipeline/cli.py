@@ -193,13 +193,15 @@ def extract(
     _print_summary(summary, out)
 
 
-def _progress_bar() -> Progress:
+def _progress_bar(
+    fields: str = "{task.fields[rate]:.1f} img/s  errors {task.fields[errors]}",
+) -> Progress:
+    """The console's progress bar: description, bar, done/total, the stage's ``fields``, elapsed, ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s"),
-        TextColumn("errors {task.fields[errors]}"),
+        TextColumn(fields),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -279,15 +281,7 @@ def train(
         cpus_per_worker=cpus_per_worker,
         decode_threads=decode_threads,
     )
-    bar = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+    bar = _progress_bar("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s")
     with bar:
         task = bar.add_task("train", total=None, loss=float("nan"), rate=0.0)
 
