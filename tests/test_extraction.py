@@ -199,6 +199,24 @@ def test_sigkill_of_an_extractor_actor_loses_no_row(tmp_path, ray_cluster, weigh
     _assert_accounted(job.out_url, rows, bad)
 
 
+def _wait_for_a_commit(driver: subprocess.Popen, commits: Path, log: Path, timeout_s: float) -> None:
+    """Return once the running ``driver`` has committed a shard; fail with why when it ends or times out first.
+
+    The driver only starts committing after Ray start-up, model load and the first chunks, which on a loaded
+    2-core machine can take minutes: the limit is generous (the rerun after the kill must still fit the test timeout), and a failure says
+    what was (not) seen.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (commits.is_dir() and any(commits.iterdir())):
+        if driver.poll() is not None:
+            raise AssertionError(
+                f"driver ended before its first commit: {log.read_text(errors='replace')[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no shard committed under {commits} within {timeout_s:.0f} s of the start")
+        time.sleep(0.05)
+
+
 def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights):
     rows, bad = _dataset(tmp_path, good=16)
     manifest = _manifest(tmp_path / "m.parquet", rows)
@@ -223,19 +241,17 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights
         "--global-dtype",
         "float32",
     ]
-    driver = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None:
-        if (out / "_commits").is_dir() and any((out / "_commits").iterdir()):
-            break
-        time.sleep(0.05)
-    assert driver.poll() is None, f"driver ended before the kill: {driver.stderr.read().decode()[-2000:]}"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    # stderr to a file, not a pipe: an unread pipe that fills up would stall the driver before any commit.
+    log = tmp_path / "driver.stderr"
+    with log.open("wb") as stderr:
+        driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        _wait_for_a_commit(driver, out / "_commits", log, timeout_s=240)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
     committed = len(list((out / "_commits").iterdir()))
-    assert 0 < committed < 7
+    assert 0 < committed < 7, f"{committed} of 7 shards committed before the kill"
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     got = _assert_accounted(str(out), rows, bad)
