@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import errno
 import functools
 import hashlib
 import json
@@ -429,24 +430,80 @@ def read_text(url: str, options: Options = None) -> str:
     return read_bytes(url, options).decode("utf-8")
 
 
+@contextmanager
+def _local_temp_copy(path: str, data: bytes) -> Iterator[str]:
+    """A synced temporary sibling of local ``path`` holding ``data`` (parents created), removed afterwards:
+    renaming or linking it into place publishes the whole file at once."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes(url: str, data: bytes, options: Options = None) -> None:
     """Write ``data`` to ``url`` atomically (whole object or nothing), creating parent folders."""
     fs, path = filesystem(url, options)
     if is_local(url):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with _local_temp_copy(path, data) as tmp:
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return
     with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+
+
+CREATE_SETTLE_S = 1.0  # write_if_absent without conditional writes: wait this long, then read back
+
+
+def write_if_absent(url: str, data: bytes, options: Options = None) -> bool:
+    """Create ``url`` holding ``data`` unless it exists; True when this call created it.
+
+    Of concurrent callers exactly one gets True on local disks (a hard link, which fails on an existing name)
+    and on S3 servers with conditional writes (a PUT with ``If-None-Match: *``: AWS S3, MinIO). Where the
+    store has none (other backends, and S3 servers that answer "not implemented", such as Swift's s3api),
+    it checks, writes, waits :data:`CREATE_SETTLE_S` and reads back: exactly one True as long as no caller
+    stalls that long between its check and its write. ``data`` must be unique to the caller (an owner id):
+    the read-back tells callers apart by it.
+    """
+    fs, path = filesystem(url, options)
+    if is_local(url):
+        with _local_temp_copy(path, data) as tmp:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        return True
+    if protocol_of(url) in ("s3", "s3a"):
+        created = with_retries(lambda: _put_if_none_match(fs, path, data), what=f"create {redact(url)}")
+        if created is not None:
+            return created
+    if exists(url, options):
+        return False
+    write_bytes(url, data, options)
+    time.sleep(CREATE_SETTLE_S)  # a contender that also saw no object has written by now: last writer wins
+    try:
+        return read_bytes(url, options) == data
+    except FileNotFoundError:
+        return False
+
+
+def _put_if_none_match(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool | None:
+    """A conditional S3 PUT: True created, False the object exists, None the server has no conditional PUT."""
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:  # s3fs's translation of 412 PreconditionFailed (If-None-Match)
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:  # s3fs's translation of 501 NotImplemented
+            return None
+        raise
+    return True
 
 
 def write_text(url: str, text: str, options: Options = None) -> None:
