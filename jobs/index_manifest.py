@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
     )
     parser.add_argument(
+        "--allow-local-files",
+        dest="allow_local_outside_root",
+        action="store_true",
+        help="Let manifest rows read local files outside the manifest's folder (or --image-root).",
+    )
+    parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
     return parser.parse_args(argv)
@@ -58,6 +64,7 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         weights_url=args.weights or None,
         shard_size=args.shard_size,
         image_root=args.image_root or None,
+        allow_local_outside_root=args.allow_local_outside_root,
     )
     extraction = run_extraction(job, ClusterOptions(address=address), options)
     index = build_index(

@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
     )
     parser.add_argument(
+        "--allow-local-files",
+        dest="allow_local_outside_root",
+        action="store_true",
+        help="Let manifest rows read local files outside the manifest's folder (or --image-root).",
+    )
+    parser.add_argument(
         "--lease-seconds", type=float, default=6 * 3600.0, help="Lock lease, renewed as it runs."
     )
     parser.add_argument(
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             lease_seconds=args.lease_seconds,
             memory_budget=args.memory_budget or None,
             image_root=args.image_root or None,
+            allow_local_outside_root=args.allow_local_outside_root,
             dba=args.dba,
         )
         address = args.address or os.environ.get("RAY_ADDRESS") or None

@@ -71,6 +71,14 @@ ImageRoot = Annotated[
         "--image-root", help="Image root of an id-only manifest (GLDv2 index/test.csv): ROOT/a/b/c/ID.jpg."
     ),
 ]
+AllowLocalFiles = Annotated[
+    bool,
+    typer.Option(
+        "--allow-local-files",
+        help="Let manifest rows read any local file: outside the manifest's folder (or --image-root), "
+        "and from a remote manifest. Without it such rows get a local_file_refused error record.",
+    ),
+]
 
 
 def _print_version(requested: bool) -> None:
@@ -135,6 +143,7 @@ def extract(
     weights: Weights = None,
     address: Address = None,
     image_root: ImageRoot = None,
+    allow_local_outside_root: AllowLocalFiles = False,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     local_dtype: Annotated[
         Literal[LOCAL_DTYPES], typer.Option(help="Local descriptor encoding.")
@@ -171,6 +180,7 @@ def extract(
         store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
         shard_size=shard_size,
         image_root=image_root,
+        allow_local_outside_root=allow_local_outside_root,
     )
     runtime = RuntimeOptions(
         batch_size=batch_size,
@@ -674,6 +684,7 @@ def reindex(
     ] = False,
     address: Address = None,
     image_root: ImageRoot = None,
+    allow_local_outside_root: AllowLocalFiles = False,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.
@@ -693,6 +704,7 @@ def reindex(
         lease_seconds=lease_seconds,
         memory_budget=memory_budget,
         image_root=image_root,
+        allow_local_outside_root=allow_local_outside_root,
         dba=dba,
     )
     try:

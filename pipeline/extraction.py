@@ -52,10 +52,20 @@ class ExtractionJob:
     allowed_schemes: frozenset[str] = images.DEFAULT_ALLOWED_SCHEMES
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # decompression-bomb guard
     image_root: str | None = None  # urls for id-only manifests (GLDv2 index/test.csv): ROOT/a/b/c/ID.jpg
+    # Local files rows may read without allow_local_outside_root: those under image_root, else under the
+    # manifest's folder when the manifest is local, else none (pipeline.manifest.local_root).
+    allow_local_outside_root: bool = False
+    origin_manifest_url: str | None = None  # the manifest the rows came from, if manifest_url is a subset
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size}; must be ≥ 1")
+
+    def local_files(self, options: Options = None) -> images.LocalFiles:
+        """The policy on local image files that this job's rows follow."""
+        origin = self.origin_manifest_url or self.manifest_url
+        root = manifest.local_root(origin, options, self.image_root)
+        return images.LocalFiles(root, self.allow_local_outside_root)
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,9 @@ class ExtractionSummary:
         return self.rows_this_run / max(self.seconds, 1e-9)
 
 
-FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "fetch_failed"})  # the rest fail in decoding
+FETCH_REASONS = frozenset(
+    {"missing", "scheme_not_allowed", "local_file_refused", "fetch_failed"}
+)  # the rest fail in decoding
 
 
 @dataclass(frozen=True)
@@ -131,9 +143,10 @@ def decode_rows(rows: pa.Table, job: ExtractionJob, options: Options) -> Decoded
     decoded: list[np.ndarray] = []
     bboxes: list[Any] = []
     errors: list[ErrorRecord] = []
+    local_files = job.local_files(options)
     for row in rows.to_pylist():
         try:
-            image = images.load_image(row, options, job.allowed_schemes, job.max_pixels)
+            image = images.load_image(row, options, job.allowed_schemes, job.max_pixels, local_files)
         except images.ImageError as exc:
             stage = "fetch" if exc.reason in FETCH_REASONS else "decode"
             errors.append(

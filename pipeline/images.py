@@ -15,7 +15,9 @@ Decoding policy (pillow):
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ REASONS = (
     "animated",  # more than one frame
     "unsupported_mode",  # a pixel format we do not convert (e.g. float, LAB)
     "scheme_not_allowed",  # the url's scheme is not in allowed_schemes
+    "local_file_refused",  # a local file the manifest may not read (see LocalFiles)
     "fetch_failed",  # storage kept failing (network, permissions, server errors)
 )
 LOCAL = "local"  # the scheme name that allows plain local paths (and fsspec's local://)
@@ -58,6 +61,32 @@ class ImageError(Exception):
         return self.message
 
 
+@dataclass(frozen=True)
+class LocalFiles:
+    """Which local files manifest rows may read: those under ``root`` (symlinks resolved, so a link that
+    leads out of it is outside), or any file with ``allow_outside_root``. ``root`` None: no local file
+    without the opt-in (a remote manifest must not make a worker read ``/etc/passwd``)."""
+
+    root: str | None
+    allow_outside_root: bool = False
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` may not be read, or None (remote urls are not this policy's concern)."""
+        path = storage.local_path(url)
+        if path is None or self.allow_outside_root:
+            return None
+        if self.root is None:
+            return f"local file {path} refused: the manifest is not on local disk"
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            return f"local file {path} refused: it is outside the manifest's root {self.root}"
+        return None
+
+
+ANY_LOCAL_FILE = LocalFiles(root=None, allow_outside_root=True)
+OPT_IN_HINT = "allow it with --allow-local-files (allow_local_outside_root)"
+
+
 def url_scheme(url: str) -> str:
     """The lower-case scheme of ``url``; :data:`LOCAL` for plain paths."""
     scheme, sep, _ = url.partition("://")
@@ -69,8 +98,10 @@ def fetch_image_bytes(
     inline: bytes | None,
     options: storage.Options = None,
     allowed_schemes: Collection[str] = DEFAULT_ALLOWED_SCHEMES,
+    local_files: LocalFiles = ANY_LOCAL_FILE,
 ) -> bytes:
-    """The image bytes of one manifest row: ``inline`` when given, else the object at ``row_url``."""
+    """The image bytes of one manifest row: ``inline`` when given, else the object at ``row_url`` if its
+    scheme is allowed and, for a local file, ``local_files`` allows it."""
     if isinstance(allowed_schemes, str):
         raise ValueError(
             f"allowed_schemes must be a collection of scheme names, got the string {allowed_schemes!r}"
@@ -84,6 +115,9 @@ def fetch_image_bytes(
         raise ImageError(
             "scheme_not_allowed", f"url scheme {scheme!r} is not allowed (allowed: {sorted(allowed_schemes)})"
         )
+    refused = local_files.refusal(row_url)
+    if refused is not None:
+        raise ImageError("local_file_refused", f"{refused}; {OPT_IN_HINT}")
     where = storage.redact(row_url)
     try:
         return storage.read_bytes(row_url, options)
@@ -119,9 +153,10 @@ def load_image(
     options: storage.Options = None,
     allowed_schemes: Collection[str] = DEFAULT_ALLOWED_SCHEMES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    local_files: LocalFiles = ANY_LOCAL_FILE,
 ) -> torch.Tensor:
     """Fetch and decode one manifest row (keys ``url`` and optionally ``image``): uint8 (3, H, W) RGB."""
-    data = fetch_image_bytes(row.get("url"), row.get("image"), options, allowed_schemes)
+    data = fetch_image_bytes(row.get("url"), row.get("image"), options, allowed_schemes, local_files)
     return decode_image(data, max_pixels)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,19 @@ def read_manifest(source: str, options: storage.Options = None, image_root: str 
     if not parts:
         raise ManifestError(_error_text(source, problems or ["no rows"]))
     return _checked(source, problems, _concat(parts), np.concatenate(rows))
+
+
+def local_root(source: str, options: storage.Options = None, image_root: str | None = None) -> str | None:
+    """The local folder whose files the rows of manifest ``source`` may read without an opt-in: ``image_root``
+    when given, else the manifest's own folder (a folder manifest: itself); None when that is not local."""
+    if image_root:
+        return _absolute(image_root) if storage.is_local(image_root) else None
+    if not storage.is_local(source):
+        return None
+    source = _absolute(source)
+    literal = re.split(r"[*?\[]", source, maxsplit=1)[0]  # a glob's folder ends before its first wildcard
+    is_folder = literal.endswith("/") or (literal == source and storage.isdir(source, options))
+    return storage.local_path((literal if is_folder else _parent(literal)).rstrip("/") or "/")
 
 
 def _checked(source: str, problems: list[str], table: pa.Table, rows: np.ndarray) -> pa.Table:

@@ -61,6 +61,7 @@ class ReindexConfig:
     store: StoreSettings = field(default_factory=StoreSettings)
     build: BuildConfig = field(default_factory=BuildConfig)
     image_root: str | None = None  # urls for id-only manifests (GLDv2 index.csv): ROOT/a/b/c/ID.jpg
+    allow_local_outside_root: bool = False  # rows may read any local file (ExtractionJob's opt-in)
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises ValueError naming the available presets
@@ -171,19 +172,13 @@ def _retrain_decision(
 # ------------------------------------------------------------------------------------------ building a version
 
 
-def _extract(
-    plan: _Plan,
-    run_store: str,
-    config: ReindexConfig,
-    options: Options,
-    ray_address: str | None,
-    lease: Lease,
-) -> bool:
+def _extract(plan: _Plan, run_store: str, run: _Run, options: Options) -> bool:
     """Extract the plan's rows into ``run_store`` (resuming a crashed run); False when there is nothing to do."""
     if plan.todo.num_rows == 0:
         return False
     subset_url = storage.join(run_store, SUBSET_MANIFEST)
     storage.write_parquet(subset_url, plan.todo, options)
+    config = run.config
     job = ExtractionJob(
         manifest_url=subset_url,
         out_url=run_store,
@@ -191,9 +186,12 @@ def _extract(
         weights_url=config.weights_url,
         store=config.store,
         shard_size=config.shard_size,
+        image_root=config.image_root,  # the subset's urls are resolved: here it only decides local access
+        origin_manifest_url=run.manifest_url,
+        allow_local_outside_root=config.allow_local_outside_root,
     )
     summary = run_extraction(
-        job, ClusterOptions(address=ray_address), options, lambda _: lease.renew_if_due()
+        job, ClusterOptions(address=run.ray_address), options, lambda _: run.lease.renew_if_due()
     )
     log.info(
         "extracted %d rows (%d ok, %d errors) into %s", summary.rows, summary.ok, summary.errors, run_store
@@ -368,7 +366,18 @@ def _reindex_locked(
     )
     fingerprint = manifest.manifest_fingerprint(table)
     run = _Run(
-        root_url, config, options, ray_address, on_stage, lease, live, plan, extraction, fingerprint, started
+        manifest_url,
+        root_url,
+        config,
+        options,
+        ray_address,
+        on_stage,
+        lease,
+        live,
+        plan,
+        extraction,
+        fingerprint,
+        started,
     )
     if live and not (plan.added or plan.changed or plan.deleted):
         return run.report(
@@ -388,6 +397,7 @@ def _reindex_locked(
 class _Run:
     """One re-index run's inputs, decided before anything is written."""
 
+    manifest_url: str
     root_url: str
     config: ReindexConfig
     options: Options
@@ -423,7 +433,7 @@ def _build_and_publish(run: _Run) -> ReindexReport:
     live, plan, options = run.live, run.plan, run.options
     run_name = _run_name(live.name if live else None, run.fingerprint, plan.todo, run.extraction)
     run_store = storage.join(run.root_url, versions.DESCRIPTORS, run_name)
-    extracted = _extract(plan, run_store, run.config, options, run.ray_address, run.lease)
+    extracted = _extract(plan, run_store, run, options)
     run.reached("extracted")
 
     name = versions.version_name(versions.version_number(live.name) + 1 if live else 1)

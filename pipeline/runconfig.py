@@ -21,6 +21,8 @@ relative to the config file's folder)::
     shard_size       manifest rows per descriptor shard [1000]
     local_dtype      float16 | int8 | float32 [float16]
     batch_size       images per forward pass [8]
+    allow_local_outside_root  rows may read any local file: outside the manifest's folder (or its
+                     image root), and from a remote manifest [false; such rows: local_file_refused errors]
 
     [index]
     factory          faiss index factory string [""; chosen from N, dim and memory_budget]
@@ -93,6 +95,7 @@ class ExtractSection:
     shard_size: int = 1000
     local_dtype: str = "float16"
     batch_size: int = 8
+    allow_local_outside_root: bool = False
 
 
 @dataclass(frozen=True)

@@ -409,6 +409,15 @@ def read_bytes(url: str, options: Options = None) -> bytes:
 _TAR_MEMBER = re.compile(r"(?P<tar>.+\.tar)#offset=(?P<offset>\d+)&size=(?P<size>\d+)")
 
 
+def local_path(url: str) -> str | None:
+    """The local file ``url`` reads (a tar member's: its tar), absolute; None when ``url`` is not local."""
+    member = _TAR_MEMBER.fullmatch(url)
+    target = member["tar"] if member else url
+    if not is_local(target):
+        return None
+    return os.path.abspath(filesystem(target)[1])
+
+
 def tar_member_url(tar_url: str, offset: int, size: int) -> str:
     """The URL :func:`read_bytes` reads one tar member's ``size`` data bytes at ``offset`` from."""
     return f"{tar_url}#offset={offset}&size={size}"

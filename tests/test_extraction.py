@@ -26,9 +26,10 @@ from PIL import Image
 
 from pipeline import storage, store
 from pipeline.config import get_preset
-from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, decode_rows, run_extraction
 from pipeline.features import Extractor
 from pipeline.images import load_image
+from pipeline.manifest import read_manifest
 from pipeline.model.delg import Delg
 from pipeline.store import StoreSettings
 from tests.models import calibrated_weights
@@ -264,6 +265,61 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights
     )
 
 
+def _local_files_layout(tmp_path: Path) -> str:
+    """m/m.parquet with rows inside its folder, beside it (../), through a symlink out of it, and /etc."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "m/images").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "m/images/in.jpg").write_bytes(_photo(rng, 96, 96))
+    (tmp_path / "outside/out.jpg").write_bytes(_photo(rng, 96, 96))
+    (tmp_path / "m/images/link.jpg").symlink_to(tmp_path / "outside/out.jpg")
+    depth = "../" * len(tmp_path.parts)  # from m/ up past the file system root
+    rows = [
+        {"id": "in", "url": "images/in.jpg"},
+        {"id": "up", "url": "../outside/out.jpg"},
+        {"id": "link", "url": "images/link.jpg"},
+        {"id": "etc", "url": "file:///etc/hostname"},
+        {"id": "etc-up", "url": f"{depth}etc/hostname"},
+    ]
+    return _manifest(tmp_path / "m/m.parquet", rows)
+
+
+def _decoded(job: ExtractionJob, options=None) -> tuple[list[str], dict[str, str]]:
+    """(ids decoded, {id: error reason}) of every row of the job's manifest, as the decode tasks do it."""
+    chunk = decode_rows(read_manifest(job.manifest_url, options, job.image_root), job, options)
+    return chunk.ids, {e.id: e.reason for e in chunk.errors}
+
+
+def test_local_files_outside_the_manifest_folder_need_the_opt_in(tmp_path):
+    job = ExtractionJob(_local_files_layout(tmp_path), str(tmp_path / "out"), CONFIG)
+    refused = {k: "local_file_refused" for k in ("up", "link", "etc", "etc-up")}
+    assert _decoded(job) == (["in"], refused)
+    # The opt-in reads them all (/etc/hostname is read, then is no image).
+    everything = replace(job, allow_local_outside_root=True)
+    assert _decoded(everything) == (["in", "up", "link"], {"etc": "not_an_image", "etc-up": "not_an_image"})
+    # An image root moves the root: now m/ is outside and outside/ inside.
+    rooted = replace(job, image_root=str(tmp_path / "outside"))
+    assert _decoded(rooted) == (
+        ["up", "link"],
+        {"in": "local_file_refused", "etc": "local_file_refused"} | {"etc-up": "local_file_refused"},
+    )
+
+
+def test_a_remote_manifest_reads_no_local_file_without_the_opt_in(tmp_path, s3_bucket):
+    image = tmp_path / "local.jpg"
+    image.write_bytes(_photo(np.random.default_rng(4), 96, 96))
+    storage.write_bytes(f"{s3_bucket.url}/remote.jpg", image.read_bytes(), s3_bucket.options)
+    rows = [{"id": "remote", "url": "remote.jpg"}, {"id": "file", "url": image.as_uri()}]
+    rows += [{"id": "path", "url": str(image)}]
+    manifest_url = f"{s3_bucket.url}/m.parquet"
+    storage.write_parquet(manifest_url, pa.Table.from_pylist(rows), s3_bucket.options)
+    job = ExtractionJob(manifest_url, str(tmp_path / "out"), CONFIG)
+    refused = {"file": "local_file_refused", "path": "local_file_refused"}
+    assert _decoded(job, s3_bucket.options) == (["remote"], refused)
+    everything = replace(job, allow_local_outside_root=True)
+    assert _decoded(everything, s3_bucket.options) == (["remote", "file", "path"], {})
+
+
 def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s3_bucket, http_server):
     """Manifest on S3, images on S3 and over HTTP (with a transient 503 and a 404), descriptors to S3."""
     from tests.servers import Fault
@@ -284,6 +340,7 @@ def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s
         {"id": "flaky", "url": server.url("flaky.jpg")},
         {"id": "http404", "url": server.url("nothing.jpg")},
         {"id": "s3missing", "url": f"{s3_bucket.url}/images/nothing.jpg"},
+        {"id": "localfile", "url": (web / "flaky.jpg").as_uri()},  # a good image, but a remote manifest's
     ]
     manifest_url = f"{s3_bucket.url}/manifests/m.parquet"
     storage.write_parquet(manifest_url, pa.Table.from_pylist(rows), options)
@@ -291,9 +348,10 @@ def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s
     out = f"{s3_bucket.url}/descriptors"
     job = ExtractionJob(manifest_url, out, CONFIG, f"{s3_bucket.url}/models/w.pt", shard_size=4)
     summary = run_extraction(job, ClusterOptions(address=ray_cluster), options)
-    assert (summary.ok, summary.errors) == (4, 2)
+    assert (summary.ok, summary.errors) == (4, 3)
     assert server.hits["/flaky.jpg"] == 3  # two 503s retried, then served
-    _assert_accounted(out, rows, {"http404": "missing", "s3missing": "missing"}, options)
+    expected = {"http404": "missing", "s3missing": "missing", "localfile": "local_file_refused"}
+    _assert_accounted(out, rows, expected, options)
     everything = b"".join(
         storage.read_bytes(u, options)
         for d in ("", "errors/", "_commits/")
