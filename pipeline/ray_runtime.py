@@ -1,12 +1,24 @@
 """Ray start-up, shared by every stage that runs on Ray (extraction, index build, reindex).
 
 Ray is imported inside the function so that importing a stage does not import Ray.
+
+A local Ray started here belongs to the command that started it: Ray's own atexit hook shuts it down when
+the command ends, and handlers installed here do so on SIGTERM/SIGINT, then end the process by that signal
+(a shell sees status 128 + the signal). Not by an exception: Ray turns one raised while the driver waits in
+``ray.get`` into ``SystemExit(1)``; ``finally`` blocks do not run, and the re-index lock of a process that
+is gone is taken over at once (pipeline.lease). During ``ray.init`` itself Ray's own SIGTERM handler applies
+(exit status 15, atexit shutdown). A SIGKILLed driver cannot clean up at all.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,3 +41,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log_to_driver=False,
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
+    _stop_ray_with_the_process()
+
+
+def _stop_ray_with_the_process() -> None:
+    """Shut the local Ray down on SIGTERM/SIGINT (Python allows handlers from the main thread only; elsewhere
+    Ray's atexit hook alone applies)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _shutdown_and_exit)
+
+
+def _shutdown_and_exit(signum: int, frame: FrameType | None) -> None:
+    import ray
+
+    for stop in STOP_SIGNALS:  # a second signal while shutting down must not start a second shutdown
+        signal.signal(stop, signal.SIG_IGN)
+    ray.shutdown()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # ends the process as the signal's default action does

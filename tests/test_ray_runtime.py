@@ -1,0 +1,92 @@
+"""A local Ray started by a command ends with it: a SIGTERM or SIGINT to the command leaves no Ray process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A driver that starts its local Ray through ensure_ray (as every command does), waits for an actor (a worker
+# process, a grandchild), says "ready" and then blocks inside ray.get, where a signal finds a busy command.
+DRIVER = """
+import time, ray
+from pipeline.ray_runtime import ensure_ray
+ensure_ray(num_cpus=1)
+
+@ray.remote
+class Holder:
+    def ping(self):
+        return True
+
+    def hold(self):
+        time.sleep(600)
+
+holder = Holder.remote()
+ray.get(holder.ping.remote())
+print("ready", flush=True)
+ray.get(holder.hold.remote())
+"""
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def _alive(processes: list, ray_tmp: str) -> list[str]:
+    """Descriptions of the session's processes still running: the given ones, and any naming its temp dir."""
+    import psutil
+
+    named = [p for p in psutil.process_iter() if any(ray_tmp in part for part in _cmdline(p))]
+    alive = []
+    for process in {p.pid: p for p in [*processes, *named]}.values():
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {' '.join(_cmdline(process))[:120]}")
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_command_leaves_no_ray_process(tmp_path, signum):
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="li-ray-")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LANDMARK_INDEX_RAY_TMP": ray_tmp}
+    log = tmp_path / "driver.log"
+    with log.open("wb") as stderr:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE, stderr=stderr
+        )
+    session: list = []
+    try:
+        assert driver.stdout is not None and driver.stdout.readline() == b"ready\n", log.read_text()[-2000:]
+        session = psutil.Process(driver.pid).children(recursive=True)
+        commands = " ".join(" ".join(_cmdline(p)) for p in session)
+        assert "raylet" in commands and "gcs_server" in commands and "ray::Holder" in commands, commands
+        driver.send_signal(signum)
+        assert driver.wait(timeout=120) == -signum, log.read_text()[-2000:]  # ended by the signal
+        deadline = time.monotonic() + 15  # workers notice their raylet is gone within a few seconds
+        while _alive(session, ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(session, ray_tmp) == [], f"Ray processes outlived the {signal.Signals(signum).name}"
+    finally:
+        for process in [psutil.Process(driver.pid), *session] if driver.poll() is None else session:
+            with suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
