@@ -114,9 +114,8 @@ class ExtractionSummary:
         return self.rows_this_run / max(self.seconds, 1e-9)
 
 
-FETCH_REASONS = frozenset(
-    {"missing", "scheme_not_allowed", "local_file_refused", "fetch_failed"}
-)  # the rest fail in decoding
+# Reasons of rows that fail before decoding; the rest fail in decoding.
+FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "local_file_refused", "fetch_failed"})
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def local_root(source: str, options: storage.Options = None, image_root: str | N
     """The local folder whose files the rows of manifest ``source`` may read without an opt-in: ``image_root``
     when given, else the manifest's own folder (a folder manifest: itself); None when that is not local."""
     if image_root:
-        return _absolute(image_root) if storage.is_local(image_root) else None
+        return storage.local_path(image_root)
     if not storage.is_local(source):
         return None
     source = _absolute(source)
