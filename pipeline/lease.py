@@ -75,6 +75,11 @@ def takeover_reason(held: Mapping[str, Any], now: float) -> str | None:
     return None
 
 
+def takeover_claim_url(lock_url: str, dead_owner: str) -> str:
+    """The object whose creator alone may replace the lock of ``dead_owner``."""
+    return f"{lock_url}.takeover-{hashlib.sha256(dead_owner.encode()).hexdigest()[:16]}"
+
+
 class Lease:
     """``ROOT/_lock.json``: taken when absent or its holder is gone, renewed while the run goes on, removed
     at the end. Call :meth:`renew_if_due` as work progresses (it extends the lease); a thread keeps the
@@ -145,8 +150,7 @@ class Lease:
     def _claim_takeover(self, dead_owner: str) -> None:
         """Become the one run that replaces ``dead_owner``'s lock, or raise LockHeldError. The claim holds
         our lock record, so a claim whose own taker died is itself taken over by the same rules."""
-        digest = hashlib.sha256(dead_owner.encode()).hexdigest()[:16]
-        claim = f"{self.url}.takeover-{digest}"
+        claim = takeover_claim_url(self.url, dead_owner)
         if not storage.write_if_absent(claim, self._record(), self.options):
             taker = json.loads(storage.read_text(claim, self.options))
             if takeover_reason(taker, time.time()) is None:

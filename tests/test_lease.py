@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pipeline import storage
-from pipeline.lease import LOCK, Lease, LockHeldError, process_started
+from pipeline.lease import LOCK, Lease, LockHeldError, process_started, takeover_claim_url
 
 CONTENDERS = 6
 
@@ -95,6 +95,27 @@ def test_a_race_to_take_over_a_dead_lease_has_one_winner(root):
     _assert_one_winner(root, *_race(root))
     takeover_claims = [u for u in storage.list_files(root.url, root.options) if ".takeover-" in u]
     assert takeover_claims == [], "the winner removes its takeover claim on release"
+
+
+def test_a_takeover_in_progress_is_respected_unless_its_taker_is_gone(tmp_path):
+    root = Root(str(tmp_path / "root"), None)
+    root.put(owner="dead", expires_at=time.time() - 1)
+    claim = takeover_claim_url(root.lock, "dead")
+    me = dict(host=socket.gethostname(), pid=os.getpid(), pid_started=process_started(os.getpid()))
+    taker = dict(
+        owner="taker", expires_at=time.time() + 600, heartbeat_at=time.time(), heartbeat_s=30.0, **me
+    )
+    storage.write_text(claim, json.dumps(taker))
+    with pytest.raises(LockHeldError, match="taker is taking over"):
+        Lease(root.url, 60).acquire()
+    assert root.held()["owner"] == "dead", "the live taker's takeover is left to it"
+    taker["pid_started"] -= 1  # the taker's process is gone (its pid now another process's)
+    storage.write_text(claim, json.dumps(taker))
+    lease = Lease(root.url, 60)
+    lease.acquire()
+    assert root.held()["owner"] == lease.owner
+    lease.release()
+    assert not storage.exists(claim)
 
 
 def _holder(root: Path) -> subprocess.Popen:
