@@ -118,8 +118,8 @@ def test_a_takeover_in_progress_is_respected_unless_its_taker_is_gone(tmp_path):
     assert not storage.exists(claim)
 
 
-def _holder(root: Path) -> subprocess.Popen:
-    """A separate process that takes the lease on ``root``, says so on stdout and then waits to be killed."""
+def _holder(root: Path) -> tuple[subprocess.Popen, str]:
+    """A separate process that takes the lease on ``root`` and then waits to be killed, and its owner id."""
     script = (
         "import sys, time; from pipeline.lease import Lease; "
         "lease = Lease(sys.argv[1], 3600); lease.acquire(); print(lease.owner, flush=True); time.sleep(600)"
@@ -129,16 +129,16 @@ def _holder(root: Path) -> subprocess.Popen:
         [sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True, env=env
     )
     assert holder.stdout is not None
-    holder.owner = holder.stdout.readline().strip()  # type: ignore[attr-defined]
-    assert holder.owner, "the holder process did not take the lease"  # type: ignore[attr-defined]
-    return holder
+    owner = holder.stdout.readline().strip()
+    assert owner, "the holder process did not take the lease"
+    return holder, owner
 
 
 def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     root = Root(str(tmp_path / "root"), None)
-    holder = _holder(tmp_path / "root")
+    holder, owner = _holder(tmp_path / "root")
     try:
-        with pytest.raises(LockHeldError, match=f"held by {holder.owner}"):  # type: ignore[attr-defined]
+        with pytest.raises(LockHeldError, match=f"held by {owner}"):
             Lease(root.url, 60).acquire()
         assert root.held()["pid"] == holder.pid
     finally:
