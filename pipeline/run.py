@@ -163,6 +163,7 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
             StoreSettings(local_dtype=config.extract.local_dtype),
             config.extract.shard_size,
             image_root=image_root or None,
+            decode_draft=config.extract.decode_draft,
         )
         return lambda: asdict(run_extraction(job, cluster, runner.options))
 

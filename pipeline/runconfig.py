@@ -21,6 +21,7 @@ relative to the config file's folder)::
     shard_size       manifest rows per descriptor shard [1000]
     local_dtype      float16 | int8 | float32 [float16]
     batch_size       images per forward pass [8]
+    decode_draft     decode JPEGs at reduced scale before capping: faster, slightly different features [false]
 
     [index]
     factory          faiss index factory string [""; chosen from N, dim and memory_budget]
@@ -93,6 +94,7 @@ class ExtractSection:
     shard_size: int = 1000
     local_dtype: str = "float16"
     batch_size: int = 8
+    decode_draft: bool = False
 
 
 @dataclass(frozen=True)

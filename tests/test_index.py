@@ -30,6 +30,7 @@ from pipeline.index import (
 )
 from pipeline.index.build import (
     draw_samples,
+    memory_request,
     merge_in_ram,
     part_urls,
     resolve_choice,
@@ -177,6 +178,15 @@ def test_training_as_a_ray_task_equals_training_in_process(tmp_path, built):
     assert n_train == summary["train_points"] > 0
     for name in (io.TRAINED, refine.QUANTIZER):
         assert Path(tmp_path, name).read_bytes() == Path(out, name).read_bytes(), name
+
+
+def test_memory_request_never_exceeds_the_largest_node():
+    """Otherwise a large estimate on a small (local) Ray waits forever for a node that cannot exist."""
+    import ray
+
+    largest = max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"])
+    assert memory_request(2**20) == 2**20
+    assert memory_request(10**15) == int(largest) < 10**15
 
 
 def test_step_memory_request_is_the_held_data_with_headroom():

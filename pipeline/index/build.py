@@ -322,8 +322,22 @@ def run_step(step: Callable[..., T], memory: int, cpus: float, gpus: int, *args:
     them) and ``cpus`` faiss threads; returns its (small) result."""
     import ray
 
-    task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, memory=memory)
+    task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, memory=memory_request(memory))
     return ray.get(task.remote(step, max(1, int(cpus)), *args))
+
+
+def memory_request(estimate: int) -> int:
+    """``estimate``, but never more than the largest live node offers: a request no node can meet would wait
+    forever (on a local Ray, or a cluster whose nodes are all that size); there the step runs as it always did."""
+    import ray
+
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if largest and estimate > largest:
+        log.warning(
+            "a build step needs ~%d B, more than any node's %d B: requesting %d B", estimate, largest, largest
+        )
+        return int(largest)
+    return estimate
 
 
 def _threaded(step: Callable[..., T], threads: int, *args: Any) -> T:
