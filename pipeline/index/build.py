@@ -49,9 +49,7 @@ class BuildConfig:
     tasks: int = 4  # Ray add tasks; each gets every tasks-th shard
     task_cpus: float = 0.5  # fractional: whole-CPU tasks starve other Ray work on small machines
     merge: str = "auto"  # "ram": merge_from in memory; "disk": merge_ondisk (local out only); "auto": by RAM
-    ram_fraction: float = (
-        0.5  # auto merges on disk when the parts exceed this share of the container's free RAM
-    )
+    ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of the free memory
     step_cpus: float = 1.0  # CPUs (faiss threads) of the train and merge tasks
     train_gpus: int = 0  # GPUs of the train task: faiss k-means runs on them (0: on its CPUs)
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
