@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
+    parser.add_argument(
+        "--decode-draft",
+        action="store_true",
+        help="Decode JPEGs at reduced scale before capping: faster, slightly different features.",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,6 +70,7 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         shard_size=args.shard_size,
         image_root=args.image_root or None,
         allow_local_outside_root=args.allow_local_outside_root,
+        decode_draft=args.decode_draft,
     )
     extraction = run_extraction(job, ClusterOptions(address=address), options)
     index = build_index(

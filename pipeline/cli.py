@@ -163,6 +163,12 @@ def extract(
     autocast: Annotated[Literal[AUTOCAST_DTYPES], typer.Option(help="CUDA mixed precision.")] = "none",
     channels_last: Annotated[bool, typer.Option(help="NHWC memory format (faster convs on GPUs).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass.")] = False,
+    decode_draft: Annotated[
+        bool,
+        typer.Option(
+            help="Decode JPEGs at reduced scale before capping: faster, slightly different features."
+        ),
+    ] = False,
 ) -> None:
     """Extract DELG descriptors for every manifest row into a sharded descriptor store (resumable).
 
@@ -181,6 +187,7 @@ def extract(
         shard_size=shard_size,
         image_root=image_root,
         allow_local_outside_root=allow_local_outside_root,
+        decode_draft=decode_draft,
     )
     runtime = RuntimeOptions(
         batch_size=batch_size,

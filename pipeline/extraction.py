@@ -8,7 +8,8 @@ the driver only moves small references and counts. Ray Data's streaming output h
 
 Data path per shard (the driver never touches pixels or descriptors)::
 
-    rows ──► decode_chunk (CPU task, many in parallel) ──► Extractor.extract (actor, one per GPU)
+    rows ──► decode_rows (CPU task, many in parallel: decode, crop, cap at max_side)
+         ──► Extractor.extract_prepared (actor, one per GPU)
          ──► write_shard_task (CPU task) ──► OUT/{global,local,errors}/part-K + _commits/part-K.json
 
 Backpressure: at most ``max_chunks_in_flight`` chunks are between decode and extract at any time, so
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import images, manifest, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
+from pipeline.features import PreparedImage, prepare_image
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 from pipeline.store import ErrorRecord, LocalFeatures, StoreSettings
@@ -56,6 +58,9 @@ class ExtractionJob:
     # manifest's folder when the manifest is local, else none (pipeline.manifest.local_root).
     allow_local_outside_root: bool = False
     origin_manifest_url: str | None = None  # the manifest the rows came from, if manifest_url is a subset
+    # JPEG DCT-domain (draft) / reduce() decoding before the exact cap: faster decode, slightly different
+    # pixels (see benchmarks/RESULTS.md); rows with a bbox are always decoded at full size
+    decode_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -120,11 +125,11 @@ FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "local_file_refused"
 
 @dataclass(frozen=True)
 class DecodedChunk:
-    """Rows of one chunk after fetch + decode: images for the good ones, error records for the rest."""
+    """Rows of one chunk after fetch + decode: images cropped and capped (what the extractor needs, at most
+    max_side² · 3 bytes each, whatever the photo's size) for the good rows, error records for the rest."""
 
     ids: list[str]
-    images: list[np.ndarray]  # (3, H, W) uint8 each
-    bboxes: list[tuple[float, float, float, float] | None]
+    images: list[PreparedImage]
     errors: list[ErrorRecord]
 
 
@@ -137,15 +142,14 @@ class ExtractedChunk:
 
 
 def decode_rows(rows: pa.Table, job: ExtractionJob, options: Options) -> DecodedChunk:
-    """Fetch and decode each row; a failing row becomes an error record, never an exception."""
+    """Fetch, decode, crop and cap each row; a failing row becomes an error record, never an exception."""
     ids: list[str] = []
-    decoded: list[np.ndarray] = []
-    bboxes: list[Any] = []
+    prepared: list[PreparedImage] = []
     errors: list[ErrorRecord] = []
     local_files = job.local_files(options)
     for row in rows.to_pylist():
         try:
-            image = images.load_image(row, options, job.allowed_schemes, job.max_pixels, local_files)
+            prepared.append(prepare_row(row, job, options, local_files))
         except images.ImageError as exc:
             stage = "fetch" if exc.reason in FETCH_REASONS else "decode"
             errors.append(
@@ -153,9 +157,27 @@ def decode_rows(rows: pa.Table, job: ExtractionJob, options: Options) -> Decoded
             )
             continue
         ids.append(row["id"])
-        decoded.append(image.numpy())
-        bboxes.append(tuple(row["bbox"]) if row.get("bbox") is not None else None)
-    return DecodedChunk(ids, decoded, bboxes, errors)
+    return DecodedChunk(ids, prepared, errors)
+
+
+def prepare_row(
+    row: dict[str, Any], job: ExtractionJob, options: Options, local_files: images.LocalFiles
+) -> PreparedImage:
+    """One manifest row's image as the extractor takes it: decoded (reduced with ``job.decode_draft``),
+    cropped to its bbox, capped at the config's max_side."""
+    data = images.fetch_image_bytes(
+        row.get("url"), row.get("image"), options, job.allowed_schemes, local_files
+    )
+    bbox = tuple(row["bbox"]) if row.get("bbox") is not None else None
+    max_side = job.config.max_side
+    if job.decode_draft and bbox is None:
+        reduced = images.decode_reduced(data, max_side, job.max_pixels)
+        return prepare_image(reduced.pixels, max_side, full_size=reduced.full_size)
+    pixels = images.decode_image(data, job.max_pixels)
+    try:
+        return prepare_image(pixels, max_side, bbox)  # type: ignore[arg-type]  # 4 floats, checked there
+    except ValueError as exc:  # only the bbox can be wrong here: the pixels come from decode_image
+        raise images.ImageError("bad_bbox", str(exc)) from exc
 
 
 class ExtractorActor:
@@ -172,20 +194,17 @@ class ExtractorActor:
         self.extractor = build_extractor(job.config, job.weights_url, options=options, runtime=runtime)
 
     def extract(self, chunk: DecodedChunk) -> ExtractedChunk:
-        import torch
-
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)) for im in chunk.images]
         try:
-            features = self.extractor.extract(tensors, chunk.bboxes)
+            features = self.extractor.extract_prepared(chunk.images)
         except Exception:  # isolate the image that breaks the batch: the others still get descriptors
-            return self._one_by_one(chunk, tensors)
+            return self._one_by_one(chunk)
         return _assemble(chunk, list(zip(chunk.ids, features, strict=True)), [])
 
-    def _one_by_one(self, chunk: DecodedChunk, tensors: list[Any]) -> ExtractedChunk:
+    def _one_by_one(self, chunk: DecodedChunk) -> ExtractedChunk:
         good, failed = [], []
-        for image_id, tensor, bbox in zip(chunk.ids, tensors, chunk.bboxes, strict=True):
+        for image_id, image in zip(chunk.ids, chunk.images, strict=True):
             try:
-                good.append((image_id, self.extractor.extract([tensor], [bbox])[0]))
+                good.append((image_id, self.extractor.extract_prepared([image])[0]))
             except Exception as exc:
                 failed.append(
                     ErrorRecord(image_id, "", "extract", "extract_failed", f"{type(exc).__name__}: {exc}")
@@ -240,6 +259,7 @@ def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) 
         "manifest_fingerprint": fingerprint,
         "manifest_rows": rows,
         "shard_size": job.shard_size,
+        "decode_draft": job.decode_draft,
         "store": asdict(job.store),
         "rerank": rerank_settings(job.config.local_head),  # re-ranking defaults for these features
     }
@@ -253,9 +273,11 @@ def _check_resumable(existing: dict[str, Any], wanted: dict[str, Any], out_url: 
         "weights_sha256",
         "backbone_weights_sha256",
         "shard_size",
+        "decode_draft",
         "store",
     )
-    different = [k for k in keys if existing.get(k) != wanted.get(k)]
+    older = {"decode_draft": False}  # keys added since stores were first written: their value back then
+    different = [k for k in keys if existing.get(k, older.get(k)) != wanted.get(k)]
     if different:
         raise ValueError(
             f"{storage.redact(out_url)} holds descriptors of a different run (differs in: {', '.join(different)}); "

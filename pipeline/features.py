@@ -9,6 +9,8 @@ Local: all scales pooled, attention ≥ threshold, top-K by attention; keypoints
 receptive-box centres (offset + stride · i in scaled pixels) divided by the scale and by the capping
 factor, plus the crop origin: ORIGINAL image pixels.
 
+The crop and cap are :func:`prepare_image`, so a decode task can do them and ship the small capped crop
+(:meth:`Extractor.extract_prepared`) instead of the full photo; the result is the same either way.
 Images with the same capped shape have the same shape at every scale: they are grouped and run in
 chunks of ``batch_size``. A single image is a batch of one through the same code.
 """
@@ -28,6 +30,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
+from pipeline.images import capped_size
 from pipeline.model.delg import Delg, LocalAndGlobal
 from pipeline.model.geometry import ReceptiveField
 from pipeline.model.weights import load_pretrained
@@ -48,12 +51,17 @@ class ImageFeatures:
 
 
 @dataclass(frozen=True)
-class _Crop:
-    """One input image after validation and cropping (still uint8, not yet resized)."""
+class PreparedImage:
+    """One image ready for the model: cropped to its bbox and capped at max_side, still uint8. Small enough to
+    ship (a decode task prepares it, the extractor runs it); keypoints map back through origin and crop_size."""
 
-    pixels: torch.Tensor  # (3, h, w) uint8
+    pixels: np.ndarray  # (3, h, w) uint8, C-contiguous (zero-copy through Ray's object store)
     origin: tuple[int, int]  # (x0, y0) of the crop in the original image
-    capped_size: tuple[int, int]  # (h, w) after capping the longest side
+    crop_size: tuple[int, int]  # (h, w) of the crop in ORIGINAL pixels (pixels' size before capping)
+
+    @property
+    def capped_size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
 
 
 @dataclass
@@ -65,15 +73,6 @@ class _Accumulator:
     keypoints: list[np.ndarray] = field(default_factory=list)  # per scale (n, 2)
     descriptors: list[np.ndarray] = field(default_factory=list)  # per scale (n, d)
     scales: list[np.ndarray] = field(default_factory=list)  # per scale (n,)
-
-
-def capped_size(height: int, width: int, max_side: float) -> tuple[int, int]:
-    """(h, w) with the longest side at most ``max_side`` (never upscaled), rounded like the reference."""
-    longest = max(height, width)
-    if longest <= max_side:
-        return height, width
-    factor = max_side / longest
-    return max(1, round(height * factor)), max(1, round(width * factor))
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -118,6 +117,30 @@ def crop_bounds(bbox: BBox, height: int, width: int) -> tuple[int, int, int, int
             f"and 0 <= y0 < y1 <= {height}"
         )
     return x0, y0, x1, y1
+
+
+def prepare_image(
+    image: torch.Tensor,
+    max_side: int,
+    bbox: BBox | None = None,
+    full_size: tuple[int, int] | None = None,
+    index: int = 0,
+) -> PreparedImage:
+    """Crop ``image`` to ``bbox`` and cap it as the reference does: the crop's longest side at
+    max_side · (crop's longest side / image's longest side), PIL antialiased bilinear, downscale only.
+
+    ``full_size`` (H, W): ``image`` is a reduced decode (JPEG draft / reduce) of an image of that size; the
+    capped size and keypoint scale still come from the full size. Only whole images can be reduced.
+    """
+    image = validate_image(image, index)
+    height, width = full_size or tuple(image.shape[-2:])
+    if full_size is not None and bbox is not None:
+        raise ValueError("a bbox needs the image at full size: crop bounds are original pixels")
+    x0, y0, x1, y1 = (0, 0, width, height) if bbox is None else crop_bounds(bbox, height, width)
+    # The reference caps a crop at max_side · (crop's longest side / image's longest side).
+    crop_max_side = (max(y1 - y0, x1 - x0) / max(height, width)) * max_side
+    capped = pil_bilinear(image[:, y0:y1, x0:x1], capped_size(y1 - y0, x1 - x0, crop_max_side))
+    return PreparedImage(np.ascontiguousarray(capped.numpy()), (x0, y0), (y1 - y0, x1 - x0))
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -171,9 +194,17 @@ class Extractor:
             raise ValueError(
                 f"got {len(bboxes)} bboxes for {len(images)} images; need one (or None) per image"
             )
-        crops = [
-            self._crop(i, image, bbox) for i, (image, bbox) in enumerate(zip(images, bboxes, strict=True))
-        ]
+        max_side = self.config.max_side
+        return self.extract_prepared(
+            [
+                prepare_image(image, max_side, bbox, index=i)
+                for i, (image, bbox) in enumerate(zip(images, bboxes, strict=True))
+            ]
+        )
+
+    def extract_prepared(self, crops: Sequence[PreparedImage]) -> list[ImageFeatures]:
+        """Features of images already cropped and capped by :func:`prepare_image` (at this config's
+        max_side), in input order."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(crops):
             groups[crop.capped_size].append(i)
@@ -192,20 +223,11 @@ class Extractor:
     def extract_single(self, image: torch.Tensor, bbox: BBox | None = None) -> ImageFeatures:
         return self.extract([image], [bbox])[0]
 
-    def _crop(self, index: int, image: torch.Tensor, bbox: BBox | None) -> _Crop:
-        image = validate_image(image, index)
-        height, width = image.shape[-2:]
-        x0, y0, x1, y1 = (0, 0, width, height) if bbox is None else crop_bounds(bbox, height, width)
-        pixels = image[:, y0:y1, x0:x1]
-        # The reference caps a crop at max_side · (crop's longest side / image's longest side).
-        max_side = (max(y1 - y0, x1 - x0) / max(height, width)) * self.config.max_side
-        return _Crop(pixels, (x0, y0), capped_size(y1 - y0, x1 - x0, max_side))
-
     def _autocast(self) -> torch.autocast:
         dtype = _AUTOCAST_DTYPES.get(self.runtime.autocast)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _extract_chunk(self, crops: list[_Crop]) -> list[ImageFeatures]:
+    def _extract_chunk(self, crops: list[PreparedImage]) -> list[ImageFeatures]:
         """Crops sharing one capped shape → features, one forward pass per scale."""
         batch = torch.stack([self._capped(crop) for crop in crops])  # (B, 3, h, w) float, 0..255
         accumulators = [_Accumulator() for _ in crops]
@@ -219,9 +241,10 @@ class Extractor:
                 self._collect_local(acc, output.attention[b], output.descriptors[b], scale, crop)
         return [self._finish(acc) for acc in accumulators]
 
-    def _capped(self, crop: _Crop) -> torch.Tensor:
-        """(3, h, w) uint8 crop → (3, *capped_size) float32 on the device."""
-        return pil_bilinear(crop.pixels, crop.capped_size).to(self.device, non_blocking=True).float()
+    def _capped(self, crop: PreparedImage) -> torch.Tensor:
+        """(3, h, w) uint8 capped crop → (3, h, w) float32 on the device."""
+        # a copy: arrays from Ray's object store are read-only, which torch.from_numpy warns about
+        return torch.tensor(crop.pixels).to(self.device, non_blocking=True).float()
 
     def _run_scale(self, batch: torch.Tensor, scale: float, with_global: bool) -> LocalAndGlobal:
         """(B, 3, h, w) capped images → model outputs at ``scale``, in forward passes of at most
@@ -250,7 +273,12 @@ class Extractor:
         return self._forward(x, with_global)
 
     def _collect_local(
-        self, acc: _Accumulator, attention: torch.Tensor, descriptors: torch.Tensor, scale: float, crop: _Crop
+        self,
+        acc: _Accumulator,
+        attention: torch.Tensor,
+        descriptors: torch.Tensor,
+        scale: float,
+        crop: PreparedImage,
     ) -> None:
         """Keep this scale's candidates: attention ≥ threshold, then its own top-K (the final top-K over
         all scales can only pick among these). attention (h, w), descriptors (d, h, w)."""
@@ -265,9 +293,9 @@ class Extractor:
         acc.keypoints.append(self._keypoints(rows, cols, scale, crop))
         acc.scales.append(np.full(len(keep), scale, dtype=np.float32))
 
-    def _keypoints(self, rows: np.ndarray, cols: np.ndarray, scale: float, crop: _Crop) -> np.ndarray:
+    def _keypoints(self, rows: np.ndarray, cols: np.ndarray, scale: float, crop: PreparedImage) -> np.ndarray:
         """Receptive-field centres (n, 2) (x, y) of feature rows/cols at ``scale``, in original pixels."""
-        crop_h, crop_w = crop.pixels.shape[-2:]
+        crop_h, crop_w = crop.crop_size
         capped_h, capped_w = crop.capped_size
         x = _to_original(cols, self.keypoint_field, scale, capped_w, crop_w, crop.origin[0])
         y = _to_original(rows, self.keypoint_field, scale, capped_h, crop_h, crop.origin[1])

@@ -7,6 +7,8 @@ Decoding policy (pillow):
 - more than one frame (GIF, APNG, WebP, multi-page TIFF) is "animated"; an MPO (camera JPEG with extra
   pictures) is decoded as its primary picture;
 - truncated data is an error ("truncated"): ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False;
+- a reduced decode (:func:`decode_reduced`, for images that are capped next) uses JPEG DCT scaling
+  (``Image.draft``) or ``Image.reduce``, never below the capped size;
 - EXIF orientation is applied; grayscale and CMYK become RGB; 16-bit grayscale (I;16*, and I read as 16-bit
   data) is scaled to 8 bits with round(v * 255 / 65535); transparency (RGBA, LA, PA, palette with a
   transparent colour) is composited on white, so transparent regions look like a plain background.
@@ -37,6 +39,7 @@ REASONS = (
     "scheme_not_allowed",  # the url's scheme is not in allowed_schemes
     "local_file_refused",  # a local file the manifest may not read (see LocalFiles)
     "fetch_failed",  # storage kept failing (network, permissions, server errors)
+    "bad_bbox",  # the row's bbox is empty or outside its image
 )
 LOCAL = "local"  # the scheme name that allows plain local paths (and fsspec's local://)
 DEFAULT_ALLOWED_SCHEMES = frozenset({"http", "https", "s3", "gs", "file", LOCAL})
@@ -46,6 +49,9 @@ SAFE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG includes MP
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _TO_RGB_MODES = {"L", "1", "CMYK", "YCbCr", "RGBX"}
+_DRAFT_FORMATS = {"JPEG", "MPO"}  # pillow decodes these at 1/2, 1/4, 1/8 scale in the DCT domain
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_ORIENTATION = 0x0112
 
 
 class ImageError(Exception):
@@ -128,8 +134,38 @@ def fetch_image_bytes(
         raise ImageError("fetch_failed", f"cannot read {where}: {detail}") from None
 
 
+@dataclass(frozen=True)
+class ReducedImage:
+    pixels: torch.Tensor  # (3, h, w) uint8 RGB, upright; h ≤ H, w ≤ W, never below the capped size
+    full_size: tuple[int, int]  # (H, W) of the upright image at full resolution
+
+
+def capped_size(height: int, width: int, max_side: float) -> tuple[int, int]:
+    """(h, w) with the longest side at most ``max_side`` (never upscaled), rounded like the reference."""
+    longest = max(height, width)
+    if longest <= max_side:
+        return height, width
+    factor = max_side / longest
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode ``data`` into a uint8 RGB tensor (3, H, W), upright as EXIF says. Raises :class:`ImageError`."""
+    return _decode(data, max_pixels, None).pixels
+
+
+def decode_reduced(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ReducedImage:
+    """Decode ``data`` cheaply for an image that is capped at ``max_side`` next: JPEG in the DCT domain at
+    1/2, 1/4 or 1/8 scale (``Image.draft``), other formats shrunk by an integer box filter (``Image.reduce``),
+    by the largest factor that keeps both sides ≥ the capped size. The pixels differ from resizing the full
+    decode (DCT/box filtering instead of bilinear). Raises :class:`ImageError`."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be a positive pixel count, got {max_side}")
+    return _decode(data, max_pixels, max_side)
+
+
+def _decode(data: bytes, max_pixels: int, max_side: int | None) -> ReducedImage:
+    """Full decode when ``max_side`` is None, else reduced for capping at ``max_side``."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass silently"
@@ -139,13 +175,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Ten
     if not data:
         raise ImageError("empty", "empty image: 0 bytes")
     image = _open_checked(data, max_pixels)
+    width, height = image.size
+    capped_h, capped_w = capped_size(height, width, max_side) if max_side else (height, width)
+    factor = min(height // capped_h, width // capped_w)  # the largest that keeps both sides ≥ capped
     try:
+        if factor > 1 and image.format in _DRAFT_FORMATS:
+            # pillow picks the largest DCT scale (8, 4, 2) ≤ min(W // w, H // h) = factor for this request
+            image.draft("RGB", (capped_w, capped_h))
+            factor = 1
         image.load()
+        if image.getexif().get(_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:  # after load: PNG's may trail
+            width, height = height, width
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of upright images
     except Exception as exc:  # pillow raises OSError, SyntaxError, ValueError... for bad data
         raise _decode_error(image.format, exc) from exc
-    bands = _to_rgb(image).split()  # planar R, G, B: one pass, no HWC -> CHW transpose
-    return torch.from_numpy(np.stack([np.asarray(band) for band in bands]))  # (3, H, W) uint8
+    rgb = _to_rgb(image)
+    if factor > 1:
+        rgb = rgb.reduce(factor)
+    bands = rgb.split()  # planar R, G, B: one pass, no HWC -> CHW transpose
+    pixels = torch.from_numpy(np.stack([np.asarray(band) for band in bands]))  # (3, h, w) uint8
+    return ReducedImage(pixels, (height, width))
 
 
 def load_image(

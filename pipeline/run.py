@@ -164,6 +164,7 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
             config.extract.shard_size,
             image_root=image_root or None,
             allow_local_outside_root=config.extract.allow_local_outside_root,
+            decode_draft=config.extract.decode_draft,
         )
         return lambda: asdict(run_extraction(job, cluster, runner.options))
 

@@ -23,6 +23,7 @@ relative to the config file's folder)::
     batch_size       images per forward pass [8]
     allow_local_outside_root  rows may read any local file: outside the manifest's folder (or its
                      image root), and from a remote manifest [false; such rows: local_file_refused errors]
+    decode_draft     decode JPEGs at reduced scale before capping: faster, slightly different features [false]
 
     [index]
     factory          faiss index factory string [""; chosen from N, dim and memory_budget]
@@ -96,6 +97,7 @@ class ExtractSection:
     local_dtype: str = "float16"
     batch_size: int = 8
     allow_local_outside_root: bool = False
+    decode_draft: bool = False
 
 
 @dataclass(frozen=True)

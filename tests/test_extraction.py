@@ -162,6 +162,8 @@ def test_resume_refuses_a_different_run(tmp_path, ray_cluster, weights):
     other = replace(job, config=replace(CONFIG, max_local_features=10))
     with pytest.raises(ValueError, match=r"different run.*config"):
         run_extraction(other, ClusterOptions(address=ray_cluster))
+    with pytest.raises(ValueError, match=r"different run.*decode_draft"):  # other pixels, other features
+        run_extraction(replace(job, decode_draft=True), ClusterOptions(address=ray_cluster))
 
 
 def _actor_pids() -> list[int]:

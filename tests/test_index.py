@@ -30,12 +30,16 @@ from pipeline.index import (
 )
 from pipeline.index.build import (
     draw_samples,
+    memory_request,
     merge_in_ram,
     part_urls,
+    resolve_choice,
     sample_rows,
     shard_rows,
+    step_memory_bytes,
     train,
     train_size,
+    train_step,
 )
 from pipeline.index.params import HNSW_QUANTIZER_FROM, MIN_POINTS_PER_LIST, choose_nlist
 from pipeline.results import RESULTS_SCHEMA
@@ -161,6 +165,34 @@ def test_build_trains_on_the_drawn_sample(built, data):
     sample = data[rows[: len(rows) // 2]]  # a different sample must give a different trained index
     expected = io.index_to_bytes(train(FACTORY, data[rows], DIM))
     assert Path(out, io.TRAINED).read_bytes() == expected != io.index_to_bytes(train(FACTORY, sample, DIM))
+
+
+def test_training_as_a_ray_task_equals_training_in_process(tmp_path, built):
+    """build_index trains in a Ray task (memory request, off the driver); the same step in this process must
+    write byte-identical trained and refinement indexes."""
+    store_url, out, summary = built
+    urls = store.global_shard_urls(store_url)
+    choice = resolve_choice(FACTORY, None, N, DIM, FAST.refine)
+    assert choice.refine == summary["refine"] != "none"
+    n_train, _ = train_step(choice, urls, shard_rows(urls), str(tmp_path), FAST, None)
+    assert n_train == summary["train_points"] > 0
+    for name in (io.TRAINED, refine.QUANTIZER):
+        assert Path(tmp_path, name).read_bytes() == Path(out, name).read_bytes(), name
+
+
+def test_memory_request_never_exceeds_the_largest_node():
+    """Otherwise a large estimate on a small (local) Ray waits forever for a node that cannot exist."""
+    import ray
+
+    largest = max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"])
+    assert memory_request(2**20) == 2**20
+    assert memory_request(10**15) == int(largest) < 10**15
+
+
+def test_step_memory_request_is_the_held_data_with_headroom():
+    # 1000 float32 vectors of 64 dims = 256,000 B, plus a 10,000 B index, twice, plus the 512 MiB worker base
+    assert step_memory_bytes(1000, 64, 10_000) == 2 * (256_000 + 10_000) + 512 * 2**20 == 537_402_912
+    assert step_memory_bytes(0, 2048) == 512 * 2**20
 
 
 @pytest.mark.parametrize("n", [250_000, 1_000_000, 100_000_000])

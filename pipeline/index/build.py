@@ -1,13 +1,17 @@
-"""Distributed index build: train once on a random sample → add shards in parallel Ray tasks → merge → measure."""
+"""Distributed index build: train once on a random sample → add shards in parallel Ray tasks → merge → measure.
+
+Every heavy step is a Ray task with a memory request sized from what it holds (:func:`step_memory_bytes`): the
+training sample and k-means, the adds, the merge and the recall measurement run where the scheduler finds that
+memory, never in the job driver on the head pod. The driver holds only shard sizes and sample positions."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -26,11 +30,15 @@ from pipeline.index.params import (
 )
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
+from pipeline.resources import available_memory_bytes
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
 
 REFINE_SAMPLE = 2**16  # rows that train the SQ8 ranges when the index itself needs no training sample
+STEP_MEMORY_FACTOR = 2  # k-means adds residuals as large as the sample; a RAM merge holds merged + one part
+STEP_BASE_MEMORY = 512 * 2**20  # a worker's interpreter, faiss and pyarrow
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,9 @@ class BuildConfig:
     tasks: int = 4  # Ray add tasks; each gets every tasks-th shard
     task_cpus: float = 0.5  # fractional: whole-CPU tasks starve other Ray work on small machines
     merge: str = "auto"  # "ram": merge_from in memory; "disk": merge_ondisk (local out only); "auto": by RAM
-    ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of physical RAM
+    ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of the free memory
+    step_cpus: float = 1.0  # CPUs (faiss threads) of the train and merge tasks
+    train_gpus: int = 0  # GPUs of the train task: faiss k-means runs on them (0: on its CPUs)
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -49,8 +59,11 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
-        if self.tasks < 1 or self.task_cpus <= 0:
-            raise ValueError(f"tasks={self.tasks}, task_cpus={self.task_cpus}; need tasks ≥ 1, task_cpus > 0")
+        if self.tasks < 1 or self.task_cpus <= 0 or self.step_cpus <= 0 or self.train_gpus < 0:
+            raise ValueError(
+                f"tasks={self.tasks}, task_cpus={self.task_cpus}, step_cpus={self.step_cpus}, "
+                f"train_gpus={self.train_gpus}; need tasks ≥ 1, task_cpus > 0, step_cpus > 0, train_gpus ≥ 0"
+            )
         if self.refine != "auto" and self.refine not in REFINE_KINDS:
             raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
 
@@ -235,11 +248,10 @@ def check_disk_output(out_url: str) -> None:
 
 
 def choose_merge(config: BuildConfig, parts: Sequence[str], out_url: str, options: Options) -> bool:
-    """True to merge on disk: asked for, or (auto) the parts would take too much of this host's RAM."""
+    """True to merge on disk: asked for, or (auto) the parts would take too much of the memory this container
+    may still use (its cgroup limit, not the host's RAM)."""
     if config.merge == "auto":
-        size = sum(storage.info(p, options)["size"] for p in parts)
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        on_disk = size > config.ram_fraction * ram
+        on_disk = parts_bytes(parts, options) > config.ram_fraction * available_memory_bytes()
     else:
         on_disk = config.merge == "disk"
     if on_disk:
@@ -286,6 +298,51 @@ def resolve_choice(
     return IndexChoice(factory, "factory given by the user", nlist, 0, 0, kind)
 
 
+def sample_sizes(choice: IndexChoice, total: int, dim: int, config: BuildConfig) -> tuple[int, int]:
+    """(points that train the index, rows of the training sample): one sample trains both the index and the
+    refinement; SQ8 ranges still need one when the index does not (reused or untrained)."""
+    n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
+    return n_train, n_train or (min(total, REFINE_SAMPLE) if choice.refine == "sq8" else 0)
+
+
+def step_memory_bytes(vectors: int, dim: int, index_bytes: int = 0) -> int:
+    """Memory a build step requests from Ray: it holds ``vectors`` float32 vectors of ``dim`` and an index of
+    ``index_bytes``, times :data:`STEP_MEMORY_FACTOR` for faiss's working copies, plus a worker's own footprint."""
+    return STEP_MEMORY_FACTOR * (vectors * dim * 4 + index_bytes) + STEP_BASE_MEMORY
+
+
+def parts_bytes(parts: Sequence[str], options: Options = None) -> int:
+    return sum(storage.info(p, options)["size"] for p in parts)
+
+
+def run_step(step: Callable[..., T], memory: int, cpus: float, gpus: int, *args: Any) -> T:
+    """``step(*args)`` as a Ray task that requests ``memory`` bytes (the scheduler places it on a node that has
+    them) and ``cpus`` faiss threads; returns its (small) result."""
+    import ray
+
+    task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, memory=memory_request(memory))
+    return ray.get(task.remote(step, max(1, int(cpus)), *args))
+
+
+def memory_request(estimate: int) -> int:
+    """``estimate``, but never more than the largest live node offers: a request no node can meet would wait
+    forever (on a local Ray, or a cluster whose nodes are all that size); there the step runs as it always did."""
+    import ray
+
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if largest and estimate > largest:
+        log.warning(
+            "a build step needs ~%d B, more than any node's %d B: requesting %d B", estimate, largest, largest
+        )
+        return int(largest)
+    return estimate
+
+
+def _threaded(step: Callable[..., T], threads: int, *args: Any) -> T:
+    faiss.omp_set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; be explicit as the adds are
+    return step(*args)
+
+
 def train_step(
     choice: IndexChoice,
     shard_urls: Sequence[str],
@@ -299,9 +356,7 @@ def train_step(
     Returns the training points used by the index and the held-out query rows.
     """
     total, dim = sum(counts), shard_dim(shard_urls[0], options)
-    n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
-    # one sample trains both; SQ8 ranges still need one when the index does not (reused or untrained)
-    n_sample = n_train or (min(total, REFINE_SAMPLE) if choice.refine == "sq8" else 0)
+    n_train, n_sample = sample_sizes(choice, total, dim, config)
     rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
     sample = sample_rows(shard_urls, counts, rows, options)
     if config.trained_url:
@@ -343,6 +398,61 @@ def quality_step(
     return quality
 
 
+def merge_and_measure(
+    out_url: str,
+    tasks: int,
+    choice: IndexChoice,
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    query_rows: np.ndarray,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[int, bool, dict[str, Any], dict[str, float]]:
+    """Merge, then measure recall, in one step: both need the merged index in memory.
+
+    Returns (vectors in the index, merged on disk, quality.json's content, {merge_s, quality_s})."""
+    start = time.perf_counter()
+    index, on_disk = merge_parts(out_url, tasks, config, options)
+    merged = time.perf_counter()
+    quality = quality_step(index, choice, shard_urls, counts, query_rows, out_url, options, config)
+    timings = {"merge_s": merged - start, "quality_s": time.perf_counter() - merged}
+    return int(index.ntotal), on_disk, quality, timings
+
+
+def _train_task(
+    choice: IndexChoice,
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    out_url: str,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[int, np.ndarray]:
+    """:func:`train_step` on Ray, requesting the memory of its sample and the index's centroids."""
+    dim = shard_dim(shard_urls[0], options)
+    memory = step_memory_bytes(sample_sizes(choice, sum(counts), dim, config)[1], dim, choice.nlist * dim * 4)
+    args = (choice, shard_urls, counts, out_url, config, options)
+    return run_step(train_step, memory, config.step_cpus, config.train_gpus, *args)
+
+
+def _merge_task(
+    tasks: int,
+    choice: IndexChoice,
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    query_rows: np.ndarray,
+    out_url: str,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[int, bool, dict[str, Any], dict[str, float]]:
+    """:func:`merge_and_measure` on Ray, requesting the memory of the merged parts, the held-out queries and
+    one shard (exact search reads the shards one at a time)."""
+    parts = [part_urls(out_url, t)[0] for t in range(tasks)]
+    dim = shard_dim(shard_urls[0], options)
+    memory = step_memory_bytes(len(query_rows) + max(counts), dim, parts_bytes(parts, options))
+    args = (out_url, tasks, choice, shard_urls, counts, query_rows, config, options)
+    return run_step(merge_and_measure, memory, config.step_cpus, 0, *args)
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -369,31 +479,28 @@ def build_index(
         raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
     choice = resolve_choice(factory, memory_budget, total, dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
+    ensure_ray(ray_address)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    n_train, query_rows = train_step(choice, shard_urls, counts, out_url, config, options)
+    n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ensure_ray(ray_address)
     added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
     assert sum(added) == total, (added, total)
     timings["add_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    index, on_disk = merge_parts(out_url, len(added), config, options)
-    timings["merge_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    quality = quality_step(index, choice, shard_urls, counts, query_rows, out_url, options, config)
-    timings["quality_s"] = time.perf_counter() - start
+    ntotal, on_disk, quality, step_timings = _merge_task(
+        len(added), choice, shard_urls, counts, query_rows, out_url, config, options
+    )
+    timings.update(step_timings)
 
     summary = {
         **asdict(choice),
         "dim": dim,
         "metric": "inner_product",
-        "ntotal": int(index.ntotal),
+        "ntotal": ntotal,
         "next_id": total,
         "train_points": n_train,
         "trained_from": config.trained_url,
