@@ -44,7 +44,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     merge            ram | disk | auto [auto]
     tasks, task_cpus  parallel Ray add tasks, CPUs each [4, 0.5]
     seed             sample seed [0]
-    max_points_per_centroid, max_train_bytes  training sample bounds [256, 8 GiB]
+    max_points_per_centroid, max_train_bytes  training sample bounds [256, 8589934592: 8 GiB]
     ram_fraction     auto merges on disk beyond this share of physical RAM [0.5]
     trained_url      reuse this trained empty index instead of training [unset]
 
@@ -62,7 +62,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
                      global features, then verify the refined shortlist) [verify]
     top              how many of the shortlist to verify [100]
     max_distance     putative match if descriptor L2 distance is below this [1.0]
-    ratio            Lowe ratio test, 0 = off [0]
+    ratio            Lowe ratio test, 0 = off [unset: off]
     mutual           keep only mutual nearest neighbours [false]
     model            affine | homography [affine]
     residual_in      query | candidate: whose pixels the threshold is in [query]

@@ -172,25 +172,83 @@ def test_run_config_sections_are_the_library_settings(section: str) -> None:
         assert fields[key].default == expected, key
 
 
-def documented_keys() -> dict[str, set[str]]:
-    """Section ("" for the top level) → keys the run config module's docstring documents."""
+def documented_defaults() -> dict[str, dict[str, str | None]]:
+    """Section ("" for the top level) → key → the default its docstring entry shows in brackets (None: none
+    shown), from the run config module's docstring."""
     block = runconfig.__doc__.split("::", 1)[1]
-    section, found = "", {}
+    section, entries = "", []  # (section, keys, entry text)
     for line in block.splitlines():
         header = re.match(r"^    \[(\w+)\]", line)
+        keys = re.match(r"^    ([a-z0-9_]+(?:, [a-z0-9_]+)*)(?:\s{2,}|$)", line)
         if header:
             section = header.group(1)
-            continue
-        keys = re.match(r"^    ([a-z0-9_]+(?:, [a-z0-9_]+)*)(?:\s{2,}|$)", line)
-        if keys:
-            found.setdefault(section, set()).update(keys.group(1).split(", "))
+        elif keys:
+            entries.append((section, keys.group(1).split(", "), line))
+        elif line.startswith("     ") and entries and entries[-1][0] == section:
+            entries[-1] = (*entries[-1][:2], entries[-1][2] + " " + line.strip())
+    found: dict[str, dict[str, str | None]] = {}
+    for section, keys, text in entries:
+        shown = re.search(r"\[((?:[^\[\]]|\[[^\]]*\])*)\]$", text)
+        parts = _split_top_level(shown.group(1)) if shown and len(keys) > 1 else [shown and shown.group(1)]
+        values = parts if len(parts) == len(keys) else [None] * len(keys)
+        found.setdefault(section, {}).update(zip(keys, values, strict=True))
     return found
+
+
+def _split_top_level(text: str) -> list[str]:
+    """ "1, [2, 3], x" → ["1", "[2, 3]", "x"]."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def _shown_value(text: str) -> object:
+    """A bracketed default as a value: "unset: ..." → None, TOML literals parsed, anything else as text."""
+    import tomllib
+
+    value = re.split(r"[:;]", text, maxsplit=1)[0].strip()
+    if value == "unset":
+        return None
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
 
 
 def test_the_run_config_docstring_documents_every_key_and_no_other() -> None:
     keys = {"": {"out", "ray_address"}}
     keys |= {name: {f.name for f in dataclasses.fields(cls)} for name, cls in runconfig.SECTIONS.items()}
-    assert documented_keys() == keys
+    assert {section: set(found) for section, found in documented_defaults().items()} == keys
+
+
+def test_the_run_config_docstring_shows_the_library_defaults() -> None:
+    defaults = {"": {"ray_address": None}, "data": {}}
+    defaults["data"] = {f.name: f.default for f in dataclasses.fields(runconfig.DataSection)}
+    for name, cls in runconfig.SECTIONS.items():
+        if name in SECTION_SOURCES:
+            sources, set_by_run, _ = SECTION_SOURCES[name]
+            library = {
+                s.key: s.default for source in sources for s in settings.settings_of(source, set_by_run)
+            }
+            # re-ranking keys show the reference's values (RerankConfig's), which DELG stores record
+            defaults[name] = {f.name: f.default for f in dataclasses.fields(cls)} | library
+    checked, wrong = 0, {}
+    for section, shown in documented_defaults().items():
+        for key, text in shown.items():
+            if text is None:
+                continue
+            value, expected = _shown_value(text), defaults[section][key]
+            expected = list(expected) if isinstance(expected, tuple) else expected
+            checked += 1
+            if value != expected:
+                wrong[f"{section}.{key}"] = (text, expected)
+    assert checked > 80 and wrong == {}
 
 
 def test_unset_is_none_and_an_empty_string_unsets() -> None:
