@@ -18,10 +18,15 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from pipeline import storage
+from pipeline import settings, storage
 from pipeline.config import get_preset
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
-from pipeline.index import build_index
+from pipeline.index import BuildConfig, build_index
+
+# Library fields this job sets itself (from --manifest, --out, --preset, --address) or keeps (input guards).
+SET_HERE = {"manifest_url", "out_url", "config", "address", "options", "ray_address", *settings.GUARDS}
+EXTRACTION = settings.settings_of(ExtractionJob, SET_HERE) + settings.settings_of(ClusterOptions, SET_HERE)
+INDEX = settings.settings_of(build_index, SET_HERE) + settings.settings_of(BuildConfig, SET_HERE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,57 +34,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="Manifest URL (Parquet/CSV file, folder, glob).")
     parser.add_argument("--out", required=True, help="Output URL: OUT/descriptors and OUT/index.")
     parser.add_argument("--preset", required=True, help="Extraction preset name.")
-    parser.add_argument("--weights", default="", help="Model state dict URL; empty: none (random init).")
     parser.add_argument(
-        "--memory-budget", default="", help="Index memory budget, e.g. 48GiB; empty: automatic."
+        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
-    parser.add_argument("--factory", default="", help="faiss factory string instead of a memory budget.")
-    parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
-    parser.add_argument(
-        "--image-root",
-        default="",
-        help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
-    )
-    parser.add_argument(
-        "--allow-local-files",
-        dest="allow_local_outside_root",
-        action="store_true",
-        help="Let manifest rows read local files outside the manifest's folder (or --image-root).",
-    )
-    parser.add_argument(
-        "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
-    )
-    parser.add_argument(
-        "--decode-draft",
-        action="store_true",
-        help="Decode JPEGs at reduced scale before capping: faster, slightly different features.",
-    )
+    settings.add_arguments(parser, EXTRACTION + INDEX)
     return parser.parse_args(argv)
 
 
 def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
     """Extraction then index build; the summary of both."""
-    options = storage.options_from_env()
+    options, given = storage.options_from_env(), vars(args)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     descriptors = storage.join(args.out, "descriptors")
-    job = ExtractionJob(
-        manifest_url=args.manifest,
-        out_url=descriptors,
-        config=get_preset(args.preset),
-        weights_url=args.weights or None,
-        shard_size=args.shard_size,
-        image_root=args.image_root or None,
-        allow_local_outside_root=args.allow_local_outside_root,
-        decode_draft=args.decode_draft,
-    )
-    extraction = run_extraction(job, ClusterOptions(address=address), options)
+    config = get_preset(args.preset)
+    job = settings.build(ExtractionJob, given, manifest_url=args.manifest, out_url=descriptors, config=config)
+    extraction = run_extraction(job, settings.build(ClusterOptions, given, address=address), options)
     index = build_index(
         descriptors,
         storage.join(args.out, "index"),
-        factory=args.factory or None,
-        memory_budget=args.memory_budget or None,
+        **settings.keyword_arguments(build_index, given),
         options=options,
         ray_address=address,
+        config=settings.build(BuildConfig, given),
     )
     return {
         "descriptors": storage.redact(descriptors),

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from pipeline import storage
+from pipeline import settings, storage
 from pipeline.lease import LockHeldError
 from pipeline.reindex import ReindexConfig, reindex
 
@@ -24,55 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="The current manifest URL.")
     parser.add_argument("--root", required=True, help="Root URL of the versioned index.")
-    parser.add_argument("--preset", required=True, help="Extraction preset name.")
-    parser.add_argument("--weights", default="", help="Model state dict URL; empty: none (random init).")
-    parser.add_argument("--keep", type=int, default=3, help="Published versions to keep.")
     parser.add_argument(
-        "--retrain-threshold",
-        type=float,
-        default=0.2,
-        help="Retrain when (new + changed) / live vectors exceeds this.",
+        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
-    parser.add_argument("--memory-budget", default="", help="Memory budget of a retrained index, e.g. 48GiB.")
-    parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
-    parser.add_argument(
-        "--image-root",
-        default="",
-        help="Image root of an id-only manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.",
-    )
-    parser.add_argument(
-        "--allow-local-files",
-        dest="allow_local_outside_root",
-        action="store_true",
-        help="Let manifest rows read local files outside the manifest's folder (or --image-root).",
-    )
-    parser.add_argument(
-        "--lease-seconds", type=float, default=6 * 3600.0, help="Lock lease, renewed as it runs."
-    )
-    parser.add_argument(
-        "--dba", action="store_true", help="Keep DBA vectors beside every version (re-rank --method dba...)."
-    )
-    parser.add_argument(
-        "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
-    )
+    settings.add_arguments(parser, settings.settings_of(ReindexConfig))
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = ReindexConfig(
-            preset=args.preset,
-            weights_url=args.weights or None,
-            shard_size=args.shard_size,
-            keep=args.keep,
-            retrain_threshold=args.retrain_threshold,
-            lease_seconds=args.lease_seconds,
-            memory_budget=args.memory_budget or None,
-            image_root=args.image_root or None,
-            allow_local_outside_root=args.allow_local_outside_root,
-            dba=args.dba,
-        )
+        config = settings.build(ReindexConfig, vars(args))
         address = args.address or os.environ.get("RAY_ADDRESS") or None
         report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)
     except LockHeldError as exc:

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipeline import storage
+from pipeline import settings, storage
 from pipeline.config import AUTOCAST_DTYPES, PRESETS
 from pipeline.evaluate import PROTOCOLS
 from pipeline.index.params import MERGE_MODES
@@ -143,7 +143,7 @@ def extract(
     weights: Weights = None,
     address: Address = None,
     image_root: ImageRoot = None,
-    allow_local_outside_root: AllowLocalFiles = False,
+    allow_local_files: AllowLocalFiles = False,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
     local_dtype: Annotated[
         Literal[LOCAL_DTYPES], typer.Option(help="Local descriptor encoding.")
@@ -154,7 +154,13 @@ def extract(
     num_extractors: Annotated[
         int | None, typer.Option(help="Extractor actors (default: one per GPU, else one).")
     ] = None,
+    row_group_size: Annotated[int, typer.Option(help="Rows per Parquet row group of a store shard.")] = 64,
     chunk_size: Annotated[int, typer.Option(help="Images per decode task and extractor call.")] = 16,
+    max_chunks_in_flight: Annotated[
+        int, typer.Option(help="Chunks between decode and extract (0: 4 per extractor).")
+    ] = 0,
+    actor_cpus: Annotated[float, typer.Option(help="CPU share of a CPU-only extractor actor.")] = 1.0,
+    decode_cpus: Annotated[float, typer.Option(help="CPU share of a decode task.")] = 0.25,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same capped shape).")] = 8,
     max_batch_pixels: Annotated[
         int,
@@ -162,7 +168,7 @@ def extract(
     ] = 0,
     autocast: Annotated[Literal[AUTOCAST_DTYPES], typer.Option(help="CUDA mixed precision.")] = "none",
     channels_last: Annotated[bool, typer.Option(help="NHWC memory format (faster convs on GPUs).")] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass.")] = False,
     decode_draft: Annotated[
         bool,
         typer.Option(
@@ -174,31 +180,20 @@ def extract(
 
     Re-running the same command resumes: committed shards are kept, the rest is extracted.
     """
-    from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
-    from pipeline.store import StoreSettings
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.config import get_preset
+    from pipeline.extraction import ClusterOptions, ExtractionJob
 
-    job = ExtractionJob(
-        manifest_url=manifest,
-        out_url=out,
-        config=get_preset(preset),
-        weights_url=weights,
-        store=StoreSettings(global_dtype=global_dtype, local_dtype=local_dtype),
-        shard_size=shard_size,
-        image_root=image_root,
-        allow_local_outside_root=allow_local_outside_root,
-        decode_draft=decode_draft,
-    )
-    runtime = RuntimeOptions(
-        batch_size=batch_size,
-        max_batch_pixels=max_batch_pixels,
-        autocast=autocast,
-        channels_last=channels_last,
-        compile=compile_model,
-    )
-    cluster = ClusterOptions(
-        address=address, num_extractors=num_extractors, chunk_size=chunk_size, runtime=runtime
-    )
+    job = settings.build(ExtractionJob, given, manifest_url=manifest, out_url=out, config=get_preset(preset))
+    cluster = settings.build(ClusterOptions, given)
+    summary = _extract_with_progress(job, cluster)
+    _print_summary(summary, out)
+
+
+def _extract_with_progress(job, cluster):
+    """run_extraction behind the console's progress bar; its summary."""
+    from pipeline.extraction import run_extraction
+
     with _progress_bar() as bar:
         task = bar.add_task("extract", total=None, errors=0, rate=0.0)
 
@@ -206,8 +201,7 @@ def extract(
             done = p.skipped_rows + p.done_rows
             bar.update(task, total=p.total_rows, completed=done, errors=p.errors, rate=p.images_per_s)
 
-        summary = run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
-    _print_summary(summary, out)
+        return run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
 
 
 def _progress_bar(
@@ -251,11 +245,15 @@ def train(
     epochs: Annotated[float | None, typer.Option(help="Passes over the manifest (or --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Global batch, split over the workers.")] = 32,
     lr: Annotated[float, typer.Option(help="Initial learning rate (linear decay to 0).")] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    clip_norm: Annotated[float, typer.Option(help="Global gradient-norm clip.")] = 10.0,
     image_size: Annotated[int, typer.Option(help="Square training crop side.")] = 321,
     augment: Annotated[bool, typer.Option(help="Reference random crops (off: whole image).")] = True,
     objective: Annotated[str, typer.Option(help="Global loss: arcface, contrastive, triplet.")] = "arcface",
     margin: Annotated[float | None, typer.Option(help="Loss margin (default per objective).")] = None,
     mining: Annotated[str, typer.Option(help="Negatives: hard, distance-weighted.")] = "hard",
+    attention_weight: Annotated[float, typer.Option(help="Weight of the attention loss.")] = 1.0,
+    reconstruction_weight: Annotated[float, typer.Option(help="Weight of the reconstruction loss.")] = 10.0,
     trainable: Annotated[str, typer.Option(help="all, local-head, global-head.")] = "all",
     batchnorm: Annotated[str, typer.Option(help="batch (per-worker statistics) or frozen.")] = "batch",
     sampling: Annotated[str, typer.Option(help="uniform or balanced (per class).")] = "uniform",
@@ -267,37 +265,33 @@ def train(
     gpus_per_worker: Annotated[float | None, typer.Option(help="Default: 1 with GPUs, else 0.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker.")] = 1.0,
     decode_threads: Annotated[int, typer.Option(help="Decode threads per worker.")] = 4,
+    prefetch_steps: Annotated[int, typer.Option(help="Batches decoded ahead of the step trained.")] = 2,
+    max_failures: Annotated[
+        int, typer.Option(help="Worker-group restarts, each from the newest checkpoint.")
+    ] = 0,
     address: Address = None,
 ) -> None:
     """Train DELG (or fine-tune with a metric-learning loss) on Ray Train; re-running resumes."""
-    from pipeline.train import TrainCluster, TrainConfig, TrainJob, run_training
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.train import TrainCluster, TrainJob
 
-    config = TrainConfig(
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        image_size=image_size,
-        augment=augment,
-        objective=objective,
-        margin=margin,
-        mining=mining,
-        trainable=trainable,
-        batchnorm=batchnorm,
-        sampling=sampling,
-        images_per_class=images_per_class,
-        seed=seed,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
+    job = settings.build(TrainJob, given, manifest_url=manifest, out_url=out)
+    summary = _train_with_progress(job, settings.build(TrainCluster, given))
+    table = Table(title=f"training → {storage.redact(out)}", show_header=False)
+    table.add_row("steps", f"{summary.steps} (resumed at {summary.resumed_from})")
+    table.add_row("final loss", "-" if summary.final_loss is None else f"{summary.final_loss:.4f}")
+    table.add_row("failed rows", str(sum(summary.failed_rows.values())))
+    table.add_row(
+        "throughput", f"{summary.images_per_s:.2f} images/s ({summary.images} in {summary.seconds:.1f} s)"
     )
-    job = TrainJob(manifest, out, preset, config, weights_url=weights)
-    cluster = TrainCluster(
-        address=address,
-        workers=workers,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        decode_threads=decode_threads,
-    )
+    table.add_row("weights", storage.redact(summary.weights_url))
+    stdout.print(table)
+
+
+def _train_with_progress(job, cluster):
+    """run_training behind the console's progress bar (loss and throughput); its summary."""
+    from pipeline.train import run_training
+
     bar = _progress_bar("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s")
     with bar:
         task = bar.add_task("train", total=None, loss=float("nan"), rate=0.0)
@@ -311,16 +305,7 @@ def train(
                 rate=line["images_per_s"],
             )
 
-        summary = run_training(job, cluster, storage.options_from_env(), on_progress=show)
-    table = Table(title=f"training → {storage.redact(out)}", show_header=False)
-    table.add_row("steps", f"{summary.steps} (resumed at {summary.resumed_from})")
-    table.add_row("final loss", "-" if summary.final_loss is None else f"{summary.final_loss:.4f}")
-    table.add_row("failed rows", str(sum(summary.failed_rows.values())))
-    table.add_row(
-        "throughput", f"{summary.images_per_s:.2f} images/s ({summary.images} in {summary.seconds:.1f} s)"
-    )
-    table.add_row("weights", storage.redact(summary.weights_url))
-    stdout.print(table)
+        return run_training(job, cluster, storage.options_from_env(), on_progress=show)
 
 
 @app.command("build-index")
@@ -334,19 +319,37 @@ def build_index_command(
         str | None, typer.Option(help="Index size budget, e.g. 8GB; parameters are chosen to fit it.")
     ] = None,
     target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.95,
+    target_k: Annotated[int, typer.Option(help="The k of that recall.")] = 100,
+    target_r1: Annotated[float, typer.Option(help="1-recall@1 the stored nprobe must reach too.")] = 0.99,
+    recall_queries: Annotated[int, typer.Option(help="Held-out queries of the recall report.")] = 1000,
+    max_nprobe: Annotated[int, typer.Option(help="Largest nprobe the recall report tries.")] = 1024,
     tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
+    task_cpus: Annotated[float, typer.Option(help="CPUs per add task.")] = 0.5,
+    step_cpus: Annotated[
+        float, typer.Option(help="CPUs (faiss threads) of the train and merge tasks.")
+    ] = 1.0,
+    train_gpus: Annotated[int, typer.Option(help="GPUs of the train task (faiss k-means on them).")] = 0,
     merge: Annotated[
         Literal[MERGE_MODES],
         typer.Option(
             help="Merge inverted lists in RAM, on disk (larger than RAM), or auto by size.",
         ),
     ] = "auto",
+    ram_fraction: Annotated[
+        float, typer.Option(help="auto merges on disk when the parts exceed this share of RAM.")
+    ] = 0.5,
     refine: Annotated[
         str,
         typer.Option(
             help="Shortlist re-scoring: auto (from the budget), none, sq8, fp16 (RAM), store (disk)."
         ),
     ] = "auto",
+    trained_url: Annotated[
+        str | None, typer.Option(help="Reuse this trained empty index instead of training.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the training and query samples.")] = 0,
+    max_points_per_centroid: Annotated[int, typer.Option(help="k-means sample per centroid.")] = 256,
+    max_train_bytes: Annotated[int, typer.Option(help="Bound on the float32 training sample.")] = 8 * 2**30,
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
@@ -354,17 +357,16 @@ def build_index_command(
     Without --factory, the parameters (nlist, PQ size, quantizer) are chosen from N, the dimension and
     --memory-budget, and printed with the reason. The recall report is written to OUT/quality.json.
     """
-    from pipeline.index import BuildConfig, QualityConfig, build_index
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.index import BuildConfig, build_index
 
-    config = BuildConfig(tasks=tasks, merge=merge, refine=refine, quality=QualityConfig(target=target_recall))
     summary = build_index(
         descriptors,
         out,
-        factory=factory,
-        memory_budget=memory_budget,
+        **settings.keyword_arguments(build_index, given),
         options=storage.options_from_env(),
         ray_address=address,
-        config=config,
+        config=settings.build(BuildConfig, given),
     )
     _print_mapping(f"index → {storage.redact(out)}", summary)
 
@@ -408,11 +410,15 @@ def search(
     k_factor: Annotated[
         float | None, typer.Option(help="Refined shortlist size in multiples of k (default: stored one).")
     ] = None,
+    batch_size: Annotated[int, typer.Option(help="Queries per search call.")] = 4096,
 ) -> None:
     """Batched k-NN search of every query descriptor; GPU when there is one."""
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.index import SearchConfig
     from pipeline.index import search as search_index
 
-    summary = search_index(index, queries, out, k, nprobe, storage.options_from_env(), k_factor=k_factor)
+    config = settings.build(SearchConfig, given)
+    summary = search_index(index, queries, out, config, storage.options_from_env())
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 
@@ -430,6 +436,8 @@ def rerank(
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="RANSAC inlier threshold in pixels.")] = None,
     trials: Annotated[int | None, typer.Option(help="RANSAC hypotheses per pair.")] = None,
+    seed: Annotated[int | None, typer.Option(help="RANSAC sampling seed.")] = None,
+    refit: Annotated[bool | None, typer.Option(help="Least-squares refit on the best consensus set.")] = None,
     max_distance: Annotated[float | None, typer.Option(help="Descriptor L2 distance bound.")] = None,
     ratio: Annotated[float | None, typer.Option(help="Lowe ratio test; 0 = off.")] = None,
     mutual: Annotated[bool | None, typer.Option(help="Keep only mutual nearest neighbours.")] = None,
@@ -440,6 +448,23 @@ def rerank(
             "shortlist: global + a boost for inlier counts standing out of the shortlist's."
         ),
     ] = None,
+    min_inliers: Annotated[
+        int | None, typer.Option(help="Fewer inliers = unverified (kept below verified ones).")
+    ] = None,
+    saturate_at: Annotated[int | None, typer.Option(help="k of the saturate score.")] = None,
+    z_from: Annotated[
+        float | None, typer.Option(help="shortlist score: boost starts this many spreads up.")
+    ] = None,
+    z_span: Annotated[
+        float | None, typer.Option(help="shortlist score: full boost this many further.")
+    ] = None,
+    boost: Annotated[float | None, typer.Option(help="shortlist score: the full boost.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
+    max_elements: Annotated[int, typer.Option(help="Bound on the elements of one tensor chunk.")] = 1 << 22,
+    queries_per_batch: Annotated[int, typer.Option(help="Queries whose features are read together.")] = 16,
+    keep_matches: Annotated[
+        int, typer.Option(help="Inlier pairs stored for this many top hits per query (the report's).")
+    ] = 3,
     method: Annotated[
         Literal[METHODS],
         typer.Option(
@@ -461,26 +486,14 @@ def rerank(
     Matching, verification and scoring default to the settings recorded in the descriptor stores (chosen
     by their preset); options given here override them.
     """
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
     from pipeline.rerank import config_from_stores
     from pipeline.rerank import rerank as rerank_stage
+    from pipeline.rerank.config import overrides_from
     from pipeline.rerank.global_rerank import GlobalRerankConfig
 
     options = storage.options_from_env()
-    given = dict(
-        model=model,
-        residual_in=residual_in,
-        threshold=threshold,
-        trials=trials,
-        max_distance=max_distance,
-        ratio=ratio,
-        mutual=mutual,
-        score=score,
-    )
-    overrides = {k: v for k, v in given.items() if v is not None}
-    if overrides.get("ratio") == 0:
-        overrides["ratio"] = None  # 0 = off
-    config = config_from_stores(query_descriptors, index_descriptors, {**overrides, "top": top}, options)
-    global_config = GlobalRerankConfig(qe_k=qe_k, qe_alpha=qe_alpha, sg_m=sg_m, sg_k=sg_k, sg_beta=sg_beta)
+    config = config_from_stores(query_descriptors, index_descriptors, overrides_from(given), options)
     summary = rerank_stage(
         search_results,
         query_descriptors,
@@ -489,7 +502,7 @@ def rerank(
         config,
         options=options,
         method=method,
-        global_config=global_config,
+        global_config=settings.build(GlobalRerankConfig, given),
         index_url=index,
     )
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
@@ -680,40 +693,39 @@ def reindex(
     retrain_threshold: Annotated[
         float, typer.Option(help="Retrain from scratch when (new + changed) / live vectors exceeds this.")
     ] = 0.2,
+    factory: Annotated[str | None, typer.Option(help="faiss index_factory string for a retrain.")] = None,
     memory_budget: Annotated[
         str | None, typer.Option(help="Index size budget for a retrain, e.g. 16GB.")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="Manifest rows per descriptor shard.")] = 1000,
+    local_dtype: Annotated[
+        Literal[LOCAL_DTYPES], typer.Option(help="Local descriptor encoding.")
+    ] = "float16",
+    global_dtype: Annotated[
+        Literal[GLOBAL_DTYPES], typer.Option(help="Global descriptor encoding.")
+    ] = "float16",
     lease_seconds: Annotated[float, typer.Option(help="Lock lease, renewed as the run goes on.")] = 6
     * 3600.0,
     dba: Annotated[
         bool, typer.Option(help="Keep DBA vectors beside every version (re-rank --method dba...).")
     ] = False,
+    dba_k: Annotated[int, typer.Option(help="DBA neighbours (a fresh DBA file).")] = 10,
+    dba_alpha: Annotated[float, typer.Option(help="DBA weight exponent.")] = 3.0,
     address: Address = None,
     image_root: ImageRoot = None,
-    allow_local_outside_root: AllowLocalFiles = False,
+    allow_local_files: AllowLocalFiles = False,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.
 
     Idempotent and resumable; a lock with a lease in the same storage keeps two runs apart (exit code 3).
     """
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
     from pipeline.lease import LockHeldError
     from pipeline.reindex import ReindexConfig
     from pipeline.reindex import reindex as run_reindex
 
-    config = ReindexConfig(
-        preset=preset,
-        weights_url=weights or None,
-        shard_size=shard_size,
-        keep=keep,
-        retrain_threshold=retrain_threshold,
-        lease_seconds=lease_seconds,
-        memory_budget=memory_budget,
-        image_root=image_root,
-        allow_local_outside_root=allow_local_outside_root,
-        dba=dba,
-    )
+    config = settings.build(ReindexConfig, given)
     try:
         report = run_reindex(manifest, root, config, storage.options_from_env(), ray_address=address)
     except LockHeldError as exc:

@@ -75,7 +75,7 @@ class ReportSettings:
     title: str = "landmark-index report"
     thumb_px: int = 160  # longest side of a ranking thumbnail
     match_px: int = 220  # height of each image in a match panel: large enough to follow the lines
-    max_queries: int = 50  # keeps the page a few MB
+    max_queries: int = 20  # keeps the page a few MB
     max_hits: int = 10  # per ranking
     max_match_pairs: int = 3  # top re-ranked pairs drawn with their inliers
     max_match_lines: int = 80  # more lines than this are unreadable
@@ -445,11 +445,11 @@ def write_report(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _image_sources(manifest_url: str, options: Options, image_root: str = "") -> dict[str, ImageSource]:
+def _image_sources(manifest_url: str, options: Options, image_root: str | None) -> dict[str, ImageSource]:
     """id → URL or inline bytes of a manifest's images."""
     from pipeline import manifest
 
-    table = manifest.read_manifest(manifest_url, options, image_root or None)
+    table = manifest.read_manifest(manifest_url, options, image_root)
     urls, inline = table.column("url").to_pylist(), table.column("image").to_pylist()
     return {
         i: (b if b is not None else u)
@@ -463,7 +463,7 @@ def _labeler(config: RunConfig, options: Options) -> Callable[[str, str], str | 
     data = config.data
     if not data.ground_truth:
         return lambda query, hit: None
-    return relevance_labeler(data.protocol, data.ground_truth, options, landmarks_url=data.landmarks or None)
+    return relevance_labeler(data.protocol, data.ground_truth, options, landmarks_url=data.landmarks)
 
 
 def _metrics_summary(config: RunConfig, options: Options) -> dict[str, Any]:
@@ -483,7 +483,7 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     from pipeline.run import RunPaths, stage_seconds
 
     paths = RunPaths(config.out)
-    settings = ReportSettings(max_queries=config.report.max_queries)
+    settings = config.report.report_settings()
     label = _labeler(config, options)
     data = config.data
     sources = {

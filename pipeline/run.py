@@ -147,44 +147,33 @@ def run_pipeline(
 
 
 def _extract_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.config import RuntimeOptions, get_preset
-    from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
-    from pipeline.store import StoreSettings
+    from pipeline.extraction import run_extraction
 
-    runtime = RuntimeOptions(batch_size=config.extract.batch_size)
-    cluster = ClusterOptions(address=config.ray_address or None, runtime=runtime)
+    cluster = config.extract.cluster(config.ray_address)
 
-    def extraction(manifest_url: str, out_url: str, image_root: str) -> Callable[[], Mapping[str, Any]]:
-        job = ExtractionJob(
-            manifest_url,
-            out_url,
-            get_preset(config.extract.preset),
-            config.extract.weights or None,
-            StoreSettings(local_dtype=config.extract.local_dtype),
-            config.extract.shard_size,
-            image_root=image_root or None,
-            allow_local_outside_root=config.extract.allow_local_outside_root,
-            decode_draft=config.extract.decode_draft,
-        )
+    def extraction(
+        manifest_url: str, out_url: str, image_root: str | None
+    ) -> Callable[[], Mapping[str, Any]]:
+        job = config.extract.job(manifest_url, out_url, image_root)
         return lambda: asdict(run_extraction(job, cluster, runner.options))
 
-    params, paths = asdict(config.extract), runner.paths
+    params, paths, data = config.extract.output_values(), runner.paths, config.data
     runner.stage(
         "extract-index",
-        [params, config.data.index, *filter(None, [config.data.index_image_root])],
+        [params, data.index, *filter(None, [data.index_image_root])],
         [],
-        extraction(config.data.index, paths.index_store, config.data.index_image_root),
+        extraction(data.index, paths.index_store, data.index_image_root),
     )
     runner.stage(
         "extract-queries",
-        [params, config.data.queries, *filter(None, [config.data.queries_image_root])],
+        [params, data.queries, *filter(None, [data.queries_image_root])],
         [],
-        extraction(config.data.queries, paths.query_store, config.data.queries_image_root),
+        extraction(data.queries, paths.query_store, data.queries_image_root),
     )
 
 
 def _index_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.index import BuildConfig, QualityConfig, build_index, search
+    from pipeline.index import build_index, search
 
     paths, options = runner.paths, runner.options
 
@@ -192,11 +181,10 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
         return build_index(
             paths.index_store,
             paths.index,
-            factory=config.index.factory or None,
-            memory_budget=config.index.memory_budget or None,
+            **config.index.build_arguments(),
             options=options,
-            ray_address=config.ray_address or None,
-            config=BuildConfig(quality=QualityConfig(target=config.index.target_recall)),
+            ray_address=config.ray_address,
+            config=config.index.build_config(),
         )
 
     runner.stage("build-index", asdict(config.index), ["extract-index"], build)
@@ -216,14 +204,7 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
         "search",
         asdict(config.search),
         ["build-index", "extract-queries"],
-        lambda: search(
-            paths.index,
-            paths.query_store,
-            paths.search,
-            config.search.k,
-            config.search.nprobe or None,
-            options,
-        ),
+        lambda: search(paths.index, paths.query_store, paths.search, config.search.search_config(), options),
     )
 
 
@@ -285,7 +266,7 @@ def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> d
             config.data.ground_truth,
             config.data.protocol,
             options,
-            landmarks_url=config.data.landmarks or None,
+            landmarks_url=config.data.landmarks,
         )
         for name, url in results.items()
     }

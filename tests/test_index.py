@@ -17,6 +17,7 @@ from pipeline import store
 from pipeline.index import (
     BuildConfig,
     QualityConfig,
+    SearchConfig,
     add_shards,
     build_index,
     choose_index,
@@ -336,7 +337,7 @@ def test_search_writes_ranked_results_and_handles_k_above_n(tmp_path):
     build_index(str(tmp_path / "db"), str(tmp_path / "i"), config=FAST)
     write_store(str(tmp_path / "q"), vectors[[5, 123, 299]], ["q5", "q123", "q299"], 1)
     out = str(tmp_path / "results.parquet")
-    summary = search(str(tmp_path / "i"), str(tmp_path / "q"), out, k=500)
+    summary = search(str(tmp_path / "i"), str(tmp_path / "q"), out, SearchConfig(k=500))
     table = pq.read_table(out)
     assert table.schema == RESULTS_SCHEMA and summary["rows"] == table.num_rows == 3 * 300
     rows = table.to_pylist()
@@ -366,7 +367,7 @@ def test_on_disk_merge_searches_like_the_in_ram_index(tmp_path, data, built):
     np.testing.assert_array_equal(on_disk.search(data[:50], 10)[0], in_ram.search(data[:50], 10)[0])
     write_store(str(tmp_path / "q"), data[:4], ["a", "b", "c", "d"], 1)
     for index_url, name in ((out, "disk.parquet"), (built[1], "ram.parquet")):
-        search(index_url, str(tmp_path / "q"), str(tmp_path / name), k=5, nprobe=8)
+        search(index_url, str(tmp_path / "q"), str(tmp_path / name), SearchConfig(k=5, nprobe=8))
     disk, ram = pq.read_table(str(tmp_path / "disk.parquet")), pq.read_table(str(tmp_path / "ram.parquet"))
     assert disk.num_rows == 20 and disk.column("score").equals(ram.column("score"))
     assert set(zip(*disk.select(["query_id", "id"]).to_pydict().values(), strict=True)) == set(

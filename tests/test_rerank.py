@@ -32,7 +32,7 @@ from pipeline.rerank import (
     verify,
     verify_candidates,
 )
-from pipeline.rerank.config import settings_of
+from pipeline.rerank.config import overrides_from, settings_of
 from pipeline.runconfig import RerankSection
 from tests.reference_verifier import reference_inliers, reference_matches
 
@@ -492,12 +492,16 @@ def test_settings_travel_with_the_stores(tmp_path: Path) -> None:
     assert config_from_stores(backbone, learned, {"score": "saturate", "threshold": 3.0}).score == "saturate"
     with pytest.raises(ValueError, match="unknown re-ranking setting"):
         config_from_stores(backbone, backbone, {"thresold": 3.0})
-    # run config: only the keys set in the file override (ratio 0 = off)
-    assert RerankSection().overrides() == {"top": 100}
-    assert RerankSection(score="inliers", ratio=0.0).overrides() == {
-        "top": 100,
+    # run config and CLI: only the keys set override (ratio 0 = off)
+    assert RerankSection().overrides() == {}
+    assert RerankSection(score="inliers", ratio=0.0, top=50).overrides() == {
+        "top": 50,
         "score": "inliers",
         "ratio": None,
+    }
+    assert overrides_from({"ratio": 0.8, "mutual": False, "threshold": None, "method": "qe"}) == {
+        "ratio": 0.8,
+        "mutual": False,
     }
 
 

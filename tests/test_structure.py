@@ -1,46 +1,36 @@
-"""The package's structure: light imports, and every front end (CLI, run config, jobs) offering the settings of
-the library dataclass it feeds, under the same name and default."""
+"""The package's structure: light imports, short functions, and every front end (CLI, run config, jobs) offering
+the settings of the library dataclasses it feeds, under the same name and default."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer.main
 
-from jobs import index_manifest, nightly_reindex
+from jobs import index_manifest, nightly_reindex, train
+from pipeline import runconfig, settings
 from pipeline.cli import app
-from pipeline.config import RuntimeOptions
+from pipeline.evaluate import evaluate
 from pipeline.extraction import ClusterOptions, ExtractionJob
+from pipeline.index import BuildConfig, SearchConfig, build_index
 from pipeline.reindex import ReindexConfig
+from pipeline.report import ReportSettings
 from pipeline.rerank import RerankConfig
 from pipeline.rerank.global_rerank import GlobalRerankConfig
-from pipeline.runconfig import ExtractSection, RerankSection
-from pipeline.store import StoreSettings
+from pipeline.train import TrainCluster, TrainJob
 
-# CLI name → library field name, where the CLI spells it differently (a Python keyword, or a URL field).
-RENAMED = {"compile_model": "compile", "weights": "weights_url"}
-
-
-def cli_options(command: str) -> dict[str, object]:
-    """Option name (python spelling) → default of a `landmark-index` command."""
-    params = typer.main.get_command(app).commands[command].params
-    return {RENAMED.get(p.name, p.name): p.default for p in params if p.param_type_name == "option"}
-
-
-def defaults(*classes: type) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for cls in classes:
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = f.default_factory()
-            else:
-                out.setdefault(f.name, None)
-    return out
+ROOT = Path(__file__).resolve().parents[1]
+GUARDS = {
+    "allowed_schemes",
+    "max_pixels",
+    "origin_manifest_url",
+}  # untrusted-input guards: no front end offers them
 
 
 def test_importing_the_index_package_loads_neither_ray_nor_torch() -> None:
@@ -51,43 +41,319 @@ def test_importing_the_index_package_loads_neither_ray_nor_torch() -> None:
     assert shown.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize(
-    ("command", "classes", "positional"),
-    [
-        # method and index are rerank()'s own arguments (which stage variant runs, where DBA vectors are)
-        ("rerank", (RerankConfig, GlobalRerankConfig), {"method", "index"}),
-        ("extract", (ExtractionJob, StoreSettings, RuntimeOptions, ClusterOptions), {"preset"}),
-        ("reindex", (ReindexConfig,), set()),
-    ],
-)
-def test_cli_options_are_library_fields_with_their_defaults(
-    command: str, classes: tuple, positional: set
-) -> None:
-    library = defaults(*classes)
-    options = cli_options(command)
-    unknown = set(options) - set(library) - positional - {"address"}
-    assert not unknown, f"`{command}` options without a library field: {sorted(unknown)}"
-    differ = {
-        name: (value, library[name])
-        for name, value in options.items()
-        # None: "take the setting recorded in the descriptor stores" (re-ranking), not a default of its own
-        if name in library and name != "preset" and value is not None and value != library[name]
+# ---------------------------------------------------------------- short functions
+
+MAX_LINES = 60
+
+
+def function_lengths(source: str) -> dict[str, int]:
+    """Lines of each function; a CLI command's parameter list (a flat declaration of its options) not counted."""
+    lengths = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            command = any("command" in ast.unparse(d) for d in node.decorator_list)
+            start = node.body[0].lineno if command else node.lineno
+            lengths[node.name] = node.end_lineno - start + 1
+    return lengths
+
+
+def test_no_function_in_the_library_is_longer_than_sixty_lines() -> None:
+    lengths = {
+        f"{path.relative_to(ROOT)}:{name}": n
+        for path in sorted((ROOT / "pipeline").rglob("*.py"))
+        for name, n in function_lengths(path.read_text()).items()
     }
-    assert not differ, f"`{command}` defaults differ from the library's: {differ}"
+    assert len(lengths) > 300  # every module was read
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
 
 
-def test_run_config_sections_are_library_fields() -> None:
-    rerank_fields = set(defaults(RerankConfig, GlobalRerankConfig))
-    assert {f.name for f in dataclasses.fields(RerankSection)} - {"enabled", "method"} <= rerank_fields
-    extract_fields = set(defaults(ExtractionJob, StoreSettings, RuntimeOptions)) | {"preset", "weights"}
-    assert {f.name for f in dataclasses.fields(ExtractSection)} <= extract_fields
+def test_the_length_check_counts_a_long_function_and_skips_a_command_signature() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    params = "\n".join(f"    p{i}: int = {i}," for i in range(70))
+    source = f"def long():\n{body}\n\n\n@app.command()\ndef flags(\n{params}\n) -> None:\n    pass\n"
+    assert function_lengths(source) == {"long": 62, "flags": 1}
 
 
-def test_jobs_offer_what_the_cli_offers() -> None:
-    """A job and the CLI command it wraps take the same settings (a new one cannot miss a front end)."""
-    reindex_job = set(vars(nightly_reindex.parse_args(["--manifest", "m", "--root", "r", "--preset", "p"])))
-    reindex_cli = set(cli_options("reindex")) | {"manifest", "root"}
-    assert reindex_job ^ {"weights"} == reindex_cli ^ {"weights_url"}
-    index_job = set(vars(index_manifest.parse_args(["--manifest", "m", "--out", "o", "--preset", "p"])))
-    offered = set(cli_options("extract")) | set(cli_options("build-index")) | {"manifest", "out", "weights"}
-    assert index_job <= offered
+# ---------------------------------------------------------------- CLI options
+
+# command → (the library dataclasses / stage functions it feeds, fields it does not offer as options and why,
+# option spellings that differ from the setting's key)
+COMMANDS = {
+    # MANIFEST and OUT are arguments; config = --preset's ExtractionConfig
+    "extract": ([ExtractionJob, ClusterOptions], {"manifest_url", "out_url", "config", *GUARDS}, {}),
+    # MANIFEST and OUT are arguments; arcface_scale is the reference's fixed √2048 (jobs/train.py offers it);
+    # crash_after_step is the resume tests' fault injection
+    "train": (
+        [TrainJob, TrainCluster],
+        {"manifest_url", "out_url", "arcface_scale", "crash_after_step", *GUARDS},
+        {},
+    ),
+    # options: from the environment; ray_address = --address; config = the BuildConfig options; k_factors is
+    # a list (run config [index] k_factors, jobs' --k-factors 1,2,4)
+    "build-index": (
+        [build_index, BuildConfig],
+        {"options", "ray_address", "config", "k_factors"},
+        {"ray_address": "address"},
+    ),
+    "search": ([SearchConfig], set(), {}),
+    # dba_k / dba_alpha shape the DBA vectors, which `dba --k --alpha` builds (rerank only reads them)
+    "rerank": ([RerankConfig, GlobalRerankConfig], {"dba_k", "dba_alpha"}, {}),
+    "evaluate": ([evaluate], {"options"}, {"landmarks_url": "landmarks", "out_url": "out"}),
+    # the report of a run takes its settings from the run config's [report] section
+    "report": ([ReportSettings], {f.name for f in dataclasses.fields(ReportSettings)}, {}),
+    # build: the index settings of a retrain keep BuildConfig's defaults on the nightly path (the run config,
+    # build-index and jobs/nightly_reindex.py offer them)
+    "reindex": ([ReindexConfig], {"build", "row_group_size"}, {}),
+}
+
+
+def cli_options(command: str) -> dict[str, object]:
+    """Option key → default of a `landmark-index` command. The key is the parameter's name, which
+    `given = dict(locals())` hands the library, and must be its long flag's spelling too."""
+    params = typer.main.get_command(app).commands[command].params
+    options = [p for p in params if p.param_type_name == "option"]
+    flags = {p.name: max(p.opts, key=len).lstrip("-").replace("-", "_") for p in options}
+    assert {name: flag for name, flag in flags.items() if name != flag} == {}, (
+        "flags spelled unlike their keys"
+    )
+    return {p.name: p.default for p in options}
+
+
+def expected_options(command: str) -> dict[str, settings.Setting]:
+    sources, excluded, spelled = COMMANDS[command]
+    found = [s for source in sources for s in settings.settings_of(source, excluded)]
+    return {spelled.get(s.key, s.key): s for s in found}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_setting_of_a_command_is_an_option_with_the_library_default(command: str) -> None:
+    options, expected = cli_options(command), expected_options(command)
+    missing = sorted(set(expected) - set(options))
+    assert not missing, f"`{command}` lacks options for library settings: {missing}"
+    differ = {
+        key: (options[key], s.default)
+        for key, s in expected.items()
+        if not s.required
+        and options[key] != s.default
+        # None on a re-ranking option: the descriptor stores' setting applies (config_from_stores)
+        and not (options[key] is None and s.owner is RerankConfig)
+    }
+    assert not differ, f"`{command}` defaults differ from the library's (option, library): {differ}"
+
+
+def test_the_option_check_catches_a_missing_option() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Grown(SearchConfig):
+        new_setting: int = 1
+
+    COMMANDS["search-grown"] = ([Grown], set(), {})
+    try:
+        assert "new_setting" in set(expected_options("search-grown")) - set(cli_options("search"))
+    finally:
+        del COMMANDS["search-grown"]
+
+
+# ---------------------------------------------------------------- run config
+
+
+SECTION_SOURCES = {  # section → (library sources, fields the run sets itself, run-only keys)
+    "extract": (
+        [ExtractionJob, ClusterOptions],
+        {"manifest_url", "out_url", "config", "image_root", "address", *GUARDS},
+        {"preset"},
+    ),
+    "index": ([build_index, BuildConfig], {"options", "ray_address", "config"}, set()),
+    "search": ([SearchConfig], set(), set()),
+    "rerank": ([RerankConfig, GlobalRerankConfig], set(), {"enabled", "method"}),
+    "report": ([ReportSettings], set(), {"enabled"}),
+}
+
+
+@pytest.mark.parametrize("section", sorted(SECTION_SOURCES))
+def test_run_config_sections_are_the_library_settings(section: str) -> None:
+    sources, set_by_run, own = SECTION_SOURCES[section]
+    library = {s.key: s for source in sources for s in settings.settings_of(source, set_by_run)}
+    fields = {f.name: f for f in dataclasses.fields(runconfig.SECTIONS[section])}
+    assert set(fields) == set(library) | own
+    for key, s in library.items():
+        # re-ranking keys left out take the stores' settings: unset (None) by default
+        expected = None if s.owner is RerankConfig else s.default
+        assert fields[key].default == expected, key
+
+
+def documented_defaults() -> dict[str, dict[str, str | None]]:
+    """Section ("" for the top level) → key → the default its docstring entry shows in brackets (None: none
+    shown), from the run config module's docstring."""
+    block = runconfig.__doc__.split("::", 1)[1]
+    section, entries = "", []  # (section, keys, entry text)
+    for line in block.splitlines():
+        header = re.match(r"^    \[(\w+)\]", line)
+        keys = re.match(r"^    ([a-z0-9_]+(?:, [a-z0-9_]+)*)(?:\s{2,}|$)", line)
+        if header:
+            section = header.group(1)
+        elif keys:
+            entries.append((section, keys.group(1).split(", "), line))
+        elif line.startswith("     ") and entries and entries[-1][0] == section:
+            entries[-1] = (*entries[-1][:2], entries[-1][2] + " " + line.strip())
+    found: dict[str, dict[str, str | None]] = {}
+    for section, keys, text in entries:
+        shown = re.search(r"\[((?:[^\[\]]|\[[^\]]*\])*)\]$", text)
+        parts = _split_top_level(shown.group(1)) if shown and len(keys) > 1 else [shown and shown.group(1)]
+        values = parts if len(parts) == len(keys) else [None] * len(keys)
+        found.setdefault(section, {}).update(zip(keys, values, strict=True))
+    return found
+
+
+def _split_top_level(text: str) -> list[str]:
+    """ "1, [2, 3], x" → ["1", "[2, 3]", "x"]."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def _shown_value(text: str) -> object:
+    """A bracketed default as a value: "unset: ..." → None, TOML literals parsed, anything else as text."""
+    import tomllib
+
+    value = re.split(r"[:;]", text, maxsplit=1)[0].strip()
+    if value == "unset":
+        return None
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def test_the_run_config_docstring_documents_every_key_and_no_other() -> None:
+    keys = {"": {"out", "ray_address"}}
+    keys |= {name: {f.name for f in dataclasses.fields(cls)} for name, cls in runconfig.SECTIONS.items()}
+    assert {section: set(found) for section, found in documented_defaults().items()} == keys
+
+
+def test_the_run_config_docstring_shows_the_library_defaults() -> None:
+    defaults = {"": {"ray_address": None}, "data": {}}
+    defaults["data"] = {f.name: f.default for f in dataclasses.fields(runconfig.DataSection)}
+    for name, cls in runconfig.SECTIONS.items():
+        if name in SECTION_SOURCES:
+            sources, set_by_run, _ = SECTION_SOURCES[name]
+            library = {
+                s.key: s.default for source in sources for s in settings.settings_of(source, set_by_run)
+            }
+            # re-ranking keys show the reference's values (RerankConfig's), which DELG stores record
+            defaults[name] = {f.name: f.default for f in dataclasses.fields(cls)} | library
+    checked, wrong = 0, {}
+    for section, shown in documented_defaults().items():
+        for key, text in shown.items():
+            if text is None:
+                continue
+            value, expected = _shown_value(text), defaults[section][key]
+            expected = list(expected) if isinstance(expected, tuple) else expected
+            checked += 1
+            if value != expected:
+                wrong[f"{section}.{key}"] = (text, expected)
+    assert checked > 80 and wrong == {}
+
+
+def test_unset_is_none_and_an_empty_string_unsets() -> None:
+    data = {"index": "i", "queries": "q"}
+    config = runconfig.parse_run_config(
+        {"out": "o", "ray_address": "", "data": {**data, "landmarks": ""}, "index": {"factory": ""}}
+    )
+    assert (config.ray_address, config.data.landmarks, config.index.factory) == (None, None, None)
+    assert config.data.ground_truth is None and config.extract.weights is None
+    assert config.search.search_config().nprobe is None
+    with pytest.raises(ValueError, match=r"search: nprobe=0; must be ≥ 1; leave it unset"):
+        runconfig.parse_run_config({"out": "o", "data": data, "search": {"nprobe": 0}})
+    with pytest.raises(ValueError, match=r"index\.k_factors=\[1, 'x'\] must be a list of int"):
+        runconfig.parse_run_config({"out": "o", "data": data, "index": {"k_factors": [1, "x"]}})
+
+
+def test_every_library_setting_reaches_the_object_the_run_builds() -> None:
+    """A key given in the file arrives in the library object built from its section (no key is dropped)."""
+    data = {"index": "i", "queries": "q"}
+    raw = {
+        "extract": {"num_extractors": 3, "row_group_size": 7, "compile": True, "decode_cpus": 0.5},
+        "index": {
+            "target_recall": 0.9,
+            "recall_queries": 50,
+            "k_factors": [1, 2],
+            "tasks": 2,
+            "factory": "Flat",
+        },
+        "search": {"k": 7, "nprobe": 3},
+        "rerank": {"trials": 10, "keep_matches": 1, "sg_k": 4},
+        "report": {"max_hits": 4},
+    }
+    config = runconfig.parse_run_config({"out": "o", "data": data, **raw})
+    job, cluster = config.extract.job("m", "o", None), config.extract.cluster(None)
+    assert (cluster.num_extractors, job.store.row_group_size, cluster.runtime.compile) == (3, 7, True)
+    assert cluster.decode_cpus == 0.5
+    build = config.index.build_config()
+    assert (build.quality.target, build.quality.queries, build.quality.k_factors, build.tasks) == (
+        0.9,
+        50,
+        (1, 2),
+        2,
+    )
+    assert config.index.build_arguments() == {"factory": "Flat"}
+    assert config.search.search_config() == SearchConfig(k=7, nprobe=3)
+    assert config.rerank.overrides() == {"trials": 10, "keep_matches": 1}
+    assert config.rerank.global_rerank_config() == GlobalRerankConfig(sg_k=4)
+    assert config.report.report_settings() == ReportSettings(max_hits=4)
+
+
+# ---------------------------------------------------------------- jobs
+
+# job → (argv with its required arguments, the library sources it feeds, fields it sets itself, own arguments)
+JOBS = {
+    "index_manifest": (
+        index_manifest,
+        ["--manifest", "m", "--out", "o", "--preset", "p"],
+        [ExtractionJob, ClusterOptions, build_index, BuildConfig],
+        {"manifest_url", "out_url", "config", "address", "options", "ray_address", *GUARDS},
+        {"manifest", "out", "preset", "address"},
+    ),
+    "nightly_reindex": (
+        nightly_reindex,
+        ["--manifest", "m", "--root", "r", "--preset", "p"],
+        [ReindexConfig],
+        set(),
+        {"manifest", "root", "address"},
+    ),
+    "train": (
+        train,
+        ["--manifest", "m", "--out", "o", "--preset", "p"],
+        [TrainJob, TrainCluster],
+        {"manifest_url", "out_url", "address", "crash_after_step", *GUARDS},
+        {"manifest", "out", "address"},
+    ),
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_setting_of_a_job_is_an_argument_with_the_library_default(job: str) -> None:
+    module, argv, sources, set_here, own = JOBS[job]
+    args = vars(module.parse_args(argv))
+    library = {s.key: s for source in sources for s in settings.settings_of(source, set_here)}
+    assert set(args) - own == set(library)
+    differ = {k: (args[k], s.default) for k, s in library.items() if not s.required and args[k] != s.default}
+    assert not differ
+
+
+def test_job_arguments_parse_into_the_library_types() -> None:
+    args = index_manifest.parse_args(
+        ["--manifest", "m", "--out", "o", "--preset", "p", "--k-factors", "1,4", "--compile", "--tasks", "2"]
+    )
+    assert (args.k_factors, args.compile, args.tasks) == ((1, 4), True, 2)
+    built = settings.build(BuildConfig, vars(args))
+    assert built.quality.k_factors == (1, 4) and built.tasks == 2
+    reindex = nightly_reindex.parse_args(
+        ["--manifest", "m", "--root", "r", "--preset", "p", "--dba", "--weights", "", "--memory-budget", ""]
+    )
+    assert reindex.dba and (reindex.weights, reindex.memory_budget) == (None, None)  # "" from an empty $VAR

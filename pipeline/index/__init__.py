@@ -23,13 +23,14 @@ from __future__ import annotations
 from pipeline.index.build import BuildConfig, build_index
 from pipeline.index.params import IndexChoice, choose_index, parse_size
 from pipeline.index.quality import QualityConfig, quality_report, recall_at
-from pipeline.index.search import search
+from pipeline.index.search import SearchConfig, search
 from pipeline.index.update import add_shards, new_shards, remove_ids
 
 __all__ = [
     "BuildConfig",
     "IndexChoice",
     "QualityConfig",
+    "SearchConfig",
     "add_shards",
     "build_index",
     "choose_index",

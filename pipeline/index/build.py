@@ -453,6 +453,17 @@ def _merge_task(
     return run_step(merge_and_measure, memory, config.step_cpus, 0, *args)
 
 
+def committed_global_shards(descriptors_url: str, options: Options) -> tuple[list[str], list[int], int]:
+    """A store's committed global shards: their URLs, row counts and the dimension; ValueError when empty."""
+    shard_urls = store.global_shard_urls(descriptors_url, options)
+    if not shard_urls:
+        raise ValueError(f"no committed global shards under {storage.redact(descriptors_url)}")
+    counts = shard_rows(shard_urls, options)
+    if sum(counts) == 0:
+        raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
+    return shard_urls, counts, shard_dim(shard_urls[0], options)
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -470,13 +481,8 @@ def build_index(
     """
     if config.merge == "disk":
         check_disk_output(out_url)  # before the expensive steps
-    shard_urls = store.global_shard_urls(descriptors_url, options)
-    if not shard_urls:
-        raise ValueError(f"no committed global shards under {storage.redact(descriptors_url)}")
-    counts = shard_rows(shard_urls, options)
-    total, dim = sum(counts), shard_dim(shard_urls[0], options)
-    if total == 0:
-        raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
+    shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
+    total = sum(counts)
     choice = resolve_choice(factory, memory_budget, total, dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -20,23 +21,34 @@ def to_device(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 100  # results per query
+    nprobe: int | None = None  # IVF cells visited; None: the one stored with the index by its quality report
+    k_factor: float | None = None  # refined shortlist size in multiples of k; None: the stored one
+    batch_size: int = 4096  # queries per faiss search call
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError(f"k={self.k}, batch_size={self.batch_size}; both must be ≥ 1")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError(
+                f"nprobe={self.nprobe}; must be ≥ 1; leave it unset for the quality report's choice (0 meant that once)"
+            )
+        if self.k_factor is not None and not self.k_factor > 0:
+            raise ValueError(f"k_factor={self.k_factor}; must be > 0, or unset for the stored one")
+
+
 def search(
     index_url: str,
     query_store_url: str,
     out_url: str,
-    k: int = 100,
-    nprobe: int | None = None,
+    config: SearchConfig = SearchConfig(),
     options: Options = None,
-    batch_size: int = 4096,
-    k_factor: float | None = None,
 ) -> dict[str, Any]:
-    """Top-``k`` of every committed query descriptor in ``query_store_url``, written as Parquet to ``out_url``.
-
-    ``nprobe`` and ``k_factor`` (refined shortlist size in multiples of k) default to the setting stored with
-    the index by its quality report.
-    """
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k={k}, batch_size={batch_size}; both must be ≥ 1")
+    """Top-``config.k`` of every committed query descriptor in ``query_store_url``, written as Parquet to
+    ``out_url``."""
+    k, nprobe, k_factor, batch_size = config.k, config.nprobe, config.k_factor, config.batch_size
     params = io.read_params(index_url, options)
     index = io.load_index(index_url, options)
     chosen = nprobe if nprobe is not None else params.get("nprobe")

@@ -93,6 +93,14 @@ def settings_of(config: RerankConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in EXECUTION}
 
 
+def overrides_from(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The RerankConfig fields ``values`` sets (None: unset, the stores' setting applies); ratio 0 = off."""
+    given = {f.name: values[f.name] for f in fields(RerankConfig) if values.get(f.name) is not None}
+    if given.get("ratio") == 0:
+        given["ratio"] = None
+    return given
+
+
 def from_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RerankConfig:
     """A config from stored settings (keys this version does not know are ignored) and explicit overrides."""
     known = {f.name for f in fields(RerankConfig)}

@@ -342,27 +342,9 @@ def verify(
     refitted by least squares on its inliers, kept when it loses none. Hypotheses are evaluated in chunks of
     at most about ``max_elements`` pair × trial × match values.
     """
-    if model not in MODELS:
-        raise ValueError(f"model={model!r}: allowed {MODELS}")
-    if src.ndim != 3 or src.shape[2] != 2 or dst.shape != src.shape:
-        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must both be (B, M, 2)")
-    if valid is None:
-        valid = torch.ones(src.shape[:2], dtype=torch.bool, device=src.device)
-    if valid.shape != src.shape[:2]:
-        raise ValueError(f"valid has shape {tuple(valid.shape)}; expected {tuple(src.shape[:2])}")
-    if not threshold > 0:
-        raise ValueError(f"threshold={threshold}: must be > 0 pixels")
-    if trials < 1:
-        raise ValueError(f"trials={trials}: must be >= 1")
-    valid = valid.to(device=src.device, dtype=torch.bool)
-    if not torch.isfinite(src[valid]).all() or not torch.isfinite(dst[valid]).all():
-        raise ValueError("src/dst hold non-finite coordinates at valid matches; expected finite pixels")
-    # padding may hold anything (inf, NaN): zero it so no arithmetic sees it
-    src = torch.where(valid[..., None], src.float(), 0.0)
-    dst = torch.where(valid[..., None], dst.to(device=src.device, dtype=torch.float32), 0.0)
+    src, dst, valid = _checked(src, dst, valid, model, threshold, trials)
     batch, width = valid.shape
     k = MIN_SAMPLES[model]
-
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # (B, M) valid matches first
     src, dst, valid = (
         src.gather(1, order[..., None].expand(-1, -1, 2)),
@@ -370,14 +352,10 @@ def verify(
         valid.gather(1, order),
     )
     n = valid.sum(dim=1)  # (B,)
-    src_centre, src_scale = _normaliser(src, valid, n)
-    dst_centre, dst_scale = _normaliser(dst, valid, n)
-    src_n = (src - src_centre[:, None]) / src_scale[:, None, None]
-    dst_n = (dst - dst_centre[:, None]) / dst_scale[:, None, None]
+    src_n, src_centre, src_scale = _normalised(src, valid, n)
+    dst_n, dst_centre, dst_scale = _normalised(dst, valid, n)
     thr2 = (threshold / dst_scale) ** 2  # (B,) threshold in normalised dst units
-    # one stream of uniforms (trials, k) shared by all pairs, drawn on the CPU: same samples on any device
-    generator = torch.Generator().manual_seed(seed)
-    uniforms = torch.rand(trials, k, generator=generator, dtype=torch.float64).to(src.device)
+    uniforms = _uniforms(trials, k, seed, src.device)
 
     sorted_mask = torch.zeros(batch, width, dtype=torch.bool, device=src.device)
     models = torch.full((batch, 3, 3), torch.nan, dtype=torch.float64, device=src.device)
@@ -402,3 +380,47 @@ def verify(
             models[chunk] = torch.where(found[:, None, None], pixels, models[chunk])
     inlier_mask = torch.zeros_like(sorted_mask).scatter(1, order, sorted_mask)
     return Verification(inliers=inlier_mask.sum(dim=1), inlier_mask=inlier_mask, model=models)
+
+
+def _uniforms(trials: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """(trials, k) float64 uniforms shared by all pairs, drawn on the CPU: the same samples on any device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(trials, k, generator=generator, dtype=torch.float64).to(device)
+
+
+def _normalised(
+    points: torch.Tensor, valid: torch.Tensor, n: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, M, 2) points moved to their valid points' centre (B, 2) and divided by their scale (B,)."""
+    centre, scale = _normaliser(points, valid, n)
+    return (points - centre[:, None]) / scale[:, None, None], centre, scale
+
+
+def _checked(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    valid: torch.Tensor | None,
+    model: str,
+    threshold: float,
+    trials: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """verify's inputs validated: float32 src/dst on src's device with padding zeroed, valid a bool mask."""
+    if model not in MODELS:
+        raise ValueError(f"model={model!r}: allowed {MODELS}")
+    if src.ndim != 3 or src.shape[2] != 2 or dst.shape != src.shape:
+        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must both be (B, M, 2)")
+    if valid is None:
+        valid = torch.ones(src.shape[:2], dtype=torch.bool, device=src.device)
+    if valid.shape != src.shape[:2]:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; expected {tuple(src.shape[:2])}")
+    if not threshold > 0:
+        raise ValueError(f"threshold={threshold}: must be > 0 pixels")
+    if trials < 1:
+        raise ValueError(f"trials={trials}: must be >= 1")
+    valid = valid.to(device=src.device, dtype=torch.bool)
+    if not torch.isfinite(src[valid]).all() or not torch.isfinite(dst[valid]).all():
+        raise ValueError("src/dst hold non-finite coordinates at valid matches; expected finite pixels")
+    # padding may hold anything (inf, NaN): zero it so no arithmetic sees it
+    src = torch.where(valid[..., None], src.float(), 0.0)
+    dst = torch.where(valid[..., None], dst.to(device=src.device, dtype=torch.float32), 0.0)
+    return src, dst, valid
