@@ -5,8 +5,9 @@
         --preset delg-r50-gldv2 --weights s3://b/w.pt --memory-budget 48GiB
 
 Re-submitting the same command resumes: committed descriptor shards are kept. Storage credentials come
-from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints a JSON summary
-as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
+from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints a progress line
+every --progress-interval seconds while it extracts, and a JSON summary as its last line; exits 2 with the
+reason on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import get_preset
-from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, run_extraction
 from pipeline.index import build_index
+from pipeline.ray_runtime import every
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
+    parser.add_argument(
+        "--gpus-per-extractor",
+        type=float,
+        default=0,
+        help="GPUs per extractor actor (0: CPU actors); asked for before a GPU node exists (autoscaling).",
+    )
+    parser.add_argument("--min-extractors", type=int, default=1, help="Extractor actors the run waits for.")
+    parser.add_argument(
+        "--max-extractors", type=int, default=None, help="Extractor actors the pool grows to as nodes join."
+    )
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
 
 
@@ -59,7 +77,14 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         shard_size=args.shard_size,
         image_root=args.image_root or None,
     )
-    extraction = run_extraction(job, ClusterOptions(address=address), options)
+    extractors = Extractors(args.gpus_per_extractor, args.min_extractors, args.max_extractors)
+    extraction = run_extraction(
+        job,
+        ClusterOptions(address=address, extractors=extractors),
+        options,
+        every(args.progress_interval, lambda progress: print(progress.describe(), flush=True)),
+    )
+    print(f"index: building from {extraction.ok} descriptors", flush=True)
     index = build_index(
         descriptors,
         storage.join(args.out, "index"),

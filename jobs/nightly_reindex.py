@@ -4,8 +4,9 @@
         python jobs/nightly_reindex.py --manifest s3://b/manifests/latest.parquet --root s3://b/indexes/nightly \
         --preset delg-r50-gldv2 --weights s3://b/w.pt --keep 7 --retrain-threshold 0.2
 
-Publishes ROOT/versions/vN and moves ROOT/LATEST; a re-run after a crash resumes. Prints the run report as
-JSON on its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on any other failure.
+Publishes ROOT/versions/vN and moves ROOT/LATEST; a re-run after a crash resumes. Prints a progress line
+every --progress-interval seconds while it extracts, one per finished stage, and the run report as JSON on
+its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import os
 import sys
 
 from pipeline import storage
+from pipeline.extraction import Extractors
 from pipeline.lease import LockHeldError
+from pipeline.ray_runtime import every
 from pipeline.reindex import ReindexConfig, reindex
 
 
@@ -49,6 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
+    parser.add_argument(
+        "--gpus-per-extractor",
+        type=float,
+        default=0,
+        help="GPUs per extractor actor (0: CPU actors); asked for before a GPU node exists (autoscaling).",
+    )
+    parser.add_argument("--min-extractors", type=int, default=1, help="Extractor actors the run waits for.")
+    parser.add_argument(
+        "--max-extractors", type=int, default=None, help="Extractor actors the pool grows to as nodes join."
+    )
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,9 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             memory_budget=args.memory_budget or None,
             image_root=args.image_root or None,
             dba=args.dba,
+            extractors=Extractors(args.gpus_per_extractor, args.min_extractors, args.max_extractors),
         )
         address = args.address or os.environ.get("RAY_ADDRESS") or None
-        report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)
+        report = reindex(
+            args.manifest,
+            args.root,
+            config,
+            storage.options_from_env(),
+            ray_address=address,
+            on_stage=lambda stage: print(f"reindex: {stage}", flush=True),
+            on_progress=every(
+                args.progress_interval, lambda progress: print(progress.describe(), flush=True)
+            ),
+        )
     except LockHeldError as exc:
         print(f"nightly_reindex refused: {storage.redact_text(str(exc))}", file=sys.stderr)
         return 3

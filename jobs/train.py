@@ -7,7 +7,7 @@
 
 Re-submitting the same command resumes from the newest checkpoint under OUT/checkpoints. Storage
 credentials come from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints
-a JSON summary as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
+a progress line every --progress-interval seconds and a JSON summary as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from pipeline import storage
+from pipeline.ray_runtime import every
 from pipeline.train import TrainCluster, TrainConfig, TrainJob, run_training
 
 
@@ -38,7 +39,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--address", default="", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
+
+
+def progress_line(line: dict[str, Any]) -> str:
+    """One progress line from a rank-0 metrics line."""
+    return (
+        f"train: step {line['step']}/{line['total_steps']}, loss {line['loss']:.4f}, "
+        f"{line['images_per_s']:.1f} images/s"
+    )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -59,7 +74,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
     )
-    summary = run_training(job, cluster, storage.options_from_env())
+    show = every(args.progress_interval, lambda line: print(progress_line(line), flush=True))
+    summary = run_training(job, cluster, storage.options_from_env(), on_progress=show)
     record = dataclasses.asdict(summary) | {"weights_url": storage.redact(summary.weights_url)}
     return {**record, "images_per_s": summary.images_per_s}
 

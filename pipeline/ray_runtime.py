@@ -5,8 +5,14 @@ Ray is imported inside the function so that importing a stage does not import Ra
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,3 +35,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log_to_driver=False,
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
+
+
+def every(seconds: float, callback: Callable[[T], None]) -> Callable[[T], None]:
+    """``callback`` at most once per ``seconds`` (the first call always passes): a job's periodic progress
+    lines in `ray job logs` from a stage's per-chunk or per-step progress hook."""
+    last = -math.inf
+
+    def throttled(progress: T) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            callback(progress)
+
+    return throttled

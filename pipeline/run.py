@@ -152,7 +152,9 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
     from pipeline.store import StoreSettings
 
     runtime = RuntimeOptions(batch_size=config.extract.batch_size)
-    cluster = ClusterOptions(address=config.ray_address or None, runtime=runtime)
+    cluster = ClusterOptions(
+        address=config.ray_address or None, extractors=config.extract.extractors(), runtime=runtime
+    )
 
     def extraction(manifest_url: str, out_url: str, image_root: str) -> Callable[[], Mapping[str, Any]]:
         job = ExtractionJob(
@@ -166,7 +168,10 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
         )
         return lambda: asdict(run_extraction(job, cluster, runner.options))
 
-    params, paths = asdict(config.extract), runner.paths
+    # The extractor pool's size does not change the descriptors: resizing it keeps the stages done.
+    pool = {"gpus_per_extractor", "min_extractors", "max_extractors"}
+    params = {k: v for k, v in asdict(config.extract).items() if k not in pool}
+    paths = runner.paths
     runner.stage(
         "extract-index",
         [params, config.data.index, *filter(None, [config.data.index_image_root])],

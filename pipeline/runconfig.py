@@ -21,6 +21,9 @@ relative to the config file's folder)::
     shard_size       manifest rows per descriptor shard [1000]
     local_dtype      float16 | int8 | float32 [float16]
     batch_size       images per forward pass [8]
+    gpus_per_extractor GPUs each extractor actor asks for, even before a GPU node exists [0; CPU actors]
+    min_extractors   extractor actors the run waits for [1]
+    max_extractors   extractor actors the pool grows to as nodes join [0; min_extractors]
 
     [index]
     factory          faiss index factory string [""; chosen from N, dim and memory_budget]
@@ -93,6 +96,21 @@ class ExtractSection:
     shard_size: int = 1000
     local_dtype: str = "float16"
     batch_size: int = 8
+    gpus_per_extractor: float = 0
+    min_extractors: int = 1
+    max_extractors: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            self.extractors()
+        except ValueError as exc:
+            raise ValueError(f"extract: {exc}") from None
+
+    def extractors(self) -> Any:
+        """The extractor pool of these keys (pipeline.extraction.Extractors); ValueError on a bad value."""
+        from pipeline.extraction import Extractors
+
+        return Extractors(self.gpus_per_extractor, self.min_extractors, self.max_extractors or None)
 
 
 @dataclass(frozen=True)

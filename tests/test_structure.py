@@ -13,7 +13,7 @@ import typer.main
 from jobs import index_manifest, nightly_reindex
 from pipeline.cli import app
 from pipeline.config import RuntimeOptions
-from pipeline.extraction import ClusterOptions, ExtractionJob
+from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors
 from pipeline.reindex import ReindexConfig
 from pipeline.rerank import RerankConfig
 from pipeline.rerank.global_rerank import GlobalRerankConfig
@@ -56,8 +56,8 @@ def test_importing_the_index_package_loads_neither_ray_nor_torch() -> None:
     [
         # method and index are rerank()'s own arguments (which stage variant runs, where DBA vectors are)
         ("rerank", (RerankConfig, GlobalRerankConfig), {"method", "index"}),
-        ("extract", (ExtractionJob, StoreSettings, RuntimeOptions, ClusterOptions), {"preset"}),
-        ("reindex", (ReindexConfig,), set()),
+        ("extract", (ExtractionJob, StoreSettings, RuntimeOptions, ClusterOptions, Extractors), {"preset"}),
+        ("reindex", (ReindexConfig, Extractors), set()),
     ],
 )
 def test_cli_options_are_library_fields_with_their_defaults(
@@ -79,15 +79,22 @@ def test_cli_options_are_library_fields_with_their_defaults(
 def test_run_config_sections_are_library_fields() -> None:
     rerank_fields = set(defaults(RerankConfig, GlobalRerankConfig))
     assert {f.name for f in dataclasses.fields(RerankSection)} - {"enabled", "method"} <= rerank_fields
-    extract_fields = set(defaults(ExtractionJob, StoreSettings, RuntimeOptions)) | {"preset", "weights"}
+    extract_fields = set(defaults(ExtractionJob, StoreSettings, RuntimeOptions, Extractors)) | {
+        "preset",
+        "weights",
+    }
     assert {f.name for f in dataclasses.fields(ExtractSection)} <= extract_fields
 
 
 def test_jobs_offer_what_the_cli_offers() -> None:
-    """A job and the CLI command it wraps take the same settings (a new one cannot miss a front end)."""
+    """A job and the CLI command it wraps take the same settings (a new one cannot miss a front end); only
+    jobs print periodic progress lines (the CLI has its progress bar)."""
+    job_only = {"progress_interval"}
     reindex_job = set(vars(nightly_reindex.parse_args(["--manifest", "m", "--root", "r", "--preset", "p"])))
+    reindex_job -= job_only
     reindex_cli = set(cli_options("reindex")) | {"manifest", "root"}
     assert reindex_job ^ {"weights"} == reindex_cli ^ {"weights_url"}
     index_job = set(vars(index_manifest.parse_args(["--manifest", "m", "--out", "o", "--preset", "p"])))
+    index_job -= job_only
     offered = set(cli_options("extract")) | set(cli_options("build-index")) | {"manifest", "out", "weights"}
     assert index_job <= offered
