@@ -374,8 +374,9 @@ def extractor_threads(node_cpus: int, extractors: int, gpus: int) -> int:
 
 
 def extractor_device(gpus: float) -> str:
-    """ "cuda" for an actor given a GPU share whose CUDA works, else "cpu" (a CPU actor never touches a GPU
-    it happens to land beside; a GPU actor whose GPU is unusable falls back, with a warning)."""
+    """The torch device of an actor given ``gpus``: CUDA when it was given a GPU share and CUDA works, else
+    the CPU (a CPU actor never touches a GPU it lands beside; a GPU actor whose GPU is unusable falls back,
+    with a warning)."""
     if not gpus:
         return "cpu"
     import torch
