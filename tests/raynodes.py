@@ -29,6 +29,7 @@ NODE_PORT_FLAGS = (
     "--node-manager-port",
     "--object-manager-port",
 )
+START_TRIES = 3
 HEAD_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", *NODE_PORT_FLAGS)
 
 
@@ -57,10 +58,14 @@ class RayNodes:
         return self._start(f"node{len(self.nodes)}", joining, NODE_PORT_FLAGS)
 
     def _start(self, name: str, args: list[str], port_flags: tuple[str, ...]) -> subprocess.Popen:
-        try:
-            return self._start_once(name, args, port_flags)
-        except RuntimeError:  # `ray start` gives a node 30 s to register: too little on a busy machine
-            return self._start_once(f"{name}-again", args, port_flags)
+        """`ray start` gives a node 30 s to register with the GCS, too little on a busy machine: up to
+        ``START_TRIES`` tries, each on fresh ports."""
+        for attempt in range(1, START_TRIES):
+            try:
+                return self._start_once(f"{name}-{attempt}", args, port_flags)
+            except RuntimeError:
+                pass
+        return self._start_once(f"{name}-{START_TRIES}", args, port_flags)
 
     def _start_once(self, name: str, args: list[str], port_flags: tuple[str, ...]) -> subprocess.Popen:
         ports = dict(zip(port_flags, free_ports(len(port_flags)), strict=True))
