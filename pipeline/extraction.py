@@ -1,4 +1,4 @@
-"""Distributed extraction on Ray: manifest shards → decode tasks (CPU) → extractor actors (GPU) → shard writers.
+"""Distributed extraction on Ray: manifest shards → decode tasks (CPU) → extractor actors → shard writers.
 
 Why Ray Core rather than Ray Data: the unit of output is a descriptor shard that must commit atomically and
 account for every manifest row (ok or error record), and resume is derived from commit markers. With Core
@@ -8,13 +8,17 @@ the driver only moves small references and counts. Ray Data's streaming output h
 
 Data path per shard (the driver never touches pixels or descriptors)::
 
-    rows ──► decode_chunk (CPU task, many in parallel) ──► Extractor.extract (actor, one per GPU)
+    rows ──► decode_chunk (CPU task, many in parallel) ──► Extractor.extract (a pool of actors, GPU or CPU)
          ──► write_shard_task (CPU task) ──► OUT/{global,local,errors}/part-K + _commits/part-K.json
 
-Backpressure: at most ``max_chunks_in_flight`` chunks are between decode and extract at any time, so
-object-store memory stays bounded while decode overlaps with extraction. Faults: decode and writer tasks
-are retried by Ray; actors restart and their pending calls are retried (``max_restarts``,
-``max_task_retries``); a killed driver resumes from the commit markers on the next run.
+The actor pool follows the cluster (:class:`Extractors`): its actors are asked for up front, placed or not
+(the autoscaler's demand), the run starts once ``min_extractors`` are ready and gives work to each further
+one as soon as its node has joined and its model is loaded.
+
+Backpressure: at most ``max_chunks_in_flight`` (default 4 per ready actor) chunks are between decode and
+extract at any time, so object-store memory stays bounded while decode overlaps with extraction. Faults:
+decode and writer tasks are retried by Ray; actors restart and their pending calls are retried
+(``max_restarts``, ``max_task_retries``); a killed driver resumes from the commit markers on the next run.
 """
 
 from __future__ import annotations
