@@ -47,7 +47,7 @@ import torch
 from pipeline import extraction, images, manifest, ray_runtime, storage
 from pipeline.config import RuntimeOptions, get_preset
 from pipeline.demo import DEMO_PHOTOS, make_demo_dataset
-from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, run_extraction
 from pipeline.features import Extractor, build_extractor
 
 SHARED_MOBILENET = (
@@ -191,14 +191,15 @@ def main() -> None:
         str(SHARED_MOBILENET) if config.backbone == "mobilenet_v2" and SHARED_MOBILENET.exists() else None
     )
     runtime = RuntimeOptions(batch_size=args.batch_size)
-    cluster = ClusterOptions(chunk_size=args.chunk_size, runtime=runtime)
+    gpus = int(torch.cuda.is_available())  # one extractor on one GPU, like the model-only measurement
+    cluster = ClusterOptions(extractors=Extractors(gpus), chunk_size=args.chunk_size, runtime=runtime)
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     os.environ.setdefault("LANDMARK_INDEX_RAY_TMP", str(folder / "ray"))
     manifest_url = benchmark_manifest(folder, args.manifest, args.n)
     decoded, decode_s = decode_all(manifest_url)
 
-    ray_start_s, node_cpus, gpus, niceness = start_ray()
-    extractors = cluster.num_extractors or max(gpus, 1)
+    ray_start_s, node_cpus, _, niceness = start_ray()
+    extractors = cluster.extractors.most
     threads = extraction.extractor_threads(node_cpus, extractors, gpus)
     torch.set_num_threads(threads)
     started = time.perf_counter()

@@ -5,8 +5,9 @@
         --preset delg-r50-gldv2 --weights s3://b/w.pt --memory-budget 48GiB
 
 Re-submitting the same command resumes: committed descriptor shards are kept. Storage credentials come
-from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints a JSON summary
-as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
+from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints a progress line
+every --progress-interval seconds while it extracts, and a JSON summary as its last line; exits 2 with the
+reason on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline import settings, storage
 from pipeline.config import get_preset
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, build_index
+from pipeline.ray_runtime import every
 
 # Library fields this job sets itself (from --manifest, --out, --preset, --address) or keeps (input guards).
 SET_HERE = {"manifest_url", "out_url", "config", "address", "options", "ray_address", *settings.GUARDS}
@@ -38,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
     settings.add_arguments(parser, EXTRACTION + INDEX)
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,7 +56,13 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
     descriptors = storage.join(args.out, "descriptors")
     config = get_preset(args.preset)
     job = settings.build(ExtractionJob, given, manifest_url=args.manifest, out_url=descriptors, config=config)
-    extraction = run_extraction(job, settings.build(ClusterOptions, given, address=address), options)
+    extraction = run_extraction(
+        job,
+        settings.build(ClusterOptions, given, address=address),
+        options,
+        every(args.progress_interval, lambda progress: print(progress.describe(), flush=True)),
+    )
+    print(f"index: building from {extraction.ok} descriptors", flush=True)
     index = build_index(
         descriptors,
         storage.join(args.out, "index"),

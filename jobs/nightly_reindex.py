@@ -4,8 +4,9 @@
         python jobs/nightly_reindex.py --manifest s3://b/manifests/latest.parquet --root s3://b/indexes/nightly \
         --preset delg-r50-gldv2 --weights s3://b/w.pt --keep 7 --retrain-threshold 0.2
 
-Publishes ROOT/versions/vN and moves ROOT/LATEST; a re-run after a crash resumes. Prints the run report as
-JSON on its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on any other failure.
+Publishes ROOT/versions/vN and moves ROOT/LATEST; a re-run after a crash resumes. Prints a progress line
+every --progress-interval seconds while it extracts, one per finished stage, and the run report as JSON on
+its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 from pipeline import settings, storage
 from pipeline.lease import LockHeldError
+from pipeline.ray_runtime import every
 from pipeline.reindex import ReindexConfig, reindex
 
 
@@ -28,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
     )
     settings.add_arguments(parser, settings.settings_of(ReindexConfig))
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
 
 
@@ -36,7 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.build(ReindexConfig, vars(args))
         address = args.address or os.environ.get("RAY_ADDRESS") or None
-        report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)
+        report = reindex(
+            args.manifest,
+            args.root,
+            config,
+            storage.options_from_env(),
+            ray_address=address,
+            on_stage=lambda stage: print(f"reindex: {stage}", flush=True),
+            on_progress=every(
+                args.progress_interval, lambda progress: print(progress.describe(), flush=True)
+            ),
+        )
     except LockHeldError as exc:
         print(f"nightly_reindex refused: {storage.redact_text(str(exc))}", file=sys.stderr)
         return 3

@@ -7,7 +7,7 @@
 
 Re-submitting the same command resumes from the newest checkpoint under OUT/checkpoints. Storage
 credentials come from the environment (AWS_* or LANDMARK_INDEX_STORAGE_OPTIONS), never from flags. Prints
-a JSON summary as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
+a progress line every --progress-interval seconds and a JSON summary as its last line; exits 2 with the reason on a bad input, 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from pipeline import settings, storage
+from pipeline.ray_runtime import every
 from pipeline.train import TrainCluster, TrainJob, run_training
 
 # Library fields this job sets itself (from --manifest, --out, --address) or keeps (input guards, and the
@@ -36,16 +37,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     found = settings.settings_of(TrainJob, SET_HERE) + settings.settings_of(TrainCluster, SET_HERE)
     settings.add_arguments(parser, found)
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
     return parser.parse_args(argv)
+
+
+def progress_line(line: dict[str, Any]) -> str:
+    """One progress line from a rank-0 metrics line."""
+    return (
+        f"train: step {line['step']}/{line['total_steps']}, loss {line['loss']:.4f}, "
+        f"{line['images_per_s']:.1f} images/s"
+    )
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)
     job = settings.build(TrainJob, given, manifest_url=args.manifest, out_url=args.out)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
-    summary = run_training(
-        job, settings.build(TrainCluster, given, address=address), storage.options_from_env()
-    )
+    cluster = settings.build(TrainCluster, given, address=address)
+    show = every(args.progress_interval, lambda line: print(progress_line(line), flush=True))
+    summary = run_training(job, cluster, storage.options_from_env(), on_progress=show)
     record = dataclasses.asdict(summary) | {"weights_url": storage.redact(summary.weights_url)}
     return {**record, "images_per_s": summary.images_per_s}
 

@@ -65,6 +65,18 @@ Weights = Annotated[
 Address = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address; default: start a local Ray.")
 ]
+GpusPerExtractor = Annotated[
+    float,
+    typer.Option(
+        help="GPUs each extractor actor asks for (0: CPU actors). Asked for even before a GPU node exists: "
+        "the autoscaler adds them and the pool grows as they join; an actor whose GPU is unusable uses its CPU."
+    ),
+]
+MinExtractors = Annotated[int, typer.Option(help="Extractor actors the run waits for before it starts.")]
+MaxExtractors = Annotated[
+    int | None,
+    typer.Option(help="Extractor actors the pool grows to as nodes join (default: --min-extractors)."),
+]
 ImageRoot = Annotated[
     str | None,
     typer.Option(
@@ -151,10 +163,10 @@ def extract(
     global_dtype: Annotated[
         Literal[GLOBAL_DTYPES], typer.Option(help="Global descriptor encoding.")
     ] = "float16",
-    num_extractors: Annotated[
-        int | None, typer.Option(help="Extractor actors (default: one per GPU, else one).")
-    ] = None,
     row_group_size: Annotated[int, typer.Option(help="Rows per Parquet row group of a store shard.")] = 64,
+    gpus_per_extractor: GpusPerExtractor = 0,
+    min_extractors: MinExtractors = 1,
+    max_extractors: MaxExtractors = None,
     chunk_size: Annotated[int, typer.Option(help="Images per decode task and extractor call.")] = 16,
     max_chunks_in_flight: Annotated[
         int, typer.Option(help="Chunks between decode and extract (0: 4 per extractor).")
@@ -195,17 +207,24 @@ def _extract_with_progress(job, cluster):
     from pipeline.extraction import run_extraction
 
     with _progress_bar() as bar:
-        task = bar.add_task("extract", total=None, errors=0, rate=0.0)
+        task = bar.add_task("extract", total=None, errors=0, rate=0.0, extractors=0)
 
         def show(p):
             done = p.skipped_rows + p.done_rows
-            bar.update(task, total=p.total_rows, completed=done, errors=p.errors, rate=p.images_per_s)
+            bar.update(
+                task,
+                total=p.total_rows,
+                completed=done,
+                errors=p.errors,
+                rate=p.images_per_s,
+                extractors=p.extractors,
+            )
 
         return run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
 
 
 def _progress_bar(
-    fields: str = "{task.fields[rate]:.1f} img/s  errors {task.fields[errors]}",
+    fields: str = "{task.fields[rate]:.1f} img/s  errors {task.fields[errors]}  extractors {task.fields[extractors]}",
 ) -> Progress:
     """The console's progress bar: description, bar, done/total, the stage's ``fields``, elapsed, ETA."""
     return Progress(
@@ -228,6 +247,8 @@ def _print_summary(summary, out: str) -> None:
     for reason, count in summary.errors_by_reason.items():
         table.add_row(f"  {reason}", str(count))
     table.add_row("shards", f"{summary.shards} ({summary.shards_resumed} from an earlier run)")
+    devices = ", ".join(f"{device}: {n}" for device, n in sorted(summary.devices.items()))
+    table.add_row("extractors", f"{summary.extractors}" + (f" ({devices})" if devices else ""))
     table.add_row(
         "throughput",
         f"{summary.images_per_s:.2f} images/s ({summary.rows_this_run} in {summary.seconds:.1f} s)",
@@ -714,6 +735,9 @@ def reindex(
     address: Address = None,
     image_root: ImageRoot = None,
     allow_local_files: AllowLocalFiles = False,
+    gpus_per_extractor: GpusPerExtractor = 0,
+    min_extractors: MinExtractors = 1,
+    max_extractors: MaxExtractors = None,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.

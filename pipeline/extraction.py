@@ -1,4 +1,4 @@
-"""Distributed extraction on Ray: manifest shards → decode tasks (CPU) → extractor actors (GPU) → shard writers.
+"""Distributed extraction on Ray: manifest shards → decode tasks (CPU) → extractor actors → shard writers.
 
 Why Ray Core rather than Ray Data: the unit of output is a descriptor shard that must commit atomically and
 account for every manifest row (ok or error record), and resume is derived from commit markers. With Core
@@ -9,18 +9,23 @@ the driver only moves small references and counts. Ray Data's streaming output h
 Data path per shard (the driver never touches pixels or descriptors)::
 
     rows ──► decode_rows (CPU task, many in parallel: decode, crop, cap at max_side)
-         ──► Extractor.extract_prepared (actor, one per GPU)
+         ──► Extractor.extract_prepared (a pool of actors, GPU or CPU)
          ──► write_shard_task (CPU task) ──► OUT/{global,local,errors}/part-K + _commits/part-K.json
 
-Backpressure: at most ``max_chunks_in_flight`` chunks are between decode and extract at any time, so
-object-store memory stays bounded while decode overlaps with extraction. Faults: decode and writer tasks
-are retried by Ray; actors restart and their pending calls are retried (``max_restarts``,
-``max_task_retries``); a killed driver resumes from the commit markers on the next run.
+The actor pool follows the cluster (:class:`Extractors`): its actors are asked for up front, placed or not
+(the autoscaler's demand), the run starts once ``min_extractors`` are ready and gives work to each further
+one as soon as its node has joined and its model is loaded.
+
+Backpressure: at most ``max_chunks_in_flight`` (default 4 per ready actor) chunks are between decode and
+extract at any time, so object-store memory stays bounded while decode overlaps with extraction. Faults:
+decode and writer tasks are retried by Ray; actors restart and their pending calls are retried
+(``max_restarts``, ``max_task_retries``); a killed driver resumes from the commit markers on the next run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -74,12 +79,43 @@ class ExtractionJob:
 
 
 @dataclass(frozen=True)
+class Extractors:
+    """The extractor actor pool: how many, and the GPU share each asks Ray for (nothing changes the output).
+
+    GPU actors are asked for even when no node has a GPU yet: Ray keeps the ones it cannot place pending
+    (the autoscaler's demand, also requested explicitly), and each one gets work as soon as it is placed and
+    loaded, so the pool grows while the run goes as GPU nodes join.
+    """
+
+    gpus_per_extractor: float = 0  # 0: CPU actors; e.g. 1 (one GPU each) or 0.5 (two actors per GPU)
+    min_extractors: int = 1  # the run waits until this many actors are ready
+    max_extractors: int | None = None  # the pool grows up to this many; None: min_extractors
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.gpus_per_extractor) and self.gpus_per_extractor >= 0):
+            raise ValueError(
+                f"gpus_per_extractor (--gpus-per-extractor) = {self.gpus_per_extractor}; must be ≥ 0"
+            )
+        if self.min_extractors < 1:
+            raise ValueError(f"min_extractors (--min-extractors) = {self.min_extractors}; must be ≥ 1")
+        if self.max_extractors is not None and self.max_extractors < self.min_extractors:
+            raise ValueError(
+                f"max_extractors (--max-extractors) = {self.max_extractors}; must be ≥ min_extractors "
+                f"({self.min_extractors})"
+            )
+
+    @property
+    def most(self) -> int:
+        return self.max_extractors or self.min_extractors
+
+
+@dataclass(frozen=True)
 class ClusterOptions:
     """How the job runs on Ray: nothing here changes the output."""
 
     address: str | None = None  # None: start a local Ray (or use the one already initialised)
-    num_extractors: int | None = None  # None: one per GPU, else one CPU actor
-    actor_cpus: float = 1.0  # CPU share of a CPU-only extractor; fractional so decode tasks still run
+    extractors: Extractors = field(default_factory=Extractors)
+    actor_cpus: float = 1.0  # CPU share of each extractor; fractional so decode tasks still run
     decode_cpus: float = 0.25  # fractional: decode is I/O-bound and must not starve (GUIDE §5)
     chunk_size: int = 16  # rows per decode task / extractor call
     max_chunks_in_flight: int = 0  # 0: 4 per extractor
@@ -96,11 +132,26 @@ class Progress:
     ok: int = 0
     errors: int = 0
     shards_committed: int = 0
+    devices: Counter[str] = field(default_factory=Counter)  # ready extractor actors by torch device
     started: float = field(default_factory=time.monotonic)
 
     @property
     def images_per_s(self) -> float:
         return self.done_rows / max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def extractors(self) -> int:
+        return sum(self.devices.values())
+
+    def describe(self) -> str:
+        """One progress line, e.g. for `ray job logs`."""
+        done = self.skipped_rows + self.done_rows
+        devices = ", ".join(f"{d}: {n}" for d, n in sorted(self.devices.items()))
+        return (
+            f"extraction: {done}/{self.total_rows} rows ({done / max(self.total_rows, 1):.1%}), "
+            f"{self.images_per_s:.2f} images/s, {self.errors} errors, {self.extractors} extractors"
+            + (f" ({devices})" if devices else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -113,6 +164,8 @@ class ExtractionSummary:
     shards_resumed: int  # committed before this run started
     rows_this_run: int
     seconds: float
+    extractors: int  # extractor actors that were ready by the end of the run (0: nothing left to extract)
+    devices: dict[str, int]  # those actors by torch device ("cuda", or "cpu" also for a GPU fallback)
 
     @property
     def images_per_s(self) -> float:
@@ -183,15 +236,24 @@ def prepare_row(
 class ExtractorActor:
     """A thin Ray actor: loads the model once, then turns decoded chunks into descriptors."""
 
-    def __init__(
-        self, job: ExtractionJob, runtime: RuntimeOptions, options: Options, cpu_threads: int
-    ) -> None:
+    def __init__(self, job: ExtractionJob, cluster: ClusterOptions, options: Options) -> None:
         import torch
 
         from pipeline.features import build_extractor
 
-        torch.set_num_threads(cpu_threads)
-        self.extractor = build_extractor(job.config, job.weights_url, options=options, runtime=runtime)
+        gpus = cluster.extractors.gpus_per_extractor
+        torch.set_num_threads(_threads_on_this_node(cluster))
+        self.extractor = build_extractor(
+            job.config,
+            job.weights_url,
+            options=options,
+            device=extractor_device(gpus),
+            runtime=cluster.runtime,
+        )
+
+    def ready(self) -> str:
+        """The torch device this actor extracts on; answered once the model is loaded."""
+        return self.extractor.device.type
 
     def extract(self, chunk: DecodedChunk) -> ExtractedChunk:
         try:
@@ -330,6 +392,8 @@ def run_extraction(
         shards_resumed=len(done),
         rows_this_run=progress.done_rows,
         seconds=time.monotonic() - started,
+        extractors=progress.extractors,
+        devices=dict(progress.devices),
     )
 
 
@@ -347,20 +411,99 @@ def extractor_threads(node_cpus: int, extractors: int, gpus: int) -> int:
     return min(share, GPU_HOST_THREADS) if gpus else share
 
 
-def _start_actors(job: ExtractionJob, cluster: ClusterOptions, options: Options) -> list[Any]:
+def extractor_device(gpus: float) -> str:
+    """The torch device of an actor given ``gpus``: CUDA when it was given a GPU share and CUDA works, else
+    the CPU (a CPU actor never touches a GPU it lands beside; a GPU actor whose GPU is unusable falls back,
+    with a warning)."""
+    if not gpus:
+        return "cpu"
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.init()  # raises on a broken driver or device
+            return "cuda"
+        reason = "torch.cuda.is_available() is False"
+    except Exception as exc:  # any CUDA initialisation error means: not usable here
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning("extractor given %g GPU, but CUDA is not usable (%s): extracting on the CPU", gpus, reason)
+    return "cpu"
+
+
+def _threads_on_this_node(cluster: ClusterOptions) -> int:
+    """extractor_threads for the node this actor runs on: CPU actors may all share one node; GPU actors
+    share a node with as many others as its GPUs hold."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = cluster.num_extractors or max(gpus, 1)
-    if gpus:
-        resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": cluster.actor_cpus}
-    else:
-        resources = {"num_cpus": cluster.actor_cpus}
-    threads = extractor_threads(int(ray.cluster_resources().get("CPU", 1)), count, gpus)
-    actor_class = ray.remote(
-        max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV}, **resources
-    )(ExtractorActor)
-    return [actor_class.remote(job, cluster.runtime, options, threads) for _ in range(count)]
+    node_id = ray.get_runtime_context().get_node_id()
+    resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
+    gpus = cluster.extractors.gpus_per_extractor
+    sharing = int(resources.get("GPU", 0) // gpus) if gpus else cluster.extractors.most
+    return extractor_threads(int(resources.get("CPU", 1)), max(sharing, 1), int(gpus > 0))
+
+
+class _ActorPool:
+    """All ``max_extractors`` actors are created at once; Ray keeps those it cannot place pending (GPU
+    actors on a cluster whose GPU nodes are still to come). An actor gets work once ``ready()`` answered."""
+
+    def __init__(
+        self, job: ExtractionJob, cluster: ClusterOptions, options: Options, devices: Counter[str]
+    ) -> None:
+        import ray
+
+        self.cluster = cluster
+        resources = {"num_cpus": cluster.actor_cpus, "num_gpus": cluster.extractors.gpus_per_extractor}
+        actor_class = ray.remote(
+            max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV}, **resources
+        )(ExtractorActor)
+        actors = [actor_class.remote(job, cluster, options) for _ in range(cluster.extractors.most)]
+        self.pending = {actor.ready.remote(): actor for actor in actors}  # ready() ref → actor
+        self.ready: list[Any] = []
+        self.devices = devices  # ready actors by device (the run's Progress counts them)
+
+    def ask_autoscaler(self, wanted: bool) -> None:
+        """Ask the autoscaler for every GPU actor's bundle (an empty request withdraws it)."""
+        from ray.autoscaler.sdk import request_resources
+
+        gpus = self.cluster.extractors.gpus_per_extractor
+        if gpus:
+            bundle = {"GPU": gpus, "CPU": self.cluster.actor_cpus}
+            request_resources(bundles=[bundle] * self.cluster.extractors.most if wanted else [])
+
+    def poll(self) -> None:
+        """Admit every actor whose ready() has answered; never blocks."""
+        import ray
+
+        if self.pending:
+            self._admit(ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)[0])
+
+    def wait_for_minimum(self) -> None:
+        import ray
+
+        extractors, said = self.cluster.extractors, False
+        self.poll()
+        while (missing := extractors.min_extractors - len(self.ready)) > 0:
+            log.log(
+                logging.WARNING if said else logging.INFO,
+                "waiting for %d more extractor(s) (%g GPU, %g CPU each) to be placed and loaded",
+                missing,
+                extractors.gpus_per_extractor,
+                self.cluster.actor_cpus,
+            )
+            said = True
+            self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=WAIT_LOG_S)[0])
+
+    def _admit(self, answered: list[Any]) -> None:
+        import ray
+
+        for ref in answered:
+            device = ray.get(ref)  # re-raises an actor's start-up failure (bad weights, ...)
+            self.ready.append(self.pending.pop(ref))
+            self.devices[device] += 1
+            log.info("extractor %d of %d ready on %s", len(self.ready), self.cluster.extractors.most, device)
+
+
+WAIT_LOG_S = 30.0  # how often a run still waiting for its first extractors says so
 
 
 @dataclass
@@ -378,52 +521,76 @@ def _extract_shards(
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
-    import ray
+    pool = _ActorPool(job, cluster, options, progress.devices)
+    pool.ask_autoscaler(True)
+    try:
+        pool.wait_for_minimum()
+        _Dispatch(job, cluster, options, todo).run(pool, progress, on_progress or (lambda _: None))
+    finally:
+        pool.ask_autoscaler(False)
 
-    actors = _start_actors(job, cluster, options)
-    decode = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(decode_rows)
-    writer = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(write_chunks)
-    limit = cluster.max_chunks_in_flight or 4 * len(actors)
 
-    chunks: deque[tuple[int, pa.Table]] = deque(
-        (shard, rows.slice(start, cluster.chunk_size))
-        for shard, rows in todo
-        for start in range(0, rows.num_rows, cluster.chunk_size)
-    )
-    states = {
-        shard: _ShardState(rows.num_rows, -(-rows.num_rows // cluster.chunk_size), []) for shard, rows in todo
-    }
-    in_flight: dict[Any, tuple[int, int]] = {}  # extract ref → (shard, rows in chunk)
-    load = Counter({i: 0 for i in range(len(actors))})
-    actor_of: dict[Any, int] = {}
-    writes: list[Any] = []
+class _Dispatch:
+    """Chunks of the shards to do → ready extractors (least busy first) → one writer task per shard."""
 
-    while chunks or in_flight:
-        while chunks and len(in_flight) < limit:
-            shard, rows = chunks.popleft()
-            actor = min(load, key=load.__getitem__)  # least busy extractor
-            ref = actors[actor].extract.remote(decode.remote(rows, job, options))
-            in_flight[ref] = (shard, rows.num_rows)
-            actor_of[ref] = actor
-            load[actor] += 1
-            states[shard].results.append(ref)
-        # Only completion matters here: the features go from the extractor's node to the writer task, never
-        # through the driver (the default fetch_local=True would pull every result onto the driver's node).
-        ready, _ = ray.wait(list(in_flight), num_returns=1, fetch_local=False)
-        for ref in ready:
-            shard, count = in_flight.pop(ref)
-            load[actor_of.pop(ref)] -= 1
-            state = states[shard]
-            state.pending -= 1
-            progress.done_rows += count
-            if state.pending == 0:
-                writes.append(writer.remote(job, shard, state.rows, options, *state.results))
-        _collect_writes(writes, progress, block=False)
-        if on_progress:
+    def __init__(
+        self, job: ExtractionJob, cluster: ClusterOptions, options: Options, todo: list[tuple[int, pa.Table]]
+    ) -> None:
+        import ray
+
+        self.job, self.cluster, self.options = job, cluster, options
+        self.decode = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(decode_rows)
+        self.writer = ray.remote(num_cpus=cluster.decode_cpus, max_retries=3)(write_chunks)
+        size = cluster.chunk_size
+        self.chunks: deque[tuple[int, pa.Table]] = deque(
+            (shard, rows.slice(start, size))
+            for shard, rows in todo
+            for start in range(0, rows.num_rows, size)
+        )
+        self.states = {
+            shard: _ShardState(rows.num_rows, -(-rows.num_rows // size), []) for shard, rows in todo
+        }
+        self.in_flight: dict[Any, tuple[int, int, int]] = {}  # extract ref → (shard, rows, actor index)
+        self.load: Counter[int] = Counter()  # chunks in flight per ready actor
+        self.writes: list[Any] = []
+
+    def run(self, pool: _ActorPool, progress: Progress, on_progress: Callable[[Progress], None]) -> None:
+        import ray
+
+        while self.chunks or self.in_flight:
+            pool.poll()
+            self._submit(pool)
+            # Only completion matters here: the features go from the extractor's node to the writer task,
+            # never through the driver (the default fetch_local=True would pull every result onto the
+            # driver's node). A pending actor's ready() answer wakes the loop too: a joining node gets work.
+            done, _ = ray.wait([*self.in_flight, *pool.pending], num_returns=1, fetch_local=False)
+            for ref in done:
+                if ref in self.in_flight:
+                    self._extracted(ref, progress)
+            _collect_writes(self.writes, progress, block=False)
             on_progress(progress)
-    _collect_writes(writes, progress, block=True)
-    if on_progress:
+        _collect_writes(self.writes, progress, block=True)
         on_progress(progress)
+
+    def _submit(self, pool: _ActorPool) -> None:
+        """Keep at most ``max_chunks_in_flight`` (default 4 per ready extractor) chunks in flight."""
+        limit = self.cluster.max_chunks_in_flight or 4 * len(pool.ready)
+        while self.chunks and len(self.in_flight) < limit:
+            shard, rows = self.chunks.popleft()
+            actor = min(range(len(pool.ready)), key=self.load.__getitem__)  # the least busy extractor
+            ref = pool.ready[actor].extract.remote(self.decode.remote(rows, self.job, self.options))
+            self.in_flight[ref] = (shard, rows.num_rows, actor)
+            self.load[actor] += 1
+            self.states[shard].results.append(ref)
+
+    def _extracted(self, ref: Any, progress: Progress) -> None:
+        shard, count, actor = self.in_flight.pop(ref)
+        self.load[actor] -= 1
+        state = self.states[shard]
+        state.pending -= 1
+        progress.done_rows += count
+        if state.pending == 0:
+            self.writes.append(self.writer.remote(self.job, shard, state.rows, self.options, *state.results))
 
 
 def _collect_writes(writes: list[Any], progress: Progress, block: bool) -> None:

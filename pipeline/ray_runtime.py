@@ -12,13 +12,19 @@ is gone is taken over at once (pipeline.lease). During ``ray.init`` itself Ray's
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+T = TypeVar("T")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -60,3 +66,17 @@ def _shutdown_and_exit(signum: int, frame: FrameType | None) -> None:
     ray.shutdown()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # ends the process as the signal's default action does
+
+
+def every(seconds: float, callback: Callable[[T], None]) -> Callable[[T], None]:
+    """``callback`` at most once per ``seconds`` (the first call always passes): a job's periodic progress
+    lines in `ray job logs` from a stage's per-chunk or per-step progress hook."""
+    last = -math.inf
+
+    def throttled(progress: T) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            callback(progress)
+
+    return throttled

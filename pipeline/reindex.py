@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, storage, store, versions
 from pipeline.config import get_preset
-from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
+from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, Progress, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
 from pipeline.index.dba import build_dba, has_dba
@@ -62,6 +62,7 @@ class ReindexConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     image_root: str | None = None  # urls for id-only manifests (GLDv2 index.csv): ROOT/a/b/c/ID.jpg
     allow_local_outside_root: bool = False  # rows may read any local file (ExtractionJob's opt-in)
+    extractors: Extractors = field(default_factory=Extractors)  # the extractor actor pool (not the output)
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises ValueError naming the available presets
@@ -172,13 +173,13 @@ def _retrain_decision(
 # ------------------------------------------------------------------------------------------ building a version
 
 
-def _extract(plan: _Plan, run_store: str, run: _Run, options: Options) -> bool:
+def _extract(run: _Run, run_store: str) -> bool:
     """Extract the plan's rows into ``run_store`` (resuming a crashed run); False when there is nothing to do."""
+    plan, config, options = run.plan, run.config, run.options
     if plan.todo.num_rows == 0:
         return False
     subset_url = storage.join(run_store, SUBSET_MANIFEST)
     storage.write_parquet(subset_url, plan.todo, options)
-    config = run.config
     job = ExtractionJob(
         manifest_url=subset_url,
         out_url=run_store,
@@ -191,7 +192,7 @@ def _extract(plan: _Plan, run_store: str, run: _Run, options: Options) -> bool:
         allow_local_outside_root=config.allow_local_outside_root,
     )
     summary = run_extraction(
-        job, ClusterOptions(address=run.ray_address), options, lambda _: run.lease.renew_if_due()
+        job, ClusterOptions(address=run.ray_address, extractors=config.extractors), options, run.progressed
     )
     log.info(
         "extracted %d rows (%d ok, %d errors) into %s", summary.rows, summary.ok, summary.errors, run_store
@@ -326,18 +327,26 @@ def reindex(
     options: Options = None,
     ray_address: str | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> ReindexReport:
     """Bring the versioned index under ``root_url`` up to date with the manifest and publish it atomically.
 
     ``on_stage`` is called with "extracted", "built" and "written" (the version is complete, LATEST not yet
-    moved): a progress hook, and the crash-injection point of the resume tests. Raises LockHeldError while
-    another run holds the lock.
+    moved): a progress hook, and the crash-injection point of the resume tests. ``on_progress`` gets the
+    extraction's progress as it goes. Raises LockHeldError while another run holds the lock.
     """
     lease = Lease(root_url, config.lease_seconds, options)
     lease.acquire()
     try:
         return _reindex_locked(
-            manifest_url, root_url, config, options, ray_address, on_stage or (lambda _: None), lease
+            manifest_url,
+            root_url,
+            config,
+            options,
+            ray_address,
+            on_stage or (lambda _: None),
+            lease,
+            on_progress,
         )
     finally:
         lease.release()
@@ -351,6 +360,7 @@ def _reindex_locked(
     ray_address: str | None,
     on_stage: Callable[[str], None],
     lease: Lease,
+    on_progress: Callable[[Progress], None] | None,
 ) -> ReindexReport:
     started = time.monotonic()
     table = manifest.read_manifest(manifest_url, options, config.image_root)
@@ -378,6 +388,7 @@ def _reindex_locked(
         extraction,
         fingerprint,
         started,
+        on_progress,
     )
     if live and not (plan.added or plan.changed or plan.deleted):
         return run.report(
@@ -409,6 +420,12 @@ class _Run:
     extraction: dict[str, Any]
     fingerprint: str  # of the manifest
     started: float  # time.monotonic() when the run began
+    on_progress: Callable[[Progress], None] | None = None  # the extraction's progress
+
+    def progressed(self, progress: Progress) -> None:
+        self.lease.renew_if_due()
+        if self.on_progress is not None:
+            self.on_progress(progress)
 
     def report(self, version: str, published: bool, **fields: Any) -> ReindexReport:
         return ReindexReport(
@@ -433,7 +450,7 @@ def _build_and_publish(run: _Run) -> ReindexReport:
     live, plan, options = run.live, run.plan, run.options
     run_name = _run_name(live.name if live else None, run.fingerprint, plan.todo, run.extraction)
     run_store = storage.join(run.root_url, versions.DESCRIPTORS, run_name)
-    extracted = _extract(plan, run_store, run, options)
+    extracted = _extract(run, run_store)
     run.reached("extracted")
 
     name = versions.version_name(versions.version_number(live.name) + 1 if live else 1)

@@ -23,7 +23,6 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     shard_size       manifest rows per descriptor shard [1000]
     global_dtype, local_dtype  float16 | int8 | float32 (local) [float16, float16]
     row_group_size   rows per Parquet row group of a store shard [64]
-    num_extractors   extractor actors [unset: one per GPU, else one]
     actor_cpus, decode_cpus  CPU share of a CPU-only extractor, of a decode task [1.0, 0.25]
     chunk_size       rows per decode task / extractor call [16]
     max_chunks_in_flight  chunks between decode and extract [0: 4 per extractor]
@@ -34,6 +33,9 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     allow_local_files  rows may read local files outside the manifest's folder (or image root), and from a
                      remote manifest [false: such rows get local_file_refused errors]
     decode_draft     decode JPEGs at reduced scale before capping: faster, slightly different features [false]
+    gpus_per_extractor  GPUs each extractor actor asks for, even before a GPU node exists [0: CPU actors]
+    min_extractors   extractor actors the run waits for [1]
+    max_extractors   extractor actors the pool grows to as nodes join [unset: min_extractors]
 
     [index]          build_index's factory / memory_budget, BuildConfig, QualityConfig (pipeline.index)
     factory          faiss index factory string [unset: chosen from N, dim and memory_budget]

@@ -85,6 +85,7 @@ class Fault:
     times: int | None = None  # only for the first N requests of the path; None: every request
     delay: float = 0.0  # seconds to wait before answering (for client timeouts)
     headers: tuple[tuple[str, str], ...] = ()  # extra headers of the error answer, e.g. Retry-After
+    hold: threading.Event | None = None  # answer only once this is set (a client may time out and retry)
 
 
 class HttpTestServer(ThreadingHTTPServer):
@@ -154,6 +155,8 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
         if fault is None:
             return True
         time.sleep(fault.delay)
+        if fault.hold is not None:
+            fault.hold.wait()
         if fault.status is None:
             return True
         self.send_response(fault.status)

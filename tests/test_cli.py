@@ -143,6 +143,11 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     bad_preset = cli("extract", str(tmp_path), str(tmp_path / "out"), "--preset", "delg-r51", check=False)
     assert bad_preset.returncode == 2 and "delg-r50-gldv2" in bad_preset.stderr  # names the allowed presets
+    bad_pool = cli(
+        "extract", str(tmp_path), "o", "--min-extractors", "2", "--max-extractors", "1", check=False
+    )
+    assert bad_pool.returncode == 2 and "Traceback" not in bad_pool.stderr
+    assert "max_extractors (--max-extractors) = 1; must be ≥ min_extractors (2)" in bad_pool.stderr
 
 
 def test_version_and_choices_are_shown_and_checked(tmp_path: Path):

@@ -26,13 +26,24 @@ from PIL import Image
 
 from pipeline import storage, store
 from pipeline.config import get_preset
-from pipeline.extraction import ClusterOptions, ExtractionJob, decode_rows, run_extraction
+from pipeline.extraction import (
+    ClusterOptions,
+    ExtractionJob,
+    Extractors,
+    Progress,
+    decode_rows,
+    extractor_device,
+    run_extraction,
+)
 from pipeline.features import Extractor
 from pipeline.images import load_image
 from pipeline.manifest import read_manifest
 from pipeline.model.delg import Delg
+from pipeline.ray_runtime import every
 from pipeline.store import StoreSettings
 from tests.models import calibrated_weights
+from tests.raynodes import RayNodes
+from tests.servers import Fault
 from tests.tables import table_rows
 
 CONFIG = get_preset("cpu-small")
@@ -360,3 +371,121 @@ def test_s3_manifest_http_images_and_s3_output(tmp_path, ray_cluster, weights, s
         for u in storage.list_files(f"{out}/{d}", options)
     )
     assert options["secret"].encode() not in everything and options["key"].encode() not in everything
+
+
+def test_extractor_pool_settings_are_checked_and_named():
+    assert Extractors().most == 1 and Extractors(min_extractors=2).most == 2
+    assert Extractors(0.5, 1, 3).most == 3
+    for bad, flag in (
+        (dict(gpus_per_extractor=-1), "--gpus-per-extractor"),
+        (dict(gpus_per_extractor=float("nan")), "--gpus-per-extractor"),
+        (dict(min_extractors=0), "--min-extractors"),
+        (dict(min_extractors=3, max_extractors=2), "--max-extractors"),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            Extractors(**bad)
+
+
+def test_a_cpu_actor_stays_on_the_cpu_and_a_gpu_actor_without_cuda_falls_back(caplog):
+    assert extractor_device(0) == "cpu"
+    if torch.cuda.is_available():
+        assert extractor_device(1) == "cuda"
+    else:
+        assert extractor_device(1) == "cpu"
+        assert "CUDA is not usable" in caplog.text and "extracting on the CPU" in caplog.text
+
+
+def test_progress_line_and_its_interval():
+    progress = Progress(total_rows=200, skipped_rows=50, done_rows=30, errors=2)
+    progress.devices.update({"cuda": 2, "cpu": 1})
+    line = progress.describe()
+    assert line.startswith("extraction: 80/200 rows (40.0%), ") and line.endswith(
+        " images/s, 2 errors, 3 extractors (cpu: 1, cuda: 2)"
+    )
+    seen: list[int] = []
+    hourly, always = every(3600, seen.append), every(0, seen.append)
+    for i in range(3):
+        hourly(i)
+    for i in range(3, 5):
+        always(i)
+    assert seen == [0, 3, 4]
+
+
+def _follow(stream, lines: list[str]) -> threading.Thread:
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for_line(lines: list[str], text: str, driver: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        if driver.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} from the driver ({driver.poll()=}):\n{''.join(lines)[-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_gpu_extractors_wait_for_gpu_nodes_and_the_pool_grows_as_they_join(tmp_path, weights, http_server):
+    """A head without GPUs; the run asks for 1-GPU extractors (min 1, max 2), waits, starts when a 1-GPU node
+    joins, grows to 2 actors when a second joins mid-run, and accounts for every row. The nodes' GPUs are
+    declared, not real: without CUDA the actors fall back to the CPU."""
+    rng = np.random.default_rng(3)
+    web = tmp_path / "web"
+    web.mkdir()
+    rows = []
+    for i in range(6):
+        (web / f"img{i}.jpg").write_bytes(_photo(rng, *SHAPES[i % len(SHAPES)]))
+        rows.append({"id": f"img{i}", "url": f"img{i}.jpg"})
+    rows.append({"id": "gone", "url": "gone.jpg"})
+    server = http_server(web)
+    released = threading.Event()  # every image waits until the pool has grown: work outlasts the joins
+    for row in rows:
+        server.add_fault(row["url"], Fault(hold=released))
+        row["url"] = server.url(row["url"])
+    manifest, out = _manifest(tmp_path / "m.parquet", rows), tmp_path / "out"
+    nodes = RayNodes()
+    driver = None
+    try:
+        address = nodes.start_head("--num-cpus=2", "--num-gpus=0", "--include-dashboard=false")
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "-v",
+            "extract",
+            manifest,
+            str(out),
+            "--weights",
+            weights,
+        ]
+        command += ["--preset", "cpu-small", "--shard-size", "3", "--chunk-size", "1", "--address", address]
+        command += ["--gpus-per-extractor", "1", "--min-extractors", "1", "--max-extractors", "2"]
+        command += ["--global-dtype", "float32"]
+        driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log: list[str] = []
+        _follow(driver.stderr, log)
+        _wait_for_line(log, "waiting for 1 more extractor(s) (1 GPU, 1 CPU each)", driver)
+        time.sleep(2)
+        assert not any("ready on" in line for line in log) and not out.joinpath("_commits").exists()
+        nodes.add_node("--num-cpus=1", "--num-gpus=1")
+        _wait_for_line(log, "extractor 1 of 2 ready", driver)
+        nodes.add_node("--num-cpus=1", "--num-gpus=1")
+        _wait_for_line(log, "extractor 2 of 2 ready", driver)
+        released.set()
+        stdout, _ = driver.communicate(timeout=240)
+        assert driver.returncode == 0, "".join(log)[-3000:]
+    finally:
+        released.set()
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        nodes.stop()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert table_rows(stdout)["extractors"] == f"2 ({device}: 2)"
+    assert table_rows(stdout)["rows"] == "7"
+    _assert_accounted(str(out), rows, {"gone": "missing"})

@@ -1,20 +1,11 @@
-"""The Ray job entry points (jobs/), submitted through the Ray Jobs API to a real local Ray cluster.
-
-The cluster is a `ray start --head --block` of our own (own temp dir and ports, dashboard on 127.0.0.1),
-stopped by signalling that process and, as a fallback, the processes whose command line names our temp dir.
-Not `ray stop`: it stops every Ray process on the machine, other people's and this session's included.
-"""
+"""The Ray job entry points (jobs/), submitted through the Ray Jobs API to a real local Ray cluster: a head node
+of our own (tests/raynodes.py) with the dashboard (the job server) on 127.0.0.1."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,55 +17,19 @@ import pytest
 import yaml
 from PIL import Image
 
+from jobs import index_manifest, nightly_reindex
 from pipeline.index import io as index_io
-from tests.servers import load_launcher
+from tests.raynodes import RayNodes
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PORT_FLAGS = (
-    "--port",
-    "--dashboard-port",
-    "--ray-client-server-port",
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--metrics-export-port",
-    "--runtime-env-agent-port",
-    "--node-manager-port",
-    "--object-manager-port",
-)
-
-free_ports = load_launcher().free_ports  # one port picker for every server the tests start
 
 
-def _own_processes(temp_dir: str) -> list:
-    """Processes of our cluster: their command lines name its temp dir (session files live there)."""
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
-
-
-def _stop(head: subprocess.Popen, temp_dir: str) -> None:
-    head.send_signal(signal.SIGTERM)  # `ray start --block` shuts its node down on exit
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
-    for process in _own_processes(temp_dir):
-        process.kill()
-
-
-def _client(url: str, head: subprocess.Popen, log: Path, timeout: float = 120.0):
+def _client(url: str, timeout: float = 120.0):
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + timeout
     while True:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
         try:
             return JobSubmissionClient(url)
         except Exception:
@@ -86,30 +41,12 @@ def _client(url: str, head: subprocess.Popen, log: Path, timeout: float = 120.0)
 @pytest.fixture(scope="module")
 def job_client() -> Iterator:
     """A JobSubmissionClient of a fresh 2-CPU head node with the dashboard (job server) on 127.0.0.1."""
-    temp_dir = tempfile.mkdtemp(prefix="lij-")  # short: Ray's socket paths under it have a length limit
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--temp-dir={temp_dir}",
-        *(f"{flag}={port}" for flag, port in ports.items()),
-    ]
-    log = Path(temp_dir) / "ray-start.log"
-    with open(log, "wb") as out:
-        head = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    nodes = RayNodes()
     try:
-        yield _client(f"http://127.0.0.1:{ports['--dashboard-port']}", head, log)
+        nodes.start_head("--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1")
+        yield _client(f"http://127.0.0.1:{nodes.ports['--dashboard-port']}")
     finally:
-        _stop(head, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        nodes.stop()
 
 
 def _runtime_env() -> dict:
@@ -176,10 +113,19 @@ def test_index_manifest_job_extracts_and_builds(job_client, tmp_path):
             "1GiB",
             "--shard-size",
             "2",
+            "--progress-interval",
+            "0",
         ],
     )
     assert status == "SUCCEEDED", logs[-3000:]
     summary = _summary(logs)
+    lines = logs.splitlines()
+    progress = [i for i, line in enumerate(lines) if line.startswith("extraction: ")]
+    assert progress and progress[-1] < lines.index(json.dumps(summary, sort_keys=True)), logs[-3000:]
+    assert lines[progress[-1]].startswith("extraction: 3/3 rows (100.0%), ")
+    assert lines[progress[-1]].endswith(" images/s, 0 errors, 1 extractors (cpu: 1)")
+    assert "index: building from 3 descriptors" in lines
+    assert (summary["extraction"]["extractors"], summary["extraction"]["devices"]) == (1, {"cpu": 1})
     assert (summary["extraction"]["rows"], summary["extraction"]["ok"], summary["extraction"]["shards"]) == (
         3,
         3,
@@ -232,10 +178,16 @@ def test_nightly_reindex_job_publishes_then_refuses_while_locked(job_client, tmp
         "2",
         "--retrain-threshold",
         "0.2",
+        "--progress-interval",
+        "0",
     ]
     status, logs = _run(job_client, arguments)
     assert status == "SUCCEEDED", logs[-3000:]
     report = _summary(logs)
+    lines = logs.splitlines()
+    assert lines.index("reindex: extracted") < lines.index("reindex: built") < lines.index("reindex: written")
+    progress = [i for i, line in enumerate(lines) if line.startswith("extraction: 2/2 rows (100.0%), ")]
+    assert progress and progress[-1] < lines.index("reindex: extracted"), logs[-3000:]
     assert (report["version"], report["added"], report["retrained"], report["ntotal"]) == (
         "v000001",
         2,
@@ -249,3 +201,23 @@ def test_nightly_reindex_job_publishes_then_refuses_while_locked(job_client, tmp
     status, logs = _run(job_client, arguments)
     assert status == "FAILED"
     assert "nightly_reindex refused" in logs and "held by other-host:1:x" in logs
+
+
+@pytest.mark.parametrize(
+    ("job", "place"),
+    [(index_manifest, ["--out", "o"]), (nightly_reindex, ["--root", "r"])],
+)
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--min-extractors", "0"], "--min-extractors"),
+        (["--min-extractors", "2", "--max-extractors", "1"], "--max-extractors"),
+        (["--gpus-per-extractor", "-1"], "--gpus-per-extractor"),
+    ],
+)
+def test_a_bad_extractor_pool_is_a_bad_input(job, place, flags, named, capsys, tmp_path):
+    """Exit 2 naming the flag, before anything is read or started (no Ray, no manifest)."""
+    argv = ["--manifest", str(tmp_path / "none.parquet"), *place, "--preset", "cpu-small", *flags]
+    assert job.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error and "ValueError" in error

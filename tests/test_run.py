@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.demo import DEMO_PHOTOS, write_demo
+from pipeline.extraction import Extractors
 from pipeline.run import STAGES, RunPaths, run_pipeline
 from pipeline.runconfig import load_run_config, parse_run_config
 
@@ -120,11 +121,20 @@ def test_a_stage_killed_before_its_marker_runs_again(finished_run):
 def test_shipped_example_config_is_valid():
     config = load_run_config(str(ROOT / "configs/example.toml"))
     assert config.extract.preset == "delg-r50-gldv2" and config.index.memory_budget == "16GB"
+    assert config.extract.extractors() == Extractors(gpus_per_extractor=1, min_extractors=1, max_extractors=4)
 
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) extract\.presett"):
         parse_run_config({"out": "o", "data": {"index": "a", "queries": "b"}, "extract": {"presett": "x"}})
+    with pytest.raises(ValueError, match=r"extract: max_extractors \(--max-extractors\) = 1; must be ≥ min"):
+        parse_run_config(
+            {
+                "out": "o",
+                "data": {"index": "a", "queries": "b"},
+                "extract": {"min_extractors": 2, "max_extractors": 1},
+            }
+        )
     with pytest.raises(ValueError, match=r"rerank: score='best'"):
         parse_run_config({"out": "o", "data": {"index": "a", "queries": "b"}, "rerank": {"score": "best"}})
     mutual = parse_run_config(

@@ -278,7 +278,7 @@ def test_every_library_setting_reaches_the_object_the_run_builds() -> None:
     """A key given in the file arrives in the library object built from its section (no key is dropped)."""
     data = {"index": "i", "queries": "q"}
     raw = {
-        "extract": {"num_extractors": 3, "row_group_size": 7, "compile": True, "decode_cpus": 0.5},
+        "extract": {"max_extractors": 3, "row_group_size": 7, "compile": True, "decode_cpus": 0.5},
         "index": {
             "target_recall": 0.9,
             "recall_queries": 50,
@@ -292,7 +292,11 @@ def test_every_library_setting_reaches_the_object_the_run_builds() -> None:
     }
     config = runconfig.parse_run_config({"out": "o", "data": data, **raw})
     job, cluster = config.extract.job("m", "o", None), config.extract.cluster(None)
-    assert (cluster.num_extractors, job.store.row_group_size, cluster.runtime.compile) == (3, 7, True)
+    assert (cluster.extractors.max_extractors, job.store.row_group_size, cluster.runtime.compile) == (
+        3,
+        7,
+        True,
+    )
     assert cluster.decode_cpus == 0.5
     build = config.index.build_config()
     assert (build.quality.target, build.quality.queries, build.quality.k_factors, build.tasks) == (
@@ -310,28 +314,29 @@ def test_every_library_setting_reaches_the_object_the_run_builds() -> None:
 
 # ---------------------------------------------------------------- jobs
 
-# job → (argv with its required arguments, the library sources it feeds, fields it sets itself, own arguments)
+# job → (module, minimal argv, library sources, fields it sets itself, its own arguments: the job's inputs
+# and the period of its progress lines in `ray job logs`)
 JOBS = {
     "index_manifest": (
         index_manifest,
         ["--manifest", "m", "--out", "o", "--preset", "p"],
         [ExtractionJob, ClusterOptions, build_index, BuildConfig],
         {"manifest_url", "out_url", "config", "address", "options", "ray_address", *GUARDS},
-        {"manifest", "out", "preset", "address"},
+        {"manifest", "out", "preset", "address", "progress_interval"},
     ),
     "nightly_reindex": (
         nightly_reindex,
         ["--manifest", "m", "--root", "r", "--preset", "p"],
         [ReindexConfig],
         set(),
-        {"manifest", "root", "address"},
+        {"manifest", "root", "address", "progress_interval"},
     ),
     "train": (
         train,
         ["--manifest", "m", "--out", "o", "--preset", "p"],
         [TrainJob, TrainCluster],
         {"manifest_url", "out_url", "address", "crash_after_step", *GUARDS},
-        {"manifest", "out", "address"},
+        {"manifest", "out", "address", "progress_interval"},
     ),
 }
 

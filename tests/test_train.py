@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs import train as train_job
 from pipeline.config import get_preset
 from pipeline.features import build_extractor
 from pipeline.manifest import ManifestError, read_manifest
@@ -166,6 +167,11 @@ def test_train_job_rejects_unknown_settings(manifest, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 2
     assert "unrecognized arguments: --bogus 1" in done.stderr
+
+
+def test_train_job_progress_line():
+    line = {"step": 3, "total_steps": 10, "loss": 1.23456, "images_per_s": 12.34, "lr": 0.01}
+    assert train_job.progress_line(line) == "train: step 3/10, loss 1.2346, 12.3 images/s"
 
 
 def test_unlabelled_rows_are_a_manifest_error(tmp_path):
