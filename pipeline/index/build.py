@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage, store
-from pipeline.index import io, refine
+from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
     MERGE_MODES,
     MIN_POINTS_PER_LIST,
@@ -44,6 +44,9 @@ class BuildConfig:
     ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of physical RAM
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
+    whitening: int | None = (
+        None  # learned PCA whitening to this many dims (None: the store's vectors as they are)
+    )
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class BuildConfig:
             raise ValueError(f"tasks={self.tasks}, task_cpus={self.task_cpus}; need tasks ≥ 1, task_cpus > 0")
         if self.refine != "auto" and self.refine not in REFINE_KINDS:
             raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
+        if self.whitening is not None and self.whitening < 1:
+            raise ValueError(f"whitening={self.whitening}; must be ≥ 1 dims (None: no whitening)")
 
 
 def shard_rows(urls: Sequence[str], options: Options = None) -> list[int]:
@@ -153,12 +158,14 @@ def add_shards_to(
     bases: Sequence[int],
     options: Options = None,
     codes: refine.CodeWriter | None = None,
+    space: whitening.Space = whitening.identity,
 ) -> pa.Table:
-    """Add each shard's vectors with ids base + row (and their refinement codes, given a writer); returns the
-    id map of what was added."""
+    """Add each shard's vectors, mapped by ``space``, with ids base + row (and their refinement codes, given a
+    writer); returns the id map of what was added."""
     tables = []
     for url, base in zip(shard_urls, bases, strict=True):
-        image_ids, vectors = store.read_global_shard(url, options)  # (n,), (n, D)
+        image_ids, stored = store.read_global_shard(url, options)  # (n,), (n, D)
+        vectors = space(stored)  # (n, d)
         ids = base + np.arange(len(vectors), dtype=np.int64)
         index.add_with_ids(vectors, ids)
         if codes is not None:
@@ -174,13 +181,26 @@ def _add_part(
     out: tuple[str, str],
     options: Options,
     threads: int,
+    whitened: bool,
 ) -> int:
     faiss.omp_set_num_threads(threads)
     index = io.read_index(storage.join(out_url, io.TRAINED), options)
-    table = add_shards_to(index, shard_urls, bases, options, refine.code_writer(out_url, options))
+    table = add_shards_to(
+        index,
+        shard_urls,
+        bases,
+        options,
+        refine.code_writer(out_url, options),
+        _space(out_url, whitened, options),
+    )
     io.write_index(index, out[0], options)
     storage.write_parquet(out[1], table, options, compression="zstd")
     return int(index.ntotal)
+
+
+def _space(out_url: str, whitened: bool, options: Options) -> whitening.Space:
+    """The map into the space of the index being built under ``out_url`` (before its params.json exists)."""
+    return whitening.load(out_url, options) if whitened else whitening.identity
 
 
 def add_in_parallel(
@@ -205,6 +225,7 @@ def add_in_parallel(
             part_urls(out_url, t),
             options,
             threads,
+            config.whitening is not None,
         )
         for t in range(tasks)
     ]
@@ -294,30 +315,50 @@ def train_step(
     config: BuildConfig,
     options: Options,
 ) -> tuple[int, np.ndarray]:
-    """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index) from one random sample.
+    """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index, OUT/whitening.npz for a whitened one)
+    from one random sample.
 
     Returns the training points used by the index and the held-out query rows.
     """
-    total, dim = sum(counts), shard_dim(shard_urls[0], options)
+    total, dim = sum(counts), config.whitening or shard_dim(shard_urls[0], options)
     n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
-    # one sample trains both; SQ8 ranges still need one when the index does not (reused or untrained)
-    n_sample = n_train or (min(total, REFINE_SAMPLE) if choice.refine == "sq8" else 0)
+    # one sample trains all; whitening and SQ8 ranges still need one when the index does not
+    side = config.whitening is not None or choice.refine == "sq8"
+    n_sample = max(n_train, min(total, REFINE_SAMPLE) if side else 0)
     rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
-    sample = sample_rows(shard_urls, counts, rows, options)
+    sample = whitening_step(sample_rows(shard_urls, counts, rows, options), out_url, config, options)
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
         if trained.d != dim:
             raise ValueError(
-                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, store has {dim}"
+                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, the index needs {dim}"
             )
     else:
-        trained = train(choice.factory, sample, dim)
+        trained = train(choice.factory, sample, dim)  # the whole sample: a larger whitening one too
     io.write_index(trained, storage.join(out_url, io.TRAINED), options)
     refine.remove_codes(out_url, options)
     if choice.refine != "none":
         quantizer = refine.train_quantizer(choice.refine, sample, dim)
         io.write_index(quantizer, storage.join(out_url, refine.QUANTIZER), options)
-    return n_train, query_rows
+    return (len(sample) if n_train else 0), query_rows
+
+
+def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, options: Options) -> np.ndarray:
+    """Fit the whitening on ``sample`` (n, D) into OUT (a reused trained index brings its own, from beside
+    it); returns the sample in the index's space (n, d)."""
+    whitening.remove(out_url, options)
+    if config.whitening is None:
+        return sample
+    if config.trained_url:
+        fitted = whitening.load(config.trained_url.rsplit("/", 1)[0], options)
+        if fitted.dim != config.whitening:
+            raise ValueError(
+                f"the trained index's whitening gives {fitted.dim} dims, whitening={config.whitening} asked"
+            )
+    else:
+        fitted = whitening.fit(sample, config.whitening)
+    whitening.write(out_url, fitted, options)
+    return fitted(sample)
 
 
 def quality_step(
@@ -331,10 +372,11 @@ def quality_step(
     config: BuildConfig,
 ) -> dict[str, Any]:
     """quality.json: recall of the index alone and refined, per nprobe (× k_factor), and the chosen setting."""
-    queries = sample_rows(shard_urls, counts, query_rows, options)
+    space = _space(out_url, config.whitening is not None, options)
+    queries = space(sample_rows(shard_urls, counts, query_rows, options))
     total = sum(counts)
     _, exact_ids = exact_knn(
-        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options
+        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options, space
     )
     state = {"refine": choice.refine, "next_id": total, "dim": queries.shape[1]}
     refined = refine.attach(index, out_url, state, options) if choice.refine != "none" else None
@@ -367,7 +409,7 @@ def build_index(
     total, dim = sum(counts), shard_dim(shard_urls[0], options)
     if total == 0:
         raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
-    choice = resolve_choice(factory, memory_budget, total, dim, config.refine)
+    choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     timings: dict[str, float] = {}
 
@@ -391,7 +433,9 @@ def build_index(
 
     summary = {
         **asdict(choice),
-        "dim": dim,
+        "dim": config.whitening or dim,
+        "input_dim": dim,
+        "whitening": config.whitening,
         "metric": "inner_product",
         "ntotal": int(index.ntotal),
         "next_id": total,
