@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import get_preset
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
-from pipeline.index import build_index
+from pipeline.index import BuildConfig, build_index
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-budget", default="", help="Index memory budget, e.g. 48GiB; empty: automatic."
     )
     parser.add_argument("--factory", default="", help="faiss factory string instead of a memory budget.")
+    parser.add_argument(
+        "--whitening", type=int, default=None, help="Learned PCA whitening of the index to this many dims."
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
     parser.add_argument(
         "--image-root",
@@ -67,6 +70,7 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         memory_budget=args.memory_budget or None,
         options=options,
         ray_address=address,
+        config=BuildConfig(whitening=args.whitening),
     )
     return {
         "descriptors": storage.redact(descriptors),

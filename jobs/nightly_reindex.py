@@ -16,6 +16,7 @@ import os
 import sys
 
 from pipeline import storage
+from pipeline.index import BuildConfig
 from pipeline.lease import LockHeldError
 from pipeline.reindex import ReindexConfig, reindex
 
@@ -34,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Retrain when (new + changed) / live vectors exceeds this.",
     )
     parser.add_argument("--memory-budget", default="", help="Memory budget of a retrained index, e.g. 48GiB.")
+    parser.add_argument(
+        "--whitening",
+        type=int,
+        default=None,
+        help="Learned PCA whitening of a retrained index to this many dims.",
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="Manifest rows per descriptor shard.")
     parser.add_argument(
         "--image-root",
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             memory_budget=args.memory_budget or None,
             image_root=args.image_root or None,
             dba=args.dba,
+            build=BuildConfig(whitening=args.whitening),
         )
         address = args.address or os.environ.get("RAY_ADDRESS") or None
         report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)

@@ -330,6 +330,12 @@ def build_index_command(
             help="Shortlist re-scoring: auto (from the budget), none, sq8, fp16 (RAM), store (disk)."
         ),
     ] = "auto",
+    whitening: Annotated[
+        int | None,
+        typer.Option(
+            help="Learned PCA whitening to this many dims, fitted on the index sample (default: off)."
+        ),
+    ] = None,
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
@@ -339,7 +345,13 @@ def build_index_command(
     """
     from pipeline.index import BuildConfig, QualityConfig, build_index
 
-    config = BuildConfig(tasks=tasks, merge=merge, refine=refine, quality=QualityConfig(target=target_recall))
+    config = BuildConfig(
+        tasks=tasks,
+        merge=merge,
+        refine=refine,
+        whitening=whitening,
+        quality=QualityConfig(target=target_recall),
+    )
     summary = build_index(
         descriptors,
         out,

@@ -194,7 +194,9 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
             memory_budget=config.index.memory_budget or None,
             options=options,
             ray_address=config.ray_address or None,
-            config=BuildConfig(quality=QualityConfig(target=config.index.target_recall)),
+            config=BuildConfig(
+                whitening=config.index.whitening, quality=QualityConfig(target=config.index.target_recall)
+            ),
         )
 
     runner.stage("build-index", asdict(config.index), ["extract-index"], build)

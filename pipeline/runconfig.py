@@ -26,6 +26,7 @@ relative to the config file's folder)::
     factory          faiss index factory string [""; chosen from N, dim and memory_budget]
     memory_budget    e.g. "4GB" [""; no limit]
     target_recall    100-recall@100 the chosen nprobe must reach [0.95]
+    whitening        learned PCA whitening to this many dims, fitted on the index sample [unset; off]
 
     [search]
     k                shortlist length per query [100]
@@ -100,6 +101,7 @@ class IndexSection:
     factory: str = ""
     memory_budget: str = ""
     target_recall: float = 0.95
+    whitening: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.target_recall <= 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -178,3 +180,18 @@ def test_global_rerank_works_in_the_index_space(tmp_path):
         assert [i for query, i in zip(got["query_id"], got["id"], strict=True) if query == q] == ids[
             order
         ].tolist()
+
+
+def test_cli_and_run_config_take_the_option(tmp_path):
+    from pipeline.runconfig import parse_run_config
+
+    store_url, _ = _store(tmp_path, 300, 1)
+    out = str(tmp_path / "index")
+    command = [sys.executable, "-m", "pipeline.cli", "build-index", store_url, out, "--whitening", "8"]
+    done = subprocess.run([*command, "--tasks", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "index" / io.PARAMS).read_text())["whitening"] == 8
+    data = {"index": "i.parquet", "queries": "q.parquet"}
+    assert parse_run_config({"out": "o", "data": data, "index": {"whitening": 8}}).index.whitening == 8
+    with pytest.raises(ValueError, match=r"index\.whitening='8' must be int"):
+        parse_run_config({"out": "o", "data": data, "index": {"whitening": "8"}})
