@@ -345,6 +345,28 @@ def variant_map(run_out: str, data: RealData, config: RerankConfig, name: str) -
     return mean_ap(filtered, data), seconds
 
 
+def whitened_map(run_out: str, data: RealData, dims: int | None) -> tuple[float, float]:
+    """(global, α-QE) mAP@100 of an index of the run's index store with learned PCA whitening to ``dims``
+    (None: none), fitted on the index's own descriptors (landmarks + distractors, no labels)."""
+    from pipeline.index import BuildConfig, build_index, search
+    from pipeline.rerank import rerank
+    from pipeline.run import RunPaths
+
+    paths = RunPaths(run_out)
+    folder = storage.join(run_out, f"whitening-{dims or 'off'}")
+    index_url = storage.join(folder, "index")
+    build_index(paths.index_store, index_url, config=BuildConfig(whitening=dims))
+    figures = []
+    search_url = storage.join(folder, "search.parquet")
+    search(index_url, paths.query_store, search_url, k=100)
+    qe_url = storage.join(folder, "qe.parquet")
+    rerank(search_url, paths.query_store, paths.index_store, qe_url, method="qe", index_url=index_url)
+    for url in (search_url, qe_url):
+        filtered, _ = without_self_matches(url, url.replace(".parquet", "-noself.parquet"))
+        figures.append(mean_ap(filtered, data))
+    return figures[0], figures[1]
+
+
 def _load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -377,6 +399,11 @@ def main() -> None:
     parser.add_argument(
         "--global-pools", action="store_true", help="only compare the global pooling heads (no Ray)"
     )
+    parser.add_argument(
+        "--whitening",
+        default="",
+        help="comma-separated dims of learned PCA whitening to compare with none, e.g. 64,128,256",
+    )
     args = parser.parse_args()
     missing = [p for p in (LANDMARKS_MINI, COIL100, WEIGHTS) if not p.exists()]
     if missing:
@@ -384,6 +411,7 @@ def main() -> None:
             f"shared data missing: {', '.join(map(str, missing))}; this benchmark needs ../shared"
         )
     variants = {text: parse_variant(text) for text in args.variant}  # fail on a typo before the long run
+    whitening = [int(d) for d in args.whitening.split(",") if d]
 
     from pipeline.run import RunPaths, run_pipeline
     from pipeline.runconfig import parse_run_config
@@ -477,6 +505,11 @@ def main() -> None:
         for index, (text, variant) in enumerate(variants.items()):
             figure, seconds = variant_map(run_out, data, variant, f"variant-{index}")
             print(f"| {text} | {figure:.4f} | {seconds:.1f} |", flush=True)
+    if whitening:
+        print("\n| index whitening | mAP@100 global | mAP@100 α-QE |\n|---|---|---|")
+        for dims in (None, *whitening):
+            figures = whitened_map(run_out, data, dims)
+            print(f"| {dims or 'none'} | {figures[0]:.4f} | {figures[1]:.4f} |", flush=True)
     print(f"\nload average at the end: {_load()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
