@@ -336,6 +336,9 @@ def build_index_command(
             help="Learned PCA whitening to this many dims, fitted on the index sample (default: off)."
         ),
     ] = None,
+    whitening_power: Annotated[
+        float, typer.Option(help="Whitening: axes divided by eigenvalue^power (0.5 full, 0 PCA only).")
+    ] = 0.5,
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.
@@ -350,6 +353,7 @@ def build_index_command(
         merge=merge,
         refine=refine,
         whitening=whitening,
+        whitening_power=whitening_power,
         quality=QualityConfig(target=target_recall),
     )
     summary = build_index(

@@ -40,6 +40,13 @@ def test_fit_by_hand():
     np.testing.assert_allclose(
         np.abs(two(np.array([[1, 1]], np.float32))), [[0.4472136, 0.8944272]], rtol=1e-6
     )
+    # Power 0.25 divides by 2^0.25 and 0.5^0.25: (1, 1) → (0.8409, 1.1892), normalised (0.5774, 0.8165).
+    shrunk = whitening.fit(sample, 2, power=0.25)
+    np.testing.assert_allclose(
+        np.abs(shrunk(np.array([[1, 1]], np.float32))), [[0.5773503, 0.8164966]], rtol=1e-6
+    )
+    # Power 0: PCA only, the projection is the (orthonormal) principal axes.
+    np.testing.assert_allclose(np.abs(whitening.fit(sample, 2, power=0).projection), np.eye(2), atol=1e-7)
 
 
 def test_fit_decorrelates_the_sample():
@@ -60,6 +67,8 @@ def test_fit_rejects_what_it_cannot_whiten():
     flat = rng.standard_normal((100, 2)) @ rng.standard_normal((2, 8))  # a 2-d subspace of 8 dims
     with pytest.raises(ValueError, match="spans only 2 dims"):
         whitening.fit(flat, 4)
+    with pytest.raises(ValueError, match=r"power 1\.5: must be in \[0, 1\]"):
+        whitening.fit(rng.standard_normal((50, 4)), 2, power=1.5)
 
 
 def test_file_round_trip_and_malformed_file(tmp_path):

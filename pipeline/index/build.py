@@ -44,9 +44,8 @@ class BuildConfig:
     ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of physical RAM
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
-    whitening: int | None = (
-        None  # learned PCA whitening to this many dims (None: the store's vectors as they are)
-    )
+    whitening: int | None = None  # learned PCA whitening to this many dims (None: vectors as stored)
+    whitening_power: float = 0.5  # each axis divided by eigenvalue^power: 0.5 full whitening, 0 PCA only
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -58,6 +57,8 @@ class BuildConfig:
             raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
         if self.whitening is not None and self.whitening < 1:
             raise ValueError(f"whitening={self.whitening}; must be ≥ 1 dims (None: no whitening)")
+        if not 0 <= self.whitening_power <= 1:
+            raise ValueError(f"whitening_power={self.whitening_power}; must be in [0, 1]")
 
 
 def shard_rows(urls: Sequence[str], options: Options = None) -> list[int]:
@@ -356,7 +357,7 @@ def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, option
                 f"the trained index's whitening gives {fitted.dim} dims, whitening={config.whitening} asked"
             )
     else:
-        fitted = whitening.fit(sample, config.whitening)
+        fitted = whitening.fit(sample, config.whitening, config.whitening_power)
     whitening.write(out_url, fitted, options)
     return fitted(sample)
 

@@ -50,14 +50,20 @@ class Whitening:
         return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def fit(sample: np.ndarray, dim: int) -> Whitening:
+def fit(sample: np.ndarray, dim: int, power: float = 0.5) -> Whitening:
     """PCA whitening to ``dim`` dims from ``sample`` (n, D): needs n > dim and ``dim`` ≤ D.
+
+    Each principal axis is divided by its eigenvalue to the ``power``: 0.5 whitens fully (unit variance), 0
+    only rotates and reduces (PCA), values between shrink the whitening — the safer choice when the sample is
+    small or unlike the queries, as small-variance axes are then mostly noise (benchmarks/RESULTS.md).
 
     Covariance and eigenvectors in float64 (a float32 eigensolve of a 2048² matrix loses the small axes).
     """
     n, input_dim = sample.shape
     if not 0 < dim <= input_dim:
         raise ValueError(f"whitening to {dim} dims: must be in [1, {input_dim}] (the descriptor dimension)")
+    if not 0 <= power <= 1:
+        raise ValueError(f"whitening power {power}: must be in [0, 1] (0.5: full whitening, 0: PCA only)")
     if n <= dim:
         raise ValueError(f"whitening to {dim} dims needs more than {dim} training vectors, got {n}")
     data = sample.astype(np.float64)
@@ -69,7 +75,7 @@ def fit(sample: np.ndarray, dim: int) -> Whitening:
     if kept[-1] <= MIN_EIGENVALUE * kept[0]:
         rank = int((kept > MIN_EIGENVALUE * kept[0]).sum())
         raise ValueError(f"whitening to {dim} dims: the training sample spans only {rank} dims")
-    projection = eigenvectors[:, order] / np.sqrt(kept)
+    projection = eigenvectors[:, order] / kept**power
     return Whitening(mean.astype(np.float32), projection.astype(np.float32))
 
 
