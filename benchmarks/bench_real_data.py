@@ -345,17 +345,19 @@ def variant_map(run_out: str, data: RealData, config: RerankConfig, name: str) -
     return mean_ap(filtered, data), seconds
 
 
-def whitened_map(run_out: str, data: RealData, dims: int | None) -> tuple[float, float]:
+def whitened_map(run_out: str, data: RealData, dims: int | None, power: float) -> tuple[float, float]:
     """(global, α-QE) mAP@100 of an index of the run's index store with learned PCA whitening to ``dims``
-    (None: none), fitted on the index's own descriptors (landmarks + distractors, no labels)."""
+    (None: none) and eigenvalue ``power``, fitted on the index's own descriptors (landmarks + distractors,
+    no labels)."""
     from pipeline.index import BuildConfig, build_index, search
     from pipeline.rerank import rerank
     from pipeline.run import RunPaths
 
     paths = RunPaths(run_out)
-    folder = storage.join(run_out, f"whitening-{dims or 'off'}")
+    folder = storage.join(run_out, f"whitening-{dims or 'off'}-{power}")
     index_url = storage.join(folder, "index")
-    build_index(paths.index_store, index_url, config=BuildConfig(whitening=dims))
+    config = BuildConfig(whitening=dims, whitening_power=power)
+    build_index(paths.index_store, index_url, config=config)
     figures = []
     search_url = storage.join(folder, "search.parquet")
     search(index_url, paths.query_store, search_url, k=100)
@@ -402,7 +404,8 @@ def main() -> None:
     parser.add_argument(
         "--whitening",
         default="",
-        help="comma-separated dims of learned PCA whitening to compare with none, e.g. 64,128,256",
+        help="comma-separated learned PCA whitenings to compare with none: DIMS or DIMS@POWER "
+        "(eigenvalue power, default 0.5), e.g. 64,128@0.25,256@0",
     )
     args = parser.parse_args()
     missing = [p for p in (LANDMARKS_MINI, COIL100, WEIGHTS) if not p.exists()]
@@ -411,7 +414,9 @@ def main() -> None:
             f"shared data missing: {', '.join(map(str, missing))}; this benchmark needs ../shared"
         )
     variants = {text: parse_variant(text) for text in args.variant}  # fail on a typo before the long run
-    whitening = [int(d) for d in args.whitening.split(",") if d]
+    whitening = [
+        (int(d), float(p or 0.5)) for d, _, p in (w.partition("@") for w in args.whitening.split(",") if w)
+    ]
 
     from pipeline.run import RunPaths, run_pipeline
     from pipeline.runconfig import parse_run_config
@@ -506,10 +511,13 @@ def main() -> None:
             figure, seconds = variant_map(run_out, data, variant, f"variant-{index}")
             print(f"| {text} | {figure:.4f} | {seconds:.1f} |", flush=True)
     if whitening:
-        print("\n| index whitening | mAP@100 global | mAP@100 α-QE |\n|---|---|---|")
-        for dims in (None, *whitening):
-            figures = whitened_map(run_out, data, dims)
-            print(f"| {dims or 'none'} | {figures[0]:.4f} | {figures[1]:.4f} |", flush=True)
+        print("\n| index whitening: dims | power | mAP@100 global | mAP@100 α-QE |\n|---|---|---|---|")
+        for dims, power in ((None, 0.5), *whitening):
+            figures = whitened_map(run_out, data, dims, power)
+            print(
+                f"| {dims or 'none'} | {power if dims else '–'} | {figures[0]:.4f} | {figures[1]:.4f} |",
+                flush=True,
+            )
     print(f"\nload average at the end: {_load()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 
