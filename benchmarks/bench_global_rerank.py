@@ -108,7 +108,7 @@ def coil_ground_truth(url: str, queries: list[str]) -> None:
 
 def datasets(cache: str) -> list[Dataset]:
     """The three datasets' indexes, searches and ground truths (built once under CACHE/bench)."""
-    from pipeline.index import build_index, search
+    from pipeline.index import SearchConfig, build_index, search
     from pipeline.index.dba import build_dba, has_dba
     from pipeline.reindex import compact_globals
     from pipeline.run import RunPaths
@@ -127,11 +127,18 @@ def datasets(cache: str) -> list[Dataset]:
     coil_ids = [r["id"] for r in _labels(COIL100)]
     if not storage.exists(storage.join(alone, "search.parquet")):
         build_index(run.query_store, storage.join(alone, "index"))
-        search(storage.join(alone, "index"), run.query_store, storage.join(alone, "search.parquet"), k=38)
+        search(
+            storage.join(alone, "index"),
+            run.query_store,
+            storage.join(alone, "search.parquet"),
+            SearchConfig(k=38),
+        )
     if not storage.exists(storage.join(coil, "search.parquet")):
         compact_globals([run.index_store], set(coil_ids), coil_store)
         build_index(coil_store, storage.join(coil, "index"))
-        search(storage.join(coil, "index"), coil_store, storage.join(coil, "search.parquet"), k=100)
+        search(
+            storage.join(coil, "index"), coil_store, storage.join(coil, "search.parquet"), SearchConfig(k=100)
+        )
         coil_ground_truth(storage.join(coil, "ground_truth.csv"), coil_ids)
     out.append(
         Dataset(

@@ -312,7 +312,7 @@ def parse_variant(text: str) -> RerankConfig:
 
 def landmarks_only(run_out: str, data: RealData, rerank_config: RerankConfig) -> tuple[float, float]:
     """(global, re-ranked) mAP@100 on landmarks-mini alone: an index of the query store, no distractors."""
-    from pipeline.index import build_index, search
+    from pipeline.index import SearchConfig, build_index, search
     from pipeline.rerank import rerank
     from pipeline.run import RunPaths
 
@@ -322,7 +322,7 @@ def landmarks_only(run_out: str, data: RealData, rerank_config: RerankConfig) ->
     search_url = storage.join(folder, "search.parquet")
     reranked_url = storage.join(folder, "reranked.parquet")
     build_index(paths.query_store, index_url)
-    search(index_url, paths.query_store, search_url, k=len(data.queries))
+    search(index_url, paths.query_store, search_url, SearchConfig(k=len(data.queries)))
     rerank(search_url, paths.query_store, paths.query_store, reranked_url, rerank_config)
     figures = []
     for url in (search_url, reranked_url):
@@ -343,6 +343,30 @@ def variant_map(run_out: str, data: RealData, config: RerankConfig, name: str) -
     seconds = time.perf_counter() - start
     filtered, _ = without_self_matches(url, url.replace(".parquet", "-noself.parquet"))
     return mean_ap(filtered, data), seconds
+
+
+def whitened_map(run_out: str, data: RealData, dims: int | None, power: float) -> tuple[float, float]:
+    """(global, α-QE) mAP@100 of an index of the run's index store with learned PCA whitening to ``dims``
+    (None: none) and eigenvalue ``power``, fitted on the index's own descriptors (landmarks + distractors,
+    no labels)."""
+    from pipeline.index import BuildConfig, SearchConfig, build_index, search
+    from pipeline.rerank import rerank
+    from pipeline.run import RunPaths
+
+    paths = RunPaths(run_out)
+    folder = storage.join(run_out, f"whitening-{dims or 'off'}-{power}")
+    index_url = storage.join(folder, "index")
+    config = BuildConfig(whitening=dims, whitening_power=power)
+    build_index(paths.index_store, index_url, config=config)
+    figures = []
+    search_url = storage.join(folder, "search.parquet")
+    search(index_url, paths.query_store, search_url, SearchConfig(k=100))
+    qe_url = storage.join(folder, "qe.parquet")
+    rerank(search_url, paths.query_store, paths.index_store, qe_url, method="qe", index_url=index_url)
+    for url in (search_url, qe_url):
+        filtered, _ = without_self_matches(url, url.replace(".parquet", "-noself.parquet"))
+        figures.append(mean_ap(filtered, data))
+    return figures[0], figures[1]
 
 
 def _load() -> str:
@@ -377,6 +401,12 @@ def main() -> None:
     parser.add_argument(
         "--global-pools", action="store_true", help="only compare the global pooling heads (no Ray)"
     )
+    parser.add_argument(
+        "--whitening",
+        default="",
+        help="comma-separated learned PCA whitenings to compare with none: DIMS or DIMS@POWER "
+        "(eigenvalue power, default 0.5), e.g. 64,128@0.25,256@0",
+    )
     args = parser.parse_args()
     missing = [p for p in (LANDMARKS_MINI, COIL100, WEIGHTS) if not p.exists()]
     if missing:
@@ -384,6 +414,9 @@ def main() -> None:
             f"shared data missing: {', '.join(map(str, missing))}; this benchmark needs ../shared"
         )
     variants = {text: parse_variant(text) for text in args.variant}  # fail on a typo before the long run
+    whitening = [
+        (int(d), float(p or 0.5)) for d, _, p in (w.partition("@") for w in args.whitening.split(",") if w)
+    ]
 
     from pipeline.run import RunPaths, run_pipeline
     from pipeline.runconfig import parse_run_config
@@ -477,6 +510,14 @@ def main() -> None:
         for index, (text, variant) in enumerate(variants.items()):
             figure, seconds = variant_map(run_out, data, variant, f"variant-{index}")
             print(f"| {text} | {figure:.4f} | {seconds:.1f} |", flush=True)
+    if whitening:
+        print("\n| index whitening: dims | power | mAP@100 global | mAP@100 α-QE |\n|---|---|---|---|")
+        for dims, power in ((None, 0.5), *whitening):
+            figures = whitened_map(run_out, data, dims, power)
+            print(
+                f"| {dims or 'none'} | {power if dims else '–'} | {figures[0]:.4f} | {figures[1]:.4f} |",
+                flush=True,
+            )
     print(f"\nload average at the end: {_load()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 

@@ -371,6 +371,15 @@ def build_index_command(
     seed: Annotated[int, typer.Option(help="Seed of the training and query samples.")] = 0,
     max_points_per_centroid: Annotated[int, typer.Option(help="k-means sample per centroid.")] = 256,
     max_train_bytes: Annotated[int, typer.Option(help="Bound on the float32 training sample.")] = 8 * 2**30,
+    whitening: Annotated[
+        int | None,
+        typer.Option(
+            help="Learned PCA whitening to this many dims, fitted on the index sample (default: off)."
+        ),
+    ] = None,
+    whitening_power: Annotated[
+        float, typer.Option(help="Whitening: axes divided by eigenvalue^power (0.5 full, 0 PCA only).")
+    ] = 0.5,
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.

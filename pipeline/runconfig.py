@@ -53,6 +53,8 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     max_points_per_centroid, max_train_bytes  training sample bounds [256, 8589934592: 8 GiB]
     ram_fraction     auto merges on disk beyond this share of physical RAM [0.5]
     trained_url      reuse this trained empty index instead of training [unset]
+    whitening, whitening_power  learned PCA whitening to this many dims, fitted on the index sample; each axis
+                     divided by eigenvalue^power (0.5 full, 0 PCA only) [unset: off, 0.5]
 
     [search]         SearchConfig (pipeline.index.search)
     k                shortlist length per query [100]

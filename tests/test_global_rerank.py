@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.index import io
 from pipeline.index.dba import compute_dba, read_dba, write_dba
 from pipeline.rerank import RerankConfig, rerank
 from pipeline.rerank.global_rerank import (
@@ -203,6 +204,7 @@ def stage_inputs(tmp_path: Path) -> dict:
         tmp_path / "search.parquet",
     )
     write_dba(str(tmp_path / "index"), compute_dba(index_ids, index.astype(np.float32), k=2))
+    io.write_json(str(tmp_path / "index" / io.PARAMS), {"dim": 6})  # an index without whitening
     return {"tmp": tmp_path, "queries": queries, "index": index, "ids": index_ids, "rows": rows}
 
 

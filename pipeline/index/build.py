@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage, store
-from pipeline.index import io, refine
+from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
     MERGE_MODES,
     MIN_POINTS_PER_LIST,
@@ -54,6 +54,8 @@ class BuildConfig:
     train_gpus: int = 0  # GPUs of the train task: faiss k-means runs on them (0: on its CPUs)
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
+    whitening: int | None = None  # learned PCA whitening to this many dims (None: vectors as stored)
+    whitening_power: float = 0.5  # each axis divided by eigenvalue^power: 0.5 full whitening, 0 PCA only
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,10 @@ class BuildConfig:
             )
         if self.refine != "auto" and self.refine not in REFINE_KINDS:
             raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
+        if self.whitening is not None and self.whitening < 1:
+            raise ValueError(f"whitening={self.whitening}; must be ≥ 1 dims (None: no whitening)")
+        if not 0 <= self.whitening_power <= 1:
+            raise ValueError(f"whitening_power={self.whitening_power}; must be in [0, 1]")
 
 
 def shard_rows(urls: Sequence[str], options: Options = None) -> list[int]:
@@ -166,12 +172,14 @@ def add_shards_to(
     bases: Sequence[int],
     options: Options = None,
     codes: refine.CodeWriter | None = None,
+    space: whitening.Space = whitening.identity,
 ) -> pa.Table:
-    """Add each shard's vectors with ids base + row (and their refinement codes, given a writer); returns the
-    id map of what was added."""
+    """Add each shard's vectors, mapped by ``space``, with ids base + row (and their refinement codes, given a
+    writer); returns the id map of what was added."""
     tables = []
     for url, base in zip(shard_urls, bases, strict=True):
-        image_ids, vectors = store.read_global_shard(url, options)  # (n,), (n, D)
+        image_ids, stored = store.read_global_shard(url, options)  # (n,), (n, D)
+        vectors = space(stored)  # (n, d)
         ids = base + np.arange(len(vectors), dtype=np.int64)
         index.add_with_ids(vectors, ids)
         if codes is not None:
@@ -187,13 +195,26 @@ def _add_part(
     out: tuple[str, str],
     options: Options,
     threads: int,
+    whitened: bool,
 ) -> int:
     faiss.omp_set_num_threads(threads)
     index = io.read_index(storage.join(out_url, io.TRAINED), options)
-    table = add_shards_to(index, shard_urls, bases, options, refine.code_writer(out_url, options))
+    table = add_shards_to(
+        index,
+        shard_urls,
+        bases,
+        options,
+        refine.code_writer(out_url, options),
+        _space(out_url, whitened, options),
+    )
     io.write_index(index, out[0], options)
     storage.write_parquet(out[1], table, options, compression="zstd")
     return int(index.ntotal)
+
+
+def _space(out_url: str, whitened: bool, options: Options) -> whitening.Space:
+    """The map into the space of the index being built under ``out_url`` (before its params.json exists)."""
+    return whitening.load(out_url, options) if whitened else whitening.identity
 
 
 def add_in_parallel(
@@ -218,6 +239,7 @@ def add_in_parallel(
             part_urls(out_url, t),
             options,
             threads,
+            config.whitening is not None,
         )
         for t in range(tasks)
     ]
@@ -299,10 +321,11 @@ def resolve_choice(
 
 
 def sample_sizes(choice: IndexChoice, total: int, dim: int, config: BuildConfig) -> tuple[int, int]:
-    """(points that train the index, rows of the training sample): one sample trains both the index and the
-    refinement; SQ8 ranges still need one when the index does not (reused or untrained)."""
+    """(points that train the index, rows of the training sample): one sample trains the index, the whitening
+    and the refinement; whitening and SQ8 ranges still need one when the index does not (reused or untrained)."""
     n_train = 0 if config.trained_url else train_size(choice.factory, total, dim, config)
-    return n_train, n_train or (min(total, REFINE_SAMPLE) if choice.refine == "sq8" else 0)
+    side = config.whitening is not None or choice.refine == "sq8"
+    return n_train, max(n_train, min(total, REFINE_SAMPLE) if side else 0)
 
 
 def step_memory_bytes(vectors: int, dim: int, index_bytes: int = 0) -> int:
@@ -351,28 +374,47 @@ def train_step(
     config: BuildConfig,
     options: Options,
 ) -> tuple[int, np.ndarray]:
-    """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index) from one random sample.
+    """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index, OUT/whitening.npz for a whitened one)
+    from one random sample.
 
     Returns the training points used by the index and the held-out query rows.
     """
-    total, dim = sum(counts), shard_dim(shard_urls[0], options)
+    total, dim = sum(counts), config.whitening or shard_dim(shard_urls[0], options)
     n_train, n_sample = sample_sizes(choice, total, dim, config)
     rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
-    sample = sample_rows(shard_urls, counts, rows, options)
+    sample = whitening_step(sample_rows(shard_urls, counts, rows, options), out_url, config, options)
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
         if trained.d != dim:
             raise ValueError(
-                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, store has {dim}"
+                f"trained index {storage.redact(config.trained_url)} has d={trained.d}, the index needs {dim}"
             )
     else:
-        trained = train(choice.factory, sample, dim)
+        trained = train(choice.factory, sample, dim)  # the whole sample: a larger whitening one too
     io.write_index(trained, storage.join(out_url, io.TRAINED), options)
     refine.remove_codes(out_url, options)
     if choice.refine != "none":
         quantizer = refine.train_quantizer(choice.refine, sample, dim)
         io.write_index(quantizer, storage.join(out_url, refine.QUANTIZER), options)
-    return n_train, query_rows
+    return (len(sample) if n_train else 0), query_rows
+
+
+def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, options: Options) -> np.ndarray:
+    """Fit the whitening on ``sample`` (n, D) into OUT (a reused trained index brings its own, from beside
+    it); returns the sample in the index's space (n, d)."""
+    whitening.remove(out_url, options)
+    if config.whitening is None:
+        return sample
+    if config.trained_url:
+        fitted = whitening.load(config.trained_url.rsplit("/", 1)[0], options)
+        if fitted.dim != config.whitening:
+            raise ValueError(
+                f"the trained index's whitening gives {fitted.dim} dims, whitening={config.whitening} asked"
+            )
+    else:
+        fitted = whitening.fit(sample, config.whitening, config.whitening_power)
+    whitening.write(out_url, fitted, options)
+    return fitted(sample)
 
 
 def quality_step(
@@ -386,10 +428,11 @@ def quality_step(
     config: BuildConfig,
 ) -> dict[str, Any]:
     """quality.json: recall of the index alone and refined, per nprobe (× k_factor), and the chosen setting."""
-    queries = sample_rows(shard_urls, counts, query_rows, options)
+    space = _space(out_url, config.whitening is not None, options)
+    queries = space(sample_rows(shard_urls, counts, query_rows, options))
     total = sum(counts)
     _, exact_ids = exact_knn(
-        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options
+        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options, space
     )
     state = {"refine": choice.refine, "next_id": total, "dim": queries.shape[1]}
     refined = refine.attach(index, out_url, state, options) if choice.refine != "none" else None
@@ -483,7 +526,7 @@ def build_index(
         check_disk_output(out_url)  # before the expensive steps
     shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
     total = sum(counts)
-    choice = resolve_choice(factory, memory_budget, total, dim, config.refine)
+    choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
@@ -504,7 +547,9 @@ def build_index(
 
     summary = {
         **asdict(choice),
-        "dim": dim,
+        "dim": config.whitening or dim,
+        "input_dim": dim,
+        "whitening": config.whitening,
         "metric": "inner_product",
         "ntotal": ntotal,
         "next_id": total,

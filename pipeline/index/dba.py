@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
-from pipeline.index import io
+from pipeline.index import io, whitening
 from pipeline.storage import Options
 
 DBA = "dba.parquet"
@@ -194,16 +194,18 @@ def _stored_vectors(image_ids: np.ndarray, stores: Sequence[str], options: Optio
 def build_dba(
     index_url: str, stores: Sequence[str], k: int = 10, alpha: float = 3.0, options: Options = None
 ) -> dict[str, Any]:
-    """DBA vectors of every image in the index (descriptors read from ``stores``), written beside it."""
+    """DBA vectors of every image in the index (descriptors read from ``stores``, in the index's space: whitened
+    when it whitens), written beside it."""
     _, image_ids = io.read_id_map(index_url, options)
-    table = compute_dba(image_ids, _stored_vectors(image_ids, stores, options), k, alpha)
+    space = whitening.space(index_url, io.read_params(index_url, options), options)
+    table = compute_dba(image_ids, space(_stored_vectors(image_ids, stores, options)), k, alpha)
     write_dba(index_url, table, options)
     return {"images": len(image_ids), "k": k, "alpha": alpha, "out": storage.redact(dba_url(index_url))}
 
 
 def update_dba(
     index_url: str,
-    added: tuple[np.ndarray, np.ndarray] | None = None,
+    added: tuple[np.ndarray, np.ndarray] | None = None,  # (image ids, vectors in the index's space)
     removed: Sequence[str] = (),
     options: Options = None,
 ) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.index.refine import code_size, configure
+from pipeline.index.whitening import Space, identity
 from pipeline.storage import Options
 
 RECALL_KS = (1, 10, 100)
@@ -42,15 +43,22 @@ class QualityConfig:
 
 
 def exact_knn(
-    queries: np.ndarray, shard_urls: Sequence[str], bases: Sequence[int], k: int, options: Options = None
+    queries: np.ndarray,
+    shard_urls: Sequence[str],
+    bases: Sequence[int],
+    k: int,
+    options: Options = None,
+    space: Space = identity,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner product of ``queries`` (q, D) over the shards, one shard in memory at a time.
+    """Exact top-k inner product of ``queries`` (q, d) over the shards' vectors mapped by ``space`` (the
+    index's whitening), one shard in memory at a time.
 
     Ids are ``base + row``, as the index stores them. Returns scores (q, k) float32 and ids (q, k) int64.
     """
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for url, base in zip(shard_urls, bases, strict=True):
-        _, vectors = store.read_global_shard(url, options)  # (n, D)
+        _, stored = store.read_global_shard(url, options)  # (n, D)
+        vectors = space(stored)  # (n, d)
         scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, np.where(rows >= 0, rows + base, -1))
     heap.finalize()

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 
 from pipeline import storage, store
-from pipeline.index import io, refine
+from pipeline.index import io, refine, whitening
 from pipeline.results import search_table, write_search_results
 from pipeline.storage import Options
 
@@ -59,10 +59,14 @@ def search(
         index = refine.attach(index, index_url, params, options)
         refine.configure(index, None, factor)
     id_keys, image_ids = io.read_id_map(index_url, options)
+    space = whitening.space(index_url, params, options)
     tables, queries = [], 0
-    for query_ids, vectors in store.iter_global(query_store_url, options):  # (n,), (n, D)
-        if vectors.shape[1] != params["dim"]:
-            raise ValueError(f"query dimension {vectors.shape[1]} != index dimension {params['dim']}")
+    for query_ids, stored in store.iter_global(query_store_url, options):  # (n,), (n, D)
+        if stored.shape[1] != whitening.input_dim(params):
+            raise ValueError(
+                f"query dimension {stored.shape[1]} != the dimension the index takes {whitening.input_dim(params)}"
+            )
+        vectors = space(stored)  # (n, d)
         for start in range(0, len(vectors), batch_size):
             scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
             tables.append(

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
-from pipeline.index import dba, io, refine
+from pipeline.index import dba, io, refine, whitening
 from pipeline.index.build import add_shards_to, id_bases, shard_rows
 from pipeline.storage import Options
 
@@ -44,7 +44,8 @@ def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = Non
     counts = shard_rows(shard_urls, options)
     bases = id_bases(counts, start=params["next_id"])
     refine.remove_codes(index_url, options, from_id=params["next_id"])
-    added = add_shards_to(index, shard_urls, bases, options, refine.code_writer(index_url, options))
+    space = whitening.space(index_url, params, options)
+    added = add_shards_to(index, shard_urls, bases, options, refine.code_writer(index_url, options), space)
     old = io.read_id_map_table(index_url, options)
     new_images = added.column("image_id").to_pylist()
     clashes = set(new_images) & set(old.column("image_id").to_pylist())
@@ -59,7 +60,7 @@ def add_shards(index_url: str, shard_urls: Sequence[str], options: Options = Non
     }
     if shard_urls and dba.has_dba(index_url, options):  # DBA vectors follow the index (saved before it)
         shards = [store.read_global_shard(u, options) for u in shard_urls]  # (ids (n,), vectors (n, D))
-        added_rows = (np.concatenate([i for i, _ in shards]), np.concatenate([v for _, v in shards]))
+        added_rows = (np.concatenate([i for i, _ in shards]), space(np.concatenate([v for _, v in shards])))
         dba.update_dba(index_url, added_rows, (), options)
     _save(index_url, params, index, pa.concat_tables([old, added]), options)
     return {"added": added.num_rows, "ntotal": int(index.ntotal)}

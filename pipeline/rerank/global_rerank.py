@@ -21,7 +21,7 @@ code does not clamp; a negative weight could make its weighted mean's denominato
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,6 +235,12 @@ class GlobalVectors:
             ids.extend(shard_ids[keep].tolist())
             vectors.append(shard_vectors[keep])
         return cls.of(ids, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32))
+
+    def mapped(self, space: Callable[[np.ndarray], np.ndarray] | None) -> GlobalVectors:
+        """The same images' vectors mapped by ``space`` (an index's whitening; None: unchanged)."""
+        if space is None or not len(self.vectors):
+            return self
+        return GlobalVectors(self.rows, space(self.vectors))
 
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) vectors (zeros where absent) and (n,) found mask."""

@@ -277,16 +277,22 @@ def _global_vectors(
     index_url: str | None,
     options: Options,
 ) -> tuple[GlobalVectors, GlobalVectors]:
-    """(queries, shortlisted images) global vectors from the (query, index) stores; DBA: the refined ones."""
-    queries = GlobalVectors.read(stores[0], {q for q, _, _ in shortlists}, options)
-    if not refinement.startswith("dba"):
-        return queries, GlobalVectors.read(stores[1], {i for _, ids, _ in shortlists for i in ids}, options)
-    if index_url is None:
-        raise ValueError(f"method {refinement!r} needs the index URL whose dba.parquet holds the DBA vectors")
-    from pipeline.index.dba import read_dba  # here: pipeline.index imports this package (update → dba)
+    """(queries, shortlisted images) global vectors from the (query, index) stores, in the space of the index
+    at ``index_url`` when given (its whitening); DBA: the refined ones, from the index."""
+    # here, not at the top: pipeline.index imports this package (update → dba)
+    from pipeline.index import io, whitening
+    from pipeline.index.dba import read_dba
 
-    table = read_dba(index_url, options)
-    return queries, GlobalVectors.of(table.ids, table.refined)
+    dba = refinement.startswith("dba")
+    if dba and index_url is None:
+        raise ValueError(f"method {refinement!r} needs the index URL whose dba.parquet holds the DBA vectors")
+    table = read_dba(index_url, options) if dba else None
+    space = whitening.space(index_url, io.read_params(index_url, options), options) if index_url else None
+    queries = GlobalVectors.read(stores[0], {q for q, _, _ in shortlists}, options).mapped(space)
+    if table is not None:
+        return queries, GlobalVectors.of(table.ids, table.refined)
+    wanted = {i for _, ids, _ in shortlists for i in ids}
+    return queries, GlobalVectors.read(stores[1], wanted, options).mapped(space)
 
 
 def rerank(
