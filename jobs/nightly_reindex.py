@@ -11,11 +11,11 @@ JSON on its last line; exits 3 when another run holds the lock, 2 on a bad input
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from pipeline import storage
+from pipeline.errors import run_job
 from pipeline.lease import LockHeldError
 from pipeline.reindex import ReindexConfig, reindex
 
@@ -52,32 +52,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_reindex(args: argparse.Namespace) -> dict:
+    config = ReindexConfig(
+        preset=args.preset,
+        weights_url=args.weights or None,
+        shard_size=args.shard_size,
+        keep=args.keep,
+        retrain_threshold=args.retrain_threshold,
+        lease_seconds=args.lease_seconds,
+        memory_budget=args.memory_budget or None,
+        image_root=args.image_root or None,
+        dba=args.dba,
+    )
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return reindex(
+        args.manifest, args.root, config, storage.options_from_env(), ray_address=address
+    ).to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = ReindexConfig(
-            preset=args.preset,
-            weights_url=args.weights or None,
-            shard_size=args.shard_size,
-            keep=args.keep,
-            retrain_threshold=args.retrain_threshold,
-            lease_seconds=args.lease_seconds,
-            memory_budget=args.memory_budget or None,
-            image_root=args.image_root or None,
-            dba=args.dba,
-        )
-        address = args.address or os.environ.get("RAY_ADDRESS") or None
-        report = reindex(args.manifest, args.root, config, storage.options_from_env(), ray_address=address)
+        return run_job("nightly_reindex", lambda: run_reindex(args))
     except LockHeldError as exc:
         print(f"nightly_reindex refused: {storage.redact_text(str(exc))}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
-        print(
-            f"nightly_reindex failed: {type(exc).__name__}: {storage.redact_text(str(exc))}", file=sys.stderr
-        )
-        return 2
-    print(json.dumps(report.to_dict(), sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":

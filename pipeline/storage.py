@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import errno
 import functools
 import hashlib
 import json
@@ -66,6 +67,35 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 class StorageError(RuntimeError):
     """An I/O failure that persisted after the allowed retries."""
+
+
+class StorageFault(StorageError):
+    """Storage refused an operation for a reason only the user can fix (no space, read-only, no permission,
+    missing bucket, refused credentials). Never retried; its message is one line naming the path and the fault."""
+
+
+class BucketMissing(StorageFault, FileNotFoundError):
+    """The bucket does not exist: still a FileNotFoundError for callers that treat absence as "nothing there"."""
+
+
+# OSError errnos that are the user's environment, not a transient failure (README, "Failure modes").
+_ERRNO_FAULTS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# S3 error codes (botocore ``response["Error"]["Code"]``; a HEAD answer has no body, so only its status).
+_S3_FAULTS = {
+    "NoSuchBucket": "bucket does not exist",
+    "InvalidAccessKeyId": "credentials refused: unknown access key",
+    "SignatureDoesNotMatch": "credentials refused: the secret key does not match the access key",
+    "ExpiredToken": "credentials refused: the session token has expired",
+    "InvalidToken": "credentials refused: invalid session token",
+    "AccessDenied": "access denied",
+    "403": "access denied or credentials refused (HTTP 403)",
+}
 
 
 MAX_RETRY_AFTER_S = 60.0  # longest Retry-After we sleep through; a server asking more fails the read
@@ -291,6 +321,25 @@ def redact_text(text: str) -> str:
     return text
 
 
+def install_log_redaction() -> None:
+    """Redact every log record this process creates, whatever logger, handler or library emits it: the
+    message with its args applied and any traceback go through :func:`redact_text`. Idempotent."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "redacts", False):
+        return
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        with suppress(Exception):  # a bad format string: logging reports it when the record is emitted
+            record.msg, record.args = redact_text(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    redacted_record.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacted_record)
+
+
 def _redact_exception(exc: BaseException) -> None:
     """Redact the URLs in an exception's message in place, so re-raising it leaks no credentials."""
     exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
@@ -327,6 +376,29 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+def _s3_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return str(code) if code is not None else None
+
+
+def storage_fault(exc: BaseException, what: str) -> StorageFault | None:
+    """The user-facing fault behind ``exc`` (anywhere in its chain of causes), as one line "``what``: fault
+    (code)"; None when ``exc`` is no environment fault. ``what`` names the operation and the redacted path."""
+    for cause in _causes(exc):
+        if isinstance(cause, StorageFault):
+            return cause
+        if isinstance(cause, OSError) and cause.errno in _ERRNO_FAULTS:
+            return StorageFault(f"{what}: {_ERRNO_FAULTS[cause.errno]} ({errno.errorcode[cause.errno]})")
+        code = _s3_error_code(cause)
+        if code in _S3_FAULTS:
+            fault = BucketMissing if code == "NoSuchBucket" else StorageFault
+            return fault(f"{what}: {_S3_FAULTS[code]} ({code})")
+    return None
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether retrying ``exc`` is pointless: missing/forbidden objects, bad values, 4xx other than
     408/429, malformed requests and missing credentials, anywhere in its chain of causes."""
@@ -349,17 +421,22 @@ def with_retries(
 ) -> T:
     """Run ``operation``; retry transient errors with exponential backoff and jitter.
 
-    Permanent errors (missing object, permission, bad value) are raised at once. An HTTP 429/503 with
-    Retry-After waits that long instead of the backoff, or fails at once beyond :data:`MAX_RETRY_AFTER_S`.
-    URLs in error messages are redacted; a cause whose message had to be redacted is not chained.
+    Environment faults (no space, read-only, permission, missing bucket, refused credentials) raise a
+    :class:`StorageFault` naming ``what`` at once; other permanent errors (missing object, bad value) are
+    raised at once as they are. An HTTP 429/503 with Retry-After waits that long instead of the backoff, or
+    fails at once beyond :data:`MAX_RETRY_AFTER_S`. URLs in error messages are redacted; a cause whose
+    message had to be redacted is not chained.
     """
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except PERMANENT_ERRORS as exc:
-            _redact_exception(exc)
-            raise
-        except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless is_permanent
+        except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless permanent
+            fault = storage_fault(exc, what)
+            if fault is not None:
+                raise fault from None
+            if isinstance(exc, PERMANENT_ERRORS):
+                _redact_exception(exc)
+                raise
             if is_permanent(exc):
                 raise StorageError(f"{what} failed: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
             asked = _retry_after(exc)
@@ -426,27 +503,35 @@ def list_tar_members(url: str, options: Options = None) -> list[tuple[str, int, 
 
 
 def read_text(url: str, options: Options = None) -> str:
-    return read_bytes(url, options).decode("utf-8")
+    """The object at ``url`` as UTF-8 text; ValueError naming it when it is not (a binary file given as text)."""
+    data = read_bytes(url, options)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{redact(url)} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def write_bytes(url: str, data: bytes, options: Options = None) -> None:
     """Write ``data`` to ``url`` atomically (whole object or nothing), creating parent folders."""
     fs, path = filesystem(url, options)
-    if is_local(url):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+    write = (lambda: _write_local(path, data)) if is_local(url) else (lambda: fs.pipe_file(path, data))
+    with_retries(write, what=f"write {redact(url)}")
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Write a temporary sibling, then rename it over ``path``; a failed write (disk full...) leaves nothing."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text(url: str, text: str, options: Options = None) -> None:

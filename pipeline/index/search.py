@@ -37,6 +37,7 @@ def search(
     """
     if k < 1 or batch_size < 1:
         raise ValueError(f"k={k}, batch_size={batch_size}; both must be ≥ 1")
+    store.require_store(query_store_url, options)  # a mistyped query store is an error, not zero queries
     params = io.read_params(index_url, options)
     index = io.load_index(index_url, options)
     chosen = nprobe if nprobe is not None else params.get("nprobe")
@@ -50,7 +51,10 @@ def search(
     tables, queries = [], 0
     for query_ids, vectors in store.iter_global(query_store_url, options):  # (n,), (n, D)
         if vectors.shape[1] != params["dim"]:
-            raise ValueError(f"query dimension {vectors.shape[1]} != index dimension {params['dim']}")
+            raise ValueError(
+                f"queries {storage.redact(query_store_url)} have {vectors.shape[1]}-d descriptors but index "
+                f"{storage.redact(index_url)} holds {params['dim']}-d ones (extract both with the same preset)"
+            )
         for start in range(0, len(vectors), batch_size):
             scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
             tables.append(
