@@ -78,23 +78,30 @@ class BucketMissing(StorageFault, FileNotFoundError):
     """The bucket does not exist: still a FileNotFoundError for callers that treat absence as "nothing there"."""
 
 
+class AccessRefused(StorageFault, PermissionError):
+    """No permission, or credentials refused: still a PermissionError for callers that catch that."""
+
+
 # OSError errnos that are the user's environment, not a transient failure (README, "Failure modes").
-_ERRNO_FAULTS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
+_ERRNO_FAULTS: dict[int, tuple[type[StorageFault], str]] = {
+    errno.ENOSPC: (StorageFault, "no space left on device"),
+    errno.EDQUOT: (StorageFault, "disk quota exceeded"),
+    errno.EROFS: (StorageFault, "read-only file system"),
+    errno.EACCES: (AccessRefused, "permission denied"),
+    errno.EPERM: (AccessRefused, "operation not permitted"),
 }
 # S3 error codes (botocore ``response["Error"]["Code"]``; a HEAD answer has no body, so only its status).
-_S3_FAULTS = {
-    "NoSuchBucket": "bucket does not exist",
-    "InvalidAccessKeyId": "credentials refused: unknown access key",
-    "SignatureDoesNotMatch": "credentials refused: the secret key does not match the access key",
-    "ExpiredToken": "credentials refused: the session token has expired",
-    "InvalidToken": "credentials refused: invalid session token",
-    "AccessDenied": "access denied",
-    "403": "access denied or credentials refused (HTTP 403)",
+_S3_FAULTS: dict[str, tuple[type[StorageFault], str]] = {
+    "NoSuchBucket": (BucketMissing, "bucket does not exist"),
+    "InvalidAccessKeyId": (AccessRefused, "credentials refused: unknown access key"),
+    "SignatureDoesNotMatch": (
+        AccessRefused,
+        "credentials refused: the secret key does not match the access key",
+    ),
+    "ExpiredToken": (AccessRefused, "credentials refused: the session token has expired"),
+    "InvalidToken": (AccessRefused, "credentials refused: invalid session token"),
+    "AccessDenied": (AccessRefused, "access denied"),
+    "403": (AccessRefused, "access denied or credentials refused"),
 }
 
 
@@ -391,12 +398,20 @@ def storage_fault(exc: BaseException, what: str) -> StorageFault | None:
         if isinstance(cause, StorageFault):
             return cause
         if isinstance(cause, OSError) and cause.errno in _ERRNO_FAULTS:
-            return StorageFault(f"{what}: {_ERRNO_FAULTS[cause.errno]} ({errno.errorcode[cause.errno]})")
+            fault, text = _ERRNO_FAULTS[cause.errno]
+            return fault(f"{what}: {text} ({errno.errorcode[cause.errno]})")
         code = _s3_error_code(cause)
         if code in _S3_FAULTS:
-            fault = BucketMissing if code == "NoSuchBucket" else StorageFault
-            return fault(f"{what}: {_S3_FAULTS[code]} ({code})")
+            fault, text = _S3_FAULTS[code]
+            return fault(f"{what}: {text} ({'HTTP ' if code.isdigit() else ''}{code})")
     return None
+
+
+def _raise_if_fault(exc: BaseException, what: str) -> None:
+    """Raise the :class:`StorageFault` behind ``exc``, if it is one (without the cause's traceback)."""
+    fault = storage_fault(exc, what)
+    if fault is not None:
+        raise fault from None
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -431,9 +446,7 @@ def with_retries(
         try:
             return operation()
         except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless permanent
-            fault = storage_fault(exc, what)
-            if fault is not None:
-                raise fault from None
+            _raise_if_fault(exc, what)
             if isinstance(exc, PERMANENT_ERRORS):
                 _redact_exception(exc)
                 raise
@@ -514,8 +527,14 @@ def read_text(url: str, options: Options = None) -> str:
 def write_bytes(url: str, data: bytes, options: Options = None) -> None:
     """Write ``data`` to ``url`` atomically (whole object or nothing), creating parent folders."""
     fs, path = filesystem(url, options)
-    write = (lambda: _write_local(path, data)) if is_local(url) else (lambda: fs.pipe_file(path, data))
-    with_retries(write, what=f"write {redact(url)}")
+    if not is_local(url):
+        with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+        return
+    try:  # a local disk: nothing to retry, but a full or read-only disk is named as such
+        _write_local(path, data)
+    except OSError as exc:
+        _raise_if_fault(exc, f"write {redact(url)}")
+        raise
 
 
 def _write_local(path: str, data: bytes) -> None:
