@@ -11,6 +11,11 @@ Content-MD5 header on requests whose API requires an integrity checksum (multi-o
 botocore >= 1.36 sends a CRC32 checksum instead, which OpenStack Swift's s3api (and other
 S3-compatible stores that predate flexible checksums) reject with "Missing required header ... Content-MD5".
 
+Faults only the user can fix (no space, read-only, no permission, missing bucket, refused credentials) are
+never retried: they raise a :class:`StorageFault` whose one-line message names the path and the fault.
+Known secrets are blanked from any text by :func:`redact_text`, and from every log record once
+:func:`install_log_redaction` ran (the CLI and the jobs do).
+
 Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
 local disks we write a temporary sibling and rename it.
 
