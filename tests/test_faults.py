@@ -387,30 +387,30 @@ def _secret_run(world: World, s3_bucket, tmp: Path) -> tuple[subprocess.Popen[st
 
 @pytest.fixture(scope="module")
 def background(world: World, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """The slow runs: disk full, read-only output and permission denied started at once (their start-ups
-    overlap), then the secret-laden extraction."""
+    """The slow runs, one local Ray at a time (Ray gives a raylet 30 s to start, which several start-ups at
+    once miss on a loaded 2-core machine): disk full (with permission denied, which needs no Ray, beside it),
+    read-only output, then the secret-laden extraction."""
     from tests.servers import S3Bucket
 
     tmp = tmp_path_factory.mktemp("background")
-    bucket = S3Bucket(f"s3://faults-{os.getpid()}", s3_server.options)
-    fs, path = storage.filesystem(bucket.url, bucket.options)
-    fs.mkdir(path)
-    runs: dict[str, subprocess.Popen[str]] = {}
-    stores: dict[str, Path] = {}
-    if _namespace_available():
-        for name, mount, folder in (("full", "size=4k", "local"), ("readonly", "ro", "global")):
-            stores[name] = tmp / name
-            runs[name] = _extract_under_mount(world, stores[name], mount, folder)
     locked = tmp / "locked"
     locked.mkdir(mode=0o555)
     drop_override = (
         ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     )
-    runs["permission"] = run_command(
+    permission = run_command(
         [*drop_override, *PYTHON, "search", world.index, world.queries, str(locked / "r.parquet")]
     )
-    outcomes = {name: finish(process) for name, process in runs.items()}
-    # after the others: four Ray start-ups at once time out on a loaded 2-core machine
+    outcomes: dict[str, Outcome] = {}
+    stores: dict[str, Path] = {}
+    if _namespace_available():
+        for name, mount, folder in (("full", "size=4k", "local"), ("readonly", "ro", "global")):
+            stores[name] = tmp / name
+            outcomes[name] = finish(_extract_under_mount(world, stores[name], mount, folder))
+    outcomes["permission"] = finish(permission)
+    bucket = S3Bucket(f"s3://faults-{os.getpid()}", s3_server.options)
+    fs, path = storage.filesystem(bucket.url, bucket.options)
+    fs.mkdir(path)
     secrets, stores["secrets"], ray_tmp = _secret_run(world, bucket, tmp)
     outcomes["secrets"] = finish(secrets)
     written = [p for folder in (stores["secrets"], ray_tmp) for p in folder.rglob("*") if p.is_file()]
