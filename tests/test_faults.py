@@ -333,7 +333,9 @@ def _namespace_available() -> bool:
     return probe.returncode == 0
 
 
-def _extract_under_mount(world: World, store: Path, mount: str, folder: str) -> subprocess.Popen[str]:
+def _extract_under_mount(
+    world: World, store: Path, mount: str, folder: str, ray_tmp: str
+) -> subprocess.Popen[str]:
     """`extract` with a local Ray in a mount namespace where tmpfs ``mount`` options cover STORE/folder;
     after it, the files of the store as the command saw them are listed on stdout after '--files--'."""
     (store / folder).mkdir(parents=True)
@@ -353,7 +355,6 @@ def _extract_under_mount(world: World, store: Path, mount: str, folder: str) -> 
         f'mount -t tmpfs -o {mount} tmpfs "{store / folder}" && {{ "$@"; rc=$?; echo --files--; '
         f'find "{store}" -type f; exit $rc; }}'
     )
-    ray_tmp = tempfile.mkdtemp(prefix="li-fault-")
     return run_command(
         ["unshare", "-rm", "sh", "-c", script, "sh", *extract], {"LANDMARK_INDEX_RAY_TMP": ray_tmp}
     )
@@ -403,15 +404,18 @@ def background(world: World, s3_server, tmp_path_factory: pytest.TempPathFactory
     )
     outcomes: dict[str, Outcome] = {}
     stores: dict[str, Path] = {}
+    ray_tmps: list[str] = []
     if _namespace_available():
         for name, mount, folder in (("full", "size=4k", "local"), ("readonly", "ro", "global")):
             stores[name] = tmp / name
-            outcomes[name] = finish(_extract_under_mount(world, stores[name], mount, folder))
+            ray_tmps.append(tempfile.mkdtemp(prefix="li-fault-"))  # short: Ray's socket paths have a limit
+            outcomes[name] = finish(_extract_under_mount(world, stores[name], mount, folder, ray_tmps[-1]))
     outcomes["permission"] = finish(permission)
     bucket = S3Bucket(f"s3://faults-{os.getpid()}", s3_server.options)
     fs, path = storage.filesystem(bucket.url, bucket.options)
     fs.mkdir(path)
     secrets, stores["secrets"], ray_tmp = _secret_run(world, bucket, tmp)
+    ray_tmps.append(str(ray_tmp))
     outcomes["secrets"] = finish(secrets)
     written = [p for folder in (stores["secrets"], ray_tmp) for p in folder.rglob("*") if p.is_file()]
     yield {
@@ -420,7 +424,8 @@ def background(world: World, s3_server, tmp_path_factory: pytest.TempPathFactory
         "secret_files": written,
         "s3_secret": bucket.options["secret"],
     }
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    for folder in ray_tmps:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _files_seen(outcome: Outcome) -> list[str]:
