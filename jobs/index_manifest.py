@@ -13,7 +13,6 @@ reason on a bad input, 1 on any other failure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from typing import Any
 
 from pipeline import settings, storage
 from pipeline.config import get_preset
+from pipeline.errors import run_job
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, build_index
 from pipeline.ray_runtime import every
@@ -83,15 +83,7 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = index_manifest(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
-        print(
-            f"index_manifest failed: {type(exc).__name__}: {storage.redact_text(str(exc))}", file=sys.stderr
-        )
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+    return run_job("index_manifest", lambda: index_manifest(args))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from pipeline import settings, storage
+from pipeline.errors import run_job
 from pipeline.lease import LockHeldError
 from pipeline.ray_runtime import every
 from pipeline.reindex import ReindexConfig, reindex
@@ -39,32 +39,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_reindex(args: argparse.Namespace) -> dict:
+    config = settings.build(ReindexConfig, vars(args))
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return reindex(
+        args.manifest,
+        args.root,
+        config,
+        storage.options_from_env(),
+        ray_address=address,
+        on_stage=lambda stage: print(f"reindex: {stage}", flush=True),
+        on_progress=every(args.progress_interval, lambda progress: print(progress.describe(), flush=True)),
+    ).to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = settings.build(ReindexConfig, vars(args))
-        address = args.address or os.environ.get("RAY_ADDRESS") or None
-        report = reindex(
-            args.manifest,
-            args.root,
-            config,
-            storage.options_from_env(),
-            ray_address=address,
-            on_stage=lambda stage: print(f"reindex: {stage}", flush=True),
-            on_progress=every(
-                args.progress_interval, lambda progress: print(progress.describe(), flush=True)
-            ),
-        )
+        return run_job("nightly_reindex", lambda: run_reindex(args))
     except LockHeldError as exc:
         print(f"nightly_reindex refused: {storage.redact_text(str(exc))}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
-        print(
-            f"nightly_reindex failed: {type(exc).__name__}: {storage.redact_text(str(exc))}", file=sys.stderr
-        )
-        return 2
-    print(json.dumps(report.to_dict(), sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":

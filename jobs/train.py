@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
 
 from pipeline import settings, storage
+from pipeline.errors import run_job
 from pipeline.ray_runtime import every
 from pipeline.train import TrainCluster, TrainJob, run_training
 
@@ -67,13 +67,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = train(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
-        print(f"train failed: {type(exc).__name__}: {storage.redact_text(str(exc))}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+    return run_job("train", lambda: train(args))
 
 
 if __name__ == "__main__":

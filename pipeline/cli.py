@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,10 +28,10 @@ from rich.table import Table
 
 from pipeline import settings, storage
 from pipeline.config import AUTOCAST_DTYPES, PRESETS
+from pipeline.errors import EXIT_USER_ERROR, error_line, user_error
 from pipeline.evaluate import PROTOCOLS
 from pipeline.index.params import MERGE_MODES
 from pipeline.rerank.config import METHODS, MODELS, RESIDUAL_SPACES, SCORE_MODES
-from pipeline.storage import StorageError
 from pipeline.store import GLOBAL_DTYPES, LOCAL_DTYPES
 
 app = typer.Typer(
@@ -107,23 +108,23 @@ def _main(
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
+    storage.install_log_redaction()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
 
 
-# What a user can fix (bad config, manifest, URL, missing input): one readable line and exit code 2.
-# KeyError is not one: the stages check ids themselves, so a KeyError escaping them is a bug (traceback).
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, StorageError)
-
-
 def main() -> None:
-    """Console-script entry point: the CLI with one error boundary for every command."""
+    """Console-script entry point: the CLI with one error boundary for every command (pipeline.errors):
+    a user error or environment fault, also one raised in a Ray task, is one line and exit code 2."""
     try:
         app()
-    except USER_ERRORS as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise SystemExit(2) from None
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(error_line(error))}", soft_wrap=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 @app.command()

@@ -84,20 +84,43 @@ class RevisitopGroundTruth:
 
 
 def read_revisitop_gnd(url: str, options: Options = None) -> RevisitopGroundTruth:
-    """Read a revisitop ``gnd_*.pkl`` (dict with ``imlist``, ``qimlist``, ``gnd``)."""
+    """Read a revisitop ``gnd_*.pkl`` (dict with ``imlist``, ``qimlist``, ``gnd``); ValueError naming the
+    file for anything else."""
+    data = storage.read_bytes(url, options)
     try:
-        data = _PlainUnpickler(io.BytesIO(storage.read_bytes(url, options))).load()
-    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        loaded = _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # the unpickler runs no code, so any failure means "not a gnd pickle"
         raise ValueError(
             f"{storage.redact(url)} is not a revisitop gnd pickle ({type(exc).__name__}: {exc})"
         ) from None
+    problem = _gnd_problem(loaded)
+    if problem:
+        raise ValueError(f"{storage.redact(url)} is not a revisitop gnd file: {problem}")
+    return RevisitopGroundTruth(list(loaded["imlist"]), list(loaded["qimlist"]), list(loaded["gnd"]))
+
+
+def _gnd_problem(data: Any) -> str | None:
+    """What makes ``data`` no revisitop ground truth, or None: per query, easy/hard/junk lists of imlist
+    indices (the ``bbx`` entry is not used here)."""
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= data.keys():
-        raise ValueError(f"{storage.redact(url)} is not a revisitop gnd file: need keys imlist, qimlist, gnd")
+        return "need a dict with keys imlist, qimlist, gnd"
+    if not all(isinstance(v, (list, tuple)) for v in (data["imlist"], data["qimlist"], data["gnd"])):
+        return "imlist, qimlist and gnd must be lists"
     if len(data["gnd"]) != len(data["qimlist"]):
-        raise ValueError(
-            f"{storage.redact(url)}: {len(data['gnd'])} gnd entries for {len(data['qimlist'])} queries"
-        )
-    return RevisitopGroundTruth(list(data["imlist"]), list(data["qimlist"]), list(data["gnd"]))
+        return f"{len(data['gnd'])} gnd entries for {len(data['qimlist'])} queries"
+    for position, entry in enumerate(data["gnd"]):
+        if not isinstance(entry, dict) or not {"easy", "hard", "junk"} <= entry.keys():
+            return f"gnd[{position}] must be a dict with keys easy, hard, junk"
+        for key in ("easy", "hard", "junk"):
+            indices = np.asarray(entry[key])
+            if indices.size and (
+                indices.ndim != 1
+                or not np.issubdtype(indices.dtype, np.integer)
+                or indices.min() < 0
+                or indices.max() >= len(data["imlist"])
+            ):
+                return f"gnd[{position}][{key!r}] must list imlist indices (0 to {len(data['imlist']) - 1})"
+    return None
 
 
 def revisitop_ap(positions: np.ndarray, n_positives: int) -> float:

@@ -159,7 +159,8 @@ class _Thumbnails:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """Every text of the page goes through here: redacted (no credential in a report), then escaped."""
+    return html.escape(storage.redact_text(str(value)), quote=True)
 
 
 def _format_figure(name: str, value: Any) -> str:

@@ -63,19 +63,44 @@ class Hit:
     global_score: float | None = None  # re-ranked results: the search score before re-ranking
 
 
+class ResultsFormatError(ValueError):
+    """A results file that is not the search/re-ranked results format above (not Parquet, wrong columns)."""
+
+
+# What each results column may be stored as: any writer's integer/float/string widths are accepted.
+_COLUMN_KINDS = {
+    "query_id": ("string", pa.types.is_string, pa.types.is_large_string),
+    "id": ("string", pa.types.is_string, pa.types.is_large_string),
+    "rank": ("integer", pa.types.is_integer),
+    "score": ("floating point", pa.types.is_floating),
+}
+
+
+def _check_columns(results_url: str, schema: pa.Schema, columns: list[str]) -> None:
+    where = f"results {storage.redact(results_url)}"
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ResultsFormatError(
+            f"{where} lack columns {missing}; required: {columns}, found: {schema.names}"
+        )
+    for name in columns:
+        kind, *accepts = _COLUMN_KINDS[name]
+        if not any(accept(schema.field(name).type) for accept in accepts):
+            raise ResultsFormatError(f"{where}: column {name!r} is {schema.field(name).type}; must be {kind}")
+
+
 def _read_columns(
     results_url: str, columns: list[str], options: Options, optional: tuple[str, ...] = ()
 ) -> pa.Table:
-    """The named columns (and those of ``optional`` present) sorted by (query, rank); ValueError naming
-    what is missing."""
+    """The named columns (and those of ``optional`` present) sorted by (query, rank); ResultsFormatError
+    naming the file for anything but a Parquet file with those columns."""
     with storage.open_input(results_url, options) as f:
-        schema = pq.read_schema(f)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise ValueError(
-                f"results {storage.redact(results_url)} lack columns {missing}; "
-                f"required: {columns}, found: {schema.names}"
-            )
+        try:
+            schema = pq.read_schema(f)
+        except pa.ArrowException as exc:
+            where = storage.redact(results_url)
+            raise ResultsFormatError(f"results {where} is not a readable Parquet file: {exc}") from None
+        _check_columns(results_url, schema, columns)
         table = pq.read_table(f, columns=[*columns, *(c for c in optional if c in schema.names)])
     return table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
 

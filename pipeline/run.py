@@ -130,7 +130,8 @@ class _Runner:
         summary = dict(work())
         result = StageResult(name, key, time.monotonic() - start, summary, reused=False)
         record = {"key": key, "seconds": result.seconds, "summary": summary}
-        storage.write_text(marker, json.dumps(record, indent=2, default=str), self.options)
+        text = storage.redact_text(json.dumps(record, indent=2, default=str))  # summaries quote URLs
+        storage.write_text(marker, text, self.options)
         self.results[name] = result
         self.say(f"{name}: done in {result.seconds:.1f} s")
 

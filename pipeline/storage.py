@@ -11,6 +11,11 @@ Content-MD5 header on requests whose API requires an integrity checksum (multi-o
 botocore >= 1.36 sends a CRC32 checksum instead, which OpenStack Swift's s3api (and other
 S3-compatible stores that predate flexible checksums) reject with "Missing required header ... Content-MD5".
 
+Faults only the user can fix (no space, read-only, no permission, missing bucket, refused credentials) are
+never retried: they raise a :class:`StorageFault` whose one-line message names the path and the fault.
+Known secrets are blanked from any text by :func:`redact_text`, and from every log record once
+:func:`install_log_redaction` ran (the CLI and the jobs do).
+
 Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
 local disks we write a temporary sibling and rename it.
 
@@ -67,6 +72,42 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 class StorageError(RuntimeError):
     """An I/O failure that persisted after the allowed retries."""
+
+
+class StorageFault(StorageError):
+    """Storage refused an operation for a reason only the user can fix (no space, read-only, no permission,
+    missing bucket, refused credentials). Never retried; its message is one line naming the path and the fault."""
+
+
+class BucketMissing(StorageFault, FileNotFoundError):
+    """The bucket does not exist: still a FileNotFoundError for callers that treat absence as "nothing there"."""
+
+
+class AccessRefused(StorageFault, PermissionError):
+    """No permission, or credentials refused: still a PermissionError for callers that catch that."""
+
+
+# OSError errnos that are the user's environment, not a transient failure (README, "Failure modes").
+_ERRNO_FAULTS: dict[int, tuple[type[StorageFault], str]] = {
+    errno.ENOSPC: (StorageFault, "no space left on device"),
+    errno.EDQUOT: (StorageFault, "disk quota exceeded"),
+    errno.EROFS: (StorageFault, "read-only file system"),
+    errno.EACCES: (AccessRefused, "permission denied"),
+    errno.EPERM: (AccessRefused, "operation not permitted"),
+}
+# S3 error codes (botocore ``response["Error"]["Code"]``; a HEAD answer has no body, so only its status).
+_S3_FAULTS: dict[str, tuple[type[StorageFault], str]] = {
+    "NoSuchBucket": (BucketMissing, "bucket does not exist"),
+    "InvalidAccessKeyId": (AccessRefused, "credentials refused: unknown access key"),
+    "SignatureDoesNotMatch": (
+        AccessRefused,
+        "credentials refused: the secret key does not match the access key",
+    ),
+    "ExpiredToken": (AccessRefused, "credentials refused: the session token has expired"),
+    "InvalidToken": (AccessRefused, "credentials refused: invalid session token"),
+    "AccessDenied": (AccessRefused, "access denied"),
+    "403": (AccessRefused, "access denied or credentials refused"),
+}
 
 
 MAX_RETRY_AFTER_S = 60.0  # longest Retry-After we sleep through; a server asking more fails the read
@@ -292,6 +333,25 @@ def redact_text(text: str) -> str:
     return text
 
 
+def install_log_redaction() -> None:
+    """Redact every log record this process creates, whatever logger, handler or library emits it: the
+    message with its args applied and any traceback go through :func:`redact_text`. Idempotent."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "redacts", False):
+        return
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        with suppress(Exception):  # a bad format string: logging reports it when the record is emitted
+            record.msg, record.args = redact_text(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    redacted_record.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacted_record)
+
+
 def _redact_exception(exc: BaseException) -> None:
     """Redact the URLs in an exception's message in place, so re-raising it leaks no credentials."""
     exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)
@@ -328,6 +388,37 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+def _s3_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return str(code) if code is not None else None
+
+
+def storage_fault(exc: BaseException, what: str) -> StorageFault | None:
+    """The user-facing fault behind ``exc`` (anywhere in its chain of causes), as one line "``what``: fault
+    (code)"; None when ``exc`` is no environment fault. ``what`` names the operation and the redacted path."""
+    for cause in _causes(exc):
+        if isinstance(cause, StorageFault):
+            return cause
+        if isinstance(cause, OSError) and cause.errno in _ERRNO_FAULTS:
+            fault, text = _ERRNO_FAULTS[cause.errno]
+            return fault(f"{what}: {text} ({errno.errorcode[cause.errno]})")
+        code = _s3_error_code(cause)
+        if code in _S3_FAULTS:
+            fault, text = _S3_FAULTS[code]
+            return fault(f"{what}: {text} ({'HTTP ' if code.isdigit() else ''}{code})")
+    return None
+
+
+def _raise_if_fault(exc: BaseException, what: str) -> None:
+    """Raise the :class:`StorageFault` behind ``exc``, if it is one (without the cause's traceback)."""
+    fault = storage_fault(exc, what)
+    if fault is not None:
+        raise fault from None
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether retrying ``exc`` is pointless: missing/forbidden objects, bad values, 4xx other than
     408/429, malformed requests and missing credentials, anywhere in its chain of causes."""
@@ -350,17 +441,20 @@ def with_retries(
 ) -> T:
     """Run ``operation``; retry transient errors with exponential backoff and jitter.
 
-    Permanent errors (missing object, permission, bad value) are raised at once. An HTTP 429/503 with
-    Retry-After waits that long instead of the backoff, or fails at once beyond :data:`MAX_RETRY_AFTER_S`.
-    URLs in error messages are redacted; a cause whose message had to be redacted is not chained.
+    Environment faults (no space, read-only, permission, missing bucket, refused credentials) raise a
+    :class:`StorageFault` naming ``what`` at once; other permanent errors (missing object, bad value) are
+    raised at once as they are. An HTTP 429/503 with Retry-After waits that long instead of the backoff, or
+    fails at once beyond :data:`MAX_RETRY_AFTER_S`. URLs in error messages are redacted; a cause whose
+    message had to be redacted is not chained.
     """
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except PERMANENT_ERRORS as exc:
-            _redact_exception(exc)
-            raise
-        except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless is_permanent
+        except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless permanent
+            _raise_if_fault(exc, what)
+            if isinstance(exc, PERMANENT_ERRORS):
+                _redact_exception(exc)
+                raise
             if is_permanent(exc):
                 raise StorageError(f"{what} failed: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
             asked = _retry_after(exc)
@@ -436,7 +530,12 @@ def list_tar_members(url: str, options: Options = None) -> list[tuple[str, int, 
 
 
 def read_text(url: str, options: Options = None) -> str:
-    return read_bytes(url, options).decode("utf-8")
+    """The object at ``url`` as UTF-8 text; ValueError naming it when it is not (a binary file given as text)."""
+    data = read_bytes(url, options)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{redact(url)} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 @contextmanager
@@ -460,11 +559,15 @@ def _local_temp_copy(path: str, data: bytes) -> Iterator[str]:
 def write_bytes(url: str, data: bytes, options: Options = None) -> None:
     """Write ``data`` to ``url`` atomically (whole object or nothing), creating parent folders."""
     fs, path = filesystem(url, options)
-    if is_local(url):
-        with _local_temp_copy(path, data) as tmp:
-            os.replace(tmp, path)
+    if not is_local(url):
+        with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
         return
-    with_retries(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+    try:  # a local disk: nothing to retry, but a full or read-only disk is named as such
+        with _local_temp_copy(path, data) as tmp:  # a failed write (disk full...) leaves nothing
+            os.replace(tmp, path)
+    except OSError as exc:
+        _raise_if_fault(exc, f"write {redact(url)}")
+        raise
 
 
 CREATE_SETTLE_S = 1.0  # write_if_absent without conditional writes: wait this long, then read back

@@ -217,16 +217,16 @@ def write_shard(
         ),
         _shard_url(store_url, ERRORS_DIR, shard): (pa.Table.from_pylist(records, schema=ERROR_SCHEMA), {}),
     }
-    try:
-        for url, (table, write_options) in files.items():
-            storage.write_parquet(url, table, options, **write_options)
-    except BaseException:
-        _remove_quietly(list(files), options)  # no space or no permission: leave nothing behind
-        raise
     commit = ShardCommit(
         shard=shard, rows=rows, ok=n, errors=len(errors), reasons=dict(Counter(e.reason for e in errors))
     )
-    return _commit(store_url, commit, options)
+    try:
+        for url, (table, write_options) in files.items():
+            storage.write_parquet(url, table, options, **write_options)
+        return _commit(store_url, commit, options)
+    except BaseException:
+        _remove_quietly(list(files), options)  # disk full, read-only, no permission: leave nothing behind
+        raise
 
 
 def _commit(store_url: str, commit: ShardCommit, options: Options) -> ShardCommit:
@@ -458,7 +458,8 @@ def store_stats(store_url: str, options: Options = None) -> dict[str, Any]:
 
 
 def write_run_info(store_url: str, info: Mapping[str, Any], options: Options = None) -> None:
-    storage.write_text(storage.join(store_url, RUN_INFO), json.dumps(info, indent=2, sort_keys=True), options)
+    text = storage.redact_text(json.dumps(info, indent=2, sort_keys=True))  # an output: no credential in it
+    storage.write_text(storage.join(store_url, RUN_INFO), text, options)
 
 
 def read_run_info(store_url: str, options: Options = None) -> dict[str, Any] | None:

@@ -610,7 +610,8 @@ def run_training(
         "seconds": seconds,
         **summary,
     }
-    storage.write_text(storage.join(job.out_url, "_run.json"), json.dumps(record, indent=2), options)
+    text = storage.redact_text(json.dumps(record, indent=2))  # an output: no credential in it
+    storage.write_text(storage.join(job.out_url, "_run.json"), text, options)
     log.info("trained %d steps (resumed at %d) → %s", total_steps, resumed_from, storage.redact(job.out_url))
     return TrainSummary(**summary, seconds=seconds, weights_url=weights_url(job.out_url))
 

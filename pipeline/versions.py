@@ -136,7 +136,8 @@ def write_version_files(
     """A version's own files beside its index: the manifest rows' state, its stores, the run report."""
     storage.write_parquet(storage.join(target, STATE), state_table(table), options)
     storage.write_text(storage.join(target, STORES), json.dumps(store_names(stores), indent=2), options)
-    storage.write_text(storage.join(target, REPORT), json.dumps(report, indent=2), options)
+    text = storage.redact_text(json.dumps(report, indent=2))  # error records quote library messages
+    storage.write_text(storage.join(target, REPORT), text, options)
 
 
 def read_state(version: str, options: Options = None) -> pa.Table:

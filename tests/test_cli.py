@@ -16,7 +16,7 @@ import pytest
 from pipeline import cli as cli_module
 from pipeline import store
 from pipeline.config import rerank_settings
-from pipeline.store import LocalFeatures
+from tests.stores import write_clustered_store
 from tests.tables import table_rows
 
 COMMANDS = (
@@ -51,27 +51,6 @@ def cli(*args: str, check: bool = True, columns: int | None = None) -> subproces
     return result
 
 
-def _write_store(url: str, prefix: str, count: int, rng: np.random.Generator, centres: np.ndarray) -> None:
-    """`count` images near the given cluster centres, with a few local features each, in shards of 8."""
-    for shard, start in enumerate(range(0, count, 8)):
-        ids = [f"{prefix}{i:03d}" for i in range(start, min(start + 8, count))]
-        vectors = centres[[i % len(centres) for i in range(start, start + len(ids))]]
-        vectors = vectors + 0.05 * rng.standard_normal(vectors.shape).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        local = []
-        for _ in ids:
-            desc = rng.standard_normal((12, 128)).astype(np.float32)
-            local.append(
-                LocalFeatures(
-                    rng.uniform(0, 200, (12, 2)).astype(np.float32),
-                    np.ones(12, np.float32),
-                    rng.uniform(0, 1, 12).astype(np.float32),
-                    desc / np.linalg.norm(desc, axis=1, keepdims=True),
-                )
-            )
-        store.write_shard(url, shard, ids, vectors, local)
-
-
 def test_help_lists_every_command():
     panel = cli("--help").stdout.split("Commands")[1].splitlines()[1:]
     listed = [line[2:].split()[0] for line in panel if line.startswith("│ ") and line[2] != " "]
@@ -83,8 +62,8 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4, 32)).astype(np.float32)
     index_store, query_store = str(tmp_path / "idx"), str(tmp_path / "qry")
-    _write_store(index_store, "img", 40, rng, centres)
-    _write_store(query_store, "q", 4, rng, centres)
+    write_clustered_store(index_store, "img", 40, rng, centres)
+    write_clustered_store(query_store, "q", 4, rng, centres)
     index, results, reranked = (
         str(tmp_path / "index"),
         str(tmp_path / "r.parquet"),
@@ -127,7 +106,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     doomed.write_text("img000\nimg004\n")
     assert table_rows(cli("index-remove", index, str(doomed)).stdout)["ntotal"] == "38"
     extra = str(tmp_path / "extra")
-    _write_store(extra, "new", 3, rng, centres)
+    write_clustered_store(extra, "new", 3, rng, centres)
     added = cli("index-add", index, extra)
     assert table_rows(added.stdout)["ntotal"] == "41"  # after adding 3 to 38
 
@@ -161,7 +140,7 @@ def test_version_and_choices_are_shown_and_checked(tmp_path: Path):
 def test_stats_counts_as_json_and_a_missing_store_is_a_user_error(tmp_path: Path):
     rng = np.random.default_rng(1)
     url = str(tmp_path / "store")
-    _write_store(url, "img", 10, rng, rng.standard_normal((2, 32)).astype(np.float32))
+    write_clustered_store(url, "img", 10, rng, rng.standard_normal((2, 32)).astype(np.float32))
     counts = json.loads(cli("stats", url, "--json").stdout)
     assert counts == {"shards": 2, "rows": 10, "ok": 10, "errors": 0, "errors_by_reason": {}}  # 8 + 2 rows
     missing = cli("stats", str(tmp_path / "typo"), check=False)

@@ -140,12 +140,15 @@ def test_failed_local_write_leaves_old_content_and_no_partial_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # the new bytes are in the temp file, the commit fails
-    with pytest.raises(OSError, match="No space left"):
+    # one line naming the file and the fault (README "Failure modes"), never retried
+    with pytest.raises(
+        storage.StorageFault, match=r"write .*/shard\.parquet: no space left on device \(ENOSPC\)"
+    ):
         storage.write_bytes(str(target), b"new version that never lands")
     assert target.read_bytes() == b"old version"
     assert sorted(p.name for p in target.parent.iterdir()) == ["shard.parquet"]
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(storage.StorageFault, match="no space left"):
         storage.write_bytes(str(tmp_path / "out" / "fresh.bin"), b"partial")
     assert not (tmp_path / "out" / "fresh.bin").exists()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -23,6 +25,32 @@ QUALITY = "quality.json"
 ID_MAP_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.string())])
 
 
+class IndexFormatError(ValueError):
+    """A file of an index directory that is not what build-index writes (corrupt, truncated, wrong schema)."""
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """faiss's own message without its C++ function signature and source location."""
+    message = str(exc).strip()
+    found = re.search(r"\.(?:cpp|h):\d+: (.*)", message, re.DOTALL)
+    return " ".join((found.group(1) if found else message).split())
+
+
+def _read_faiss(url: str, read: Callable[[], faiss.Index]) -> faiss.Index:
+    try:
+        return read()
+    except RuntimeError as exc:  # faiss raises RuntimeError for every unreadable input
+        raise IndexFormatError(
+            f"{storage.redact(url)} is not a readable faiss index: {_faiss_reason(exc)}"
+        ) from None
+
+
+def _missing(index_url: str, name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no index at {storage.redact(index_url)}: {name} is missing (build-index writes it)"
+    )
+
+
 def index_to_bytes(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
@@ -36,7 +64,9 @@ def write_index(index: faiss.Index, url: str, options: Options = None) -> None:
 
 
 def read_index(url: str, options: Options = None) -> faiss.Index:
-    return index_from_bytes(storage.read_bytes(url, options))
+    """The faiss index at ``url``; IndexFormatError naming the file when faiss cannot read it."""
+    data = storage.read_bytes(url, options)
+    return _read_faiss(url, lambda: index_from_bytes(data))
 
 
 def load_index(index_url: str, options: Options = None) -> faiss.Index:
@@ -44,9 +74,12 @@ def load_index(index_url: str, options: Options = None) -> faiss.Index:
 
     Plain ``read_index`` without IO_FLAG_MMAP: mmap-reading a merged on-disk index segfaulted here (GUIDE §2).
     """
+    url = storage.join(index_url, INDEX)
+    if not storage.exists(url, options):
+        raise _missing(index_url, INDEX)
     if read_params(index_url, options).get("on_disk"):
-        return faiss.read_index(storage.join(index_url, INDEX))
-    return read_index(storage.join(index_url, INDEX), options)
+        return _read_faiss(url, lambda: faiss.read_index(url))
+    return read_index(url, options)
 
 
 def id_map_table(ids: np.ndarray, image_ids: np.ndarray) -> pa.Table:
@@ -58,8 +91,22 @@ def write_id_map(index_url: str, table: pa.Table, options: Options = None) -> No
 
 
 def read_id_map_table(index_url: str, options: Options = None) -> pa.Table:
-    """The id map as stored: columns id (int64, faiss id) and image_id (string), in no particular order."""
-    return storage.read_parquet(storage.join(index_url, ID_MAP), options)
+    """The id map as stored: columns id (int64, faiss id) and image_id (string), in no particular order.
+
+    FileNotFoundError when it is missing, IndexFormatError naming the file when it is not that table."""
+    url = storage.join(index_url, ID_MAP)
+    try:
+        table = storage.read_parquet(url, options)
+    except FileNotFoundError:
+        raise _missing(index_url, ID_MAP) from None
+    except pa.ArrowException as exc:
+        raise IndexFormatError(f"{storage.redact(url)} is not a readable Parquet file: {exc}") from None
+    if not table.schema.equals(ID_MAP_SCHEMA, check_metadata=False):
+        found = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+        raise IndexFormatError(
+            f"{storage.redact(url)}: columns ({found}); expected (id: int64, image_id: string)"
+        )
+    return table
 
 
 def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +119,22 @@ def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np
 
 
 def write_json(url: str, value: dict[str, Any], options: Options = None) -> None:
-    storage.write_text(url, json.dumps(value, indent=2, sort_keys=True), options)
+    storage.write_text(url, storage.redact_text(json.dumps(value, indent=2, sort_keys=True)), options)
 
 
 def read_params(index_url: str, options: Options = None) -> dict[str, Any]:
-    return json.loads(storage.read_text(storage.join(index_url, PARAMS), options))
+    """The index's build parameters; FileNotFoundError for a folder without an index, IndexFormatError for
+    a params.json that is not a JSON object with the index dimension."""
+    url = storage.join(index_url, PARAMS)
+    try:
+        params = json.loads(storage.read_text(url, options))
+    except FileNotFoundError:
+        raise _missing(index_url, PARAMS) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{storage.redact(url)} is not JSON ({exc})") from None
+    if not isinstance(params, dict) or not isinstance(params.get("dim"), int):
+        raise IndexFormatError(f"{storage.redact(url)} must be a JSON object with an integer 'dim'")
+    return params
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None) -> None:

@@ -49,6 +49,7 @@ def search(
     """Top-``config.k`` of every committed query descriptor in ``query_store_url``, written as Parquet to
     ``out_url``."""
     k, nprobe, k_factor, batch_size = config.k, config.nprobe, config.k_factor, config.batch_size
+    store.require_store(query_store_url, options)  # a mistyped query store is an error, not zero queries
     params = io.read_params(index_url, options)
     index = io.load_index(index_url, options)
     chosen = nprobe if nprobe is not None else params.get("nprobe")
@@ -64,7 +65,9 @@ def search(
     for query_ids, stored in store.iter_global(query_store_url, options):  # (n,), (n, D)
         if stored.shape[1] != whitening.input_dim(params):
             raise ValueError(
-                f"query dimension {stored.shape[1]} != the dimension the index takes {whitening.input_dim(params)}"
+                f"queries {storage.redact(query_store_url)} have {stored.shape[1]}-d descriptors but index "
+                f"{storage.redact(index_url)} takes {whitening.input_dim(params)}-d ones (extract both with the "
+                "same preset)"
             )
         vectors = space(stored)  # (n, d)
         for start in range(0, len(vectors), batch_size):
