@@ -348,7 +348,7 @@ def _extract_under_mount(
         "cpu-small",
         "--shard-size",
         "10",
-        "--num-extractors",
+        "--min-extractors",
         "1",
     ]
     script = (
@@ -383,7 +383,7 @@ def _secret_run(world: World, s3_bucket, tmp: Path) -> tuple[subprocess.Popen[st
         "LANDMARK_INDEX_RAY_TMP": str(ray_tmp),
     }
     command = [*PYTHON, "-v", "extract", str(manifest), str(store), "--preset", "cpu-small"]
-    return run_command([*command, "--num-extractors", "1"], env), store, ray_tmp
+    return run_command([*command, "--min-extractors", "1"], env), store, ray_tmp
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_a_stage_killed_before_its_marker_runs_again(finished_run):
 def test_shipped_example_config_is_valid():
     config = load_run_config(str(ROOT / "configs/example.toml"))
     assert config.extract.preset == "delg-r50-gldv2" and config.index.memory_budget == "16GB"
-    assert config.extract.extractors() == Extractors(gpus_per_extractor=1, min_extractors=1, max_extractors=4)
+    assert config.extract.cluster(None).extractors == Extractors(1, min_extractors=1, max_extractors=4)
 
 
 def test_config_errors_name_the_key(tmp_path):
