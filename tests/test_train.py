@@ -34,7 +34,14 @@ from pipeline.train import (
     set_train_mode,
     train_step,
 )
-from pipeline.train_data import SampleSequence, random_crop_box, training_rows
+from pipeline.train_data import (
+    ImageSource,
+    ImageTransform,
+    SampleSequence,
+    TrainingRows,
+    random_crop_box,
+    training_rows,
+)
 from tests.models import calibrated_weights
 
 PRESET = "cpu-small"  # MobileNetV2 with a learned local head: small enough for CPU tests
@@ -172,6 +179,24 @@ def test_train_job_rejects_unknown_settings(manifest, tmp_path):
 def test_train_job_progress_line():
     line = {"step": 3, "total_steps": 10, "loss": 1.23456, "images_per_s": 12.34, "lr": 0.01}
     assert train_job.progress_line(line) == "train: step 3/10, loss 1.2346, 12.3 images/s"
+
+
+def test_training_rows_read_local_files_under_the_manifest_only(tmp_path):
+    """The extraction's local-file policy holds for training: a row outside the manifest's folder is a failed
+    row (local_file_refused), unless the job opts in."""
+    inside, outside = tmp_path / "data" / "in.png", tmp_path / "out.png"
+    inside.parent.mkdir()
+    for path in (inside, outside):
+        Image.new("RGB", (40, 30), (90, 120, 150)).save(path)
+    manifest = str(tmp_path / "data" / "m.parquet")
+    rows = TrainingRows([str(inside), str(outside)], [None, None], np.array([0, 0]), ("a",))
+    transform = ImageTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), augment=False)
+    for allow, refused in ((False, True), (True, False)):
+        job = TrainJob(manifest, "o", "cpu-small", TrainConfig(steps=1), allow_local_outside_root=allow)
+        source = ImageSource(rows, transform, 0, local_files=job.local_files())
+        assert isinstance(source.load(0, 0), torch.Tensor)
+        loaded = source.load(1, 1)
+        assert (getattr(loaded, "reason", None) == "local_file_refused") == refused
 
 
 def test_unlabelled_rows_are_a_manifest_error(tmp_path):
