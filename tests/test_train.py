@@ -9,6 +9,7 @@ is checked in-process. Runs: the CLI with two workers, the library with one, a c
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -301,6 +302,44 @@ def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_w
     resumed, uninterrupted = load(out / "weights.pt"), load(one_worker / "weights.pt")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(one_worker)]
+
+
+def test_killed_run_resumes_from_its_checkpoints_on_s3(manifest, initial_weights, one_worker, s3_bucket):
+    """Checkpoints, metrics and weights on object storage (the real S3 server): a killed run resumes there to
+    the uninterrupted run's weights."""
+    from pipeline import storage
+
+    out, options = f"{s3_bucket.url}/train", s3_bucket.options
+    crashing = TrainCluster(workers=1, cpus_per_worker=0.5, crash_after_step=5)
+    with pytest.raises(Exception, match="injected crash after step 5"):
+        run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing, options)
+    assert storage.list_files(f"{out}/checkpoints", options) and not storage.exists(
+        f"{out}/weights.pt", options
+    )
+    cluster = TrainCluster(workers=1, cpus_per_worker=0.5)
+    summary = run_training(job(manifest, out, initial_weights, checkpoint_every=3), cluster, options)
+    assert summary.resumed_from == 3
+    resumed = torch.load(io.BytesIO(storage.read_bytes(f"{out}/weights.pt", options)), weights_only=True)
+    uninterrupted = load(one_worker / "weights.pt")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_two_workers_train_the_whole_model_as_one(manifest, initial_weights, ray_cluster, tmp_path):
+    """DDP over every parameter (backbone, whitening, heads; frozen BatchNorm statistics, which are per
+    worker otherwise): 2 workers on halves of each global batch = 1 worker on the whole batch."""
+    outs = {n: tmp_path / f"w{n}" for n in (1, 2)}
+    for n, out in outs.items():
+        cluster = TrainCluster(workers=n, cpus_per_worker=0.5, decode_threads=2)
+        # a small lr: at the local-head tests' 0.05 the whole model diverges (loss 34 → 208 in 3 steps), and a
+        # diverging run turns float rounding (1e-7) into any difference
+        run_training(job(manifest, out, initial_weights, steps=3, lr=0.002, trainable="all"), cluster)
+    one, two, initial = (
+        load(p) for p in (outs[1] / "weights.pt", outs[2] / "weights.pt", Path(initial_weights))
+    )
+    moved = {k.split(".")[0] for k in one if k in initial and not torch.equal(one[k], initial[k])}
+    assert "backbone" in moved and {"attention", "autoencoder"} <= moved
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resuming_a_different_run_is_refused(manifest, initial_weights, one_worker):
