@@ -289,24 +289,9 @@ def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, in
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, ray_cluster, tmp_path):
-    out = tmp_path / "out"
-    crashing = TrainCluster(workers=1, cpus_per_worker=0.5, crash_after_step=5)
-    with pytest.raises(Exception, match="injected crash after step 5"):
-        run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing)
-    assert not (out / "weights.pt").exists()
-    summary = run_training(
-        job(manifest, out, initial_weights, checkpoint_every=3), TrainCluster(workers=1, cpus_per_worker=0.5)
-    )
-    assert summary.resumed_from == 3
-    resumed, uninterrupted = load(out / "weights.pt"), load(one_worker / "weights.pt")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(one_worker)]
-
-
-def test_killed_run_resumes_from_its_checkpoints_on_s3(manifest, initial_weights, one_worker, s3_bucket):
-    """Checkpoints, metrics and weights on object storage (the real S3 server): a killed run resumes there to
-    the uninterrupted run's weights."""
+def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, s3_bucket):
+    """Checkpoints, metrics and weights on object storage (the real S3 server): a run killed after step 5
+    resumes from its step-3 checkpoint there to exactly the uninterrupted run's weights and losses."""
     from pipeline import storage
 
     out, options = f"{s3_bucket.url}/train", s3_bucket.options
@@ -322,6 +307,8 @@ def test_killed_run_resumes_from_its_checkpoints_on_s3(manifest, initial_weights
     resumed = torch.load(io.BytesIO(storage.read_bytes(f"{out}/weights.pt", options)), weights_only=True)
     uninterrupted = load(one_worker / "weights.pt")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    lines = storage.read_text(f"{out}/metrics.jsonl", options).splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [m["loss"] for m in metrics(one_worker)]
 
 
 def test_two_workers_train_the_whole_model_as_one(manifest, initial_weights, ray_cluster, tmp_path):
