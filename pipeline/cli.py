@@ -291,6 +291,7 @@ def train(
     max_failures: Annotated[
         int, typer.Option(help="Worker-group restarts, each from the newest checkpoint.")
     ] = 0,
+    allow_local_files: AllowLocalFiles = False,
     address: Address = None,
 ) -> None:
     """Train DELG (or fine-tune with a metric-learning loss) on Ray Train; re-running resumes."""

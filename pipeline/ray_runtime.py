@@ -26,6 +26,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 T = TypeVar("T")
 
+# Every worker of the job redacts its log records as the command does (secrets never reach Ray's log files);
+# on a cluster Ray merges this into the job's own runtime_env.
+WORKER_ENV = {"worker_process_setup_hook": "pipeline.storage.install_log_redaction"}
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` or start a local Ray; keep Ray's files out of the home directory."""
@@ -34,7 +38,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:  # the cluster's own auth settings apply (KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in pods)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # only the private local cluster started here
     temp_dir = os.environ.get("LANDMARK_INDEX_RAY_TMP") or os.path.join(
@@ -45,7 +49,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         _temp_dir=temp_dir,
         log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        runtime_env={**WORKER_ENV, "env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
     _stop_ray_with_the_process()
 

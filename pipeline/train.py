@@ -34,7 +34,7 @@ from torch import nn
 
 from pipeline import images, storage
 from pipeline.config import ExtractionConfig, get_preset
-from pipeline.manifest import manifest_fingerprint, read_manifest
+from pipeline.manifest import local_root, manifest_fingerprint, read_manifest
 from pipeline.model import Delg, load_pretrained
 from pipeline.model.losses import (
     ARCFACE_MARGIN,
@@ -146,6 +146,13 @@ class TrainJob:
     weights_url: str | None = None  # start from: full DELG, backbone-only, or "imagenet"; None: random
     allowed_schemes: frozenset[str] = images.DEFAULT_ALLOWED_SCHEMES
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    # Rows read local files under the manifest's folder (a local manifest) only, unless this opts in (as
+    # extraction's ExtractionJob.allow_local_outside_root)
+    allow_local_outside_root: bool = False
+
+    def local_files(self, options: storage.Options = None) -> images.LocalFiles:
+        """The policy on local image files that this job's rows follow."""
+        return images.LocalFiles(local_root(self.manifest_url, options), self.allow_local_outside_root)
 
     def model_config(self) -> ExtractionConfig:
         """The preset with a learned local head: a backbone-only preset trains one from scratch."""
@@ -469,6 +476,7 @@ class _Worker:
             self.options,
             self.job.allowed_schemes,
             self.job.max_pixels,
+            self.job.local_files(self.options),
         )
 
     def _step(self, step: int, batch: Any, window: _Window) -> None:

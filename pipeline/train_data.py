@@ -148,11 +148,16 @@ class ImageSource:
     options: storage.Options = None
     allowed_schemes: Collection[str] = images.DEFAULT_ALLOWED_SCHEMES
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    local_files: images.LocalFiles = images.ANY_LOCAL_FILE  # the job's policy (TrainJob.local_files)
 
     def load(self, position: int, row: int) -> torch.Tensor | images.ImageError:
         try:
             data = images.fetch_image_bytes(
-                self.rows.urls[row], self.rows.inline[row], self.options, self.allowed_schemes
+                self.rows.urls[row],
+                self.rows.inline[row],
+                self.options,
+                self.allowed_schemes,
+                self.local_files,
             )
             image = images.decode_image(data, self.max_pixels)
         except images.ImageError as error:

@@ -1,4 +1,5 @@
-"""A local Ray started by a command ends with it: a SIGTERM or SIGINT to the command leaves no Ray process."""
+"""A local Ray started by a command ends with it (a SIGTERM or SIGINT to the command leaves no Ray process),
+and its workers redact their log records as the command does."""
 
 from __future__ import annotations
 
@@ -90,3 +91,38 @@ def test_a_signalled_command_leaves_no_ray_process(tmp_path, signum):
             with suppress(psutil.NoSuchProcess):
                 process.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# A driver whose Ray task logs a url with credentials the worker has just used (and so remembers): the record
+# the worker's logging makes must not hold them.
+LOGGING_DRIVER = """
+import logging, ray
+from pipeline import storage
+from pipeline.ray_runtime import ensure_ray
+ensure_ray(num_cpus=1)
+
+@ray.remote
+def log_a_secret():
+    url = "s3://AKIDEXAMPLE:wJalrXUtnFEMI@127.0.0.1:9/bucket/x.jpg"
+    storage.remember_secrets(url)
+    record = logging.getLogger("pipeline.test").makeRecord("t", logging.WARNING, "f", 1, "fetch %s failed", (url,), None)
+    return record.getMessage()
+
+print(ray.get(log_a_secret.remote()), flush=True)
+"""
+
+
+def test_ray_workers_redact_their_log_records(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="li-ray-")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LANDMARK_INDEX_RAY_TMP": ray_tmp}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", LOGGING_DRIVER], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip().splitlines()[-1]
+    assert (
+        message.startswith("fetch s3://") and "wJalrXUtnFEMI" not in message and "AKIDEXAMPLE" not in message
+    )

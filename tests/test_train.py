@@ -9,6 +9,7 @@ is checked in-process. Runs: the CLI with two workers, the library with one, a c
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -34,7 +35,14 @@ from pipeline.train import (
     set_train_mode,
     train_step,
 )
-from pipeline.train_data import SampleSequence, random_crop_box, training_rows
+from pipeline.train_data import (
+    ImageSource,
+    ImageTransform,
+    SampleSequence,
+    TrainingRows,
+    random_crop_box,
+    training_rows,
+)
 from tests.models import calibrated_weights
 
 PRESET = "cpu-small"  # MobileNetV2 with a learned local head: small enough for CPU tests
@@ -174,6 +182,24 @@ def test_train_job_progress_line():
     assert train_job.progress_line(line) == "train: step 3/10, loss 1.2346, 12.3 images/s"
 
 
+def test_training_rows_read_local_files_under_the_manifest_only(tmp_path):
+    """The extraction's local-file policy holds for training: a row outside the manifest's folder is a failed
+    row (local_file_refused), unless the job opts in."""
+    inside, outside = tmp_path / "data" / "in.png", tmp_path / "out.png"
+    inside.parent.mkdir()
+    for path in (inside, outside):
+        Image.new("RGB", (40, 30), (90, 120, 150)).save(path)
+    manifest = str(tmp_path / "data" / "m.parquet")
+    rows = TrainingRows([str(inside), str(outside)], [None, None], np.array([0, 0]), ("a",))
+    transform = ImageTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), augment=False)
+    for allow, refused in ((False, True), (True, False)):
+        job = TrainJob(manifest, "o", "cpu-small", TrainConfig(steps=1), allow_local_outside_root=allow)
+        source = ImageSource(rows, transform, 0, local_files=job.local_files())
+        assert isinstance(source.load(0, 0), torch.Tensor)
+        loaded = source.load(1, 1)
+        assert (getattr(loaded, "reason", None) == "local_file_refused") == refused
+
+
 def test_unlabelled_rows_are_a_manifest_error(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "url": [str(tmp_path / "a.png")]}), tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match="landmark_id"):
@@ -263,19 +289,44 @@ def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, in
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, ray_cluster, tmp_path):
-    out = tmp_path / "out"
+def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, s3_bucket):
+    """Checkpoints, metrics and weights on object storage (the real S3 server): a run killed after step 5
+    resumes from its step-3 checkpoint there to exactly the uninterrupted run's weights and losses."""
+    from pipeline import storage
+
+    out, options = f"{s3_bucket.url}/train", s3_bucket.options
     crashing = TrainCluster(workers=1, cpus_per_worker=0.5, crash_after_step=5)
     with pytest.raises(Exception, match="injected crash after step 5"):
-        run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing)
-    assert not (out / "weights.pt").exists()
-    summary = run_training(
-        job(manifest, out, initial_weights, checkpoint_every=3), TrainCluster(workers=1, cpus_per_worker=0.5)
+        run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing, options)
+    assert storage.list_files(f"{out}/checkpoints", options) and not storage.exists(
+        f"{out}/weights.pt", options
     )
+    cluster = TrainCluster(workers=1, cpus_per_worker=0.5)
+    summary = run_training(job(manifest, out, initial_weights, checkpoint_every=3), cluster, options)
     assert summary.resumed_from == 3
-    resumed, uninterrupted = load(out / "weights.pt"), load(one_worker / "weights.pt")
+    resumed = torch.load(io.BytesIO(storage.read_bytes(f"{out}/weights.pt", options)), weights_only=True)
+    uninterrupted = load(one_worker / "weights.pt")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(one_worker)]
+    lines = storage.read_text(f"{out}/metrics.jsonl", options).splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [m["loss"] for m in metrics(one_worker)]
+
+
+def test_two_workers_train_the_whole_model_as_one(manifest, initial_weights, ray_cluster, tmp_path):
+    """DDP over every parameter (backbone, whitening, heads; frozen BatchNorm statistics, which are per
+    worker otherwise): 2 workers on halves of each global batch = 1 worker on the whole batch."""
+    outs = {n: tmp_path / f"w{n}" for n in (1, 2)}
+    for n, out in outs.items():
+        cluster = TrainCluster(workers=n, cpus_per_worker=0.5, decode_threads=2)
+        # a small lr: at the local-head tests' 0.05 the whole model diverges (loss 34 → 208 in 3 steps), and a
+        # diverging run turns float rounding (1e-7) into any difference
+        run_training(job(manifest, out, initial_weights, steps=3, lr=0.002, trainable="all"), cluster)
+    one, two, initial = (
+        load(p) for p in (outs[1] / "weights.pt", outs[2] / "weights.pt", Path(initial_weights))
+    )
+    moved = {k.split(".")[0] for k in one if k in initial and not torch.equal(one[k], initial[k])}
+    assert "backbone" in moved and {"attention", "autoencoder"} <= moved
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resuming_a_different_run_is_refused(manifest, initial_weights, one_worker):
