@@ -169,7 +169,7 @@ def main() -> None:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
     store_url = str(root / "store")
     start = time.perf_counter()
-    if not store.global_shard_urls(store_url):
+    if not (root / "store").exists() or not store.global_shard_urls(store_url):  # a re-run reuses it
         write_synthetic_store(store_url, args.n, args.dim, args.shards, seed=0)
     print(
         f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root} ({time.perf_counter() - start:.0f} s)"
