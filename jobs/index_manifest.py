@@ -13,7 +13,6 @@ reason on a bad input, 1 on any other failure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -36,23 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="Manifest URL (Parquet/CSV file, folder, glob).")
     parser.add_argument("--out", required=True, help="Output URL: OUT/descriptors and OUT/index.")
     parser.add_argument("--preset", required=True, help="Extraction preset name.")
-    parser.add_argument(
-        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
-    )
+    settings.add_job_arguments(parser)
     settings.add_arguments(parser, EXTRACTION + INDEX)
-    parser.add_argument(
-        "--progress-interval",
-        type=float,
-        default=30.0,
-        help="Seconds between progress lines in the job logs.",
-    )
     return parser.parse_args(argv)
 
 
 def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
     """Extraction then index build; the summary of both."""
     options, given = storage.options_from_env(), vars(args)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    address = settings.job_address(args)
     descriptors = storage.join(args.out, "descriptors")
     config = get_preset(args.preset)
     job = settings.build(ExtractionJob, given, manifest_url=args.manifest, out_url=descriptors, config=config)

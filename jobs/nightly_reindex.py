@@ -12,7 +12,6 @@ its last line; exits 3 when another run holds the lock, 2 on a bad input, 1 on a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pipeline import settings, storage
@@ -26,22 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="The current manifest URL.")
     parser.add_argument("--root", required=True, help="Root URL of the versioned index.")
-    parser.add_argument(
-        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
-    )
+    settings.add_job_arguments(parser)
     settings.add_arguments(parser, settings.settings_of(ReindexConfig))
-    parser.add_argument(
-        "--progress-interval",
-        type=float,
-        default=30.0,
-        help="Seconds between progress lines in the job logs.",
-    )
     return parser.parse_args(argv)
 
 
 def run_reindex(args: argparse.Namespace) -> dict:
     config = settings.build(ReindexConfig, vars(args))
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    address = settings.job_address(args)
     return reindex(
         args.manifest,
         args.root,

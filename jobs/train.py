@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any
 
@@ -32,17 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="Labelled manifest URL (landmark_id on every row).")
     parser.add_argument("--out", required=True, help="Output URL: weights.pt, metrics.jsonl, checkpoints/.")
-    parser.add_argument(
-        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
-    )
+    settings.add_job_arguments(parser)
     found = settings.settings_of(TrainJob, SET_HERE) + settings.settings_of(TrainCluster, SET_HERE)
     settings.add_arguments(parser, found)
-    parser.add_argument(
-        "--progress-interval",
-        type=float,
-        default=30.0,
-        help="Seconds between progress lines in the job logs.",
-    )
     return parser.parse_args(argv)
 
 
@@ -57,7 +48,7 @@ def progress_line(line: dict[str, Any]) -> str:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)
     job = settings.build(TrainJob, given, manifest_url=args.manifest, out_url=args.out)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    address = settings.job_address(args)
     cluster = settings.build(TrainCluster, given, address=address)
     show = every(args.progress_interval, lambda line: print(progress_line(line), flush=True))
     summary = run_training(job, cluster, storage.options_from_env(), on_progress=show)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -162,6 +163,24 @@ def keyword_arguments(function: Any, values: Mapping[str, Any]) -> dict[str, Any
 
 
 # ---------------------------------------------------------------- jobs' arguments
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every Ray job takes beside its inputs and settings: the cluster and its progress lines' period."""
+    parser.add_argument(
+        "--address", help="Ray address; default: $RAY_ADDRESS (set inside a Ray job), else local."
+    )
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        help="Seconds between progress lines in the job logs.",
+    )
+
+
+def job_address(args: argparse.Namespace) -> str | None:
+    """The Ray cluster a job joins: --address, else the one a submitted job runs in, else a local Ray."""
+    return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
