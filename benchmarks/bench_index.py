@@ -23,9 +23,17 @@ import faiss
 import numpy as np
 
 from pipeline import store
-from pipeline.index import BuildConfig, QualityConfig, build_index, io
-from pipeline.index.build import draw_samples, id_bases, sample_rows, shard_rows, train_size
-from pipeline.index.params import choose_index, parse_size
+from pipeline.index import BuildConfig, QualityConfig, build_index, io, refine
+from pipeline.index.build import (
+    draw_samples,
+    id_bases,
+    resolve_choice,
+    sample_rows,
+    sample_sizes,
+    shard_rows,
+    train_size,
+)
+from pipeline.index.params import IndexChoice, choose_index
 from pipeline.index.quality import exact_knn, measure
 from pipeline.ray_runtime import ensure_ray
 
@@ -109,26 +117,30 @@ def training_flops(n_train: int, dim: int, pca_dim: int, nlist: int, pq_bytes: i
 
 
 def single_process_build(
-    store_url: str, factory: str, config: BuildConfig
-) -> tuple[faiss.Index, dict[str, float]]:
-    """Plain faiss: the same training sample size and seed, then add every shard in this process."""
+    store_url: str, choice: IndexChoice, config: BuildConfig
+) -> tuple[faiss.Index, faiss.Index, dict[str, float]]:
+    """Plain faiss building the same index in one process: the same training sample (size and seed), the same
+    refinement codes in RAM (``IndexRefine`` with the scalar quantizer the build chose; none for the store
+    tier, which keeps no codes), then every shard added. Returns (refined or plain index, its base, timings)."""
     urls = store.global_shard_urls(store_url)
     counts = shard_rows(urls)
     dim = store.read_global_shard(urls[0])[1].shape[1]
     total = sum(counts)
     start = time.perf_counter()
-    n_train = train_size(factory, total, dim, config)
-    train_rows, _ = draw_samples(
-        total, n_train, min(config.quality.queries, total), config.seed
-    )  # build's rows
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    index.train(sample_rows(urls, counts, train_rows))
+    _, n_sample = sample_sizes(choice, total, dim, config)
+    train_rows, _ = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
+    sample = sample_rows(urls, counts, train_rows)
+    base = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    base.train(sample)
+    index = base
+    if choice.refine in ("sq8", "fp16"):
+        index = faiss.IndexRefine(base, refine.train_quantizer(choice.refine, sample, dim))
+    del sample
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    for url, base in zip(urls, id_bases(counts), strict=True):
-        _, x = store.read_global_shard(url)
-        index.add_with_ids(x, base + np.arange(len(x), dtype=np.int64))
-    return index, {"train_s": train_s, "add_s": time.perf_counter() - start}
+    for url in urls:  # ids in shard order are 0..N-1, the ids the distributed build gives
+        index.add(store.read_global_shard(url)[1])
+    return index, base, {"train_s": train_s, "add_s": time.perf_counter() - start}
 
 
 def print_quality(index_dir: Path, summary: dict, n: int) -> None:
@@ -174,10 +186,9 @@ def main() -> None:
     print(
         f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root} ({time.perf_counter() - start:.0f} s)"
     )
-    budget = parse_size(args.memory_budget) if args.memory_budget else None
-    choice = choose_index(args.n, args.dim, budget, args.refine)
-    factory = args.factory or choice.factory
-    print(f"factory: {factory}" + ("" if args.factory else f"  (auto: {choice.reason})"))
+    budget = None if args.factory else args.memory_budget
+    choice = resolve_choice(args.factory, budget, args.n, args.dim, args.refine)
+    print(f"factory: {choice.factory}, refine {choice.refine}  ({choice.reason})")
     config = BuildConfig(
         tasks=args.tasks, merge="ram", refine=args.refine, quality=QualityConfig(queries=args.queries)
     )
@@ -189,14 +200,14 @@ def main() -> None:
             store_url,
             str(root / "index"),
             factory=args.factory,
-            memory_budget=None if args.factory else args.memory_budget,
+            memory_budget=budget,
             config=config,
         )
         dist_total = time.perf_counter() - start
     t = summary["timings"]
     with PeakRss() as single_rss:
         start = time.perf_counter()
-        single, st = single_process_build(store_url, factory, config)
+        single, single_base, st = single_process_build(store_url, choice, config)
         single_total = time.perf_counter() - start
 
     dist_build = t["train_s"] + t["add_s"] + t["merge_s"]
@@ -224,8 +235,14 @@ def main() -> None:
     _, q_rows = draw_samples(args.n, summary["train_points"], args.queries, config.seed)
     queries = sample_rows(urls, shard_rows(urls), q_rows)
     _, exact_ids = exact_knn(queries, urls, id_bases(shard_rows(urls)), 100)
-    row = measure(single, queries, exact_ids, nprobe)
+    row = measure(single_base, queries, exact_ids, nprobe)
     print(f"single-process index (unrefined) at nprobe {nprobe}: 100-R@100 {row['100-recall@100']:.3f}")
+    if single is not single_base and summary["k_factor"]:
+        row = measure(single, queries, exact_ids, summary["nprobe"], summary["k_factor"])
+        print(
+            f"single-process index refined at the stored setting (nprobe {summary['nprobe']}, k_factor "
+            f"{summary['k_factor']}): 100-R@100 {row['100-recall@100']:.3f}, 1-R@1 {row['1-recall@1']:.3f}"
+        )
 
     index_bytes = (root / "index" / io.INDEX).stat().st_size
     add_core_s = t["add_s"] * min(args.tasks, os.cpu_count() or 1) / args.n

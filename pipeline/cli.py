@@ -349,8 +349,9 @@ def build_index_command(
     tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
     task_cpus: Annotated[float, typer.Option(help="CPUs per add task.")] = 0.5,
     step_cpus: Annotated[
-        float, typer.Option(help="CPUs (faiss threads) of the train and merge tasks.")
-    ] = 1.0,
+        float | None,
+        typer.Option(help="CPUs (faiss threads) of the train and merge tasks [default: a whole node's]."),
+    ] = None,
     train_gpus: Annotated[int, typer.Option(help="GPUs of the train task (faiss k-means on them).")] = 0,
     merge: Annotated[
         Literal[MERGE_MODES],

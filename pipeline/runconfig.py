@@ -48,7 +48,8 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     refine           shortlist re-scoring: auto | none | sq8 | fp16 | store [auto]
     merge            ram | disk | auto [auto]
     tasks, task_cpus  parallel Ray add tasks, CPUs each [4, 0.5]
-    step_cpus, train_gpus  CPUs of the train and merge tasks, GPUs of the train task [1.0, 0]
+    step_cpus, train_gpus  CPUs of the train and merge tasks, GPUs of the train task [unset: all CPUs
+                     of the largest node, 0]
     seed             sample seed [0]
     max_points_per_centroid, max_train_bytes  training sample bounds [256, 8589934592: 8 GiB]
     ram_fraction     auto merges on disk beyond this share of physical RAM [0.5]

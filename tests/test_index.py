@@ -35,6 +35,7 @@ from pipeline.index.build import (
     merge_in_ram,
     part_urls,
     resolve_choice,
+    run_step,
     sample_rows,
     shard_rows,
     step_memory_bytes,
@@ -188,6 +189,16 @@ def test_memory_request_never_exceeds_the_largest_node():
     largest = max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"])
     assert memory_request(2**20) == 2**20
     assert memory_request(10**15) == int(largest) < 10**15
+
+
+def test_build_steps_use_a_whole_node_unless_told():
+    """k-means and the merge are serial steps: by default they get every CPU of the largest node (as a
+    single-process faiss build gets every core), or exactly the CPUs asked for."""
+    import ray
+
+    cores = int(max(n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"]))
+    assert run_step(faiss.omp_get_max_threads, 2**20, None, 0) == cores
+    assert run_step(faiss.omp_get_max_threads, 2**20, 1, 0) == 1
 
 
 def test_step_memory_request_is_the_held_data_with_headroom():

@@ -50,7 +50,7 @@ class BuildConfig:
     task_cpus: float = 0.5  # fractional: whole-CPU tasks starve other Ray work on small machines
     merge: str = "auto"  # "ram": merge_from in memory; "disk": merge_ondisk (local out only); "auto": by RAM
     ram_fraction: float = 0.5  # auto merges on disk when the parts exceed this share of the free memory
-    step_cpus: float = 1.0  # CPUs (faiss threads) of the train and merge tasks
+    step_cpus: float | None = None  # CPUs (faiss threads) of the train and merge tasks; None: a whole node's
     train_gpus: int = 0  # GPUs of the train task: faiss k-means runs on them (0: on its CPUs)
     trained_url: str | None = None  # reuse this trained empty index instead of training (same quantizer)
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
@@ -61,7 +61,12 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
-        if self.tasks < 1 or self.task_cpus <= 0 or self.step_cpus <= 0 or self.train_gpus < 0:
+        if (
+            self.tasks < 1
+            or self.task_cpus <= 0
+            or (self.step_cpus is not None and self.step_cpus <= 0)
+            or self.train_gpus < 0
+        ):
             raise ValueError(
                 f"tasks={self.tasks}, task_cpus={self.task_cpus}, step_cpus={self.step_cpus}, "
                 f"train_gpus={self.train_gpus}; need tasks ≥ 1, task_cpus > 0, step_cpus > 0, train_gpus ≥ 0"
@@ -338,21 +343,28 @@ def parts_bytes(parts: Sequence[str], options: Options = None) -> int:
     return sum(storage.info(p, options)["size"] for p in parts)
 
 
-def run_step(step: Callable[..., T], memory: int, cpus: float, gpus: int, *args: Any) -> T:
+def run_step(step: Callable[..., T], memory: int, cpus: float | None, gpus: int, *args: Any) -> T:
     """``step(*args)`` as a Ray task that requests ``memory`` bytes (the scheduler places it on a node that has
-    them) and ``cpus`` faiss threads; returns its (small) result."""
+    them) and ``cpus`` faiss threads (None: every CPU of the largest node, as a single-process build would use
+    every core: k-means and the merge are the build's serial steps); returns its (small) result."""
     import ray
 
+    cpus = cpus or largest_node("CPU") or 1
     task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, memory=memory_request(memory))
     return ray.get(task.remote(step, max(1, int(cpus)), *args))
+
+
+def largest_node(resource: str) -> float:
+    """The most of ``resource`` one live node of the Ray cluster has (0 when none has any)."""
+    import ray
+
+    return max((n["Resources"].get(resource, 0) for n in ray.nodes() if n["Alive"]), default=0)
 
 
 def memory_request(estimate: int) -> int:
     """``estimate``, but never more than the largest live node offers: a request no node can meet would wait
     forever (on a local Ray, or a cluster whose nodes are all that size); there the step runs as it always did."""
-    import ray
-
-    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    largest = largest_node("memory")
     if largest and estimate > largest:
         log.warning(
             "a build step needs ~%d B, more than any node's %d B: requesting %d B", estimate, largest, largest
