@@ -120,8 +120,8 @@ def single_process_build(
     store_url: str, choice: IndexChoice, config: BuildConfig
 ) -> tuple[faiss.Index, faiss.Index, dict[str, float]]:
     """Plain faiss building the same index in one process: the same training sample (size and seed), the same
-    refinement codes in RAM (``IndexRefine`` with the scalar quantizer the build chose; none for the store
-    tier, which keeps no codes), then every shard added. Returns (refined or plain index, its base, timings)."""
+    refinement codes (``IndexRefine`` with the scalar quantizer the build chose, held in RAM), then every
+    shard added. Returns (refined or plain index, its base, timings)."""
     urls = store.global_shard_urls(store_url)
     counts = shard_rows(urls)
     dim = store.read_global_shard(urls[0])[1].shape[1]
@@ -133,7 +133,7 @@ def single_process_build(
     base = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
     base.train(sample)
     index = base
-    if choice.refine in ("sq8", "fp16"):
+    if choice.refine != "none":  # the store tier's codes are the same fp16 ones, memory-mapped from disk
         index = faiss.IndexRefine(base, refine.train_quantizer(choice.refine, sample, dim))
     del sample
     train_s = time.perf_counter() - start
