@@ -64,8 +64,9 @@ def train(work: Path, args: argparse.Namespace) -> Path:
         job = TrainJob(
             manifest, str(out), PRESET, config, weights_url=str(WEIGHTS), allow_local_outside_root=True
         )
-        summary = run_training(job, TrainCluster(workers=1, decode_threads=2), on_progress=_show)
-        print(f"trained {summary.steps} steps: {summary.images_per_s:.2f} images/s, {summary.seconds:.0f} s")
+        run_training(job, TrainCluster(workers=1, decode_threads=2), on_progress=_show)
+    run = json.loads((out / "_run.json").read_text())
+    print(f"trained {run['steps']} steps, {run['images']} images in {run['seconds']:.0f} s (incl. start-up)")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "attention", "reconstruction"):
         print(
@@ -116,17 +117,17 @@ def main() -> None:
     label = {r["id"]: r["landmark"] for r in csv.DictReader((DATA / "landmarks-mini/labels.csv").open())}
     lists = shortlists(ids, ids, vectors)
     print(f"global mAP@100: {mean_ap(lists, [np.arange(len(s[1])) for s in lists], ids, label):.4f}")
-    print("| local head | store's settings (what rerank picks) | score inliers | score shortlist |")
+    print("| local head | score inliers | score shortlist | the store's choice (what rerank picks) |")
     print("|---|---|---|---|")
     for head, url in urls.items():
-        feats = loaded[head][2]
-        configs = [
-            config_from_stores(url, url, {"device": "cpu"}),
-            RerankConfig(device="cpu"),
-            RerankConfig(device="cpu", score="shortlist"),
-        ]
-        maps = [mean_ap(lists, rerank_all(lists, feats, c)[0], ids, label) for c in configs]
-        print(f"| {head} | " + " | ".join(f"{m:.4f}" for m in maps) + " |", flush=True)
+        maps = {
+            score: mean_ap(
+                lists, rerank_all(lists, loaded[head][2], RerankConfig(score=score))[0], ids, label
+            )
+            for score in ("inliers", "shortlist")
+        }
+        chosen = config_from_stores(url, url).score
+        print(f"| {head} | {maps['inliers']:.4f} | {maps['shortlist']:.4f} | {chosen} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
