@@ -250,7 +250,7 @@ def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) ->
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "final loss" in done.stdout
+    assert "final loss" in done.stdout and f"--preset {PRESET}" in done.stdout  # what to extract with
     return out
 
 
