@@ -97,7 +97,7 @@ def mean_ap(lists: list[tuple], orders: list[np.ndarray], index: list[str], labe
 
 def rerank_all(lists: list[tuple], feats: dict, config: RerankConfig) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
-    orders = [rerank_shortlist(feats[q], [feats[i] for i in ids], g, config)[0] for q, ids, g in lists]
+    orders = [rerank_shortlist(feats[q], [feats[i] for i in ids], g, config).order for q, ids, g in lists]
     return orders, time.perf_counter() - start
 
 

@@ -296,6 +296,7 @@ def train(
 ) -> None:
     """Train DELG (or fine-tune with a metric-learning loss) on Ray Train; re-running resumes."""
     given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.config import trained_preset
     from pipeline.train import TrainCluster, TrainJob
 
     job = settings.build(TrainJob, given, manifest_url=manifest, out_url=out)
@@ -308,6 +309,7 @@ def train(
         "throughput", f"{summary.images_per_s:.2f} images/s ({summary.images} in {summary.seconds:.1f} s)"
     )
     table.add_row("weights", storage.redact(summary.weights_url))
+    table.add_row("extract with", f"--preset {trained_preset(preset)}")
     stdout.print(table)
 
 

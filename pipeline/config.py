@@ -196,6 +196,11 @@ PRESETS: dict[str, ExtractionConfig] = {
         global_dim=1280,
     ),
 }
+# What `train --preset delg-mobilenetv2-imagenet` writes (training always makes a learned local head): the
+# same extraction with the trained attention and autoencoder (benchmarks/RESULTS.md, issue 13's experiment).
+PRESETS["delg-mobilenetv2-imagenet-learned"] = dataclasses.replace(
+    PRESETS["delg-mobilenetv2-imagenet"], local_head="learned"
+)
 
 
 # Re-ranking defaults by local head (every preset picks one through ``local_head``), written into each store's
@@ -215,6 +220,19 @@ def rerank_settings(local_head: str) -> dict[str, Any]:
     if local_head not in RERANK_BY_LOCAL_HEAD:
         raise ValueError(f"local_head {local_head!r}; allowed: {list(RERANK_BY_LOCAL_HEAD)}")
     return settings_of(RerankConfig(**RERANK_BY_LOCAL_HEAD[local_head]))
+
+
+def trained_preset(name: str) -> str:
+    """The preset that extracts what training preset ``name`` writes: ``name`` when its local head is
+    learned, else its registered variant with local_head="learned" (training always makes one)."""
+    config = get_preset(name)
+    if config.local_head == "learned":
+        return name
+    learned = dataclasses.replace(config, local_head="learned")
+    variants = [other for other, candidate in PRESETS.items() if candidate == learned]
+    if not variants:
+        raise ValueError(f"preset {name!r} has no registered variant with local_head='learned'")
+    return variants[0]
 
 
 def get_preset(name: str) -> ExtractionConfig:

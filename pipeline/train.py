@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline import images, storage
-from pipeline.config import ExtractionConfig, get_preset
+from pipeline.config import ExtractionConfig, get_preset, trained_preset
 from pipeline.manifest import local_root, manifest_fingerprint, read_manifest
 from pipeline.model import Delg, load_pretrained
 from pipeline.model.losses import (
@@ -156,7 +156,7 @@ class TrainJob:
 
     def model_config(self) -> ExtractionConfig:
         """The preset with a learned local head: a backbone-only preset trains one from scratch."""
-        return dataclasses.replace(get_preset(self.preset), local_head="learned")
+        return get_preset(trained_preset(self.preset))
 
 
 @dataclass(frozen=True)
@@ -616,6 +616,7 @@ def run_training(
         "workers": workers,
         "gpus_per_worker": gpus,
         "seconds": seconds,
+        "extract_preset": trained_preset(job.preset),  # the preset the weights extract with
         **summary,
     }
     text = storage.redact_text(json.dumps(record, indent=2))  # an output: no credential in it

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.config import PRESETS, ExtractionConfig, RuntimeOptions, get_preset
+from pipeline.config import PRESETS, ExtractionConfig, RuntimeOptions, get_preset, trained_preset
 
 
 def test_reference_presets_carry_the_published_settings() -> None:
@@ -35,6 +35,22 @@ def test_small_presets_use_raw_imagenet_gem() -> None:
 def test_every_preset_round_trips_through_json(name: str) -> None:
     config = get_preset(name)
     assert ExtractionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_names_the_preset_its_trained_weights_extract_with(name: str) -> None:
+    """Training makes a learned local head, so the weights extract with the learned variant."""
+    learned = get_preset(trained_preset(name))
+    assert learned == dataclasses.replace(get_preset(name), local_head="learned")
+
+
+def test_backbone_only_imagenet_preset_trains_into_its_learned_variant(monkeypatch) -> None:
+    assert trained_preset("delg-mobilenetv2-imagenet") == "delg-mobilenetv2-imagenet-learned"
+    assert trained_preset("cpu-small") == "cpu-small"  # already learned
+    orphan = dataclasses.replace(get_preset("cpu-small"), local_head="backbone", max_side=300)
+    monkeypatch.setitem(PRESETS, "orphan", orphan)
+    with pytest.raises(ValueError, match="'orphan' has no registered variant with local_head='learned'"):
+        trained_preset("orphan")
 
 
 def test_runtime_options_round_trip() -> None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from jobs import train as train_job
-from pipeline.config import get_preset
+from pipeline.config import get_preset, trained_preset
 from pipeline.features import build_extractor
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.train import (
@@ -250,7 +250,7 @@ def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) ->
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "final loss" in done.stdout
+    assert "final loss" in done.stdout and f"--preset {PRESET}" in done.stdout  # what to extract with
     return out
 
 
@@ -342,3 +342,37 @@ def test_trained_weights_extract(two_workers_cli, manifest):
     features = extractor.extract_single(image.permute(2, 0, 1).contiguous())
     assert features.global_descriptor.shape == (1280,)
     assert np.isfinite(features.global_descriptor).all() and len(features.scores) > 0
+
+
+def test_imagenet_preset_trains_a_local_head_its_learned_variant_extracts(
+    manifest, ray_cluster, shared_dir, tmp_path
+):
+    """`train --preset delg-mobilenetv2-imagenet` on the backbone-only ImageNet weights writes a learned local
+    head: that preset refuses the weights, trained_preset's variant loads all of them and extracts the same
+    global descriptor (frozen backbone) with the trained attention and autoencoder picking the local features."""
+    preset, backbone = (
+        "delg-mobilenetv2-imagenet",
+        str(shared_dir / "weights" / "mobilenetv2_imagenet_features.pt"),
+    )
+    out = tmp_path / "out"
+    config = TrainConfig(**(RAY_RUN | {"steps": 2}))
+    run_training(
+        TrainJob(manifest, str(out), preset, config, weights_url=backbone),
+        TrainCluster(workers=1, cpus_per_worker=0.5),
+    )
+    assert json.loads((out / "_run.json").read_text())["extract_preset"] == trained_preset(preset)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_extractor(preset, str(out / "weights.pt"))
+    learned = build_extractor(trained_preset(preset), str(out / "weights.pt"), device="cpu")
+    trained = load(out / "weights.pt")
+    state = learned.model.state_dict()
+    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    untrained = build_extractor(preset, backbone, device="cpu")
+    image = torch.from_numpy(np.array(Image.open(read_manifest(manifest).column("url")[0].as_py())))
+    image = image.permute(2, 0, 1).contiguous()
+    after, before = learned.extract_single(image), untrained.extract_single(image)
+    np.testing.assert_allclose(after.global_descriptor, before.global_descriptor, rtol=0, atol=1e-6)
+    assert after.descriptors.shape[1] == before.descriptors.shape[1] == 128
+    assert len(after.scores) == len(before.scores)  # every location (threshold 0), chosen and described anew
+    assert not np.allclose(after.scores, before.scores)  # trained attention, not the feature norm
+    assert not np.allclose(after.descriptors, before.descriptors)  # autoencoder, not the fixed projection
