@@ -475,8 +475,9 @@ class _Worker:
             self.cluster.prefetch_steps,
         )
         window = _Window()
+        batches = stream.batches(self.start, self.total_steps)
         try:
-            for step, batch in enumerate(stream.batches(self.start, self.total_steps), start=self.start):
+            for step, batch in enumerate(batches, start=self.start):
                 self._step(step, batch, window)
                 done = step + 1
                 if done % config.log_every == 0 or done == self.total_steps:
@@ -487,6 +488,7 @@ class _Worker:
                 if done == self.cluster.crash_after_step:
                     raise RuntimeError(f"injected crash after step {done} (TrainCluster.crash_after_step)")
         finally:
+            batches.close()  # a crash too cancels the batches decoding ahead
             stream.close()
         return self._finish()
 
