@@ -175,7 +175,7 @@ class TrainCluster:
     # training worker's process), "auto": tasks when the workers have GPUs, so a GPU worker's process only
     # steps; threads on CPU workers, where the decoding competes with the step for the same cores either
     # way and tasks only add their start-up and the batches' trip through the object store (on a 2-core
-    # machine threads win: benchmarks/bench_train.py --decode).
+    # machine: the same steady images/s, a slower start; benchmarks/bench_train.py --decode).
     decode: str = "auto"
     decode_threads: int = 4  # "threads": per worker
     decode_cpus: float = 1.0  # "tasks": CPUs each task asks for (decode + resize is CPU-bound)
