@@ -4,7 +4,9 @@
 
 Images: scikit-image's bundled photos (4 sizes, 4 classes), repeated to --images rows of a Parquet manifest.
 Throughput is the mean of the metrics lines after the first (which include start-up); each worker gets
---cpus-per-worker CPUs. On CUDA machines pass --gpus-per-worker 1 and --workers-list 1,2,... .
+--cpus-per-worker CPUs. On CUDA machines pass --gpus-per-worker 1 and --workers-list 1,2,... . --decode
+tasks decodes in Ray tasks of --decode-cpus CPUs, --decode-chunk images each, instead of --decode-threads
+threads in each worker.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ def main() -> None:
     parser.add_argument("--workers-list", default="1,2")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--decode", default="auto", help="threads, tasks or auto (TrainCluster.decode)")
     parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--decode-cpus", type=float, default=1.0)
+    parser.add_argument("--decode-chunk", type=int, default=8)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-train-"))
     manifest = write_manifest(folder, args.images)
@@ -68,7 +73,8 @@ def main() -> None:
         log_every=2,
     )
     print(
-        f"preset {args.preset}  image {args.image_size}px  global batch {args.batch_size}  steps {args.steps}"
+        f"preset {args.preset}  image {args.image_size}px  global batch {args.batch_size}  steps {args.steps}  "
+        f"decode {args.decode}"
     )
     print(f"load average before: {os.getloadavg()}")
     results = {}
@@ -78,7 +84,10 @@ def main() -> None:
             workers=workers,
             cpus_per_worker=args.cpus_per_worker,
             gpus_per_worker=args.gpus_per_worker,
+            decode=args.decode,
             decode_threads=args.decode_threads,
+            decode_cpus=args.decode_cpus,
+            decode_chunk=args.decode_chunk,
         )
         started = time.perf_counter()
         run_training(TrainJob(manifest, out, args.preset, config), cluster)

@@ -286,7 +286,12 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Workers (default: one per GPU, else 1).")] = None,
     gpus_per_worker: Annotated[float | None, typer.Option(help="Default: 1 with GPUs, else 0.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker.")] = 1.0,
-    decode_threads: Annotated[int, typer.Option(help="Decode threads per worker.")] = 4,
+    decode: Annotated[
+        str, typer.Option(help="threads (in each worker), tasks (Ray tasks), auto: tasks with GPUs.")
+    ] = "auto",
+    decode_threads: Annotated[int, typer.Option(help="Decode threads per worker (threads).")] = 4,
+    decode_cpus: Annotated[float, typer.Option(help="CPUs per decode task (tasks).")] = 1.0,
+    decode_chunk: Annotated[int, typer.Option(help="Images per decode task (tasks).")] = 8,
     prefetch_steps: Annotated[int, typer.Option(help="Batches decoded ahead of the step trained.")] = 2,
     max_failures: Annotated[
         int, typer.Option(help="Worker-group restarts, each from the newest checkpoint.")

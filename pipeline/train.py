@@ -50,9 +50,12 @@ from pipeline.model.losses import (
 from pipeline.train_data import (
     SAMPLING,
     BatchStream,
+    Decoder,
     ImageSource,
     ImageTransform,
     SampleSequence,
+    TaskDecoder,
+    ThreadDecoder,
     TrainingRows,
     training_rows,
 )
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("arcface", "contrastive", "triplet")
 TRAINABLE = ("all", "local-head", "global-head")
 BATCHNORM = ("batch", "frozen")
+DECODE = ("auto", "threads", "tasks")
 DEFAULT_MARGINS = {"arcface": ARCFACE_MARGIN, "contrastive": 0.7, "triplet": 0.1}
 TERMS = ("global", "attention", "reconstruction")
 
@@ -167,10 +171,32 @@ class TrainCluster:
     workers: int | None = None  # None: one per GPU in the cluster, else one CPU worker
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
-    decode_threads: int = 4  # per worker: fetch + decode + augment
+    # Where fetch + decode + augment run: "tasks" (Ray tasks anywhere in the cluster), "threads" (in each
+    # training worker's process), "auto": tasks when the workers have GPUs, so a GPU worker's process only
+    # steps; threads on CPU workers, where the decoding competes with the step for the same cores either
+    # way and tasks only add their start-up and the batches' trip through the object store (on a 2-core
+    # machine: the same steady images/s, a slower start; benchmarks/bench_train.py --decode).
+    decode: str = "auto"
+    decode_threads: int = 4  # "threads": per worker
+    decode_cpus: float = 1.0  # "tasks": CPUs each task asks for (decode + resize is CPU-bound)
+    decode_chunk: int = 8  # "tasks": positions per task
     prefetch_steps: int = 2  # batches decoded ahead of the step being trained
     max_failures: int = 0  # worker-group restarts (each resumes from the newest checkpoint)
     crash_after_step: int | None = None  # fault injection for resume tests: fail once this step is done
+
+    def __post_init__(self) -> None:
+        _check_choice("decode", self.decode, DECODE)
+        for name in ("decode_threads", "decode_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
+        if not self.decode_cpus > 0:
+            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus!r}")
+
+    def decode_where(self, gpus_per_worker: float) -> str:
+        """Where the workers decode (threads or tasks): ``decode``, "auto" resolved for their GPUs."""
+        if self.decode != "auto":
+            return self.decode
+        return "tasks" if gpus_per_worker else "threads"
 
 
 @dataclass(frozen=True)
@@ -414,6 +440,7 @@ class _Worker:
         self.options = setup["options"]
         self.identity = setup["identity"]
         self.progress = setup["progress"]
+        self.decode: str = setup["decode"]  # TrainCluster.decode_where
         self.rows: TrainingRows = ray.get(setup["rows"])
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -441,16 +468,16 @@ class _Worker:
         config = self.job.config
         per_worker = config.batch_size // self.world
         stream = BatchStream(
-            self._image_source(),
+            self._decoder(),
             SampleSequence(self.rows.labels, config.sampling, config.images_per_class, config.seed),
             config.batch_size,
             (self.rank * per_worker, (self.rank + 1) * per_worker),
-            self.cluster.decode_threads,
             self.cluster.prefetch_steps,
         )
         window = _Window()
+        batches = stream.batches(self.start, self.total_steps)
         try:
-            for step, batch in enumerate(stream.batches(self.start, self.total_steps), start=self.start):
+            for step, batch in enumerate(batches, start=self.start):
                 self._step(step, batch, window)
                 done = step + 1
                 if done % config.log_every == 0 or done == self.total_steps:
@@ -461,8 +488,14 @@ class _Worker:
                 if done == self.cluster.crash_after_step:
                     raise RuntimeError(f"injected crash after step {done} (TrainCluster.crash_after_step)")
         finally:
+            batches.close()  # a crash too cancels the batches decoding ahead
             stream.close()
         return self._finish()
+
+    def _decoder(self) -> Decoder:
+        if self.decode == "tasks":
+            return TaskDecoder(self._image_source(), self.cluster.decode_cpus, self.cluster.decode_chunk)
+        return ThreadDecoder(self._image_source(), self.cluster.decode_threads)
 
     def _image_source(self) -> ImageSource:
         model = self.job.model_config()
@@ -600,6 +633,7 @@ def run_training(
         "identity": identity,
         "progress": progress,
         "rows": ray.put(rows),
+        "decode": cluster.decode_where(gpus),
     }
     started = time.monotonic()
     lines: list[dict[str, Any]] = []
@@ -615,6 +649,7 @@ def run_training(
         "identity": identity,
         "workers": workers,
         "gpus_per_worker": gpus,
+        "decode": setup["decode"],
         "seconds": seconds,
         "extract_preset": trained_preset(job.preset),  # the preset the weights extract with
         **summary,

@@ -2,7 +2,8 @@
 
 Every random choice derives from (seed, position in the sample sequence), so a step's images and crops
 are the same whoever computes them: a run resumed at step s, or a batch split over any number of workers.
-Rows that cannot be fetched or decoded are counted and dropped from their batch, never fatal.
+Rows that cannot be fetched or decoded are counted and dropped from their batch, never fatal. Decoding runs
+in the training worker's threads or in Ray tasks anywhere in the cluster (``ThreadDecoder``, ``TaskDecoder``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -138,9 +140,18 @@ class Batch:
     failures: Counter[str] = field(default_factory=Counter)  # ImageError reason → rows dropped
 
 
+def concatenate(parts: list[Batch]) -> Batch:
+    """The parts' images and labels in order, their failures summed."""
+    return Batch(
+        torch.cat([part.images for part in parts]),
+        torch.cat([part.labels for part in parts]),
+        sum((part.failures for part in parts), Counter()),
+    )
+
+
 @dataclass(frozen=True)
 class ImageSource:
-    """Fetch, decode and transform one sequence position (the project's safe decoding)."""
+    """Fetch, decode and transform sequence positions (the project's safe decoding)."""
 
     rows: TrainingRows
     transform: ImageTransform
@@ -164,60 +175,130 @@ class ImageSource:
             return error
         return self.transform(image, np.random.default_rng([self.seed, position]))
 
-
-class BatchStream:
-    """The batches of steps [first, last), each one the slice [lo, hi) of its global batch, decoded by a
-    thread pool ``prefetch`` steps ahead so the training loop rarely waits on I/O or decoding."""
-
-    def __init__(
-        self,
-        source: ImageSource,
-        sequence: SampleSequence,
-        global_batch: int,
-        part: tuple[int, int],
-        threads: int,
-        prefetch: int,
-    ) -> None:
-        self.source = source
-        self.sequence = sequence
-        self.global_batch = global_batch
-        self.part = part
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="train-decode")
-        self.prefetch = prefetch
-
-    def batches(self, first: int, last: int) -> Iterator[Batch]:
-        pending: deque[list[tuple[int, Future]]] = deque()
-        try:
-            for step in range(first, last):
-                while len(pending) <= self.prefetch and step + len(pending) < last:
-                    pending.append(self._submit(step + len(pending)))
-                yield self._collect(pending.popleft())
-        finally:
-            for futures in pending:
-                for _, future in futures:
-                    future.cancel()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _submit(self, step: int) -> list[tuple[int, Future]]:
-        start = step * self.global_batch
-        lo, hi = start + self.part[0], start + self.part[1]
-        rows = self.sequence.rows(lo, hi)
-        return [
-            (int(row), self.pool.submit(self.source.load, position, int(row)))
-            for position, row in zip(range(lo, hi), rows, strict=True)
-        ]
-
-    def _collect(self, futures: list[tuple[int, Future]]) -> Batch:
+    def batch(self, positions: Sequence[int], rows: Sequence[int]) -> Batch:
+        """The images at ``positions`` (``rows`` their rows), the failed ones counted and left out."""
         kept, labels, failures = [], [], Counter()
-        for row, future in futures:
-            result = future.result()
+        for position, row in zip(positions, rows, strict=True):
+            result = self.load(position, row)
             if isinstance(result, images.ImageError):
                 failures[result.reason] += 1
             else:
                 kept.append(result)
-                labels.append(int(self.source.rows.labels[row]))
-        size = self.source.transform.size
+                labels.append(int(self.rows.labels[row]))
+        size = self.transform.size
         stacked = torch.stack(kept) if kept else torch.empty(0, 3, size, size)
         return Batch(stacked, torch.tensor(labels, dtype=torch.int64), failures)
+
+    def take(self, rows: Sequence[int]) -> ImageSource:
+        """This source over ``rows`` only, in order: what a decode task is sent of a big manifest (class
+        names left out, the batch needs label indices only)."""
+        taken = TrainingRows(
+            [self.rows.urls[r] for r in rows],
+            [self.rows.inline[r] for r in rows],
+            self.rows.labels[list(rows)],
+            (),
+        )
+        return replace(self, rows=taken)
+
+
+def decode_chunk(source: ImageSource, positions: list[int]) -> Batch:
+    """A decode task's work: ``source`` is ``ImageSource.take`` of the positions' rows."""
+    return source.batch(positions, range(len(positions)))
+
+
+class ThreadDecoder:
+    """Decodes in the training worker's own process, one pool thread per position: its own CPUs do it."""
+
+    def __init__(self, source: ImageSource, threads: int) -> None:
+        self.source = source
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="train-decode")
+
+    def submit(self, positions: list[int], rows: list[int]) -> list[Future]:
+        return [self.pool.submit(self.source.batch, [p], [r]) for p, r in zip(positions, rows, strict=True)]
+
+    def gather(self, handles: list[Future]) -> list[Batch]:
+        return [handle.result() for handle in handles]
+
+    def cancel(self, handles: list[Future]) -> None:
+        for handle in handles:
+            handle.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TaskDecoder:
+    """Decodes in Ray tasks of ``chunk`` positions each, ``cpus`` CPUs each, wherever the cluster has CPUs
+    free (Ray's default placement: this node first), so the training worker's process only steps. A task
+    gets its rows' URLs and inline bytes only, not the manifest; a task lost with its node is retried."""
+
+    def __init__(self, source: ImageSource, cpus: float, chunk: int) -> None:
+        import ray
+
+        self.source = source
+        self.chunk = chunk
+        self.task = ray.remote(num_cpus=cpus, max_retries=3)(decode_chunk)
+
+    def submit(self, positions: list[int], rows: list[int]) -> list[Any]:
+        starts = range(0, len(positions), self.chunk)
+        return [
+            self.task.remote(self.source.take(rows[i : i + self.chunk]), positions[i : i + self.chunk])
+            for i in starts
+        ]
+
+    def gather(self, handles: list[Any]) -> list[Batch]:
+        import ray
+
+        return ray.get(handles)
+
+    def cancel(self, handles: list[Any]) -> None:
+        import ray
+
+        for handle in handles:
+            ray.cancel(handle)
+
+    def close(self) -> None:
+        """Nothing held: the tasks' results go with their references."""
+
+
+Decoder = ThreadDecoder | TaskDecoder
+
+
+class BatchStream:
+    """The batches of steps [first, last), each one the slice [lo, hi) of its global batch, submitted to
+    ``decoder`` ``prefetch`` steps ahead so the training loop rarely waits on I/O or decoding. A batch is
+    the same whichever decoder makes it: each position's randomness is its own (``ImageSource.load``)."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        sequence: SampleSequence,
+        global_batch: int,
+        part: tuple[int, int],
+        prefetch: int,
+    ) -> None:
+        self.decoder = decoder
+        self.sequence = sequence
+        self.global_batch = global_batch
+        self.part = part
+        self.prefetch = prefetch
+
+    def batches(self, first: int, last: int) -> Iterator[Batch]:
+        pending: deque[list[Any]] = deque()
+        try:
+            for step in range(first, last):
+                while len(pending) <= self.prefetch and step + len(pending) < last:
+                    pending.append(self._submit(step + len(pending)))
+                yield concatenate(self.decoder.gather(pending.popleft()))
+        finally:
+            for handles in pending:
+                self.decoder.cancel(handles)
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    def _submit(self, step: int) -> list[Any]:
+        start = step * self.global_batch
+        lo, hi = start + self.part[0], start + self.part[1]
+        rows = [int(row) for row in self.sequence.rows(lo, hi)]
+        return self.decoder.submit(list(range(lo, hi)), rows)

@@ -13,6 +13,7 @@ import io
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,12 @@ from pipeline.train import (
     train_step,
 )
 from pipeline.train_data import (
+    BatchStream,
     ImageSource,
     ImageTransform,
     SampleSequence,
+    TaskDecoder,
+    ThreadDecoder,
     TrainingRows,
     random_crop_box,
     training_rows,
@@ -228,12 +232,53 @@ def test_random_crop_stays_inside_and_covers_a_tenth():
         assert h * w >= 0.1 * 50 * 80 * 0.9  # rounding
 
 
+def test_decode_setting_resolves_and_rejects_unknown_values():
+    assert TrainCluster().decode_where(gpus_per_worker=1.0) == "tasks"
+    assert TrainCluster().decode_where(gpus_per_worker=0.0) == "threads"
+    assert TrainCluster(decode="tasks").decode_where(0.0) == "tasks"
+    assert TrainCluster(decode="threads").decode_where(1.0) == "threads"
+    with pytest.raises(ValueError, match=r"decode 'gpu'; allowed: \['auto', 'threads', 'tasks'\]"):
+        TrainCluster(decode="gpu")
+    with pytest.raises(ValueError, match="decode_chunk must be ≥ 1"):
+        TrainCluster(decode_chunk=0)
+
+
+def test_task_decoding_gives_the_thread_decoded_batches(tmp_path, ray_cluster):
+    """Ray tasks (chunks of 3 positions, the last one short) and this process's threads give the same
+    batches bit for bit, and count and skip the same bad rows: a missing file and a corrupt one."""
+    rows = write_images(tmp_path, per_class=2)  # 6 images and a missing file
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    rows.append({"id": "corrupt", "url": str(tmp_path / "corrupt.png"), "landmark_id": "L1"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    training = training_rows(read_manifest(str(tmp_path / "m.parquet")))
+    transform = ImageTransform(32, (120.0, 110.0, 100.0), (60.0, 60.0, 60.0), augment=True)
+    source = ImageSource(training, transform, seed=5)
+    sequence = SampleSequence(training.labels, "uniform", 1, seed=1)
+    streams = {
+        "threads": BatchStream(ThreadDecoder(source, threads=3), sequence, 10, (2, 10), prefetch=1),
+        "tasks": BatchStream(TaskDecoder(source, cpus=0.5, chunk=3), sequence, 10, (2, 10), prefetch=1),
+    }
+    made = {}
+    for name, stream in streams.items():
+        made[name] = list(stream.batches(1, 5))
+        stream.close()
+    drawn = np.concatenate([sequence.rows(step * 10 + 2, step * 10 + 10) for step in range(1, 5)])
+    bad = {"missing": int((drawn == 6).sum()), "not_an_image": int((drawn == 7).sum())}
+    assert bad["missing"] > 0 and bad["not_an_image"] > 0
+    for threads, tasks in zip(made["threads"], made["tasks"], strict=True):
+        assert torch.equal(tasks.images, threads.images) and torch.equal(tasks.labels, threads.labels)
+        assert tasks.failures == threads.failures
+    assert sum((batch.failures for batch in made["tasks"]), Counter()) == bad
+    assert sum(len(batch.labels) for batch in made["tasks"]) == 4 * 8 - sum(bad.values())
+
+
 # ------------------------------------------------------------------ real Ray Train
 
 
 @pytest.fixture(scope="module")
 def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) -> Path:
-    """8 steps with 2 CPU workers through the CLI, connected to the test's Ray cluster."""
+    """8 steps with 2 CPU workers through the CLI, connected to the test's Ray cluster, decoding in Ray
+    tasks (the library's runs decode in threads, the CPU default)."""
     out = tmp_path_factory.mktemp("train-2w") / "out"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RAY_RUN.items()]
     command = [sys.executable, "-m", "pipeline.cli", "train", manifest, str(out), "--preset", PRESET, *args]
@@ -243,8 +288,10 @@ def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) ->
         "2",
         "--cpus-per-worker",
         "0.5",
-        "--decode-threads",
-        "2",
+        "--decode",
+        "tasks",
+        "--decode-cpus",
+        "0.5",
         "--address",
         ray_cluster,
     ]
@@ -276,7 +323,9 @@ def test_loss_falls_and_bad_rows_are_counted(two_workers_cli, manifest):
     assert sum(m["failed_rows"] for m in lines) == bad
     assert sum(m["images"] for m in lines) == STEPS * BATCH - bad
     record = json.loads((two_workers_cli / "_run.json").read_text())
-    assert record["workers"] == 2 and record["failed_rows"] == {"missing": bad}
+    assert (
+        record["workers"] == 2 and record["decode"] == "tasks" and record["failed_rows"] == {"missing": bad}
+    )
 
 
 def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, initial_weights):
@@ -291,11 +340,14 @@ def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, in
 
 def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, s3_bucket):
     """Checkpoints, metrics and weights on object storage (the real S3 server): a run killed after step 5
-    resumes from its step-3 checkpoint there to exactly the uninterrupted run's weights and losses."""
+    resumes from its step-3 checkpoint there to exactly the uninterrupted run's weights and losses (the
+    killed run decoded in Ray tasks, the others in threads: the same batches either way)."""
     from pipeline import storage
 
     out, options = f"{s3_bucket.url}/train", s3_bucket.options
-    crashing = TrainCluster(workers=1, cpus_per_worker=0.5, crash_after_step=5)
+    crashing = TrainCluster(
+        workers=1, cpus_per_worker=0.5, crash_after_step=5, decode="tasks", decode_cpus=0.5
+    )
     with pytest.raises(Exception, match="injected crash after step 5"):
         run_training(job(manifest, out, initial_weights, checkpoint_every=3), crashing, options)
     assert storage.list_files(f"{out}/checkpoints", options) and not storage.exists(
