@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_rerank_real import DATA, mean_ap, rerank_all, shortlists
+from bench_rerank_real import DATA, labels, load_store, mean_ap, rerank_all, shortlists
 
-from pipeline import store
 from pipeline.config import get_preset, trained_preset
 from pipeline.extraction import ExtractionJob, run_extraction
 from pipeline.rerank import RerankConfig, config_from_stores
@@ -110,11 +109,13 @@ def main() -> None:
         "backbone": extract(args.workdir, "backbone", PRESET, WEIGHTS),
         "learned": extract(args.workdir, "learned", trained_preset(PRESET), trained),
     }
-    loaded = {head: _load(url) for head, url in urls.items()}
-    ids, vectors = loaded["backbone"][0], loaded["backbone"][1]
-    drift = max(float(np.abs(vectors[i] - loaded["learned"][1][i]).max()) for i in ids)
+    loaded = {head: load_store(url) for head, url in urls.items()}
+    ids = loaded["backbone"][0]
+    vectors = dict(zip(ids, loaded["backbone"][1], strict=True))
+    learned = dict(zip(loaded["learned"][0], loaded["learned"][1], strict=True))
+    drift = max(float(np.abs(vectors[i] - learned[i]).max()) for i in ids)
     print(f"global descriptors, learned vs backbone store: max |difference| {drift:.2e}")
-    label = {r["id"]: r["landmark"] for r in csv.DictReader((DATA / "landmarks-mini/labels.csv").open())}
+    label = labels("landmarks-mini", "landmark")
     lists = shortlists(ids, ids, vectors)
     print(f"global mAP@100: {mean_ap(lists, [np.arange(len(s[1])) for s in lists], ids, label):.4f}")
     print("| local head | score inliers | score shortlist | the store's choice (what rerank picks) |")
@@ -129,13 +130,6 @@ def main() -> None:
         chosen = config_from_stores(url, url).score
         print(f"| {head} | {maps['inliers']:.4f} | {maps['shortlist']:.4f} | {chosen} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
-
-
-def _load(url: str) -> tuple[list[str], dict, dict]:
-    ids, vectors = store.read_global(url)
-    ids = list(ids)
-    vectors = dict(zip(ids, vectors.astype(np.float32), strict=True))
-    return ids, vectors, store.LocalReader(url).read(ids)
 
 
 if __name__ == "__main__":

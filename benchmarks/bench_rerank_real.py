@@ -39,18 +39,20 @@ PAIR_OF = {"graf1.png": "graf", "graf3.png": "graf", "DSC_0410.JPG": "dsc", "DSC
 BEFORE = RerankConfig(residual_in="candidate")  # the CLI's defaults before issue 17
 
 
-def _labels(folder: str, key: str) -> dict[str, str]:
+def labels(folder: str, key: str) -> dict[str, str]:
     return {r["id"]: r[key] for r in csv.DictReader((DATA / folder / "labels.csv").open())}
 
 
-def _load(url: str) -> tuple[list[str], np.ndarray, dict]:
+def load_store(url: str) -> tuple[list[str], np.ndarray, dict]:
     ids, vectors = store.read_global(url)
     return list(ids), vectors.astype(np.float32), store.LocalReader(url).read(list(ids))
 
 
 def datasets(stores: Path, names: list[str], coil_step: int = 1) -> dict[str, tuple]:
     """name → (store url, query ids, index ids, vectors by id, features by id, label by id)."""
-    loaded = {n: _load(str(stores / f"store-{n}")) for n in {"lm", "coil", "pairs"} if n in "".join(names)}
+    loaded = {
+        n: load_store(str(stores / f"store-{n}")) for n in {"lm", "coil", "pairs"} if n in "".join(names)
+    }
 
     def union(*parts: str) -> tuple[list[str], dict, dict]:
         ids = [i for p in parts for i in loaded[p][0]]
@@ -61,14 +63,14 @@ def datasets(stores: Path, names: list[str], coil_step: int = 1) -> dict[str, tu
     for name in names:
         if name == "lm":
             ids, vec, feats = union("lm")
-            out[name] = ("lm", ids, ids, vec, feats, _labels("landmarks-mini", "landmark"))
+            out[name] = ("lm", ids, ids, vec, feats, labels("landmarks-mini", "landmark"))
         elif name == "lm+coil":
             ids, vec, feats = union("lm", "coil")
-            label = {**_labels("landmarks-mini", "landmark"), **{i: "coil" for i in loaded["coil"][0]}}
+            label = {**labels("landmarks-mini", "landmark"), **{i: "coil" for i in loaded["coil"][0]}}
             out[name] = ("lm", loaded["lm"][0], ids, vec, feats, label)
         elif name == "coil":
             ids, vec, feats = union("coil")
-            out[name] = ("coil", ids[::coil_step], ids, vec, feats, _labels("coil100-subset", "object"))
+            out[name] = ("coil", ids[::coil_step], ids, vec, feats, labels("coil100-subset", "object"))
         elif name == "pairs":
             ids, vec, feats = union("pairs")
             out[name] = ("pairs", ids, ids, vec, feats, PAIR_OF)
