@@ -11,6 +11,6 @@ compile() {  # compile OUT [uv pip compile args...]
   "$UV" pip compile pyproject.toml --python-version 3.11 --universal --generate-hashes --quiet \
     --custom-compile-command "scripts/lock.sh" -c requirements/constraints.in -o "$out" "$@"
 }
-compile requirements/dev.lock --extra cpu --extra dev --extra convert
-compile requirements/cpu.lock --extra cpu -c requirements/dev.lock
-compile requirements/gpu.lock --extra gpu -c requirements/dev.lock
+compile requirements/dev.lock --extra dev --extra convert --extra gcs --extra azure
+compile requirements/cpu.lock -c requirements/dev.lock
+compile requirements/gpu.lock --extra gpu --no-emit-package faiss-cpu -c requirements/dev.lock
