@@ -78,6 +78,13 @@ MaxExtractors = Annotated[
     int | None,
     typer.Option(help="Extractor actors the pool grows to as nodes join (default: --min-extractors)."),
 ]
+ExtractorWaitTimeout = Annotated[
+    float,
+    typer.Option(
+        help="Seconds to wait for --min-extractors to be ready (GPU nodes starting included); then fail "
+        "naming what the cluster offers. 0: no limit."
+    ),
+]
 ImageRoot = Annotated[
     str | None,
     typer.Option(
@@ -168,6 +175,7 @@ def extract(
     gpus_per_extractor: GpusPerExtractor = 0,
     min_extractors: MinExtractors = 1,
     max_extractors: MaxExtractors = None,
+    extractor_wait_timeout: ExtractorWaitTimeout = 1800.0,
     chunk_size: Annotated[int, typer.Option(help="Images per decode task and extractor call.")] = 16,
     max_chunks_in_flight: Annotated[
         int, typer.Option(help="Chunks between decode and extract (0: 4 per extractor).")
@@ -757,6 +765,7 @@ def reindex(
     gpus_per_extractor: GpusPerExtractor = 0,
     min_extractors: MinExtractors = 1,
     max_extractors: MaxExtractors = None,
+    extractor_wait_timeout: ExtractorWaitTimeout = 1800.0,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.

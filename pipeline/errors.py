@@ -15,10 +15,16 @@ from pipeline import storage
 from pipeline.storage import StorageError, redact_text
 
 EXIT_USER_ERROR = 2
-# Bad config, manifest, URL or input file, missing input, and storage faults (no space, read-only, no
-# permission, missing bucket, refused credentials). KeyError is not one: the stages check ids themselves,
-# so a KeyError escaping them is a bug.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, StorageError)
+
+
+class ResourcesUnavailableError(Exception):
+    """The cluster did not provide what a run asked for within its deadline (e.g. GPUs no node has)."""
+
+
+# Bad config, manifest, URL or input file, missing input, storage faults (no space, read-only, no permission,
+# missing bucket, refused credentials) and a cluster short of what was asked for. KeyError is not one: the
+# stages check ids themselves, so a KeyError escaping them is a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, StorageError, ResourcesUnavailableError)
 
 
 def _ray_task_error() -> type[BaseException] | None:

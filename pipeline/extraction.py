@@ -38,6 +38,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import images, manifest, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
+from pipeline.errors import ResourcesUnavailableError
 from pipeline.features import PreparedImage, prepare_image
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
@@ -90,6 +91,9 @@ class Extractors:
     gpus_per_extractor: float = 0  # 0: CPU actors; e.g. 1 (one GPU each) or 0.5 (two actors per GPU)
     min_extractors: int = 1  # the run waits until this many actors are ready
     max_extractors: int | None = None  # the pool grows up to this many; None: min_extractors
+    # Seconds to wait for min_extractors (node start-up and model load included) before failing with what
+    # was asked for and what the cluster offers; 0: no limit. 30 min covers a cloud GPU node's start.
+    extractor_wait_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.gpus_per_extractor) and self.gpus_per_extractor >= 0):
@@ -98,6 +102,11 @@ class Extractors:
             )
         if self.min_extractors < 1:
             raise ValueError(f"min_extractors (--min-extractors) = {self.min_extractors}; must be ≥ 1")
+        if not (math.isfinite(self.extractor_wait_timeout) and self.extractor_wait_timeout >= 0):
+            raise ValueError(
+                f"extractor_wait_timeout (--extractor-wait-timeout) = {self.extractor_wait_timeout}; "
+                "must be ≥ 0 seconds (0: no limit)"
+            )
         if self.max_extractors is not None and self.max_extractors < self.min_extractors:
             raise ValueError(
                 f"max_extractors (--max-extractors) = {self.max_extractors}; must be ≥ min_extractors "
@@ -478,11 +487,18 @@ class _ActorPool:
             self._admit(ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)[0])
 
     def wait_for_minimum(self) -> None:
+        """Block until ``min_extractors`` are ready; ResourcesUnavailableError past the deadline."""
         import ray
 
         extractors, said = self.cluster.extractors, False
+        timeout = extractors.extractor_wait_timeout
+        deadline = time.monotonic() + timeout if timeout else math.inf
         self.poll()
         while (missing := extractors.min_extractors - len(self.ready)) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stop()
+                raise ResourcesUnavailableError(self._shortfall(missing))
             log.log(
                 logging.WARNING if said else logging.INFO,
                 "waiting for %d more extractor(s) (%g GPU, %g CPU each) to be placed and loaded",
@@ -491,7 +507,33 @@ class _ActorPool:
                 self.cluster.actor_cpus,
             )
             said = True
-            self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=WAIT_LOG_S)[0])
+            self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=min(WAIT_LOG_S, left))[0])
+
+    def _shortfall(self, missing: int) -> str:
+        """What was asked for, what is ready, and what the cluster has (in total and free now)."""
+        import ray
+
+        extractors = self.cluster.extractors
+        offers = ", ".join(
+            f"{name} {ray.cluster_resources().get(name, 0):g} ({ray.available_resources().get(name, 0):g} free)"
+            for name in ("GPU", "CPU")
+        )
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        return (
+            f"{missing} of --min-extractors {extractors.min_extractors} extractor(s) not ready after "
+            f"--extractor-wait-timeout {extractors.extractor_wait_timeout:g} s; each asks for "
+            f"{extractors.gpus_per_extractor:g} GPU and {self.cluster.actor_cpus:g} CPU; the cluster offers "
+            f"{offers} on {nodes} node(s). Add nodes with those resources (or let the autoscaler start them "
+            "in a longer wait), or lower --gpus-per-extractor / --min-extractors"
+        )
+
+    def stop(self) -> None:
+        """Kill every actor (pending ones withdraw their resource demand)."""
+        import ray
+
+        for actor in [*self.pending.values(), *self.ready]:
+            ray.kill(actor)
+        self.pending.clear()
 
     def _admit(self, answered: list[Any]) -> None:
         import ray

@@ -36,6 +36,8 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     gpus_per_extractor  GPUs each extractor actor asks for, even before a GPU node exists [0: CPU actors]
     min_extractors   extractor actors the run waits for [1]
     max_extractors   extractor actors the pool grows to as nodes join [unset: min_extractors]
+    extractor_wait_timeout  seconds to wait for min_extractors, then fail naming what the cluster offers
+                     [1800; 0: no limit]
 
     [index]          build_index's factory / memory_budget, BuildConfig, QualityConfig (pipeline.index)
     factory          faiss index factory string [unset: chosen from N, dim and memory_budget]

@@ -24,8 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import storage, store
+from pipeline import errors, storage, store
 from pipeline.config import get_preset
+from pipeline.errors import ResourcesUnavailableError
 from pipeline.extraction import (
     ClusterOptions,
     ExtractionJob,
@@ -381,9 +382,30 @@ def test_extractor_pool_settings_are_checked_and_named():
         (dict(gpus_per_extractor=float("nan")), "--gpus-per-extractor"),
         (dict(min_extractors=0), "--min-extractors"),
         (dict(min_extractors=3, max_extractors=2), "--max-extractors"),
+        (dict(extractor_wait_timeout=-1), "--extractor-wait-timeout"),
+        (dict(extractor_wait_timeout=float("inf")), "--extractor-wait-timeout"),
     ):
         with pytest.raises(ValueError, match=flag):
             Extractors(**bad)
+
+
+def test_a_gpu_no_node_has_fails_at_the_deadline_naming_request_and_offer(tmp_path, ray_cluster, weights):
+    """The session's Ray has 2 CPUs and no GPU: 1-GPU extractors never start, so the run must end at its
+    deadline with a user error (exit 2 at the error boundary)."""
+    rows, _ = _dataset(tmp_path, good=1)
+    job = ExtractionJob(_manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights)
+    pool = Extractors(gpus_per_extractor=1, min_extractors=1, max_extractors=2, extractor_wait_timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(ResourcesUnavailableError) as raised:
+        run_extraction(job, ClusterOptions(address=ray_cluster, extractors=pool))
+    assert 1.5 <= time.monotonic() - started < 60
+    assert str(raised.value) == (
+        "1 of --min-extractors 1 extractor(s) not ready after --extractor-wait-timeout 1.5 s; each asks for "
+        "1 GPU and 1 CPU; the cluster offers GPU 0 (0 free), CPU 2 (2 free) on 1 node(s). Add nodes with "
+        "those resources (or let the autoscaler start them in a longer wait), or lower --gpus-per-extractor "
+        "/ --min-extractors"
+    )
+    assert errors.user_error(raised.value) is raised.value
 
 
 def test_a_cpu_actor_stays_on_the_cpu_and_a_gpu_actor_without_cuda_falls_back(caplog):
