@@ -1,8 +1,8 @@
 """Offline checks of the Kubernetes deployment (k8s/) and the runtime image (Dockerfile).
 
 The overlays are rendered by `render`, a minimal kustomize for exactly the subset k8s/ uses (resources,
-namespace, labels, images, patches as strategic-merge without lists / RFC 6902 / `$patch: delete`,
-replacements); it raises on anything else instead of ignoring it. Where `kubectl kustomize` exists, the
+components, secretGenerator without name hashes, namespace, labels, images, patches as strategic-merge
+without lists / RFC 6902 / `$patch: delete`, replacements); it raises on anything else instead of ignoring it. Where `kubectl kustomize` exists, the
 renderer's output must equal it. Core kinds are validated with kubernetes-validate (strict), ray.io kinds
 with jsonschema against the KubeRay CRDs in ../shared (made strict: unknown fields are errors, as with
 the API server's strict field validation).
@@ -10,6 +10,7 @@ the API server's strict field validation).
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CRDS = SHARED / "data" / "kuberay-crds"
-OVERLAYS = ("dev-cpu", "prod-gpu", "prod-gpu-raycronjob")
+OVERLAYS = ("dev-cpu", "prod-gpu", "prod-gpu-raycronjob", "index-manifest", "raycluster")
 K8S_VERSION = "1.33"
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
@@ -45,6 +46,8 @@ SUPPORTED_FIELDS = {
     "images",
     "patches",
     "replacements",
+    "components",
+    "secretGenerator",
 }
 
 Resource = dict[str, Any]
@@ -53,11 +56,12 @@ Resource = dict[str, Any]
 # ----------------------------------------------------------------------------- minimal kustomize
 
 
-def render(directory: Path) -> list[Resource]:
+def render(directory: Path, accumulated: list[Resource] | None = None) -> list[Resource]:
     """Build a kustomization the way kustomize does for the supported subset.
 
-    Order of one level (kustomize's builtin transformer order): resources (recursively built),
-    patches, namespace, labels, images, replacements.
+    Order of one level (kustomize's): resources (recursively built), components (each a level of its own,
+    applied to what is accumulated so far), generators, then the transformers patches, namespace, labels,
+    images, replacements. A Component renders onto ``accumulated``.
     """
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unsupported = set(kustomization) - SUPPORTED_FIELDS
@@ -65,10 +69,17 @@ def render(directory: Path) -> list[Resource]:
         raise ValueError(
             f"{directory}: fields {sorted(unsupported)} not supported; allowed: {SUPPORTED_FIELDS}"
         )
-    resources: list[Resource] = []
+    if (kustomization.get("kind") == "Component") != (accumulated is not None):
+        raise ValueError(f"{directory}: a Component is only used under `components:`, nothing else is")
+    resources: list[Resource] = accumulated if accumulated is not None else []
     for entry in kustomization.get("resources", []):
         path = directory / entry
         resources += render(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for entry in kustomization.get("components", []):
+        resources = render(directory / entry, resources)
+    resources += [
+        generate_secret(directory, generator) for generator in kustomization.get("secretGenerator", [])
+    ]
     for patch in kustomization.get("patches", []):
         resources = apply_patch(resources, patch, directory)
     if "namespace" in kustomization:
@@ -81,6 +92,28 @@ def render(directory: Path) -> list[Resource]:
     for replacement in kustomization.get("replacements", []):
         replace(resources, replacement)
     return resources
+
+
+def generate_secret(directory: Path, generator: dict[str, Any]) -> Resource:
+    """A secretGenerator entry with ``envs`` files and a fixed name (``disableNameSuffixHash``): a hashed name
+    would need kustomize's rewriting of every reference, which this renderer does not do."""
+    if set(generator) != {"name", "envs", "options"} or generator["options"] != {
+        "disableNameSuffixHash": True
+    }:
+        raise ValueError(f"secretGenerator {generator}: name, envs and options.disableNameSuffixHash only")
+    data = {}
+    for env in generator["envs"]:
+        for line in (directory / env).read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, value = line.split("=", 1)
+                data[key.strip()] = base64.b64encode(value.encode()).decode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": generator["name"]},
+        "type": "Opaque",
+        "data": data,
+    }
 
 
 def identity(resource: Resource) -> tuple[str, str]:
@@ -506,7 +539,7 @@ def test_crd_validation_rejects_bad_raycluster(
     path: list[Any],
     value: Any,
 ) -> None:
-    bad = copy.deepcopy(rendered["prod-gpu"][("RayCluster", "landmark-index")])
+    bad = copy.deepcopy(rendered["raycluster"][("RayCluster", "landmark-index")])
     node = bad
     for part in path[:-1]:
         node = node[part]
@@ -601,11 +634,132 @@ def test_ray_nodes_have_writable_ray_paths(overlay: tuple[str, list[Resource]]) 
             assert autoscaler["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
-def test_secret_is_a_template_with_placeholders(overlay: tuple[str, list[Resource]]) -> None:
-    (secret,) = [r for r in overlay[1] if r["kind"] == "Secret"]
-    assert "data" not in secret
-    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert all(value.startswith("REPLACE_WITH_") for value in secret["stringData"].values())
+OBJECT_STORE_SECRET = "landmark-index-object-store"
+
+
+def secret_refs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every envFrom secretRef at any depth."""
+    if isinstance(node, dict):
+        if isinstance(node.get("secretRef"), dict):
+            yield node["secretRef"]
+        for value in node.values():
+            yield from secret_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from secret_refs(item)
+
+
+def test_no_secret_but_the_dev_overlays_generated_one(overlay: tuple[str, list[Resource]]) -> None:
+    """`kubectl apply -k` must never overwrite the real object-store keys: base and the production overlays
+    ship no Secret (they reference one by name, optionally: cloud identity needs none); only dev-cpu
+    generates one, from its own env file."""
+    assert not [r for r in render_base() if r["kind"] == "Secret"]
+    secrets = [r for r in overlay[1] if r["kind"] == "Secret"]
+    refs = list(secret_refs(overlay[1]))
+    assert refs and all(ref == {"name": OBJECT_STORE_SECRET, "optional": True} for ref in refs)
+    if overlay[0] != "dev-cpu":
+        assert secrets == []
+        return
+    (secret,) = secrets
+    assert secret["metadata"]["name"] == OBJECT_STORE_SECRET
+    assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def render_base() -> list[Resource]:
+    """k8s/base as an overlay without changes sees it."""
+    return render(K8S / "base")
+
+
+def test_base_holds_only_what_every_deployment_needs() -> None:
+    """The one-off index RayJob and the standalone RayCluster are opt-in (components + overlays)."""
+    kinds = sorted(identity(r) for r in render_base())
+    assert kinds == [
+        ("ConfigMap", "landmark-index-config"),
+        ("CronJob", "nightly-reindex"),
+        ("RayJob", "nightly-reindex-template"),
+        ("Role", "nightly-reindex-submitter"),
+        ("RoleBinding", "nightly-reindex-submitter"),
+        ("ServiceAccount", "landmark-index-job-submitter"),
+        ("ServiceAccount", "landmark-index-ray"),
+        ("ServiceAccount", "nightly-reindex-submitter"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "added"),
+    [("index-manifest", ("RayJob", "index-manifest")), ("raycluster", ("RayCluster", "landmark-index"))],
+)
+def test_opt_in_overlays_add_one_resource_with_the_nightly_layout(
+    rendered: dict[str, dict[tuple[str, str], Resource]], name: str, added: tuple[str, str]
+) -> None:
+    assert set(rendered[name]) - set(rendered["prod-gpu"]) == {added}
+    assert not {("RayJob", "index-manifest"), ("RayCluster", "landmark-index")} & set(rendered["prod-gpu"])
+    layout = rendered["prod-gpu"][("RayJob", "nightly-reindex-template")]["spec"]["rayClusterSpec"]
+    (cluster,) = cluster_specs(rendered[name][added])
+    assert cluster == layout
+
+
+def pod_accounts(resource: Resource) -> dict[str, str]:
+    """Role of each pod a resource creates → its serviceAccountName ('' when unset)."""
+    accounts = {}
+    for cluster in cluster_specs(resource):
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            accounts[f"ray:{group.get('groupName', 'head')}"] = group["template"]["spec"].get(
+                "serviceAccountName", ""
+            )
+    if resource["kind"] in ("RayJob", "RayCronJob"):
+        job = resource["spec"].get("jobTemplate", resource["spec"])
+        accounts["submitter"] = job["submitterPodTemplate"]["spec"].get("serviceAccountName", "")
+    if resource["kind"] == "CronJob":
+        pod = resource["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        accounts["cron-submitter"] = pod.get("serviceAccountName", "")
+    return accounts
+
+
+def test_a_service_account_per_role(overlay: tuple[str, list[Resource]]) -> None:
+    """Ray pods (cloud identity of the object store), RayJob submitters (none, no API token) and the CronJob
+    submitter (RBAC on RayJobs) each run under an account of their own that the overlay ships."""
+    resources = {identity(r): r for r in overlay[1]}
+    roles: dict[str, set[str]] = {}
+    for resource in resources.values():
+        for role, account in pod_accounts(resource).items():
+            roles.setdefault(role.split(":")[0], set()).add(account)
+    expected = {"ray": {"landmark-index-ray"}, "submitter": {"landmark-index-job-submitter"}}
+    if ("CronJob", "nightly-reindex") in resources:
+        expected["cron-submitter"] = {"nightly-reindex-submitter"}
+    assert roles == expected
+    for (account,) in expected.values():
+        assert ("ServiceAccount", account) in resources
+    assert (
+        resources[("ServiceAccount", "landmark-index-job-submitter")]["automountServiceAccountToken"] is False
+    )
+
+
+def test_cloud_identity_and_pull_secrets_are_set_through_an_overlay(tmp_path: Path) -> None:
+    """What k8s/README.md tells an operator to write: IRSA / Workload Identity annotations on the Ray pods'
+    account reach every Ray pod of every cluster; prod-gpu's imagePullSecrets reach every account."""
+    annotations = {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/landmark-index",
+        "iam.gke.io/gcp-service-account": "landmark-index@project.iam.gserviceaccount.com",
+    }
+    patch = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "landmark-index-ray"}}
+    patch["metadata"]["annotations"] = annotations
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {"resources": [str(K8S / "overlays" / "raycluster")], "patches": [{"patch": json.dumps(patch)}]}
+        )
+    )
+    resources = {identity(r): r for r in render(tmp_path)}
+    assert resources[("ServiceAccount", "landmark-index-ray")]["metadata"]["annotations"] == annotations
+    for resource in resources.values():
+        for role, account in pod_accounts(resource).items():
+            if role.startswith("ray:"):
+                assert account == "landmark-index-ray", (identity(resource), role)
+    for key, resource in resources.items():
+        if key[0] == "ServiceAccount":
+            assert resource["imagePullSecrets"] == [{"name": "registry-credentials"}], key
+    readme = (K8S / "README.md").read_text()
+    assert all(annotation in readme for annotation in annotations)
 
 
 # ----------------------------------------------------------------------------- Ray layout
@@ -615,31 +769,54 @@ def gpu_count(container: dict[str, Any], kind: str) -> int:
     return int(container["resources"][kind].get("nvidia.com/gpu", 0))
 
 
-@pytest.mark.parametrize("name", ["prod-gpu", "prod-gpu-raycronjob"])
-def test_gpu_clusters_autoscale_a_gpu_worker_group(
+def worker_groups(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
+
+
+@pytest.mark.parametrize("name", ["prod-gpu", "prod-gpu-raycronjob", "index-manifest", "raycluster"])
+def test_gpu_clusters_autoscale_gpu_and_cpu_worker_groups_from_zero(
     rendered: dict[str, dict[tuple[str, str], Resource]], name: str
 ) -> None:
+    """GPU workers are placed by the device plugin's nvidia.com/gpu resource and the usual taint's toleration,
+    not by a node label that only the GPU Operator sets; a CPU group (decode, CPU re-ranking) starts at 0 too."""
     clusters = [c for r in rendered[name].values() for c in cluster_specs(r)]
-    assert len(clusters) == 3  # RayCluster, index RayJob, nightly (RayJob template or RayCronJob)
+    assert len(clusters) == (2 if name in ("index-manifest", "raycluster") else 1)
     for cluster in clusters:
         assert cluster["enableInTreeAutoscaling"] is True
         (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
         assert gpu_count(head, "limits") == 0
         assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-        (group,) = cluster["workerGroupSpecs"]
-        assert group["minReplicas"] == 0 < group["maxReplicas"] == 16
-        pod = group["template"]["spec"]
+        groups = worker_groups(cluster)
+        assert set(groups) == {"gpu", "cpu"}
+        assert (
+            groups["gpu"]["minReplicas"]
+            == groups["gpu"]["replicas"]
+            == 0
+            < groups["gpu"]["maxReplicas"]
+            == 16
+        )
+        assert groups["cpu"]["minReplicas"] == groups["cpu"]["replicas"] == 0 < groups["cpu"]["maxReplicas"]
+        pod = groups["gpu"]["template"]["spec"]
         (worker,) = pod["containers"]
         assert gpu_count(worker, "requests") == gpu_count(worker, "limits") >= 1
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert "nodeSelector" not in pod and "affinity" not in pod  # node labels: the overlay's choice
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        (cpu_worker,) = groups["cpu"]["template"]["spec"]["containers"]
+        assert gpu_count(cpu_worker, "limits") == 0 and "tolerations" not in groups["cpu"]["template"]["spec"]
 
 
 def test_dev_cpu_requests_no_gpu(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
     assert "nvidia.com/gpu" not in json.dumps(list(rendered["dev-cpu"].values()))
-    cluster = rendered["dev-cpu"][("RayCluster", "landmark-index")]["spec"]
-    assert [group["groupName"] for group in cluster["workerGroupSpecs"]] == ["cpu"]
+    cluster = rendered["dev-cpu"][("RayJob", "nightly-reindex-template")]["spec"]["rayClusterSpec"]
+    assert list(worker_groups(cluster)) == ["cpu"]
+    assert worker_groups(cluster)["cpu"]["maxReplicas"] == 2
     assert rendered["dev-cpu"][("CronJob", "nightly-reindex")]["spec"]["suspend"] is True
+
+
+def ray_jobs(resources: dict[tuple[str, str], Resource]) -> list[dict[str, Any]]:
+    """The RayJob specs an overlay creates: RayJobs and the RayCronJob's template."""
+    jobs = [r["spec"] for r in resources.values() if r["kind"] == "RayJob"]
+    return jobs + [r["spec"]["jobTemplate"] for r in resources.values() if r["kind"] == "RayCronJob"]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -647,14 +824,13 @@ def test_rayjobs_run_on_the_overlays_cluster_layout_and_clean_up(
     rendered: dict[str, dict[tuple[str, str], Resource]], name: str
 ) -> None:
     resources = rendered[name]
-    cluster = resources[("RayCluster", "landmark-index")]["spec"]
-    index_job = resources[("RayJob", "index-manifest")]["spec"]
-    jobs = [r["spec"] for r in resources.values() if r["kind"] == "RayJob"]
-    jobs += [r["spec"]["jobTemplate"] for r in resources.values() if r["kind"] == "RayCronJob"]
-    assert len(jobs) == 2
+    source = rendered[name if name != "prod-gpu-raycronjob" else "prod-gpu"]
+    layout = source[("RayJob", "nightly-reindex-template")]["spec"]
+    jobs = ray_jobs(resources)
+    assert len(jobs) == (2 if name == "index-manifest" else 1)
     for job in jobs:
-        assert job["rayClusterSpec"] == cluster
-        assert job["submitterPodTemplate"] == index_job["submitterPodTemplate"]
+        assert job["rayClusterSpec"] == layout["rayClusterSpec"]
+        assert job["submitterPodTemplate"] == layout["submitterPodTemplate"]
         assert job["backoffLimit"] == 0
         assert kuberay_cleanup_problems(job) == []
         if "deletionStrategy" in job:  # a nightly run: its cluster goes after an hour, itself after 7 days
@@ -663,15 +839,32 @@ def test_rayjobs_run_on_the_overlays_cluster_layout_and_clean_up(
             assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
 
 
-def test_one_image_for_all_ray_containers(overlay: tuple[str, list[Resource]]) -> None:
-    images = {
-        container["image"]
-        for resource in overlay[1]
-        if resource["apiVersion"] == "ray.io/v1"
-        for pod in pod_specs(resource)
-        for container in pod["containers"]
-    }
-    assert len(images) == 1 and "landmark-index:" in images.pop()
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_rayjob_has_an_active_deadline(
+    rendered: dict[str, dict[tuple[str, str], Resource]], name: str
+) -> None:
+    """A stuck job must not hold GPU nodes forever; a nightly one must end before the next night."""
+    for job in ray_jobs(rendered[name]):
+        deadline = job["activeDeadlineSeconds"]
+        nightly = "nightly_reindex.py" in job["entrypoint"]
+        assert 0 < deadline < 86400 if nightly else 0 < deadline <= 2 * 86400, job["entrypoint"]
+
+
+def test_ray_nodes_run_the_project_image_and_submitters_the_small_ray_image(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    """The submitter only runs `ray job submit`: the Ray release of the cluster's rayVersion, not the
+    multi-GB CUDA image of the nodes."""
+    project = {"dev-cpu": "registry.example.com/landmark-index:dev"}.get(
+        overlay[0], "registry.example.com/landmark-index:0.1.0-cuda13.2"
+    )
+    for resource in overlay[1]:
+        for cluster in cluster_specs(resource):
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                assert [c["image"] for c in group["template"]["spec"]["containers"]] == [project]
+    for job in ray_jobs({identity(r): r for r in overlay[1]}):
+        (submitter,) = job["submitterPodTemplate"]["spec"]["containers"]
+        assert submitter["image"] == f"rayproject/ray:{job['rayClusterSpec']['rayVersion']}-py311-cpu"
 
 
 def head_resources(cluster: dict[str, Any]) -> dict[str, float]:
@@ -686,10 +879,7 @@ def test_job_drivers_reserve_the_heads_entrypoint_slot(
 ) -> None:
     """The driver's Ray resources: a slot only the head offers, so it neither lands on a GPU worker (which
     would keep one alive) nor runs unaccounted; its pod resources are the head container's limits."""
-    resources = rendered[name]
-    jobs = [r["spec"] for r in resources.values() if r["kind"] == "RayJob"]
-    jobs += [r["spec"]["jobTemplate"] for r in resources.values() if r["kind"] == "RayCronJob"]
-    for job in jobs:
+    for job in ray_jobs(rendered[name]):
         head = job["rayClusterSpec"]["headGroupSpec"]
         reserved = json.loads(job["entrypointResources"])
         assert reserved == {"entrypoint": 1} == head_resources(job["rayClusterSpec"])
@@ -719,19 +909,47 @@ def test_crd_rejects_an_unknown_auth_mode(
     rendered: dict[str, dict[tuple[str, str], Resource]],
     crd_validators: dict[str, jsonschema.Draft7Validator],
 ) -> None:
-    bad = copy.deepcopy(rendered["prod-gpu"][("RayCluster", "landmark-index")])
+    bad = copy.deepcopy(rendered["raycluster"][("RayCluster", "landmark-index")])
     bad["spec"]["authOptions"]["mode"] = "tokens"
     assert not crd_validators["RayCluster"].is_valid(bad)
 
 
-def test_helper_images_are_pinned_by_digest(overlay: tuple[str, list[Resource]]) -> None:
-    """Every image but the project's own (set per overlay by `images:`) is pinned by digest."""
-    for resource in overlay[1]:
-        if resource["apiVersion"] == "ray.io/v1":
-            continue
+DIGEST_PINNED = re.compile(
+    r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}"
+)  # name:tag@sha256:digest (tag for readers)
+
+
+def test_every_image_is_pinned_as_documented(overlay: tuple[str, list[Resource]]) -> None:
+    """k8s/README.md, "Images": the project image by the overlay's `images:` entry, the submitters' Ray
+    image by the exact release of rayVersion, every other image (the CronJob's kubectl) by digest."""
+    resources = {identity(r): r for r in overlay[1]}
+    ray_versions = {c["rayVersion"] for r in resources.values() for c in cluster_specs(r)}
+    allowed_tags = {f"rayproject/ray:{version}-py311-cpu" for version in ray_versions}
+    images = {c["image"] for r in resources.values() for pod in pod_specs(r) for c in pod["containers"]}
+    project = {image for image in images if image_name(image) == "registry.example.com/landmark-index"}
+    assert len(project) == 1 and re.fullmatch(r"[\w./-]+:[\w.-]+", project.pop())
+    others = {image for image in images if image_name(image) != "registry.example.com/landmark-index"}
+    for image in others - allowed_tags:
+        assert DIGEST_PINNED.fullmatch(image), f"{image} is neither digest-pinned nor the Ray release"
+    if ("CronJob", "nightly-reindex") in resources:
+        (kubectl,) = [
+            c["image"]
+            for pod in pod_specs(resources[("CronJob", "nightly-reindex")])
+            for c in pod["containers"]
+        ]
+        assert image_name(kubectl) == "alpine/k8s" and DIGEST_PINNED.fullmatch(kubectl)
+
+
+def test_the_pin_check_refuses_a_tag_only_kubectl_image(
+    rendered: dict[str, dict[tuple[str, str], Resource]],
+) -> None:
+    resources = copy.deepcopy(list(rendered["prod-gpu"].values()))
+    for resource in resources:
         for pod in pod_specs(resource):
-            for container in pod["containers"] + pod.get("initContainers", []):
-                assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", container["image"]), container
+            for container in pod["containers"]:
+                container["image"] = container["image"].split("@")[0]
+    with pytest.raises(AssertionError, match=re.escape("alpine/k8s:1.33.4 is neither")):
+        test_every_image_is_pinned_as_documented(("prod-gpu", resources))
 
 
 # ----------------------------------------------------------------------------- nightly scheduling
@@ -836,7 +1054,8 @@ def test_submit_script_creates_an_unsuspended_run_of_the_template(
 
 def test_raycronjob_runs_the_same_nightly_job(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
     cron = rendered["prod-gpu-raycronjob"]
-    assert not [key for key in cron if key[0] in ("CronJob", "ServiceAccount", "Role", "RoleBinding")]
+    assert not [key for key in cron if key[0] in ("CronJob", "Role", "RoleBinding")]
+    assert ("ServiceAccount", "nightly-reindex-submitter") not in cron
     template = rendered["prod-gpu"][("RayJob", "nightly-reindex-template")]["spec"]
     job = cron[("RayCronJob", "nightly-reindex")]["spec"]["jobTemplate"]
     assert nightly_run_spec(template, rendered["prod-gpu"]) == job
@@ -977,10 +1196,11 @@ def test_every_declared_dependency_is_locked() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
+    base = project["dependencies"]
     wanted = {
-        "cpu": project["dependencies"] + extras["cpu"],
-        "gpu": project["dependencies"] + extras["gpu"],
-        "dev": project["dependencies"] + extras["cpu"] + extras["dev"] + extras["convert"],
+        "cpu": base,
+        "gpu": [r for r in base if not r.startswith("faiss-cpu")] + extras["gpu"],  # faiss-gpu replaces it
+        "dev": base + extras["dev"] + extras["convert"] + extras["gcs"] + extras["azure"],
     }
     for lock, requirements in wanted.items():
         pins = {name.lower().replace("_", "-") for name in lock_pins(lock)}
@@ -991,5 +1211,5 @@ def test_every_declared_dependency_is_locked() -> None:
 
 def test_image_user_is_the_manifests_user(rendered: dict[str, dict[tuple[str, str], Resource]]) -> None:
     user = dockerfile_value("USER").split(":")[0]
-    cluster = rendered["prod-gpu"][("RayCluster", "landmark-index")]["spec"]
+    cluster = rendered["prod-gpu"][("RayJob", "nightly-reindex-template")]["spec"]["rayClusterSpec"]
     assert int(user) == cluster["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"]
