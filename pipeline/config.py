@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.model.catalog import BACKBONE_CHANNELS, GLOBAL_POOLS, pooled_dim
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision ImageNet statistics in 0..255 pixel units
 IMAGENET_STD = (58.395, 57.12, 57.375)
 DELG_MEAN = (128.0, 128.0, 128.0)  # the TF reference normalises (x − 128) / 128
@@ -32,7 +34,7 @@ def _check_positive(name: str, value: float) -> None:
 class ExtractionConfig:
     """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean settings."""
 
-    backbone: str = "resnet50-ref"  # a name in pipeline.model.backbones.BACKBONES
+    backbone: str = "resnet50-ref"  # a name in pipeline.model.catalog.BACKBONE_CHANNELS
     max_side: int = 1024  # longest image side after capping (downscale only)
     scales: tuple[float, ...] = DELG_SCALES  # image pyramid, relative to the capped image
     global_scales: tuple[float, ...] = DELG_GLOBAL_SCALES  # subset of scales pooled into the global vector
@@ -54,12 +56,10 @@ class ExtractionConfig:
     local_head: str = "learned"
 
     def __post_init__(self) -> None:
-        # Lazy import keeps this module importable without building torch models at import time.
-        from pipeline.model.backbones import BACKBONES
-        from pipeline.model.pooling import GLOBAL_POOLS, pooled_dim
-
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONES)}")
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(
+                f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONE_CHANNELS)}"
+            )
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "global_scales", tuple(float(s) for s in self.global_scales))
         object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
@@ -76,7 +76,7 @@ class ExtractionConfig:
             _check_positive("pixel_std", v)
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool {self.global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
-        pooled = pooled_dim(self.global_pool, BACKBONES[self.backbone].global_channels, self.netvlad_clusters)
+        pooled = pooled_dim(self.global_pool, BACKBONE_CHANNELS[self.backbone][1], self.netvlad_clusters)
         if not self.whitening and self.global_dim != pooled:
             raise ValueError(
                 f"global_dim {self.global_dim} without whitening must equal the {self.global_pool} output of "

@@ -111,6 +111,47 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     assert table_rows(added.stdout)["ntotal"] == "41"  # after adding 3 to 38
 
 
+HEAVY_MODULES = ("torch", "torchvision", "faiss", "ray", "tensorflow")
+
+
+@pytest.mark.parametrize("argument", ["--help", "--version"])
+def test_help_and_version_import_no_model_or_index_library(argument: str):
+    """`landmark-index --help/--version` must start fast: none of torch, faiss, Ray, TensorFlow (seconds each)
+    is imported; only the commands that run a model or an index import them. (Start-up time itself is a
+    benchmark: benchmarks/bench_startup.py.)"""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['landmark-index', {argument!r}]\n"
+        "from pipeline.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "landmark-index" in shown.stdout
+    assert shown.stdout.splitlines()[-1] == "[]"
+
+
+def test_lazy_packages_export_what_their_submodules_define():
+    """pipeline.index / .rerank / .model name their API without importing it; an export spelled like its
+    submodule (the function ``search`` of ``pipeline.index.search``) stays the function, as with eager imports."""
+    probe = (
+        "import sys, types\n"
+        "import pipeline.index.search, pipeline.rerank.match, pipeline.rerank.verify\n"
+        "from pipeline.index import search\n"
+        "from pipeline.rerank import match, verify\n"
+        "import pipeline.model as model\n"
+        "assert not any(isinstance(f, types.ModuleType) for f in (search, match, verify))\n"
+        "assert search is sys.modules['pipeline.index.search'].search\n"
+        "assert model.BACKBONES is sys.modules['pipeline.model.backbones'].BACKBONES\n"
+        "try:\n    model.NoSuchName\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "module 'pipeline.model' has no attribute 'NoSuchName'"
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
     missing = cli(
         "search",

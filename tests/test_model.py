@@ -31,6 +31,7 @@ from pipeline.model import (
     spoc,
     weights_checksum,
 )
+from pipeline.model.catalog import BACKBONE_CHANNELS
 from pipeline.model.delg import attention_pool
 from pipeline.model.geometry import receptive_field, trace_main_path
 from pipeline.model.resnet_ref import ReferenceResNet
@@ -91,6 +92,13 @@ def test_local_head_sees_block3_through_a_stop_gradient() -> None:
     assert model.attention.conv1.weight.grad is not None and model.autoencoder.encoder.weight.grad is not None
     out.global_embedding.sum().backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in backbone)
+
+
+def test_the_torch_free_catalog_agrees_with_the_registry() -> None:
+    """pipeline.config checks presets against the catalog (no torch at CLI start-up); the networks built here
+    must have exactly its channels (the shapes themselves are checked below)."""
+    registry = {name: (spec.local_channels, spec.global_channels) for name, spec in BACKBONES.items()}
+    assert registry == BACKBONE_CHANNELS
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

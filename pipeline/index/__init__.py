@@ -16,28 +16,22 @@ Output layout under an index URL ``OUT``::
 
 Ids: the store's committed shards in shard order, the n-th row overall gets id n (shard base offsets from the
 shards' row counts); added shards continue from ``next_id``; removed ids are never reused.
+
+Names load their submodule on first use (pipeline.lazy): the CLI reads option choices from
+pipeline.index.params without importing faiss.
 """
 
 from __future__ import annotations
 
-from pipeline.index.build import BuildConfig, build_index
-from pipeline.index.params import IndexChoice, choose_index, parse_size
-from pipeline.index.quality import QualityConfig, quality_report, recall_at
-from pipeline.index.search import SearchConfig, search
-from pipeline.index.update import add_shards, new_shards, remove_ids
+from pipeline.lazy import lazy_exports
 
-__all__ = [
-    "BuildConfig",
-    "IndexChoice",
-    "QualityConfig",
-    "SearchConfig",
-    "add_shards",
-    "build_index",
-    "choose_index",
-    "new_shards",
-    "parse_size",
-    "quality_report",
-    "recall_at",
-    "remove_ids",
-    "search",
-]
+lazy_exports(
+    __name__,
+    {
+        "build": ("BuildConfig", "build_index"),
+        "params": ("IndexChoice", "choose_index", "parse_size"),
+        "quality": ("QualityConfig", "quality_report", "recall_at"),
+        "search": ("SearchConfig", "search"),
+        "update": ("add_shards", "new_shards", "remove_ids"),
+    },
+)

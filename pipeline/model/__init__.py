@@ -1,43 +1,27 @@
-"""DELG model: backbones, heads, receptive-field geometry and weight loading (pure torch, no Ray)."""
+"""DELG model: backbones, heads, receptive-field geometry and weight loading (pure torch, no Ray).
+
+Names load their submodule (and torch) on first use (pipeline.lazy); pipeline.model.catalog needs no torch.
+"""
 
 from __future__ import annotations
 
-from pipeline.model.backbones import BACKBONES, Backbone, BackboneSpec, get_backbone_spec
-from pipeline.model.delg import Delg, DelgOutput, LocalAndGlobal
-from pipeline.model.geometry import ReceptiveField, receptive_field
-from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, rmac, rmac_regions, spoc
-from pipeline.model.weights import (
-    IMAGENET,
-    WeightsUnavailableError,
-    load_backbone_weights,
-    load_pretrained,
-    load_weights,
-    sha256_hex,
-    weights_checksum,
-)
+from pipeline.lazy import lazy_exports
 
-__all__ = [
-    "BACKBONES",
-    "GLOBAL_POOLS",
-    "IMAGENET",
-    "Backbone",
-    "BackboneSpec",
-    "Delg",
-    "DelgOutput",
-    "LocalAndGlobal",
-    "NetVLAD",
-    "ReceptiveField",
-    "WeightsUnavailableError",
-    "gem",
-    "get_backbone_spec",
-    "load_backbone_weights",
-    "load_pretrained",
-    "load_weights",
-    "mac",
-    "receptive_field",
-    "rmac",
-    "rmac_regions",
-    "sha256_hex",
-    "spoc",
-    "weights_checksum",
-]
+lazy_exports(
+    __name__,
+    {
+        "backbones": ("BACKBONES", "Backbone", "BackboneSpec", "get_backbone_spec"),
+        "delg": ("Delg", "DelgOutput", "LocalAndGlobal"),
+        "geometry": ("ReceptiveField", "receptive_field"),
+        "pooling": ("GLOBAL_POOLS", "NetVLAD", "gem", "mac", "rmac", "rmac_regions", "spoc"),
+        "weights": (
+            "IMAGENET",
+            "WeightsUnavailableError",
+            "load_backbone_weights",
+            "load_pretrained",
+            "load_weights",
+            "sha256_hex",
+            "weights_checksum",
+        ),
+    },
+)

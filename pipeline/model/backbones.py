@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from pipeline.model.catalog import BACKBONE_CHANNELS
 from pipeline.model.geometry import ReceptiveField
 from pipeline.model.resnet_ref import RESNET50_BLOCKS, RESNET101_BLOCKS, ReferenceResNet
 
@@ -33,6 +34,11 @@ class BackboneSpec:
     # receptive box (291, 32, 145), i.e. centres at 32·i, while its TF-'same' stem puts the true centres at
     # 32·i + 3 on even input sizes (+2 on odd ones). Reference-exact keypoints follow the convention.
     keypoint_field: ReceptiveField | None = None
+
+
+def _channels(name: str) -> dict[str, int]:
+    local, global_ = BACKBONE_CHANNELS[name]
+    return {"local_channels": local, "global_channels": global_}
 
 
 _RESNET_LOCAL = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -67,8 +73,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         build=models.resnet50,
         local_layers=_RESNET_LOCAL,
         global_layers=("layer4",),
-        local_channels=1024,
-        global_channels=2048,
+        **_channels("resnet50"),
         classifier="fc",
         imagenet_weights="ResNet50_Weights.IMAGENET1K_V2",
     ),
@@ -77,8 +82,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         build=models.resnet101,
         local_layers=_RESNET_LOCAL,
         global_layers=("layer4",),
-        local_channels=1024,
-        global_channels=2048,
+        **_channels("resnet101"),
         classifier="fc",
         imagenet_weights="ResNet101_Weights.IMAGENET1K_V2",
     ),
@@ -88,8 +92,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         build=models.mobilenet_v2,
         local_layers=tuple(f"features.{i}" for i in range(14)),
         global_layers=tuple(f"features.{i}" for i in range(14, 19)),
-        local_channels=96,
-        global_channels=1280,
+        **_channels("mobilenet_v2"),
         classifier="classifier",
         imagenet_weights="MobileNet_V2_Weights.IMAGENET1K_V2",
     ),

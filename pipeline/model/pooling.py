@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GLOBAL_POOLS = ("gem", "mac", "spoc", "rmac", "netvlad")
+from pipeline.model.catalog import GLOBAL_POOLS, pooled_dim
+
+__all__ = ["GLOBAL_POOLS", "NetVLAD", "gem", "mac", "pooled_dim", "rmac", "rmac_regions", "spoc"]
 RMAC_OVERLAP = 0.4  # target overlap of neighbouring R-MAC regions (Tolias et al.)
 
 
@@ -107,7 +109,3 @@ class NetVLAD(nn.Module):
         # Σ_i a_k(x_i)(x_i − c_k) = Σ_i a_k(x_i) x_i − c_k Σ_i a_k(x_i)
         vlad = torch.einsum("bkn,bcn->bkc", soft, x) - soft.sum(dim=2).unsqueeze(-1) * self.centroids
         return F.normalize(F.normalize(vlad, dim=2).flatten(1), dim=1)  # (B, K·C)
-
-
-def pooled_dim(pool: str, channels: int, clusters: int) -> int:
-    return channels * clusters if pool == "netvlad" else channels

@@ -1,34 +1,27 @@
-"""Re-ranking: batched local-feature matching, batched geometric verification (RANSAC) and scoring."""
+"""Re-ranking: batched local-feature matching, batched geometric verification (RANSAC) and scoring.
+
+Names load their submodule on first use (pipeline.lazy): the CLI reads option choices from
+pipeline.rerank.config without importing torch.
+"""
 
 from __future__ import annotations
 
-from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.match import Matches, gather_points, match, pad
-from pipeline.rerank.score import rerank_order, rerank_scores
-from pipeline.rerank.stage import (
-    RerankedShortlist,
-    RerankSummary,
-    config_from_stores,
-    rerank,
-    rerank_shortlist,
-    verify_candidates,
-)
-from pipeline.rerank.verify import Verification, verify
+from pipeline.lazy import lazy_exports
 
-__all__ = [
-    "Matches",
-    "RerankConfig",
-    "RerankSummary",
-    "RerankedShortlist",
-    "Verification",
-    "config_from_stores",
-    "gather_points",
-    "match",
-    "pad",
-    "rerank",
-    "rerank_order",
-    "rerank_scores",
-    "rerank_shortlist",
-    "verify",
-    "verify_candidates",
-]
+lazy_exports(
+    __name__,
+    {
+        "config": ("RerankConfig",),
+        "match": ("Matches", "gather_points", "match", "pad"),
+        "score": ("rerank_order", "rerank_scores"),
+        "stage": (
+            "RerankedShortlist",
+            "RerankSummary",
+            "config_from_stores",
+            "rerank",
+            "rerank_shortlist",
+            "verify_candidates",
+        ),
+        "verify": ("Verification", "verify"),
+    },
+)
