@@ -1,4 +1,5 @@
-"""All storage access goes through this module (fsspec): local paths, s3://, gs://, http(s)://, memory://.
+"""All storage access goes through this module (fsspec): local paths, s3://, gs:// (extra gcs), az:// and abfs://
+(extra azure), http(s)://, memory://.
 
 Every other module passes URLs and an optional ``options`` mapping (fsspec storage options, e.g.
 ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3). Credentials may also come from the
@@ -161,6 +162,9 @@ def _is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
+# The extra that brings a protocol's fsspec backend (s3, http and local ones are base dependencies).
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
+
 # Keys of a per-protocol options mapping, e.g. {"s3": {"endpoint_url": ...}, "https": {...}}.
 PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https"})
 
@@ -205,7 +209,15 @@ def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSy
 
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=60, sock_connect=10)})
         kwargs["client_kwargs"] = {"headers": {"User-Agent": user_agent()}, **kwargs["client_kwargs"]}
-    return url_to_fs(url, **kwargs)
+    try:
+        return url_to_fs(url, **kwargs)
+    except ImportError as exc:
+        extra = EXTRAS.get(protocol_of(url))
+        if extra is None:
+            raise
+        raise ValueError(
+            f"{redact(url)}: {protocol_of(url)}:// needs the {extra!r} extra: pip install 'landmark-index[{extra}]'"
+        ) from exc
 
 
 @functools.cache
@@ -284,9 +296,22 @@ _SECRET_OPTIONS = frozenset(
         "sas_token",
         "client_secret",
         "connection_string",
+        "private_key",  # gcsfs: a service-account JSON as the token option
+        "private_key_id",
+        "refresh_token",  # gcsfs: authorized-user credentials
+        "access_token",
     }
 )
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY")
+_SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_CLIENT_SECRET",
+)
 _MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words
 _known_secrets: set[str] = set()
 
@@ -319,6 +344,10 @@ def _secrets() -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+# Credentials with a recognisable shape, whoever quotes them: Azure connection-string keys and SAS
+# signatures (also outside a URL), PEM private keys (a GCS service-account JSON).
+_KEY_IN_TEXT = re.compile(r"\b(AccountKey|SharedAccessSignature|sig)=[^;&\s'\"<>]+")
+_PEM_IN_TEXT = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 # user:password@ without a scheme in front (a bucket or host name quoted by a library).
 _USERINFO_IN_TEXT = re.compile(r"[^\s/'\"<>@:]+:[^\s/'\"<>@]+@(?=[\w.\[-])")
@@ -328,6 +357,8 @@ def redact_text(text: str) -> str:
     """``text`` with URLs redacted, schemeless user info removed and every known secret value blanked."""
     text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
     text = _USERINFO_IN_TEXT.sub("***@", text)
+    text = _KEY_IN_TEXT.sub(r"\1=***", text)
+    text = _PEM_IN_TEXT.sub("***", text)
     for secret in _secrets():
         text = text.replace(secret, "***")
     return text

@@ -359,3 +359,74 @@ def test_only_retryable_statuses_are_retried(site: Any, tmp_path: Path, status: 
         with pytest.raises(storage.StorageError, match=str(status)):
             storage.read_bytes(site.url("img/a.jpg"))
         assert site.hits["/img/a.jpg"] == 1
+
+
+# ----------------------------------------------------------------------------- gcs and azure extras (offline)
+
+AZURE_KEY = "c2VjcmV0LWF6dXJlLWtleS0xMjM0NTY3OA=="  # base64, as Azure account keys are
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "backend", "path"),
+    [
+        ("gs://bucket/descriptors/x.parquet", {"token": "anon"}, "gcsfs", "bucket/descriptors/x.parquet"),
+        ("gcs://bucket/x.parquet", {"gcs": {"token": "anon"}}, "gcsfs", "bucket/x.parquet"),
+        (
+            "az://container/index/params.json",
+            {"az": {"account_name": "acct", "account_key": AZURE_KEY}, "https": {"ignored": 1}},
+            "adlfs",
+            "container/index/params.json",
+        ),
+        (
+            "abfs://container/x",
+            {"account_name": "acct", "sas_token": "sv=2024&sig=Zm9v"},
+            "adlfs",
+            "container/x",
+        ),
+    ],
+)
+def test_gcs_and_azure_urls_resolve_to_their_backends_with_their_options(
+    url: str, options: dict[str, Any], backend: str, path: str
+) -> None:
+    """Flat options go to every object store; per-protocol ones only to theirs (no network is touched)."""
+    fs, resolved = storage.filesystem(url, options)
+    assert type(fs).__module__.split(".")[0] == backend and resolved == path
+    if backend == "adlfs":
+        assert fs.account_name == "acct"
+
+
+def test_gcs_and_azure_credentials_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    service_account = {"type": "service_account", "private_key_id": "0123abcd9876", "private_key": PEM_KEY}
+    storage.remember_secrets("gs://b/x", {"gs": {"token": service_account}})
+    storage.remember_secrets("az://c/x", {"az": {"account_name": "acct", "connection_string": "DefaultEnd"}})
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "az-client-s3cret")
+    text = (
+        f"token {service_account} failed; DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={AZURE_KEY};"
+        " EndpointSuffix=core.windows.net; SharedAccessSignature=sv=2024&sig=Zm9vYmFy; secret az-client-s3cret"
+    )
+    redacted = storage.redact_text(text)
+    for secret in ("0123abcd9876", "MIIEvQIBADANBg", AZURE_KEY, "Zm9vYmFy", "az-client-s3cret"):
+        assert secret not in redacted, secret
+    assert "AccountName=acct;AccountKey=***;" in redacted
+
+
+def test_a_missing_backend_extra_is_a_user_error_naming_it() -> None:
+    """Without gcsfs / adlfs installed: one line naming the extra to install, not an ImportError traceback."""
+    probe = (
+        "import sys\n"
+        "sys.modules['gcsfs'] = sys.modules['adlfs'] = None  # as if not installed\n"
+        "from pipeline import errors, storage\n"
+        "for url in ('gs://b/x', 'az://c/x'):\n"
+        "    try:\n"
+        "        storage.filesystem(url)\n"
+        "    except Exception as exc:\n"
+        "        assert errors.user_error(exc) is exc\n"
+        "        print(exc)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        "gs://b/x: gs:// needs the 'gcs' extra: pip install 'landmark-index[gcs]'",
+        "az://c/x: az:// needs the 'azure' extra: pip install 'landmark-index[azure]'",
+    ]
