@@ -48,11 +48,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import fsspec
-from fsspec.core import url_to_fs
+if TYPE_CHECKING:
+    import fsspec
 
 from pipeline import __version__
 
@@ -190,6 +190,8 @@ def options_for(url: str, options: Options) -> dict[str, Any]:
 
 def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the backend path for ``url``. Instances are cached by fsspec."""
+    from fsspec.core import url_to_fs  # fsspec loads on first use: the CLI's --help does without it
+
     kwargs = options_for(url, options)
     remember_secrets(url, kwargs)
     if kwargs.pop("content_md5", False):

@@ -1,0 +1,67 @@
+"""CLI start-up time (issue 27): `landmark-index --help` / `--version` against the imports it now avoids.
+
+    .venv/bin/python benchmarks/bench_startup.py [--repeat 7]
+
+Each command runs ``--repeat`` times as a fresh process (what a user waits for), interleaved so that load
+changes hit every command alike; the median wall time and the median CPU time (user + system of the child) are
+printed. Side by side: the interpreter alone (the floor) and ``import torch`` / ``import faiss`` (what the CLI
+paid before it stopped importing them for help and version). Goal: --help and --version ≤ 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = {
+    "python -c pass (floor)": [sys.executable, "-c", "pass"],
+    "landmark-index --version": [sys.executable, "-m", "pipeline.cli", "--version"],
+    "landmark-index --help": [sys.executable, "-m", "pipeline.cli", "--help"],
+    "import torch": [sys.executable, "-c", "import torch"],
+    "import faiss": [sys.executable, "-c", "import faiss"],
+}
+
+
+def run_once(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of ``command``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "100"})
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
+    for command in COMMANDS.values():  # warm the page cache once
+        run_once(command)
+    for _ in range(args.repeat):
+        for name, command in COMMANDS.items():
+            times[name].append(run_once(command))
+    print(f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs), {args.repeat} runs each, medians")
+    medians = {}
+    for name, runs in times.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        medians[name] = (wall, cpu)
+        print(f"{name:28s} wall {wall * 1000:7.0f} ms   CPU {cpu * 1000:7.0f} ms")
+    help_wall, help_cpu = medians["landmark-index --help"]
+    torch_wall, torch_cpu = medians["import torch"]
+    print(
+        f"--help vs import torch: {torch_wall / help_wall:.1f}× less wall, {torch_cpu / help_cpu:.1f}× less CPU"
+    )
+    slowest = max(medians["landmark-index --help"][0], medians["landmark-index --version"][0])
+    print(f"goal --help/--version ≤ 0.5 s: {'met' if slowest <= 0.5 else 'not met'} ({slowest:.2f} s wall)")
+
+
+if __name__ == "__main__":
+    main()
