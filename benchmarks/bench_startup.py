@@ -1,11 +1,12 @@
 """CLI start-up time (issue 27): `landmark-index --help` / `--version` against the imports it now avoids.
 
-    .venv/bin/python benchmarks/bench_startup.py [--repeat 7]
+    .venv/bin/python benchmarks/bench_startup.py [--repeat 7] [--before DIR]
 
 Each command runs ``--repeat`` times as a fresh process (what a user waits for), interleaved so that load
 changes hit every command alike; the median wall time and the median CPU time (user + system of the child) are
 printed. Side by side: the interpreter alone (the floor) and ``import torch`` / ``import faiss`` (what the CLI
-paid before it stopped importing them for help and version). Goal: --help and --version ≤ 0.5 s.
+paid before it stopped importing them for help and version). ``--before DIR``: also the CLI of another checkout
+(e.g. ``git archive COMMIT pipeline | tar -x -C DIR``), run the same way. Goal: --help and --version ≤ 0.5 s.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ COMMANDS = {
 }
 
 
-def run_once(command: list[str]) -> tuple[float, float]:
-    """Wall and CPU (user + system) seconds of one run of ``command``."""
+def run_once(command: list[str], pythonpath: str | None) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of ``command`` (its ``pipeline`` from ``pythonpath``)."""
+    env = {**os.environ, "COLUMNS": "100", "PYTHONDONTWRITEBYTECODE": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "100"})
+    # cwd too: `python -m` puts the working directory before PYTHONPATH
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env, cwd=pythonpath)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -40,20 +45,28 @@ def run_once(command: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--before", default=None, help="another checkout's root: its CLI is timed too")
     args = parser.parse_args()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
-    for command in COMMANDS.values():  # warm the page cache once
-        run_once(command)
+    runs = {name: (command, None) for name, command in COMMANDS.items()}
+    if args.before:
+        for flag in ("--version", "--help"):
+            runs[f"before: landmark-index {flag}"] = (
+                [sys.executable, "-m", "pipeline.cli", flag],
+                args.before,
+            )
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for command, path in runs.values():  # warm the page cache once
+        run_once(command, path)
     for _ in range(args.repeat):
-        for name, command in COMMANDS.items():
-            times[name].append(run_once(command))
+        for name, (command, path) in runs.items():
+            times[name].append(run_once(command, path))
     print(f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs), {args.repeat} runs each, medians")
     medians = {}
     for name, runs in times.items():
         wall = statistics.median(w for w, _ in runs)
         cpu = statistics.median(c for _, c in runs)
         medians[name] = (wall, cpu)
-        print(f"{name:28s} wall {wall * 1000:7.0f} ms   CPU {cpu * 1000:7.0f} ms")
+        print(f"{name:34s} wall {wall * 1000:7.0f} ms   CPU {cpu * 1000:7.0f} ms")
     help_wall, help_cpu = medians["landmark-index --help"]
     torch_wall, torch_cpu = medians["import torch"]
     print(
