@@ -27,12 +27,11 @@ from rich.progress import (
 from rich.table import Table
 
 from pipeline import settings, storage
+from pipeline.choices import GLOBAL_DTYPES, LOCAL_DTYPES, PROTOCOLS
 from pipeline.config import AUTOCAST_DTYPES, PRESETS
 from pipeline.errors import EXIT_USER_ERROR, error_line, user_error
-from pipeline.evaluate import PROTOCOLS
 from pipeline.index.params import MERGE_MODES
 from pipeline.rerank.config import METHODS, MODELS, RESIDUAL_SPACES, SCORE_MODES
-from pipeline.store import GLOBAL_DTYPES, LOCAL_DTYPES
 
 app = typer.Typer(
     help="Distributed batch indexing for landmark image retrieval: DELG extraction on Ray, FAISS IVF-PQ "

@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.choices import PROTOCOLS
 from pipeline.results import Ranking, read_rankings
 from pipeline.storage import Options
 
-PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
 KAPPAS = (1, 5, 10)  # the revisitop mP@k cut-offs
 GLDV2_MAX_PREDICTIONS = 100  # mAP@100
 GLDV2_USAGES = ("Public", "Private", "Ignored")

@@ -108,6 +108,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import settings, storage
+from pipeline.choices import PROTOCOLS
 from pipeline.config import get_preset
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
@@ -115,8 +116,6 @@ from pipeline.report import ReportSettings
 from pipeline.rerank import RerankConfig
 from pipeline.rerank.config import overrides_from
 from pipeline.rerank.global_rerank import GlobalRerankConfig, parse_method
-
-PROTOCOLS = ("revisitop", "gldv2-retrieval", "gldv2-recognition")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.choices import GLOBAL_DTYPES, LOCAL_DTYPES
 from pipeline.storage import Options
 
 GLOBAL_DIR = "global"
@@ -40,8 +41,6 @@ ERRORS_DIR = "errors"
 COMMITS_DIR = "_commits"
 RUN_INFO = "_run.json"
 
-GLOBAL_DTYPES = ("float16", "float32")
-LOCAL_DTYPES = ("float16", "int8", "float32")
 INT8_SCALE = 127.0
 
 

@@ -111,13 +111,13 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     assert table_rows(added.stdout)["ntotal"] == "41"  # after adding 3 to 38
 
 
-HEAVY_MODULES = ("torch", "torchvision", "faiss", "ray", "tensorflow")
+HEAVY_MODULES = ("torch", "torchvision", "faiss", "ray", "tensorflow", "numpy", "pyarrow", "fsspec")
 
 
 @pytest.mark.parametrize("argument", ["--help", "--version"])
 def test_help_and_version_import_no_model_or_index_library(argument: str):
-    """`landmark-index --help/--version` must start fast: none of torch, faiss, Ray, TensorFlow (seconds each)
-    is imported; only the commands that run a model or an index import them. (Start-up time itself is a
+    """`landmark-index --help/--version` must start fast: none of torch, faiss, Ray, TensorFlow (seconds each),
+    numpy, pyarrow or fsspec is imported; only the commands that use them do. (Start-up time itself is a
     benchmark: benchmarks/bench_startup.py.)"""
     probe = (
         "import sys\n"
