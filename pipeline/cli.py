@@ -271,8 +271,12 @@ def train(
     clip_norm: Annotated[float, typer.Option(help="Global gradient-norm clip.")] = 10.0,
     image_size: Annotated[int, typer.Option(help="Square training crop side.")] = 321,
     augment: Annotated[bool, typer.Option(help="Reference random crops (off: whole image).")] = True,
-    objective: Annotated[str, typer.Option(help="Global loss: arcface, contrastive, triplet.")] = "arcface",
+    objective: Annotated[
+        str, typer.Option(help="Global loss: arcface, contrastive, triplet, margin, quadruplet.")
+    ] = "arcface",
     margin: Annotated[float | None, typer.Option(help="Loss margin (default per objective).")] = None,
+    margin_beta: Annotated[float, typer.Option(help="Margin loss: initial boundary β (learned).")] = 1.2,
+    margin_beta_per_class: Annotated[bool, typer.Option(help="Margin loss: one β per class.")] = False,
     mining: Annotated[str, typer.Option(help="Negatives: hard, distance-weighted.")] = "hard",
     attention_weight: Annotated[float, typer.Option(help="Weight of the attention loss.")] = 1.0,
     reconstruction_weight: Annotated[float, typer.Option(help="Weight of the reconstruction loss.")] = 10.0,
