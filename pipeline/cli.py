@@ -570,6 +570,36 @@ def dba(
 
 
 @app.command()
+def aggregate(
+    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Descriptor store with local features.")],
+    out: Annotated[str, typer.Argument(help="Output store: one aggregated global vector per image.")],
+    codebook: Annotated[
+        str | None,
+        typer.Option(
+            help="An aggregated store (or its codebook.npy) whose codebook to use: the index's, for queries."
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help="Aggregation: vlad.")] = "vlad",
+    clusters: Annotated[int, typer.Option(help="Visual words of a new codebook (K × 128 dims).")] = 64,
+    power: Annotated[float, typer.Option(help="Signed power normalisation before L2 (1: none).")] = 0.5,
+    sample_images: Annotated[
+        int, typer.Option(help="Images whose local features train a new codebook.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the codebook's sample and k-means.")] = 0,
+) -> None:
+    """Local features → one VLAD vector per image, in a new store that build-index, search and the global
+    re-rankings take like any store. Aggregate the index store first (it trains the codebook), then the
+    queries with --codebook INDEX_OUT. PCA whitening: build-index --whitening D."""
+    from pipeline.aggregate import AggregateConfig, aggregate_store, read_codebook, train_codebook
+
+    given, options = dict(locals()), storage.options_from_env()
+    config = settings.build(AggregateConfig, given)
+    words = read_codebook(codebook, options) if codebook else train_codebook(store_url, config, options)
+    summary = aggregate_store(store_url, out, words, config, options)
+    _print_mapping(f"aggregate → {storage.redact(out)}", asdict(summary))
+
+
+@app.command()
 def evaluate(
     results: Annotated[str, typer.Argument(help="Results Parquet from `search` or `rerank`.")],
     ground_truth: Annotated[str, typer.Argument(help="gnd_*.pkl (revisitop) or GLDv2 solution CSV.")],
