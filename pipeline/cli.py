@@ -278,8 +278,12 @@ def train(
     clip_norm: Annotated[float, typer.Option(help="Global gradient-norm clip.")] = 10.0,
     image_size: Annotated[int, typer.Option(help="Square training crop side.")] = 321,
     augment: Annotated[bool, typer.Option(help="Reference random crops (off: whole image).")] = True,
-    objective: Annotated[str, typer.Option(help="Global loss: arcface, contrastive, triplet.")] = "arcface",
+    objective: Annotated[
+        str, typer.Option(help="Global loss: arcface, contrastive, triplet, margin, quadruplet.")
+    ] = "arcface",
     margin: Annotated[float | None, typer.Option(help="Loss margin (default per objective).")] = None,
+    margin_beta: Annotated[float, typer.Option(help="Margin loss: initial boundary β (learned).")] = 1.2,
+    margin_beta_per_class: Annotated[bool, typer.Option(help="Margin loss: one β per class.")] = False,
     mining: Annotated[str, typer.Option(help="Negatives: hard, distance-weighted.")] = "hard",
     attention_weight: Annotated[float, typer.Option(help="Weight of the attention loss.")] = 1.0,
     reconstruction_weight: Annotated[float, typer.Option(help="Weight of the reconstruction loss.")] = 10.0,
@@ -570,6 +574,36 @@ def dba(
 
     summary = build_dba(index, descriptors, k, alpha, storage.options_from_env())
     _print_mapping(f"dba → {storage.redact(index)}", summary)
+
+
+@app.command()
+def aggregate(
+    store_url: Annotated[str, typer.Argument(metavar="STORE", help="Descriptor store with local features.")],
+    out: Annotated[str, typer.Argument(help="Output store: one aggregated global vector per image.")],
+    codebook: Annotated[
+        str | None,
+        typer.Option(
+            help="An aggregated store (or its codebook.npy) whose codebook to use: the index's, for queries."
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help="Aggregation: vlad.")] = "vlad",
+    clusters: Annotated[int, typer.Option(help="Visual words of a new codebook (K × 128 dims).")] = 64,
+    power: Annotated[float, typer.Option(help="Signed power normalisation before L2 (1: none).")] = 0.5,
+    sample_images: Annotated[
+        int, typer.Option(help="Images whose local features train a new codebook.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the codebook's sample and k-means.")] = 0,
+) -> None:
+    """Local features → one VLAD vector per image, in a new store that build-index, search and the global
+    re-rankings take like any store. Aggregate the index store first (it trains the codebook), then the
+    queries with --codebook INDEX_OUT. PCA whitening: build-index --whitening D."""
+    from pipeline.aggregate import AggregateConfig, aggregate_store, read_codebook, train_codebook
+
+    given, options = dict(locals()), storage.options_from_env()
+    config = settings.build(AggregateConfig, given)
+    words = read_codebook(codebook, options) if codebook else train_codebook(store_url, config, options)
+    summary = aggregate_store(store_url, out, words, config, options)
+    _print_mapping(f"aggregate → {storage.redact(out)}", asdict(summary))
 
 
 @app.command()

@@ -13,7 +13,8 @@ A manifest source is one of
 Columns: ``id`` (string, required), ``url`` (http(s)://, s3://, gs://, file://, an absolute local path, or a path
 relative to the manifest file's folder), ``landmark_id`` (int or string), ``image`` (inline bytes; the url may then
 be empty), ``bbox`` (4 numbers x0, y0, x1, y1 in original pixels, or null), and the content fingerprints ``etag``
-(string) and ``size`` (int) that :func:`diff_manifests` compares. Other columns are dropped.
+(string) and ``size`` (int) that :func:`diff_manifests` compares, and ``view`` (a number ordering the views of one
+landmark — a view index, a capture time — that the quadruplet training loss uses). Other columns are dropped.
 
 Every problem is collected and reported in one :class:`ManifestError` before any work starts. URL schemes are
 not checked here: a disallowed scheme fails its own row at fetch time (``pipeline.images``), so one bad row
@@ -47,6 +48,8 @@ MANIFEST_SCHEMA = pa.schema(
 )
 # Content fingerprints kept after the fixed columns when the source has them (compared by diff_manifests).
 FINGERPRINT_FIELDS = (pa.field("etag", pa.string()), pa.field("size", pa.int64()))
+# Optional columns kept after the fixed ones when the source has them.
+OPTIONAL_FIELDS = (*FINGERPRINT_FIELDS, pa.field("view", pa.float64()))
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_EXAMPLES = 5  # offending rows / ids quoted per problem
@@ -234,6 +237,7 @@ _COLUMN_TYPES = {
     "bbox": ("list of 4 numbers", _is_bbox_type),
     "etag": ("string", lambda t: _is_text(t) or pa.types.is_null(t)),
     "size": ("int", lambda t: pa.types.is_integer(t) or pa.types.is_null(t)),
+    "view": ("number", lambda t: _is_number(t) or pa.types.is_null(t)),
 }
 
 
@@ -331,7 +335,7 @@ def _normalise(raw: pa.Table, base: str, image_root: str | None) -> pa.Table:
         else pa.nulls(n, pa.list_(pa.float32(), 4)),
     }
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
-    for field in FINGERPRINT_FIELDS:
+    for field in OPTIONAL_FIELDS:
         if field.name in raw.column_names:
             table = table.append_column(field, raw.column(field.name).cast(field.type))
     return table
@@ -370,8 +374,8 @@ def _gldv2_url(root: str, image_id: str | None) -> str:
 
 
 def _concat(parts: list[pa.Table]) -> pa.Table:
-    """Concatenate normalised parts; a fingerprint column present in any part is kept (null elsewhere)."""
-    present = [f for f in FINGERPRINT_FIELDS if any(f.name in p.column_names for p in parts)]
+    """Concatenate normalised parts; an optional column present in any part is kept (null elsewhere)."""
+    present = [f for f in OPTIONAL_FIELDS if any(f.name in p.column_names for p in parts)]
     schema = pa.schema([*MANIFEST_SCHEMA, *present])
     filled = [
         pa.table(

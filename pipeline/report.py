@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import images, results, storage
+from pipeline.embedding_map import EmbeddingMap, embedding_map, map_html
 from pipeline.storage import Options, StorageError
 
 if TYPE_CHECKING:
@@ -80,10 +81,20 @@ class ReportSettings:
     max_match_pairs: int = 3  # top re-ranked pairs drawn with their inliers
     max_match_lines: int = 80  # more lines than this are unreadable
     jpeg_quality: int = 70
+    map_points: int = 500  # descriptors sampled for the embedding map (exact t-SNE, O(n²)); 0: no map
 
     def __post_init__(self) -> None:
-        for name in ("thumb_px", "match_px", "max_queries", "max_hits", "max_match_pairs", "max_match_lines"):
-            minimum = 0 if name.startswith("max_match") else 1
+        names = (
+            "thumb_px",
+            "match_px",
+            "max_queries",
+            "max_hits",
+            "max_match_pairs",
+            "max_match_lines",
+            "map_points",
+        )
+        for name in names:
+            minimum = 0 if name.startswith("max_match") or name == "map_points" else 1
             if getattr(self, name) < minimum:
                 raise ValueError(f"ReportSettings.{name} = {getattr(self, name)}; must be ≥ {minimum}")
         if not 1 <= self.jpeg_quality <= 95:
@@ -343,6 +354,8 @@ def query_html(index: int, view: QueryView, thumbs: _Thumbnails, settings: Repor
 
 
 STYLE = """
+.emap-row{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}#emap{background:#fff;border:1px solid var(--line)}
+#emap circle{cursor:pointer}#emap-photo img{max-width:240px}#emap-photo figcaption{color:var(--muted)}
 :root{--pos:#1a8f3c;--neg:#c62828;--junk:#8d8d8d;--ink:#1d2330;--muted:#5f6b7a;--line:#e3e7ee}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);background:#f5f7fa}
@@ -408,8 +421,11 @@ def render_report(
     queries: Sequence[QueryView],
     settings: ReportSettings = ReportSettings(),
     options: Options = None,
+    embedding: EmbeddingMap | None = None,
+    sources: Mapping[str, ImageSource] | None = None,
 ) -> str:
-    """The whole report as one HTML string (images inlined)."""
+    """The whole report as one HTML string (images inlined); ``embedding`` adds the map, whose photos come
+    from ``sources`` (id → image)."""
     thumbs = _Thumbnails(settings, options)
     shown = queries[: settings.max_queries]
     caps = (
@@ -418,6 +434,9 @@ def render_report(
         f"re-ranked pairs (at most {settings.max_match_lines} lines each); thumbnails ≤ {settings.thumb_px} px."
     )
     body = "".join(query_html(i, view, thumbs, settings) for i, view in enumerate(shown))
+    if embedding is not None:
+        photos = sources or {}
+        body = map_html(embedding, lambda i: (t := thumbs.get(photos.get(i))) and t.data_uri) + body
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(settings.title)}</title>'
@@ -436,9 +455,12 @@ def write_report(
     queries: Sequence[QueryView],
     settings: ReportSettings = ReportSettings(),
     options: Options = None,
+    embedding: EmbeddingMap | None = None,
+    sources: Mapping[str, ImageSource] | None = None,
 ) -> None:
     """Render the report and write it atomically to ``out_url`` (local path or object-store URL)."""
-    storage.write_text(out_url, render_report(summary, timings, queries, settings, options), options)
+    page = render_report(summary, timings, queries, settings, options, embedding, sources)
+    storage.write_text(out_url, page, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,16 +468,17 @@ def write_report(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _image_sources(manifest_url: str, options: Options, image_root: str | None) -> dict[str, ImageSource]:
-    """id → URL or inline bytes of a manifest's images."""
+def _image_sources(
+    manifest_url: str, options: Options, image_root: str | None
+) -> tuple[dict[str, ImageSource], dict[str, str]]:
+    """id → URL or inline bytes of a manifest's images, and id → landmark_id where the manifest has one."""
     from pipeline import manifest
 
     table = manifest.read_manifest(manifest_url, options, image_root)
-    urls, inline = table.column("url").to_pylist(), table.column("image").to_pylist()
-    return {
-        i: (b if b is not None else u)
-        for i, u, b in zip(table.column("id").to_pylist(), urls, inline, strict=True)
-    }
+    ids, urls, inline = (table.column(c).to_pylist() for c in ("id", "url", "image"))
+    landmarks = table.column("landmark_id").to_pylist()
+    sources = {i: (b if b is not None else u) for i, u, b in zip(ids, urls, inline, strict=True)}
+    return sources, {i: str(m) for i, m in zip(ids, landmarks, strict=True) if m is not None}
 
 
 def _labeler(config: RunConfig, options: Options) -> Callable[[str, str], str | None]:
@@ -487,10 +510,9 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     settings = config.report.report_settings()
     label = _labeler(config, options)
     data = config.data
-    sources = {
-        **_image_sources(data.index, options, data.index_image_root),
-        **_image_sources(data.queries, options, data.queries_image_root),
-    }
+    index_sources, index_landmarks = _image_sources(data.index, options, data.index_image_root)
+    query_sources, query_landmarks = _image_sources(data.queries, options, data.queries_image_root)
+    sources = {**index_sources, **query_sources}
     global_hits = results.read_hits(paths.search, settings.max_hits, options)
     reranked_hits = (
         results.read_hits(paths.reranked, settings.max_hits, options) if config.rerank.enabled else {}
@@ -514,5 +536,16 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
     timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
     out_url = out_url or paths.report
-    write_report(out_url, summary, timings, views, settings, options)
+    embedding = (
+        embedding_map(
+            paths.query_store,
+            paths.index_store,
+            index_landmarks | query_landmarks,
+            settings.map_points,
+            options=options,
+        )
+        if settings.map_points
+        else None
+    )
+    write_report(out_url, summary, timings, views, settings, options, embedding, sources)
     return {"queries_shown": len(views), "report": storage.redact(out_url)}

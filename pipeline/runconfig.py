@@ -96,6 +96,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     max_queries      queries shown in the report [20]
     max_hits         hits shown per ranking [10]
     max_match_pairs, max_match_lines  re-ranked pairs drawn with their inliers, lines each [3, 80]
+    map_points       descriptors sampled for the embedding map (t-SNE), 0: no map [500]
     title, thumb_px, match_px, jpeg_quality  page title, thumbnail side, match panel height, JPEG
                      quality [landmark-index report, 160, 220, 70]
 """

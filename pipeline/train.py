@@ -41,9 +41,11 @@ from pipeline.model.losses import (
     ARCFACE_SCALE,
     MINING,
     ArcFace,
+    MarginLoss,
     contrastive_loss,
     mine_negatives,
     pairwise_distances,
+    quadruplet_loss,
     reconstruction_error,
     triplet_loss,
 )
@@ -62,11 +64,18 @@ from pipeline.train_data import (
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("arcface", "contrastive", "triplet")
+OBJECTIVES = ("arcface", "contrastive", "triplet", "margin", "quadruplet")
 TRAINABLE = ("all", "local-head", "global-head")
 BATCHNORM = ("batch", "frozen")
 DECODE = ("auto", "threads", "tasks")
-DEFAULT_MARGINS = {"arcface": ARCFACE_MARGIN, "contrastive": 0.7, "triplet": 0.1}
+# margin: Wu et al.'s α; quadruplet: δ₂ (δ₁ = δ₂ / 2), as the triplet's
+DEFAULT_MARGINS = {
+    "arcface": ARCFACE_MARGIN,
+    "contrastive": 0.7,
+    "triplet": 0.1,
+    "margin": 0.2,
+    "quadruplet": 0.1,
+}
 TERMS = ("global", "attention", "reconstruction")
 
 
@@ -82,8 +91,15 @@ class TrainConfig:
     clip_norm: float = 10.0  # global gradient-norm clip (reference)
     image_size: int = 321  # square training crops (reference)
     augment: bool = True  # reference ImageNet-style random crop; off: the whole image, resized
-    objective: str = "arcface"  # global descriptor loss: arcface | contrastive | triplet
-    margin: float | None = None  # None: 0.1 for arcface (reference), 0.7 contrastive, 0.1 triplet
+    objective: str = (
+        "arcface"  # global descriptor loss: arcface | contrastive | triplet | margin | quadruplet
+    )
+    margin: float | None = (
+        None  # None: 0.1 arcface (reference), 0.7 contrastive, 0.1 triplet, 0.2 margin (α),
+    )
+    # 0.1 quadruplet (δ₂)
+    margin_beta: float = 1.2  # the margin loss's initial boundary β₀ (Wu et al.), then learned
+    margin_beta_per_class: bool = False  # one learned β per class instead of one for all
     arcface_scale: float = ARCFACE_SCALE  # √2048, fixed (reference)
     mining: str = "hard"  # negatives for contrastive/triplet: hard | distance-weighted (within a worker)
     attention_weight: float = 1.0  # reference
@@ -118,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin!r}")
         if self.objective != "arcface" and self.sampling != "balanced":
             log.warning("%s loss with uniform sampling: batches may hold few positives", self.objective)
+        if self.objective == "quadruplet" and self.sampling == "balanced" and self.images_per_class < 3:
+            raise ValueError("the quadruplet loss needs images_per_class >= 3 (an anchor and two positives)")
 
     @property
     def global_margin(self) -> float:
@@ -231,19 +249,29 @@ class Trainee(nn.Module):
             if "global" in terms and config.objective == "arcface"
             else None
         )
+        self.margin_loss = (
+            MarginLoss(num_classes, config.global_margin, config.margin_beta, config.margin_beta_per_class)
+            if "global" in terms and config.objective == "margin"
+            else None
+        )
         local_channels = model.backbone.spec.local_channels
         self.attention_classifier = nn.Linear(local_channels, num_classes) if "attention" in terms else None
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        views: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) images, (B,) labels → {term: (B,)} for the config's terms."""
+        """(B, 3, S, S) images, (B,) labels, (B,) view keys (quadruplet) → {term: (B,)} for the config's
+        terms."""
         out = self.model(images)
         terms = {}
         if self.arcface is not None:
             terms["global"] = self.arcface(out.global_embedding, labels)
         elif "global" in self.config.terms():
-            terms["global"] = self._metric_loss(out.global_embedding, labels, generator)
+            terms["global"] = self._metric_loss(out.global_embedding, labels, generator, views)
         if self.attention_classifier is not None:
             logits = self.attention_classifier(out.attention_pooled)
             terms["attention"] = nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -251,12 +279,21 @@ class Trainee(nn.Module):
         return terms
 
     def _metric_loss(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        views: torch.Tensor | None,
     ) -> torch.Tensor:
         distances = pairwise_distances(embeddings)
         negatives = mine_negatives(distances, labels, self.config.mining, embeddings.shape[1], generator)
-        loss = contrastive_loss if self.config.objective == "contrastive" else triplet_loss
-        return loss(distances, labels, negatives, self.config.global_margin)
+        margin, objective = self.config.global_margin, self.config.objective
+        if self.margin_loss is not None:
+            return self.margin_loss(distances, labels, negatives)
+        if objective == "quadruplet":
+            return quadruplet_loss(distances, labels, negatives, margin, views)
+        loss = contrastive_loss if objective == "contrastive" else triplet_loss
+        return loss(distances, labels, negatives, margin)
 
     def trainable_modules(self) -> list[nn.Module]:
         model, which = self.model, self.config.trainable
@@ -266,7 +303,7 @@ class Trainee(nn.Module):
             return [model.attention, model.autoencoder, self.attention_classifier]
         if model.whitening is None:
             raise ValueError("trainable='global-head' needs a preset with a whitening layer to fine-tune")
-        return [m for m in (model.whitening, self.arcface) if m is not None]
+        return [m for m in (model.whitening, self.arcface, self.margin_loss) if m is not None]
 
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) total loss per image: global + attention_weight · attention + reconstruction_weight · recon."""
@@ -316,12 +353,13 @@ def train_step(
     lr: float,
     share: float,
     generator: torch.Generator,
+    views: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One SGD step on this worker's images. ``share`` = workers / images in the global batch: data-
     parallel averaging over workers then gives the mean over the global batch's images, even when
     workers dropped different numbers of bad rows. Returns this worker's per-term sums (for logging)."""
     core = trainee.module if isinstance(trainee, nn.parallel.DistributedDataParallel) else trainee
-    terms = trainee(images, labels, generator)
+    terms = trainee(images, labels, generator, views)
     total = core.weighted_loss(terms)
     optimizer.zero_grad(set_to_none=True)
     (total.sum() * share).backward()
@@ -525,6 +563,7 @@ class _Worker:
             learning_rate(self.job.config, step, self.total_steps),
             share,
             mining_generator(self.job.config.seed, step, self.rank),
+            batch.views.to(self.device),
         )
         self.images += len(batch.labels)
         window.images += images

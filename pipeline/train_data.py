@@ -39,13 +39,19 @@ class TrainingRows:
     inline: list[bytes | None]
     labels: np.ndarray  # (N,) int64 class index into ``classes``
     classes: tuple[str, ...]  # landmark ids, sorted
+    views: np.ndarray | None = None  # (N,) float64 view keys from the manifest's ``view`` column (NaN: none)
 
     @property
     def digest(self) -> str:
         """Identity of the label assignment (the manifest fingerprint leaves labels out)."""
         digest = hashlib.sha256("\n".join(self.classes).encode())
         digest.update(self.labels.tobytes())
+        if self.views is not None:
+            digest.update(self.views.tobytes())
         return digest.hexdigest()
+
+    def view(self, row: int) -> float:
+        return float("nan") if self.views is None else float(self.views[row])
 
 
 def training_rows(table: pa.Table) -> TrainingRows:
@@ -64,6 +70,9 @@ def training_rows(table: pa.Table) -> TrainingRows:
         inline=table.column("image").to_pylist(),
         labels=np.array([index[label] for label in labels], dtype=np.int64),
         classes=classes,
+        views=table.column("view").to_numpy(zero_copy_only=False).astype(np.float64)
+        if "view" in table.column_names
+        else None,
     )
 
 
@@ -137,14 +146,16 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[
 class Batch:
     images: torch.Tensor  # (b, 3, S, S), b ≤ the rows asked for
     labels: torch.Tensor  # (b,) int64
+    views: torch.Tensor  # (b,) float64 view keys, NaN where the manifest gives none
     failures: Counter[str] = field(default_factory=Counter)  # ImageError reason → rows dropped
 
 
 def concatenate(parts: list[Batch]) -> Batch:
-    """The parts' images and labels in order, their failures summed."""
+    """The parts' images, labels and views in order, their failures summed."""
     return Batch(
         torch.cat([part.images for part in parts]),
         torch.cat([part.labels for part in parts]),
+        torch.cat([part.views for part in parts]),
         sum((part.failures for part in parts), Counter()),
     )
 
@@ -177,7 +188,7 @@ class ImageSource:
 
     def batch(self, positions: Sequence[int], rows: Sequence[int]) -> Batch:
         """The images at ``positions`` (``rows`` their rows), the failed ones counted and left out."""
-        kept, labels, failures = [], [], Counter()
+        kept, labels, views, failures = [], [], [], Counter()
         for position, row in zip(positions, rows, strict=True):
             result = self.load(position, row)
             if isinstance(result, images.ImageError):
@@ -185,9 +196,11 @@ class ImageSource:
             else:
                 kept.append(result)
                 labels.append(int(self.rows.labels[row]))
+                views.append(self.rows.view(row))
         size = self.transform.size
         stacked = torch.stack(kept) if kept else torch.empty(0, 3, size, size)
-        return Batch(stacked, torch.tensor(labels, dtype=torch.int64), failures)
+        as_tensors = torch.tensor(labels, dtype=torch.int64), torch.tensor(views, dtype=torch.float64)
+        return Batch(stacked, *as_tensors, failures)
 
     def take(self, rows: Sequence[int]) -> ImageSource:
         """This source over ``rows`` only, in order: what a decode task is sent of a big manifest (class
@@ -197,6 +210,7 @@ class ImageSource:
             [self.rows.inline[r] for r in rows],
             self.rows.labels[list(rows)],
             (),
+            None if self.rows.views is None else self.rows.views[list(rows)],
         )
         return replace(self, rows=taken)
 

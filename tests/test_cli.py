@@ -30,6 +30,7 @@ COMMANDS = (
     "index-remove",
     "search",
     "rerank",
+    "aggregate",
     "evaluate",
     "run",
     "report",
@@ -200,3 +201,25 @@ def test_internal_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(sys, "argv", ["landmark-index", "crash"])
     with pytest.raises(KeyError, match="an internal lookup"):
         cli_module.main()
+
+
+def test_vlad_stores_index_and_search_like_any_store(tmp_path):
+    """aggregate (codebook trained on the index store) → aggregate the queries with the index's codebook →
+    build-index → search: a query that is an indexed image finds itself first."""
+    rng = np.random.default_rng(5)
+    images = str(tmp_path / "images")
+    write_clustered_store(images, "img", 16, rng, rng.standard_normal((4, 8)).astype(np.float32))
+    vlad, queries = str(tmp_path / "vlad"), str(tmp_path / "vlad-queries")
+    cli("aggregate", images, vlad, "--clusters", "4", "--sample-images", "16")
+    cli("aggregate", images, queries, "--codebook", vlad)
+    index, results = str(tmp_path / "index"), str(tmp_path / "results.parquet")
+    cli("build-index", vlad, index)
+    cli("search", index, queries, results, "--k", "3")
+    table = pq.read_table(results).to_pylist()
+    first = {r["query_id"]: r["id"] for r in table if r["rank"] == 1}
+    assert len(first) == 16 and all(q == i for q, i in first.items())
+    assert store.read_global(vlad)[1].shape == (16, 4 * 128)
+    missing = cli(
+        "aggregate", images, str(tmp_path / "q2"), "--codebook", str(tmp_path / "nowhere"), check=False
+    )
+    assert missing.returncode == 2 and "no VLAD codebook" in missing.stderr

@@ -9,11 +9,14 @@ import torch
 
 from pipeline.model.losses import (
     ArcFace,
+    MarginLoss,
     arcface_logits,
     contrastive_loss,
     distance_weighted_negatives,
     hardest_negatives,
+    ordered_positives,
     pairwise_distances,
+    quadruplet_loss,
     reconstruction_error,
     triplet_loss,
 )
@@ -128,3 +131,71 @@ def test_distance_weighted_falls_back_to_far_negatives_and_marks_anchors_without
     assert sampled[2].item() in (0, 1)
     alone = distance_weighted_negatives(distances, torch.tensor([0, 0, 0]), 3, generator)
     assert alone.tolist() == [-1, -1, -1]
+
+
+def line_distances(positions: list[float]) -> torch.Tensor:
+    """(B, B) distances between points on a line: every entry differentiable w.r.t. ``positions``."""
+    x = torch.tensor(positions, requires_grad=True)
+    return x, (x[:, None] - x[None, :]).abs()
+
+
+def test_margin_loss_by_hand_with_its_gradient():
+    # a=0, b=0.5 (label 0); c=1.0 (label 1). α = 0.2, β = 1.2 (paper defaults).
+    x, distances = line_distances([0.0, 0.5, 1.0])
+    labels = torch.tensor([0, 0, 1])
+    negatives = torch.tensor([2, 2, 1])
+    loss = MarginLoss(num_classes=2)(distances, labels, negatives)
+    # a: positive b at 0.5 → (0.2 + 0.5 − 1.2)₊ = 0; negative c at 1.0 → (0.2 − (1.0 − 1.2))₊ = 0.4; mean 0.2
+    # b: positive a at 0.5 → 0; negative c at 0.5 → (0.2 − (0.5 − 1.2))₊ = 0.9; mean 0.45
+    # c: no positive; negative b at 0.5 → 0.9
+    assert loss.tolist() == pytest.approx([0.2, 0.45, 0.9], abs=1e-6)
+    loss.sum().backward()
+    # d/dx of −d(a, c)/2 − d(b, c)/2 − d(c, b): a gets +½ (pushing away from c lowers the loss by moving
+    # left), b gets ½ + 1, c gets −½ − ½ − 1.
+    assert x.grad.tolist() == pytest.approx([0.5, 1.5, -2.0], abs=1e-6)
+
+
+def test_margin_loss_learns_beta_per_class():
+    _, distances = line_distances([0.0, 0.5, 1.0])
+    head = MarginLoss(num_classes=2, per_class=True)
+    with torch.no_grad():
+        head.beta.copy_(torch.tensor([1.2, 0.4]))
+    loss = head(distances, torch.tensor([0, 0, 1]), torch.tensor([2, 2, 1]))
+    # c's class has β = 0.4: (0.2 − (0.5 − 0.4))₊ = 0.1
+    assert loss[2].item() == pytest.approx(0.1, abs=1e-6)
+    loss.sum().backward()
+    # β₀ gets −(number of active positive terms, averaged) + (active negative terms, averaged):
+    # a: negative term active (½ · +1), b: negative active (½ · +1) → +1; β₁: c's negative active → +1
+    assert head.beta.grad.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_ordered_positives_by_view_keys_and_by_distance_without_them():
+    # anchor 0 with positives 1, 2, 3 of one place; 4 is another place.
+    _, distances = line_distances([0.0, 0.9, 0.3, 0.6, 5.0])
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    closer, farther = ordered_positives(distances, labels)
+    assert (closer[0].item(), farther[0].item()) == (2, 1)  # by distance: 0.3 nearest, 0.9 farthest
+    views = torch.tensor([10.0, 11.0, 30.0, 20.0, 0.0])  # by view: 11 closest to 10, 30 farthest
+    closer, farther = ordered_positives(distances, labels, views)
+    assert (closer[0].item(), farther[0].item()) == (1, 2)
+    unknown = torch.tensor([10.0, float("nan"), 30.0, 20.0, 0.0])  # a positive's key unknown: distance
+    closer, farther = ordered_positives(distances, labels, unknown)
+    assert (closer[0].item(), farther[0].item()) == (2, 1)
+    assert (closer[4].item(), farther[4].item()) == (-1, -1)  # no positive
+
+
+def test_quadruplet_loss_by_hand_with_its_gradient():
+    # anchor a=0, positives p=0.2 (view 1) and q=0.55 (view 3), negative n=0.7; δ₂ = 0.5, δ₁ = 0.25
+    x, distances = line_distances([0.0, 0.2, 0.55, 0.7])
+    labels = torch.tensor([0, 0, 0, 1])
+    views = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    loss = quadruplet_loss(distances, labels, torch.tensor([3, 3, 3, 2]), margin=0.5, views=views)
+    # a: p₁ = p (view gap 1), p₂ = q (3): [0.2 − 0.55 + 0.25]₊ = 0, [0.55 − 0.7 + 0.5]₊ = 0.35
+    # p: p₁ = a (gap 1), p₂ = q (2): [0.2 − 0.35 + 0.25]₊ = 0.1, [0.35 − 0.5 + 0.5]₊ = 0.35
+    # q: p₁ = p (gap 2), p₂ = a (3): [0.35 − 0.55 + 0.25]₊ = 0.05, [0.55 − 0.15 + 0.5]₊ = 0.9
+    # n: no positive
+    assert loss.tolist() == pytest.approx([0.35, 0.45, 0.95, 0.0], abs=1e-6)
+    loss.sum().backward()
+    # a's loss d(a,q) − d(a,n): ∂q +1, ∂n −1. p's: d(p,a) − d(p,n) (the d(p,q) terms cancel): ∂p +2,
+    # ∂a −1, ∂n −1. q's: d(q,p) − d(q,n) (the d(q,a) terms cancel): ∂q +2, ∂p −1, ∂n −1.
+    assert x.grad.tolist() == pytest.approx([-1.0, 1.0, 3.0, -3.0], abs=1e-6)

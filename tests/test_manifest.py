@@ -451,3 +451,14 @@ def test_bbox_column_round_trips_as_float32() -> None:
     storage.write_bytes(f"{root}/m.parquet", buffer.getvalue().to_pybytes())
     stored = read_manifest(f"{root}/m.parquet").column("bbox").to_pylist()[0]
     assert stored == boxes[0].astype(np.float32).tolist()
+
+
+def test_the_optional_view_column_is_kept_as_numbers_and_checked(tmp_path) -> None:
+    path = tmp_path / "views.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "url": ["a.jpg", "b.jpg"], "view": [3, None]}), path)
+    table = read_manifest(str(path))
+    assert table.schema.field("view").type == pa.float64()
+    assert table.column("view").to_pylist() == [3.0, None]
+    pq.write_table(pa.table({"id": ["a"], "url": ["a.jpg"], "view": ["front"]}), path)
+    with pytest.raises(ManifestError, match="view"):
+        read_manifest(str(path))

@@ -238,3 +238,51 @@ def test_reranked_hits_say_why_they_moved() -> None:
     tile = html[html.index("#1</span>b") :]
     tile = tile[: tile.index("</li>")]
     assert "score 0.912" in tile and "global 0.700" in tile and "57 inliers" in tile and "was #2" in tile
+
+
+def test_the_embedding_map_draws_every_sampled_descriptor(tmp_path: Path) -> None:
+    """A t-SNE map of two stores: one mark per descriptor (queries as rings), ids in hover titles, coloured by
+    landmark, photos for clicks; the sample cap is applied and stated."""
+    from pipeline.embedding_map import embedding_map
+    from tests.stores import write_clustered_store
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16)).astype(np.float32)
+    write_clustered_store(str(tmp_path / "q"), "q", 5, rng, centres)
+    write_clustered_store(str(tmp_path / "i"), "i", 20, rng, centres)
+    landmarks = {f"i{n:03d}": f"L{n % 3}" for n in range(20)}
+    view = embedding_map(str(tmp_path / "q"), str(tmp_path / "i"), landmarks, max_points=100)
+    sources = {"i000": jpeg(50, 40, 1)}
+    html = render_report({}, {}, [], embedding=view, sources=sources)
+    svg = html[html.index('<svg id="emap"') : html.index("</svg>")]
+    assert svg.count("<circle") == 25 and svg.count('fill="none"') == 5  # 5 query rings
+    assert "<title>index i000 · L0</title>" in svg and "<title>query q004</title>" in svg
+    assert svg.count("hsl(") == 20  # the index images have landmarks; the queries none (grey)
+    assert "data:image/jpeg;base64," in html[html.index('id="emap-photos"') :]
+    assert "5 of 5 query and 20 of 20 index descriptors" in html
+    capped = embedding_map(str(tmp_path / "q"), str(tmp_path / "i"), None, max_points=8)
+    assert (int(capped.is_query.sum()), int((~capped.is_query).sum())) == (4, 4)
+    assert "4 of 5 query and 4 of 20 index descriptors" in render_report({}, {}, [], embedding=capped)
+
+    clicked = click_in_chromium(html, "#emap circle[data-i='5']", "#emap-photo", tmp_path)
+    assert clicked.startswith("data:image/jpeg;base64,")  # i000, the first index point, has a photo
+
+
+def click_in_chromium(html: str, target: str, figure: str, tmp_path: Path) -> str:
+    """Open the page in the system Chromium (Playwright), click ``target``; the ``figure``'s img src."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed: the click check needs a browser on PATH")
+    from playwright.sync_api import sync_playwright
+
+    page_file = tmp_path / "map.html"
+    page_file.write_text(html)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(page_file.as_uri())
+            page.click(target)
+            return page.get_attribute(f"{figure} img", "src") or ""
+        finally:
+            browser.close()

@@ -46,6 +46,9 @@ def test_every_stage_runs_and_writes_its_output(finished_run):
         assert metrics[name]["all"]["queries"] == len(DEMO_PHOTOS)
     html = Path(paths.report).read_text()
     assert all(f"query-{p}" in html for p in DEMO_PHOTOS)
+    embedding_map = html[html.index('<svg id="emap"') : html.index("</svg>", html.index('<svg id="emap"'))]
+    indexed = pq.read_table(paths.index_store + "/global").num_rows  # every descriptor: below the sample cap
+    assert embedding_map.count("<circle") == len(DEMO_PHOTOS) + indexed
 
 
 def hand_map_at_100(results_url: str, solution_csv: str) -> float:

@@ -15,6 +15,7 @@ import typer.main
 
 from jobs import index_manifest, nightly_reindex, train
 from pipeline import runconfig, settings
+from pipeline.aggregate import AggregateConfig
 from pipeline.cli import app
 from pipeline.evaluate import evaluate
 from pipeline.extraction import ClusterOptions, ExtractionJob
@@ -96,6 +97,7 @@ COMMANDS = {
         {"ray_address": "address"},
     ),
     "search": ([SearchConfig], set(), {}),
+    "aggregate": ([AggregateConfig], set(), {}),
     # dba_k / dba_alpha shape the DBA vectors, which `dba --k --alpha` builds (rerank only reads them)
     "rerank": ([RerankConfig, GlobalRerankConfig], {"dba_k", "dba_alpha"}, {}),
     "evaluate": ([evaluate], {"options"}, {"landmarks_url": "landmarks", "out_url": "out"}),

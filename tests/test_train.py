@@ -428,3 +428,56 @@ def test_imagenet_preset_trains_a_local_head_its_learned_variant_extracts(
     assert len(after.scores) == len(before.scores)  # every location (threshold 0), chosen and described anew
     assert not np.allclose(after.scores, before.scores)  # trained attention, not the feature norm
     assert not np.allclose(after.descriptors, before.descriptors)  # autoencoder, not the fixed projection
+
+
+def coil_manifest(shared: Path, folder: Path, objects: int = 4, angles=(0, 10, 20)) -> str:
+    """COIL turntable views as a labelled manifest whose ``view`` column is the turntable angle."""
+    import csv
+
+    with open(shared / "data" / "coil100-subset" / "labels.csv") as f:
+        table = list(csv.DictReader(f))
+    kept = sorted({r["object"] for r in table})[:objects]
+    rows = [
+        {
+            "id": r["id"],
+            "url": str(shared / "data" / "coil100-subset" / r["file"]),
+            "landmark_id": r["object"],
+            "view": float(r["angle_deg"]),
+        }
+        for r in table
+        if r["object"] in kept and int(r["angle_deg"]) in angles
+    ]
+    path = folder / "coil.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("objective", ["margin", "quadruplet"])
+def test_metric_objectives_lower_their_loss_on_real_photos(objective, shared_dir, tmp_path):
+    """Margin and quadruplet losses train the ImageNet MobileNetV2's global embedding on COIL views (the
+    manifest's ``view`` column orders the quadruplet's positives): the loss on the batch falls."""
+    manifest = coil_manifest(shared_dir, tmp_path)
+    weights = str(shared_dir / "weights" / "mobilenetv2_imagenet_features.pt")
+    train = TrainJob(
+        manifest,
+        str(tmp_path / "out"),
+        "delg-mobilenetv2-imagenet",
+        TrainConfig(steps=1, objective=objective, image_size=64, augment=False, batchnorm="frozen"),
+        weights_url=weights,
+    )
+    rows = training_rows(read_manifest(manifest))
+    model = train.model_config()
+    source = ImageSource(rows, ImageTransform(64, model.pixel_mean, model.pixel_std, False), seed=0)
+    batch = source.batch(range(len(rows.labels)), range(len(rows.labels)))
+    assert sorted(batch.views.tolist()) == sorted([0.0, 10.0, 20.0] * 4)  # the views reached the batch
+    trainee = build_trainee(train, len(rows.classes))
+    optimizer = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    set_train_mode(trainee)
+    losses = [
+        train_step(
+            trainee, optimizer, batch.images, batch.labels, 0.01, 1 / 12, torch.Generator(), batch.views
+        )["global"]
+        for _ in range(6)
+    ]
+    assert losses[0] > 0 and losses[-1] < 0.8 * losses[0], losses

@@ -141,3 +141,78 @@ def triplet_loss(
     violations = F.relu(distances - negative_distance + margin) * positive  # (B, B)
     usable = (negatives >= 0) & positive.any(dim=1)
     return torch.where(usable, violations.sum(dim=1) / positive.sum(dim=1).clamp(min=1), 0.0)
+
+
+class MarginLoss(nn.Module):
+    """Margin-based loss (Wu, Manmatha, Smola, Krähenbühl 2017, "Sampling Matters in Deep Embedding
+    Learning"): ℓ(i, j) = (α + y_ij (D_ij − β))₊, y = +1 for a positive pair, −1 for a negative one.
+
+    β, the boundary between positive and negative distances, is learned: one value for all classes, or one
+    per class (indexed by the anchor's class) with ``per_class``. The paper pairs the loss with the
+    distance-weighted negatives of :func:`distance_weighted_negatives`. As the other pair losses here, the
+    result is per anchor — the mean over its pairs (every positive and its mined negative), 0 for an anchor
+    without pairs — so each worker's share of a batch can be weighted by its image count; the paper divides
+    the batch's sum by the number of pairs with a non-zero loss instead.
+    """
+
+    def __init__(self, num_classes: int, margin: float = 0.2, beta: float = 1.2, per_class: bool = False):
+        super().__init__()
+        self.margin = margin  # α: the paper's 0.2
+        self.beta = nn.Parameter(torch.full((num_classes if per_class else 1,), beta))  # β₀ = 1.2 (paper)
+        self.per_class = per_class
+
+    def forward(self, distances: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """(B, B) distances, (B,) labels, (B,) mined negative per anchor (−1: none) → (B,) loss."""
+        positive, _ = _masks(labels)
+        beta = self.beta[labels] if self.per_class else self.beta.expand(len(labels))  # (B,)
+        anchor = torch.arange(len(labels), device=labels.device)
+        has_negative = negatives >= 0
+        negative_distance = distances[anchor, negatives.clamp(min=0)]  # (B,)
+        positive_terms = (F.relu(self.margin + distances - beta[:, None]) * positive).sum(dim=1)
+        negative_terms = F.relu(self.margin - (negative_distance - beta)) * has_negative
+        pairs = positive.sum(dim=1) + has_negative
+        return (positive_terms + negative_terms) / pairs.clamp(min=1)
+
+
+def ordered_positives(
+    distances: torch.Tensor, labels: torch.Tensor, views: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, B) distances, (B,) labels, optional (B,) view keys → (B,) closer and (B,) farther positive of
+    each anchor (−1 where it has fewer than two positives).
+
+    With view keys (a view index, a capture time: NaN where unknown), the closer positive is the one whose key
+    is nearest the anchor's, the farther one the most distant; an anchor whose own or whose positives' keys
+    are unknown falls back to the embedding: its nearest and its farthest positive by current distance.
+    """
+    positive, _ = _masks(labels)
+    enough = positive.sum(dim=1) >= 2
+    gap = distances.detach()
+    if views is not None:
+        view_gap = (views[:, None] - views[None, :]).abs()  # (B, B)
+        known = ~torch.isnan(view_gap).masked_fill(~positive, False).any(dim=1) & ~torch.isnan(views)
+        gap = torch.where(known[:, None], view_gap.nan_to_num(0.0), gap)
+    closer = gap.masked_fill(~positive, math.inf).argmin(dim=1)
+    farther = gap.masked_fill(~positive, -math.inf).argmax(dim=1)
+    return torch.where(enough, closer, -1), torch.where(enough, farther, -1)
+
+
+def quadruplet_loss(
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    negatives: torch.Tensor,
+    margin: float,
+    views: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quadruplet loss with an order among positives → (B,) per anchor a:
+    [d(a, p₁) − d(a, p₂) + δ₁]₊ + [d(a, p₂) − d(a, n) + δ₂]₊, p₁ the closer and p₂ the farther positive
+    (:func:`ordered_positives`), n the mined negative; δ₂ = ``margin`` and δ₁ = margin / 2 (an order among
+    views of one place is a weaker signal than place identity). 0 for an anchor with fewer than two
+    positives or no negative. (Chen et al. 2017, "Beyond triplet loss", build the second term from a second,
+    anchor-free negative pair; this variant spends it on ranking views of the same place instead.)"""
+    closer, farther = ordered_positives(distances, labels, views)
+    anchor = torch.arange(len(labels), device=labels.device)
+    d_closer = distances[anchor, closer.clamp(min=0)]
+    d_farther = distances[anchor, farther.clamp(min=0)]
+    d_negative = distances[anchor, negatives.clamp(min=0)]
+    loss = F.relu(d_closer - d_farther + margin / 2) + F.relu(d_farther - d_negative + margin)
+    return torch.where((closer >= 0) & (negatives >= 0), loss, 0.0)
