@@ -78,14 +78,20 @@ class PeakRss:
         self._thread.join()
 
 
-def write_synthetic_store(url: str, n: int, dim: int, shards: int, seed: int) -> None:
+def write_synthetic_store(
+    url: str, n: int, dim: int, shards: int, seed: int, draws: int | None = None, prefix: str = "img"
+) -> None:
     """L2-normalised vectors with a low intrinsic dimension, as real descriptors have: 1000 clusters in a 64-d
     latent space mapped into ``dim`` dims by a random orthonormal basis, plus small isotropic noise.
-    Generated and written shard by shard; rows are in random cluster order."""
+    Generated and written shard by shard; rows are in random cluster order. ``seed`` fixes the clusters and
+    the basis, ``draws`` (default: ``seed``) the rows: another ``draws`` gives independent queries from the
+    same distribution."""
     rng = np.random.default_rng(seed)
     latent = 64
     basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T.astype(np.float32)  # (64, dim)
     centres = rng.standard_normal((1000, latent)).astype(np.float32)
+    if draws is not None:
+        rng = np.random.default_rng(draws)
     empty = store.LocalFeatures(
         np.zeros((0, 2), np.float32),
         np.zeros(0, np.float32),
@@ -98,7 +104,7 @@ def write_synthetic_store(url: str, n: int, dim: int, shards: int, seed: int) ->
         )
         x = z @ basis + 0.05 * rng.standard_normal((len(rows), dim), np.float32)  # (rows, dim)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        store.write_shard(url, shard, [f"img{r:09d}" for r in rows], x, [empty] * len(rows))
+        store.write_shard(url, shard, [f"{prefix}{r:09d}" for r in rows], x, [empty] * len(rows))
 
 
 def matmul_flops() -> float:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import storage, store
 from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
+    DEFAULT_REFINE,
     MERGE_MODES,
     MIN_POINTS_PER_LIST,
     REFINE_KINDS,
@@ -56,6 +57,7 @@ class BuildConfig:
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
     whitening: int | None = None  # learned PCA whitening to this many dims (None: vectors as stored)
     whitening_power: float = 0.5  # each axis divided by eigenvalue^power: 0.5 full whitening, 0 PCA only
+    keep_intermediate: bool = False  # keep OUT/parts/ and OUT/trained.faiss (e.g. to reuse the trained index)
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -321,7 +323,7 @@ def resolve_choice(
         raise ValueError(
             f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
         ) from exc
-    kind = ("sq8" if nlist else "none") if refine_kind == "auto" else refine_kind
+    kind = (DEFAULT_REFINE if nlist else "none") if refine_kind == "auto" else refine_kind
     return IndexChoice(factory, "factory given by the user", nlist, 0, 0, kind)
 
 
@@ -389,11 +391,12 @@ def train_step(
     """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index, OUT/whitening.npz for a whitened one)
     from one random sample.
 
-    Returns the training points used by the index and the held-out query rows.
+    Returns the training points used by the index and the leave-one-out query rows (none with a query store).
     """
     total, dim = sum(counts), config.whitening or shard_dim(shard_urls[0], options)
     n_train, n_sample = sample_sizes(choice, total, dim, config)
-    rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
+    held_out = 0 if config.quality.query_store else min(config.quality.queries, total)
+    rows, query_rows = draw_samples(total, n_sample, held_out, config.seed)
     sample = whitening_step(sample_rows(shard_urls, counts, rows, options), out_url, config, options)
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
@@ -429,6 +432,33 @@ def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, option
     return fitted(sample)
 
 
+def recall_queries(
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    query_rows: np.ndarray,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The recall report's queries (q, D) as stored, the ids to leave out (None for a query store) and what
+    they are: a seeded sample of ``config.quality.query_store``, else the index's own rows ``query_rows``
+    (their ids: a fresh build numbers rows 0..N-1 in shard order)."""
+    url = config.quality.query_store
+    if url is None:
+        where = f"leave-one-out: {len(query_rows)} stored vectors drawn at random, own id excluded"
+        return sample_rows(shard_urls, counts, query_rows, options), query_rows, where
+    urls, query_counts, dim = committed_global_shards(url, options)
+    if dim != shard_dim(shard_urls[0], options):
+        raise ValueError(
+            f"recall query store {storage.redact(url)} has {dim}-d descriptors, the index store "
+            f"{shard_dim(shard_urls[0], options)}-d"
+        )
+    total = sum(query_counts)
+    rows = np.sort(
+        np.random.default_rng(config.seed).choice(total, min(total, config.quality.queries), False)
+    )
+    return sample_rows(urls, query_counts, rows, options), None, f"query store {storage.redact(url)}"
+
+
 def quality_step(
     index: faiss.Index,
     choice: IndexChoice,
@@ -441,14 +471,16 @@ def quality_step(
 ) -> dict[str, Any]:
     """quality.json: recall of the index alone and refined, per nprobe (× k_factor), and the chosen setting."""
     space = _space(out_url, config.whitening is not None, options)
-    queries = space(sample_rows(shard_urls, counts, query_rows, options))
+    stored, exclude, query_set = recall_queries(shard_urls, counts, query_rows, config, options)
+    queries = space(stored)
     total = sum(counts)
-    _, exact_ids = exact_knn(
-        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options, space
-    )
+    depth = max(1, min(config.quality.target_k, total - (exclude is not None)))
+    _, exact_ids = exact_knn(queries, shard_urls, id_bases(counts), depth, options, space, exclude)
     state = {"refine": choice.refine, "next_id": total, "dim": queries.shape[1]}
     refined = refine.attach(index, out_url, state, options) if choice.refine != "none" else None
-    quality = quality_report(index, queries, exact_ids, choice.nlist, config.quality, refined)
+    quality = quality_report(
+        index, queries, exact_ids, choice.nlist, config.quality, refined, exclude, query_set
+    )
     io.write_json(storage.join(out_url, io.QUALITY), quality, options)
     return quality
 
@@ -499,11 +531,11 @@ def _merge_task(
     config: BuildConfig,
     options: Options,
 ) -> tuple[int, bool, dict[str, Any], dict[str, float]]:
-    """:func:`merge_and_measure` on Ray, requesting the memory of the merged parts, the held-out queries and
+    """:func:`merge_and_measure` on Ray, requesting the memory of the merged parts, the recall queries and
     one shard (exact search reads the shards one at a time)."""
     parts = [part_urls(out_url, t)[0] for t in range(tasks)]
     dim = shard_dim(shard_urls[0], options)
-    memory = step_memory_bytes(len(query_rows) + max(counts), dim, parts_bytes(parts, options))
+    memory = step_memory_bytes(config.quality.queries + max(counts), dim, parts_bytes(parts, options))
     args = (out_url, tasks, choice, shard_urls, counts, query_rows, config, options)
     return run_step(merge_and_measure, memory, config.step_cpus, 0, *args)
 
@@ -556,6 +588,8 @@ def build_index(
         len(added), choice, shard_urls, counts, query_rows, out_url, config, options
     )
     timings.update(step_timings)
+    if not config.keep_intermediate:
+        io.remove_intermediate(out_url, options)
 
     summary = {
         **asdict(choice),
@@ -575,4 +609,4 @@ def build_index(
         "timings": timings,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
-    return summary
+    return {**summary, "index_bytes": io.index_bytes(out_url, options)}
