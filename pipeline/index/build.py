@@ -31,7 +31,7 @@ from pipeline.index.params import (
 )
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
-from pipeline.resources import available_memory_bytes
+from pipeline.resources import PeakMemory, available_memory_bytes
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,12 @@ def draw_samples(total: int, train: int, queries: int, seed: int) -> tuple[np.nd
     positions are held (no permutation of all N).
     """
     picked = np.random.default_rng(seed).choice(total, min(total, train + queries), replace=False)
-    return np.sort(picked[:train]), np.sort(picked[-queries:])
+    return np.sort(picked[:train]), np.sort(picked[len(picked) - queries :])
+
+
+def leave_one_out_queries(total: int, config: BuildConfig) -> int:
+    """Stored vectors drawn as recall queries: none when a query store gives them."""
+    return 0 if config.quality.query_store else min(config.quality.queries, total)
 
 
 def train_size(factory: str, total: int, dim: int, config: BuildConfig) -> int:
@@ -395,8 +400,7 @@ def train_step(
     """
     total, dim = sum(counts), config.whitening or shard_dim(shard_urls[0], options)
     n_train, n_sample = sample_sizes(choice, total, dim, config)
-    held_out = 0 if config.quality.query_store else min(config.quality.queries, total)
-    rows, query_rows = draw_samples(total, n_sample, held_out, config.seed)
+    rows, query_rows = draw_samples(total, n_sample, leave_one_out_queries(total, config), config.seed)
     sample = whitening_step(sample_rows(shard_urls, counts, rows, options), out_url, config, options)
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
@@ -563,8 +567,7 @@ def build_index(
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
-    Returns the summary that is also written to ``OUT/params.json`` (factory, reason, refinement, nprobe,
-    k_factor, timings).
+    Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
     """
     if config.merge == "disk":
         check_disk_output(out_url)  # before the expensive steps
@@ -575,18 +578,18 @@ def build_index(
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
-    timings["train_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
-    assert sum(added) == total, (added, total)
-    timings["add_s"] = time.perf_counter() - start
-
-    ntotal, on_disk, quality, step_timings = _merge_task(
-        len(added), choice, shard_urls, counts, query_rows, out_url, config, options
-    )
+    # peak bytes summed over this machine's build processes: driver + a local Ray's (not a remote cluster's)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
+        timings["train_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
+        assert sum(added) == total, (added, total)
+        timings["add_s"] = time.perf_counter() - start
+        ntotal, on_disk, quality, step_timings = _merge_task(
+            len(added), choice, shard_urls, counts, query_rows, out_url, config, options
+        )
     timings.update(step_timings)
     if not config.keep_intermediate:
         io.remove_intermediate(out_url, options)
@@ -607,6 +610,7 @@ def build_index(
         "k_factor": quality["k_factor"],
         "nprobe_reason": quality["nprobe_reason"],
         "timings": timings,
+        "peak_memory_bytes": memory.peak,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
     return {**summary, "index_bytes": io.index_bytes(out_url, options)}
