@@ -46,6 +46,10 @@ def test_every_stage_runs_and_writes_its_output(finished_run):
         assert metrics[name]["all"]["queries"] == len(DEMO_PHOTOS)
     html = Path(paths.report).read_text()
     assert all(f"query-{p}" in html for p in DEMO_PHOTOS)
+    quality = json.loads(Path(paths.index, "quality.json").read_text())
+    assert (
+        quality["query_set"] == f"query store {paths.query_store}"
+    )  # recall measured with the run's queries
 
 
 def hand_map_at_100(results_url: str, solution_csv: str) -> float:
