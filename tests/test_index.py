@@ -591,6 +591,10 @@ def test_quality_on_a_query_store_agrees_with_recall_measured_outside(tmp_path, 
         ValueError, match=r"recall query store .* has 128-d descriptors, the index store 64-d"
     ):
         build_index(built[0], str(tmp_path / "x"), factory=FACTORY, config=wrong)
+    empty = replace(config, quality=QualityConfig(query_store=str(tmp_path / "none")))
+    with pytest.raises(FileNotFoundError, match=r"no descriptor store at .*none"):
+        build_index(built[0], str(tmp_path / "x"), factory=FACTORY, config=empty)
+    assert not Path(tmp_path, "x").exists()  # refused before any step wrote there
 
 
 def test_a_finished_build_keeps_only_what_search_needs(tmp_path, built):

@@ -450,12 +450,7 @@ def recall_queries(
     if url is None:
         where = f"leave-one-out: {len(query_rows)} stored vectors drawn at random, own id excluded"
         return sample_rows(shard_urls, counts, query_rows, options), query_rows, where
-    urls, query_counts, dim = committed_global_shards(url, options)
-    if dim != shard_dim(shard_urls[0], options):
-        raise ValueError(
-            f"recall query store {storage.redact(url)} has {dim}-d descriptors, the index store "
-            f"{shard_dim(shard_urls[0], options)}-d"
-        )
+    urls, query_counts, _ = committed_global_shards(url, options)
     total = sum(query_counts)
     rows = np.sort(
         np.random.default_rng(config.seed).choice(total, min(total, config.quality.queries), False)
@@ -555,6 +550,24 @@ def committed_global_shards(descriptors_url: str, options: Options) -> tuple[lis
     return shard_urls, counts, shard_dim(shard_urls[0], options)
 
 
+def checked_inputs(
+    descriptors_url: str, out_url: str, config: BuildConfig, options: Options
+) -> tuple[list[str], list[int], int]:
+    """:func:`committed_global_shards` of the index store, once the output and the recall query store are
+    checked: before the expensive steps."""
+    if config.merge == "disk":
+        check_disk_output(out_url)
+    shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
+    if config.quality.query_store:
+        query_dim = committed_global_shards(config.quality.query_store, options)[2]
+        if query_dim != dim:
+            raise ValueError(
+                f"recall query store {storage.redact(config.quality.query_store)} has {query_dim}-d "
+                f"descriptors, the index store {dim}-d"
+            )
+    return shard_urls, counts, dim
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -569,9 +582,7 @@ def build_index(
 
     Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
     """
-    if config.merge == "disk":
-        check_disk_output(out_url)  # before the expensive steps
-    shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
+    shard_urls, counts, dim = checked_inputs(descriptors_url, out_url, config, options)
     total = sum(counts)
     choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
