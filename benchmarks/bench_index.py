@@ -136,7 +136,7 @@ def print_quality(index_dir: Path, summary: dict, n: int) -> None:
 def hnsw_default(urls: list[str], dim: int) -> tuple[faiss.Index, float, int]:
     """What autofaiss builds with default arguments at this size: HNSW32 over the flat float32 vectors
     (IndexHNSWFlat, inner product, faiss's default efConstruction 40). Returns it, build seconds and the peak
-    memory of this process meanwhile."""
+    memory of this process tree meanwhile (the local Ray of the build before it included, idle)."""
     with PeakMemory() as memory:
         start = time.perf_counter()
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
@@ -189,7 +189,7 @@ def side_by_side(
     print(
         f"  autofaiss default (HNSW32 flat, efSearch {best['efSearch']}): 1-R@1 {best['1-recall@1']:.3f}  "
         f"100-R@100 {best['100-recall@100']:.3f}  QPS {best['qps']:.0f}  RAM {hnsw_ram / 1e9:.3f} GB  build "
-        f"{hnsw_s:.0f} s, peak {hnsw_peak / 1e9:.2f} GB (one process)"
+        f"{hnsw_s:.0f} s, peak {hnsw_peak / 1e9:.2f} GB (this process tree, the idle local Ray included)"
     )
     print(f"  ratio this/HNSW: QPS {row['qps'] / best['qps']:.1f}×, RAM {ram / hnsw_ram:.2f}×")
 
