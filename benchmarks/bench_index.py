@@ -3,19 +3,19 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_index.py --n 200000   # default 1M; auto parameters
 
-Prints build time (train / add / merge), the ratio distributed ÷ single, peak RSS of the process tree (driver +
-Ray workers, sampled), recall and queries/s per nprobe without refinement and per nprobe × k_factor with it,
-bytes per vector of both, the stored setting, and a projection from the measured per-vector costs.
+Prints build time (train / add / merge), the ratio distributed ÷ single, peak memory summed over the build's
+processes (driver + Ray, sampled) beside plain faiss in one process, recall and queries/s on independent queries
+(same distribution, another draw) per nprobe without refinement and per nprobe × k_factor with it, bytes per
+vector of both, the stored setting, then side by side with autofaiss's default index (HNSW32 flat) on the same
+queries: recall, queries/s, RAM and build time, and a projection from the measured per-vector costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from pipeline.index import BuildConfig, QualityConfig, build_index, io, refine
 from pipeline.index.build import (
     draw_samples,
     id_bases,
+    leave_one_out_queries,
     resolve_choice,
     sample_rows,
     sample_sizes,
@@ -36,56 +37,25 @@ from pipeline.index.build import (
 from pipeline.index.params import IndexChoice, choose_index
 from pipeline.index.quality import exact_knn, measure
 from pipeline.ray_runtime import ensure_ray
+from pipeline.resources import PeakMemory
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        with contextlib.suppress(OSError):  # the process may have exited meanwhile
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        stack.extend(children.get(pid, []))
-    return total
+HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)  # efSearch values tried on the autofaiss-default index
 
 
-class PeakRss:
-    """Peak of tree_rss(this process) sampled every 0.25 s while inside the block."""
-
-    def __enter__(self) -> PeakRss:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(os.getpid()))
-            time.sleep(0.25)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def write_synthetic_store(url: str, n: int, dim: int, shards: int, seed: int) -> None:
+def write_synthetic_store(
+    url: str, n: int, dim: int, shards: int, seed: int, draws: int | None = None, prefix: str = "img"
+) -> None:
     """L2-normalised vectors with a low intrinsic dimension, as real descriptors have: 1000 clusters in a 64-d
     latent space mapped into ``dim`` dims by a random orthonormal basis, plus small isotropic noise.
-    Generated and written shard by shard; rows are in random cluster order."""
+    Generated and written shard by shard; rows are in random cluster order. ``seed`` fixes the clusters and
+    the basis, ``draws`` (default: ``seed``) the rows: another ``draws`` gives independent queries from the
+    same distribution."""
     rng = np.random.default_rng(seed)
     latent = 64
     basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T.astype(np.float32)  # (64, dim)
     centres = rng.standard_normal((1000, latent)).astype(np.float32)
+    if draws is not None:
+        rng = np.random.default_rng(draws)
     empty = store.LocalFeatures(
         np.zeros((0, 2), np.float32),
         np.zeros(0, np.float32),
@@ -98,7 +68,7 @@ def write_synthetic_store(url: str, n: int, dim: int, shards: int, seed: int) ->
         )
         x = z @ basis + 0.05 * rng.standard_normal((len(rows), dim), np.float32)  # (rows, dim)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        store.write_shard(url, shard, [f"img{r:09d}" for r in rows], x, [empty] * len(rows))
+        store.write_shard(url, shard, [f"{prefix}{r:09d}" for r in rows], x, [empty] * len(rows))
 
 
 def matmul_flops() -> float:
@@ -128,7 +98,7 @@ def single_process_build(
     total = sum(counts)
     start = time.perf_counter()
     _, n_sample = sample_sizes(choice, total, dim, config)
-    train_rows, _ = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
+    train_rows, _ = draw_samples(total, n_sample, leave_one_out_queries(total, config), config.seed)
     sample = sample_rows(urls, counts, train_rows)
     base = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
     base.train(sample)
@@ -150,7 +120,7 @@ def print_quality(index_dir: Path, summary: dict, n: int) -> None:
     codes = sum(p.stat().st_size for p in index_dir.glob("refine-*.codes")) / n
     where = "disk, memory-mapped" if summary["refine"] == "store" else "RAM"
     print(
-        f"quality ({quality['queries']} held-out queries, k={quality['k']}); refinement: {summary['refine']}"
+        f"quality ({quality['queries']} queries: {quality['query_set']}; k={quality['k']}); refinement: {summary['refine']}"
     )
     print(f"  bytes per vector: without refinement {pq_bytes:.0f} B (RAM); with it + {codes:.0f} B ({where})")
     for row in quality["rows"]:
@@ -163,6 +133,67 @@ def print_quality(index_dir: Path, summary: dict, n: int) -> None:
     )
 
 
+def hnsw_default(urls: list[str], dim: int) -> tuple[faiss.Index, float, int]:
+    """What autofaiss builds with default arguments at this size: HNSW32 over the flat float32 vectors
+    (IndexHNSWFlat, inner product, faiss's default efConstruction 40). Returns it, build seconds and the peak
+    memory of this process tree meanwhile (the local Ray of the build before it included, idle)."""
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        for url in urls:
+            index.add(store.read_global_shard(url)[1])
+        seconds = time.perf_counter() - start
+    return index, seconds, memory.peak
+
+
+def cheapest(rows: list[dict], target: float, target_r1: float) -> dict | None:
+    """The fastest row meeting both recall targets (None when none does)."""
+    met = [r for r in rows if r["100-recall@100"] >= target and r["1-recall@1"] >= target_r1]
+    return max(met, key=lambda r: r["qps"]) if met else None
+
+
+def side_by_side(
+    index_dir: Path, summary: dict, urls: list[str], queries: np.ndarray, config: BuildConfig
+) -> None:
+    """The built index at its stored setting and autofaiss's default HNSW32 over the same queries and exact
+    truth, one after the other in this process: recall, queries/s, index RAM and build time/memory."""
+    _, exact_ids = exact_knn(queries, urls, id_bases(shard_rows(urls)), 100)
+    ours = refine.attach(io.load_index(str(index_dir)), str(index_dir), io.read_params(str(index_dir)))
+    row = measure(ours, queries, exact_ids, summary["nprobe"], summary["k_factor"])
+    ram = (index_dir / io.INDEX).stat().st_size
+    if summary["refine"] in ("sq8", "fp16"):
+        ram += sum(p.stat().st_size for p in index_dir.glob("refine-*.codes"))
+    del ours
+    hnsw, hnsw_s, hnsw_peak = hnsw_default(urls, queries.shape[1])
+    hnsw_ram = len(faiss.serialize_index(hnsw))
+    hnsw_rows = []
+    for ef in HNSW_EF:
+        hnsw.hnsw.efSearch = ef
+        hnsw_rows.append({**measure(hnsw, queries, exact_ids, None), "efSearch": ef})
+    target, target_r1 = config.quality.target, config.quality.target_r1
+    best = cheapest(hnsw_rows, target, target_r1) or max(hnsw_rows, key=lambda r: r["100-recall@100"])
+    print(
+        f"side by side, {len(queries)} independent queries, exact truth, threads {faiss.omp_get_max_threads()}:"
+    )
+    for r in hnsw_rows:
+        print(
+            f"  HNSW32 flat efSearch {r['efSearch']:>5}  1-R@1 {r['1-recall@1']:.3f}  100-R@100 "
+            f"{r['100-recall@100']:.3f}  QPS {r['qps']:8.0f}"
+        )
+    total_s = sum(summary["timings"].values())
+    print(
+        f"  this index (nprobe {summary['nprobe']}, k_factor {summary['k_factor']}): 1-R@1 {row['1-recall@1']:.3f}"
+        f"  100-R@100 {row['100-recall@100']:.3f}  QPS {row['qps']:.0f}  RAM {ram / 1e9:.3f} GB  build "
+        f"{total_s:.0f} s (incl. quality report), peak {summary['peak_memory_bytes'] / 1e9:.2f} GB (driver + Ray)"
+    )
+    print(
+        f"  autofaiss default (HNSW32 flat, efSearch {best['efSearch']}): 1-R@1 {best['1-recall@1']:.3f}  "
+        f"100-R@100 {best['100-recall@100']:.3f}  QPS {best['qps']:.0f}  RAM {hnsw_ram / 1e9:.3f} GB  build "
+        f"{hnsw_s:.0f} s, peak {hnsw_peak / 1e9:.2f} GB (this process tree, the idle local Ray included)"
+    )
+    print(f"  ratio this/HNSW: QPS {row['qps'] / best['qps']:.1f}×, RAM {ram / hnsw_ram:.2f}×")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,76 +203,63 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--factory", default=None, help="default: automatic parameters for N")
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=1000, help="independent queries (same distribution)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--refine", default="auto", help="auto, none, sq8, fp16 or store")
     parser.add_argument("--memory-budget", default=None, help="e.g. 600MB: steers factory and refinement")
+    parser.add_argument("--skip-single", action="store_true", help="no single-process faiss build")
     args = parser.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
-    store_url = str(root / "store")
+    store_url, query_url = str(root / "store"), str(root / "queries")
     start = time.perf_counter()
     if not (root / "store").exists() or not store.global_shard_urls(store_url):  # a re-run reuses it
         write_synthetic_store(store_url, args.n, args.dim, args.shards, seed=0)
+    if not (root / "queries").exists() or not store.global_shard_urls(query_url):
+        write_synthetic_store(query_url, args.queries, args.dim, 1, seed=0, draws=1, prefix="q")
     print(
-        f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root} ({time.perf_counter() - start:.0f} s)"
+        f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root}, {args.queries} independent "
+        f"queries ({time.perf_counter() - start:.0f} s)"
     )
     budget = None if args.factory else args.memory_budget
     choice = resolve_choice(args.factory, budget, args.n, args.dim, args.refine)
     print(f"factory: {choice.factory}, refine {choice.refine}  ({choice.reason})")
-    config = BuildConfig(
-        tasks=args.tasks, merge="ram", refine=args.refine, quality=QualityConfig(queries=args.queries)
-    )
+    quality = QualityConfig(queries=args.queries, query_store=query_url)
+    config = BuildConfig(tasks=args.tasks, merge="ram", refine=args.refine, quality=quality)
 
     ensure_ray(None)
-    with PeakRss() as dist_rss:
-        start = time.perf_counter()
-        summary = build_index(
-            store_url,
-            str(root / "index"),
-            factory=args.factory,
-            memory_budget=budget,
-            config=config,
-        )
-        dist_total = time.perf_counter() - start
+    start = time.perf_counter()
+    summary = build_index(
+        store_url, str(root / "index"), factory=args.factory, memory_budget=budget, config=config
+    )
+    dist_total = time.perf_counter() - start
     t = summary["timings"]
-    with PeakRss() as single_rss:
-        start = time.perf_counter()
-        single, single_base, st = single_process_build(store_url, choice, config)
-        single_total = time.perf_counter() - start
-
     dist_build = t["train_s"] + t["add_s"] + t["merge_s"]
     print(
         f"train points: {summary['train_points']}   cores: {os.cpu_count()}   OMP threads: {faiss.omp_get_max_threads()}"
     )
-    print(f"{'':14}{'train s':>9}{'add s':>9}{'merge s':>9}{'build s':>9}{'peak RSS GB':>13}")
+    print(f"{'':14}{'train s':>9}{'add s':>9}{'merge s':>9}{'build s':>9}{'peak memory GB':>16}")
     print(
         f"{'distributed':14}{t['train_s']:9.1f}{t['add_s']:9.1f}{t['merge_s']:9.1f}{dist_build:9.1f}"
-        f"{dist_rss.peak / 1e9:13.2f}   (+ quality report {t['quality_s']:.1f} s; total {dist_total:.1f} s)"
+        f"{summary['peak_memory_bytes'] / 1e9:16.2f}   (driver + Ray processes summed; + quality report "
+        f"{t['quality_s']:.1f} s; total {dist_total:.1f} s); index folder {summary['index_bytes'] / 1e9:.3f} GB"
     )
-    print(
-        f"{'single':14}{st['train_s']:9.1f}{st['add_s']:9.1f}{0:9.1f}{single_total:9.1f}{single_rss.peak / 1e9:13.2f}"
-    )
-    print(
-        f"ratio distributed/single: build {dist_build / single_total:.2f}, add {t['add_s'] / st['add_s']:.2f}"
-    )
-
     print_quality(root / "index", summary, args.n)
     urls = store.global_shard_urls(store_url)
-    base_rows = [
-        r for r in json.loads((root / "index" / io.QUALITY).read_text())["rows"] if not r["k_factor"]
-    ]
-    nprobe = max(base_rows, key=lambda r: (r["100-recall@100"], -r["cost_bytes"]))["nprobe"]
-    _, q_rows = draw_samples(args.n, summary["train_points"], args.queries, config.seed)
-    queries = sample_rows(urls, shard_rows(urls), q_rows)
-    _, exact_ids = exact_knn(queries, urls, id_bases(shard_rows(urls)), 100)
-    row = measure(single_base, queries, exact_ids, nprobe)
-    print(f"single-process index (unrefined) at nprobe {nprobe}: 100-R@100 {row['100-recall@100']:.3f}")
-    if single is not single_base and summary["k_factor"]:
-        row = measure(single, queries, exact_ids, summary["nprobe"], summary["k_factor"])
+    queries = np.concatenate([store.read_global_shard(u)[1] for u in store.global_shard_urls(query_url)])
+    side_by_side(root / "index", summary, urls, queries, config)
+    if not args.skip_single:
+        with PeakMemory() as single_memory:
+            start = time.perf_counter()
+            st = single_process_build(store_url, choice, config)[2]
+            single_total = time.perf_counter() - start
         print(
-            f"single-process index refined at the stored setting (nprobe {summary['nprobe']}, k_factor "
-            f"{summary['k_factor']}): 100-R@100 {row['100-recall@100']:.3f}, 1-R@1 {row['1-recall@1']:.3f}"
+            f"{'single':14}{st['train_s']:9.1f}{st['add_s']:9.1f}{0:9.1f}{single_total:9.1f}"
+            f"{single_memory.peak / 1e9:16.2f}   (plain faiss, one process)"
+        )
+        print(
+            f"ratio distributed/single: build {dist_build / single_total:.2f}, add {t['add_s'] / st['add_s']:.2f}, "
+            f"peak memory {summary['peak_memory_bytes'] / single_memory.peak:.2f}"
         )
 
     index_bytes = (root / "index" / io.INDEX).stat().st_size

@@ -359,10 +359,16 @@ def build_index_command(
     memory_budget: Annotated[
         str | None, typer.Option(help="Index size budget, e.g. 8GB; parameters are chosen to fit it.")
     ] = None,
-    target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.95,
+    target_recall: Annotated[float, typer.Option(help="100-recall@100 the stored nprobe must reach.")] = 0.98,
     target_k: Annotated[int, typer.Option(help="The k of that recall.")] = 100,
     target_r1: Annotated[float, typer.Option(help="1-recall@1 the stored nprobe must reach too.")] = 0.99,
-    recall_queries: Annotated[int, typer.Option(help="Held-out queries of the recall report.")] = 1000,
+    recall_sample: Annotated[int, typer.Option(help="Queries of the recall report (a sample).")] = 1000,
+    recall_queries: Annotated[
+        str | None,
+        typer.Option(
+            help="Descriptor store of held-out queries for the recall report [default: leave-one-out stored vectors]."
+        ),
+    ] = None,
     max_nprobe: Annotated[int, typer.Option(help="Largest nprobe the recall report tries.")] = 1024,
     tasks: Annotated[int, typer.Option(help="Parallel Ray add tasks.")] = 4,
     task_cpus: Annotated[float, typer.Option(help="CPUs per add task.")] = 0.5,
@@ -401,6 +407,9 @@ def build_index_command(
     whitening_power: Annotated[
         float, typer.Option(help="Whitening: axes divided by eigenvalue^power (0.5 full, 0 PCA only).")
     ] = 0.5,
+    keep_intermediate: Annotated[
+        bool, typer.Option(help="Keep OUT/parts/ and OUT/trained.faiss after a successful build.")
+    ] = False,
     address: Address = None,
 ) -> None:
     """Train an IVF-PQ index on a random sample, add shards in parallel on Ray, merge, and report recall.

@@ -533,7 +533,10 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
         )
         for query in sorted(global_hits)[: settings.max_queries]
     ]
+    from pipeline.index.io import index_bytes
+
     summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
+    summary["index bytes"] = index_bytes(paths.index, options)
     timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
     out_url = out_url or paths.report
     embedding = (

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline import storage
@@ -179,16 +179,20 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
     paths, options = runner.paths, runner.options
 
     def build() -> Mapping[str, Any]:
+        build_config = config.index.build_config()
+        if build_config.quality.query_store is None:  # recall measured with the run's own queries
+            quality = replace(build_config.quality, query_store=paths.query_store)
+            build_config = replace(build_config, quality=quality)
         return build_index(
             paths.index_store,
             paths.index,
             **config.index.build_arguments(),
             options=options,
             ray_address=config.ray_address,
-            config=config.index.build_config(),
+            config=build_config,
         )
 
-    runner.stage("build-index", asdict(config.index), ["extract-index"], build)
+    runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)
     global_config = config.rerank.global_rerank_config()
     if _needs_dba(config):  # DBA vectors beside the index, for re-ranking
         from pipeline.index.dba import build_dba

@@ -42,11 +42,13 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     [index]          build_index's factory / memory_budget, BuildConfig, QualityConfig (pipeline.index)
     factory          faiss index factory string [unset: chosen from N, dim and memory_budget]
     memory_budget    e.g. "4GB" [unset: no limit]
-    target_recall    100-recall@100 the chosen nprobe must reach [0.95]
+    target_recall    100-recall@100 the chosen nprobe must reach [0.98]
     target_k, target_r1  the recall's k; the 1-recall@1 it must reach too [100, 0.99]
-    recall_queries   held-out queries of the recall report [1000]
+    recall_sample    queries of the recall report, a seeded sample [1000]
+    recall_queries   descriptor store of held-out queries for the recall report [unset: the run's query
+                     store; build-index alone: leave-one-out stored vectors]
     max_nprobe, k_factors  nprobe values tried (1, 2, 4, ... up to this); refined shortlist sizes tried,
-                     in multiples of k [1024, [1, 2, 4, 8, 16]]
+                     in multiples of k [1024, [1, 2, 4, 8, 16, 32]]
     refine           shortlist re-scoring: auto | none | sq8 | fp16 | store [auto]
     merge            ram | disk | auto [auto]
     tasks, task_cpus  parallel Ray add tasks, CPUs each [4, 0.5]
@@ -56,6 +58,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     max_points_per_centroid, max_train_bytes  training sample bounds [256, 8589934592: 8 GiB]
     ram_fraction     auto merges on disk beyond this share of physical RAM [0.5]
     trained_url      reuse this trained empty index instead of training [unset]
+    keep_intermediate  keep the add tasks' parts/ and trained.faiss after the build [false]
     whitening, whitening_power  learned PCA whitening to this many dims, fitted on the index sample; each axis
                      divided by eigenvalue^power (0.5 full, 0 PCA only) [unset: off, 0.5]
 

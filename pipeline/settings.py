@@ -25,7 +25,8 @@ SPELLINGS = {
     "weights_url": "weights",  # --weights, [extract] weights: a URL or "imagenet"
     "allow_local_outside_root": "allow_local_files",  # --allow-local-files: the opt-in says what it allows
     "QualityConfig.target": "target_recall",  # [index] target_recall: "target" alone says nothing
-    "QualityConfig.queries": "recall_queries",  # [index] recall_queries: not the [data] queries manifest
+    "QualityConfig.queries": "recall_sample",  # [index] recall_sample: not the [data] queries manifest
+    "QualityConfig.query_store": "recall_queries",  # --recall-queries STORE: the recall report's queries
 }
 
 SCALARS = (str, int, float, bool)

@@ -71,8 +71,20 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
         str(tmp_path / "rr.parquet"),
     )
 
-    built = cli("build-index", index_store, index, "--address", ray_cluster, "--tasks", "2")
+    built = cli(
+        "build-index",
+        index_store,
+        index,
+        "--address",
+        ray_cluster,
+        "--tasks",
+        "2",
+        "--recall-queries",
+        query_store,
+    )
     assert table_rows(built.stdout)["factory"] == "IDMap2,Flat"  # 40 vectors: too few for IVF-PQ
+    quality = json.loads((tmp_path / "index" / "quality.json").read_text())
+    assert quality["query_set"] == f"query store {query_store}" and quality["queries"] == 4
     cli("search", index, query_store, results, "--k", "10")
     table = pq.read_table(results)
     assert table.num_rows == 40 and sorted(set(table.column("rank").to_pylist())) == list(range(1, 11))

@@ -1,13 +1,16 @@
-"""available_memory_bytes reads the container's cgroup (v2 and v1), not the host's RAM; fake cgroup trees."""
+"""available_memory_bytes reads the container's cgroup (v2 and v1), not the host's RAM; fake cgroup trees.
+PeakMemory sums a real child process's memory."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.resources import available_memory_bytes
+from pipeline.resources import PeakMemory, available_memory_bytes, tree_rss
 
 GIB = 2**30
 
@@ -54,3 +57,21 @@ def test_a_limit_above_the_host_or_already_exceeded(tmp_path: Path, meminfo: Pat
 def test_no_cgroup_and_no_meminfo_falls_back_to_physical_ram(tmp_path: Path) -> None:
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert available_memory_bytes(tmp_path / "none", tmp_path / "no-meminfo") == physical
+
+
+def test_peak_memory_counts_the_child_processes():
+    """A child holding 200 MB written pages: the tree's RSS and the sampled peak include it."""
+    held = 200 * 2**20
+    code = f"import sys; b = b'x' * {held}; print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        alone = tree_rss(os.getpid()) - tree_rss(child.pid)
+        assert tree_rss(child.pid) >= held
+        with PeakMemory(interval=0.01) as memory:
+            pass
+        assert memory.peak >= alone + held
+    finally:
+        child.stdin.close()
+        child.wait()
+    assert tree_rss(child.pid) == 0  # gone: nothing to count

@@ -49,6 +49,10 @@ def test_every_stage_runs_and_writes_its_output(finished_run):
     embedding_map = html[html.index('<svg id="emap"') : html.index("</svg>", html.index('<svg id="emap"'))]
     indexed = pq.read_table(paths.index_store + "/global").num_rows  # every descriptor: below the sample cap
     assert embedding_map.count("<circle") == len(DEMO_PHOTOS) + indexed
+    quality = json.loads(Path(paths.index, "quality.json").read_text())
+    assert (
+        quality["query_set"] == f"query store {paths.query_store}"
+    )  # recall measured with the run's queries
 
 
 def hand_map_at_100(results_url: str, solution_csv: str) -> float:

@@ -283,7 +283,7 @@ def test_every_library_setting_reaches_the_object_the_run_builds() -> None:
         "extract": {"max_extractors": 3, "row_group_size": 7, "compile": True, "decode_cpus": 0.5},
         "index": {
             "target_recall": 0.9,
-            "recall_queries": 50,
+            "recall_sample": 50,
             "k_factors": [1, 2],
             "tasks": 2,
             "factory": "Flat",

@@ -30,7 +30,9 @@ from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, ref
 from tests.test_index import clustered, image_names, write_store
 
 DIM, WHITENED = 64, 16
-FAST = BuildConfig(tasks=2, whitening=WHITENED, quality=QualityConfig(queries=50, max_nprobe=16))
+FAST = BuildConfig(
+    tasks=2, whitening=WHITENED, keep_intermediate=True, quality=QualityConfig(queries=50, max_nprobe=16)
+)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,10 @@
 
 Output layout under an index URL ``OUT``::
 
-    OUT/trained.faiss              the trained, empty index every add task starts from
-    OUT/parts/part-00000.faiss     partial index of add task 0 (its shards' vectors, global ids)
-    OUT/parts/part-00000.ids.parquet  that task's id map
+    OUT/trained.faiss              the trained, empty index every add task starts from  } removed after a
+    OUT/parts/part-00000.faiss     partial index of add task 0 (its shards' vectors,     } successful build
+                                   global ids)                                           } unless
+    OUT/parts/part-00000.ids.parquet  that task's id map                                 } keep_intermediate
     OUT/index.faiss                the merged index (whole, or the header of an on-disk index)
     OUT/index.ivfdata              inverted lists of an on-disk index (local outputs only)
     OUT/ids.parquet                id map: id int64 (faiss id) ↔ image_id string

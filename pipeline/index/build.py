@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import storage, store
 from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
+    DEFAULT_REFINE,
     MERGE_MODES,
     MIN_POINTS_PER_LIST,
     REFINE_KINDS,
@@ -30,7 +31,7 @@ from pipeline.index.params import (
 )
 from pipeline.index.quality import QualityConfig, exact_knn, quality_report
 from pipeline.ray_runtime import ensure_ray
-from pipeline.resources import available_memory_bytes
+from pipeline.resources import PeakMemory, available_memory_bytes
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class BuildConfig:
     refine: str = "auto"  # shortlist re-scoring: auto (from the memory budget) or none, sq8, fp16, store
     whitening: int | None = None  # learned PCA whitening to this many dims (None: vectors as stored)
     whitening_power: float = 0.5  # each axis divided by eigenvalue^power: 0.5 full whitening, 0 PCA only
+    keep_intermediate: bool = False  # keep OUT/parts/ and OUT/trained.faiss (e.g. to reuse the trained index)
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -118,7 +120,12 @@ def draw_samples(total: int, train: int, queries: int, seed: int) -> tuple[np.nd
     positions are held (no permutation of all N).
     """
     picked = np.random.default_rng(seed).choice(total, min(total, train + queries), replace=False)
-    return np.sort(picked[:train]), np.sort(picked[-queries:])
+    return np.sort(picked[:train]), np.sort(picked[len(picked) - queries :])
+
+
+def leave_one_out_queries(total: int, config: BuildConfig) -> int:
+    """Stored vectors drawn as recall queries: none when a query store gives them."""
+    return 0 if config.quality.query_store else min(config.quality.queries, total)
 
 
 def train_size(factory: str, total: int, dim: int, config: BuildConfig) -> int:
@@ -321,7 +328,7 @@ def resolve_choice(
         raise ValueError(
             f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
         ) from exc
-    kind = ("sq8" if nlist else "none") if refine_kind == "auto" else refine_kind
+    kind = (DEFAULT_REFINE if nlist else "none") if refine_kind == "auto" else refine_kind
     return IndexChoice(factory, "factory given by the user", nlist, 0, 0, kind)
 
 
@@ -389,11 +396,11 @@ def train_step(
     """Write OUT/trained.faiss (and OUT/refine.faiss for a refined index, OUT/whitening.npz for a whitened one)
     from one random sample.
 
-    Returns the training points used by the index and the held-out query rows.
+    Returns the training points used by the index and the leave-one-out query rows (none with a query store).
     """
     total, dim = sum(counts), config.whitening or shard_dim(shard_urls[0], options)
     n_train, n_sample = sample_sizes(choice, total, dim, config)
-    rows, query_rows = draw_samples(total, n_sample, min(config.quality.queries, total), config.seed)
+    rows, query_rows = draw_samples(total, n_sample, leave_one_out_queries(total, config), config.seed)
     sample = whitening_step(sample_rows(shard_urls, counts, rows, options), out_url, config, options)
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
@@ -429,6 +436,28 @@ def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, option
     return fitted(sample)
 
 
+def recall_queries(
+    shard_urls: Sequence[str],
+    counts: Sequence[int],
+    query_rows: np.ndarray,
+    config: BuildConfig,
+    options: Options,
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The recall report's queries (q, D) as stored, the ids to leave out (None for a query store) and what
+    they are: a seeded sample of ``config.quality.query_store``, else the index's own rows ``query_rows``
+    (their ids: a fresh build numbers rows 0..N-1 in shard order)."""
+    url = config.quality.query_store
+    if url is None:
+        where = f"leave-one-out: {len(query_rows)} stored vectors drawn at random, own id excluded"
+        return sample_rows(shard_urls, counts, query_rows, options), query_rows, where
+    urls, query_counts, _ = committed_global_shards(url, options)
+    total = sum(query_counts)
+    rows = np.sort(
+        np.random.default_rng(config.seed).choice(total, min(total, config.quality.queries), False)
+    )
+    return sample_rows(urls, query_counts, rows, options), None, f"query store {storage.redact(url)}"
+
+
 def quality_step(
     index: faiss.Index,
     choice: IndexChoice,
@@ -441,14 +470,16 @@ def quality_step(
 ) -> dict[str, Any]:
     """quality.json: recall of the index alone and refined, per nprobe (× k_factor), and the chosen setting."""
     space = _space(out_url, config.whitening is not None, options)
-    queries = space(sample_rows(shard_urls, counts, query_rows, options))
+    stored, exclude, query_set = recall_queries(shard_urls, counts, query_rows, config, options)
+    queries = space(stored)
     total = sum(counts)
-    _, exact_ids = exact_knn(
-        queries, shard_urls, id_bases(counts), min(config.quality.target_k, total), options, space
-    )
+    depth = max(1, min(config.quality.target_k, total - (exclude is not None)))
+    _, exact_ids = exact_knn(queries, shard_urls, id_bases(counts), depth, options, space, exclude)
     state = {"refine": choice.refine, "next_id": total, "dim": queries.shape[1]}
     refined = refine.attach(index, out_url, state, options) if choice.refine != "none" else None
-    quality = quality_report(index, queries, exact_ids, choice.nlist, config.quality, refined)
+    quality = quality_report(
+        index, queries, exact_ids, choice.nlist, config.quality, refined, exclude, query_set
+    )
     io.write_json(storage.join(out_url, io.QUALITY), quality, options)
     return quality
 
@@ -499,11 +530,11 @@ def _merge_task(
     config: BuildConfig,
     options: Options,
 ) -> tuple[int, bool, dict[str, Any], dict[str, float]]:
-    """:func:`merge_and_measure` on Ray, requesting the memory of the merged parts, the held-out queries and
+    """:func:`merge_and_measure` on Ray, requesting the memory of the merged parts, the recall queries and
     one shard (exact search reads the shards one at a time)."""
     parts = [part_urls(out_url, t)[0] for t in range(tasks)]
     dim = shard_dim(shard_urls[0], options)
-    memory = step_memory_bytes(len(query_rows) + max(counts), dim, parts_bytes(parts, options))
+    memory = step_memory_bytes(config.quality.queries + max(counts), dim, parts_bytes(parts, options))
     args = (out_url, tasks, choice, shard_urls, counts, query_rows, config, options)
     return run_step(merge_and_measure, memory, config.step_cpus, 0, *args)
 
@@ -519,6 +550,24 @@ def committed_global_shards(descriptors_url: str, options: Options) -> tuple[lis
     return shard_urls, counts, shard_dim(shard_urls[0], options)
 
 
+def checked_inputs(
+    descriptors_url: str, out_url: str, config: BuildConfig, options: Options
+) -> tuple[list[str], list[int], int]:
+    """:func:`committed_global_shards` of the index store, once the output and the recall query store are
+    checked: before the expensive steps."""
+    if config.merge == "disk":
+        check_disk_output(out_url)
+    shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
+    if config.quality.query_store:
+        query_dim = committed_global_shards(config.quality.query_store, options)[2]
+        if query_dim != dim:
+            raise ValueError(
+                f"recall query store {storage.redact(config.quality.query_store)} has {query_dim}-d "
+                f"descriptors, the index store {dim}-d"
+            )
+    return shard_urls, counts, dim
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -531,31 +580,30 @@ def build_index(
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
-    Returns the summary that is also written to ``OUT/params.json`` (factory, reason, refinement, nprobe,
-    k_factor, timings).
+    Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
     """
-    if config.merge == "disk":
-        check_disk_output(out_url)  # before the expensive steps
-    shard_urls, counts, dim = committed_global_shards(descriptors_url, options)
+    shard_urls, counts, dim = checked_inputs(descriptors_url, out_url, config, options)
     total = sum(counts)
     choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
-    timings["train_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
-    assert sum(added) == total, (added, total)
-    timings["add_s"] = time.perf_counter() - start
-
-    ntotal, on_disk, quality, step_timings = _merge_task(
-        len(added), choice, shard_urls, counts, query_rows, out_url, config, options
-    )
+    # peak bytes summed over this machine's build processes: driver + a local Ray's (not a remote cluster's)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
+        timings["train_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
+        assert sum(added) == total, (added, total)
+        timings["add_s"] = time.perf_counter() - start
+        ntotal, on_disk, quality, step_timings = _merge_task(
+            len(added), choice, shard_urls, counts, query_rows, out_url, config, options
+        )
     timings.update(step_timings)
+    if not config.keep_intermediate:
+        io.remove_intermediate(out_url, options)
 
     summary = {
         **asdict(choice),
@@ -573,6 +621,7 @@ def build_index(
         "k_factor": quality["k_factor"],
         "nprobe_reason": quality["nprobe_reason"],
         "timings": timings,
+        "peak_memory_bytes": memory.peak,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
-    return summary
+    return {**summary, "index_bytes": io.index_bytes(out_url, options)}

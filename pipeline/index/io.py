@@ -137,6 +137,19 @@ def read_params(index_url: str, options: Options = None) -> dict[str, Any]:
     return params
 
 
+def index_bytes(index_url: str, options: Options = None) -> int:
+    """Bytes of the files directly under ``index_url`` except the intermediate trained index: what a copy of
+    the index for search holds (index, id map, refinement codes, JSON, whitening, DBA vectors)."""
+    files = storage.list_files(index_url, options)
+    return sum(storage.info(url, options)["size"] for url in files if not url.endswith("/" + TRAINED))
+
+
+def remove_intermediate(index_url: str, options: Options = None) -> None:
+    """Remove what only the build needed: the add tasks' parts and the trained empty index."""
+    storage.remove(storage.join(index_url, PARTS), options, recursive=True)
+    storage.remove(storage.join(index_url, TRAINED), options)
+
+
 def set_search_params(index: faiss.Index, nprobe: int | None) -> None:
     """Set nprobe (and a wide enough HNSW coarse-quantizer beam); a no-op for exact indexes."""
     if nprobe is None:

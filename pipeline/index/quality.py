@@ -1,8 +1,11 @@
 """How good an approximate index is: k-recall@k against exact inner-product search, and queries/s, per nprobe.
 
-Definition: the queries are a seeded random sample of the stored vectors (drawn across all shards). The ground
-truth of a query is its exact top-k by inner product over every indexed vector (the query itself included, as
-it is for any near-duplicate in the collection). k-recall@k = |approximate top-k ∩ exact top-k| / k, averaged.
+Definition: the queries behave like a user's, who queries with a photo the index does not hold. Either a seeded
+random sample of a query store (``QualityConfig.query_store``), or leave-one-out: a seeded random sample of the
+stored vectors, each query's own id excluded from both its exact ground truth and the approximate results (a
+stored query would otherwise find itself: 1-recall@1 reads 1.0 whatever the index). Other stored vectors equal
+to the query stay, as near-duplicates of a user's photo would. The ground truth of a query is its exact top-k by
+inner product over every indexed vector. k-recall@k = |approximate top-k ∩ exact top-k| / k, averaged.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ PLATEAU = 0.001  # recall gains below this are not worth more probes
 
 @dataclass(frozen=True)
 class QualityConfig:
-    queries: int = 1000  # held-out query sample size (capped at N)
-    target: float = 0.95  # the stored setting must reach this target_k-recall@target_k ...
+    queries: int = 1000  # query sample size (capped at the vectors it is drawn from)
+    query_store: str | None = (
+        None  # descriptor store of held-out queries (None: leave-one-out stored vectors)
+    )
+    target: float = 0.98  # the stored setting must reach this target_k-recall@target_k ...
     target_k: int = 100
     target_r1: float = 0.99  # ... and this 1-recall@1
     max_nprobe: int = 1024  # nprobe values tried: 1, 2, 4, ... up to min(nlist, this)
-    k_factors: tuple[int, ...] = (1, 2, 4, 8, 16)  # refined shortlist sizes tried, in multiples of k
+    k_factors: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # refined shortlist sizes tried, in multiples of k
 
     def __post_init__(self) -> None:
         if not (0 < self.target <= 1 and 0 < self.target_r1 <= 1):
@@ -42,6 +48,18 @@ class QualityConfig:
             raise ValueError(f"k_factors={self.k_factors}; need at least one, each ≥ 1")
 
 
+def drop_self(
+    scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` columns of ranked ``scores``/``ids`` (q, ≥ k) once each row's own id ``exclude`` (q,)
+    is dropped (None: nothing dropped). Searched k + 1 deep, this is the exact top-k without self, ties and
+    duplicates included: only the one entry holding that id goes, wherever it ranks."""
+    if exclude is None:
+        return scores[:, :k], ids[:, :k]
+    order = np.argsort(ids == exclude[:, None], axis=1, kind="stable")[:, :k]  # self (if found) last
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def exact_knn(
     queries: np.ndarray,
     shard_urls: Sequence[str],
@@ -49,20 +67,24 @@ def exact_knn(
     k: int,
     options: Options = None,
     space: Space = identity,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner product of ``queries`` (q, d) over the shards' vectors mapped by ``space`` (the
-    index's whitening), one shard in memory at a time.
+    index's whitening), one shard in memory at a time, without each query's own id ``exclude`` (q,).
 
     Ids are ``base + row``, as the index stores them. Returns scores (q, k) float32 and ids (q, k) int64.
     """
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    depth = k + (exclude is not None)
+    heap = faiss.ResultHeap(len(queries), depth, keep_max=True)
     for url, base in zip(shard_urls, bases, strict=True):
         _, stored = store.read_global_shard(url, options)  # (n, D)
         vectors = space(stored)  # (n, d)
-        scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        scores, rows = faiss.knn(
+            queries, vectors, min(depth, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT
+        )
         heap.add_result(scores, np.where(rows >= 0, rows + base, -1))
     heap.finalize()
-    return heap.D, heap.I
+    return drop_self(heap.D, heap.I, exclude, k)
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
@@ -80,14 +102,20 @@ def nprobe_values(nlist: int, max_nprobe: int) -> list[int | None]:
 
 
 def measure(
-    index: Any, queries: np.ndarray, exact_ids: np.ndarray, nprobe: int | None, k_factor: int | None = None
+    index: Any,
+    queries: np.ndarray,
+    exact_ids: np.ndarray,
+    nprobe: int | None,
+    k_factor: int | None = None,
+    exclude: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Recall at 1/10/100 (those ≤ the ground-truth depth) and queries/s at one nprobe and refinement factor
-    (``k_factor`` None: the unrefined index)."""
+    (``k_factor`` None: the unrefined index); leave-one-out queries search one deeper and drop their own id."""
     configure(index, nprobe, k_factor)
     k = exact_ids.shape[1]
     start = time.perf_counter()
-    _, ids = index.search(queries, k)
+    scores, ids = index.search(queries, k + (exclude is not None))
+    _, ids = drop_self(scores, ids, exclude, k)
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {"nprobe": nprobe, "k_factor": k_factor, "qps": len(queries) / max(seconds, 1e-9)}
     for r in (*RECALL_KS, k):
@@ -121,11 +149,12 @@ def sweep(
     nprobes: Sequence[int | None],
     k_factor: int | None,
     target: Target,
+    exclude: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Rows over increasing nprobe; a refined sweep stops once the target is met or recall stops rising."""
     rows: list[dict[str, Any]] = []
     for nprobe in nprobes:
-        rows.append(measure(index, queries, exact_ids, nprobe, k_factor))
+        rows.append(measure(index, queries, exact_ids, nprobe, k_factor, exclude))
         plateau = len(rows) > 1 and rows[-1][target.key] - rows[-2][target.key] < PLATEAU
         if k_factor is not None and (target.met(rows[-1]) or plateau):
             break
@@ -155,10 +184,13 @@ def quality_report(
     nlist: int,
     config: QualityConfig = QualityConfig(),
     refined: Any = None,
+    exclude: np.ndarray | None = None,
+    query_set: str = "",
 ) -> dict[str, Any]:
     """Recall/QPS rows over nprobe for ``index`` alone (k_factor None) and, given the ``refined`` index
     (pipeline.index.refine.attach), over nprobe × k_factor; the cheapest setting reaching the target is stored.
-    ``exact_ids`` (q, k) from :func:`exact_knn`."""
+    ``exact_ids`` (q, k) from :func:`exact_knn`; ``exclude`` (q,): leave-one-out queries' own ids, which the
+    ground truth must exclude too; ``query_set`` says where the queries come from (quality.json's record)."""
     target_k = min(config.target_k, exact_ids.shape[1])
     target = Target(
         f"{target_k}-recall@{target_k}",
@@ -168,15 +200,18 @@ def quality_report(
         target_k * code_size(refined) if refined is not None else 0.0,
     )
     nprobes = nprobe_values(nlist, config.max_nprobe)
-    rows = [measure(index, queries, exact_ids, p) for p in nprobes]
+    rows = [measure(index, queries, exact_ids, p, None, exclude) for p in nprobes]
     for k_factor in sorted(config.k_factors) if refined is not None else ():
-        rows += sweep(refined, queries, exact_ids, nprobes, k_factor, target)
+        rows += sweep(refined, queries, exact_ids, nprobes, k_factor, target, exclude)
     row, reason = pick(rows, target)
     configure(refined if refined is not None else index, row["nprobe"], row["k_factor"])
     return {
-        "definition": "queries: seeded random sample of stored vectors; truth: exact inner-product top-k over all "
-        "indexed vectors; k-recall@k = |approx top-k ∩ exact top-k| / k; k_factor: refined shortlist of "
-        "k · k_factor PQ candidates (null: PQ order, no refinement); cost: PQ + refinement bytes read per query",
+        "definition": "queries: see query_set (leave-one-out: each query's own id excluded from its truth and "
+        "its results); truth: exact inner-product top-k over all indexed vectors; k-recall@k = |approx top-k ∩ "
+        "exact top-k| / k; k_factor: refined shortlist of k · k_factor PQ candidates (null: PQ order, no "
+        "refinement); cost: PQ + refinement bytes read per query",
+        "query_set": query_set,
+        "leave_one_out": exclude is not None,
         "queries": len(queries),
         "k": int(exact_ids.shape[1]),
         "target": config.target,
