@@ -257,12 +257,6 @@ def test_a_tf1_saved_model_with_the_released_names_converts_and_reproduces_its_g
         Delg.from_config(conversion.config).state_dict()
     )
     assert_reproduced(released_layout_model, weights, photo, released_r50())
-    # the reconstruction variant is not this file: --detect keeps block3
-    found, comparisons = detect_variant(
-        released_layout_model, weights, photo, released_r50(attention_threshold=0.0, max_local_features=10**5)
-    )
-    assert found == released_r50(attention_threshold=0.0, max_local_features=10**5) and len(comparisons) == 4
-    assert sum(c.passes() for c in comparisons.values()) == 1
 
 
 def test_a_tf2_reference_export_and_its_checkpoints_convert_and_reproduce_it(
@@ -286,51 +280,48 @@ def test_a_tf2_reference_export_and_its_checkpoints_convert_and_reproduce_it(
         other = convert_weights(str(tf_artifacts / checkpoint), str(tmp_path / "b.pt"), tiny_config())
         assert other.sha256 == conversion.sha256
     assert_reproduced(saved_model, weights, photo, tiny_config())
-    wrong = verify_conversion(saved_model, weights, photo, tiny_config(attention_input="reconstruction"))
+    wrong = verify_conversion(
+        saved_model, weights, photo, tiny_config(attention_input="reconstruction", attention_threshold=0.0)
+    )
     assert not wrong.passes()  # the attention input matters: the setting is what makes it exact
 
 
-def test_detect_finds_the_variant_of_a_tf1_file(tmp_path: Path, photo: str) -> None:
-    """A TF1 file whose heads differ from the preset (attention on the reconstruction, ReLU code)."""
+@pytest.fixture(scope="module")
+def variant_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small TF1 file whose heads differ from the preset's: attention on the reconstruction, ReLU code."""
     pytest.importorskip("tensorflow", reason="the convert extra (tensorflow-cpu) is not installed")
     from tests.tf_delg import export_slim_delg
 
-    config = tiny_config(TINY_SLIM, gem_learned=True, attention_threshold=0.0, max_local_features=10**5)
-    path = str(tmp_path / "variant")
-    export_slim_delg(
-        path, tf_shapes(Delg.from_config(config)), attention_input="reconstruction", activation="relu"
-    )
-    weights = str(tmp_path / "variant.pt")
-    convert_weights(path, weights, config)
-    found, comparisons = detect_variant(path, weights, photo, config)
-    assert found == dataclasses.replace(
-        config, attention_input="reconstruction", autoencoder_activation="relu"
-    )
-    assert not comparisons["attention_input=block3, autoencoder_activation=none"].passes()
+    path = str(tmp_path_factory.mktemp("tf1") / "variant")
+    variables = tf_shapes(Delg.from_config(tiny_config(TINY_SLIM, gem_learned=True)))
+    export_slim_delg(path, variables, attention_input="reconstruction", activation="relu")
+    return path
 
 
-def test_convert_weights_cli_verifies_and_detects(
-    released_layout_model: str, photo: str, tmp_path: Path, monkeypatch
+def test_convert_weights_cli_verifies_and_detects_the_variant(
+    variant_model: str, photo: str, tmp_path: Path, monkeypatch
 ) -> None:
     from typer.testing import CliRunner
 
     from pipeline import cli
 
-    monkeypatch.setitem(
-        PRESETS, "delg-r50-gldv2", released_r50(attention_threshold=0.0, max_local_features=10**5)
-    )
+    config = tiny_config(TINY_SLIM, gem_learned=True, attention_threshold=0.0, max_local_features=10**5)
+    monkeypatch.setitem(PRESETS, "tiny-slim", config)
     out = str(tmp_path / "cli.pt")
-    result = CliRunner().invoke(cli.app, ["convert-weights", released_layout_model, out, "--verify", photo])
-    assert result.exit_code == 0, result.output
+    command = ["convert-weights", variant_model, out, "--preset", "tiny-slim", "--verify", photo]
+    result = CliRunner().invoke(cli.app, command)
+    assert result.exit_code == 1 and "verification failed" in result.output  # the preset's heads differ
     assert "slim ResNet-50" in result.output and "global_cosine" in result.output and Path(out).exists()
-    result = CliRunner().invoke(
-        cli.app, ["convert-weights", released_layout_model, out, "--verify", photo, "--detect"]
-    )
+    result = CliRunner().invoke(cli.app, [*command, "--detect"])
     assert result.exit_code == 0, result.output
-    assert "detected: attention_input=block3, autoencoder_activation=none" in result.output
-    result = CliRunner().invoke(
-        cli.app, ["convert-weights", released_layout_model + "/variables", out, "--verify", photo]
+    detected = "detected: attention_input=reconstruction, autoencoder_activation=relu (not the preset's)"
+    assert detected in result.output
+    found, comparisons = detect_variant(variant_model, out, photo, config)  # what the CLI printed
+    assert found == dataclasses.replace(
+        config, attention_input="reconstruction", autoencoder_activation="relu"
     )
+    assert [c.passes() for c in comparisons.values()] == [False, False, False, True]
+    result = CliRunner().invoke(cli.app, ["convert-weights", variant_model + "/variables", out, *command[3:]])
     assert result.exit_code != 0 and "not a SavedModel directory" in str(result.exception)
 
 
