@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import storage
-from pipeline.config import PRESETS, ExtractionConfig
+from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS, PRESETS, ExtractionConfig
 from pipeline.features import ImageFeatures, build_extractor
 from pipeline.model.backbones import BACKBONES
 from pipeline.model.delg import Delg
@@ -466,8 +466,6 @@ VARIANT_SETTINGS = ("attention_input", "autoencoder_activation")
 
 def variants(config: ExtractionConfig) -> list[ExtractionConfig]:
     """``config`` first, then every other combination of the VARIANT_SETTINGS values."""
-    from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS
-
     combos = [
         dataclasses.replace(config, attention_input=attention, autoencoder_activation=activation)
         for attention in ATTENTION_INPUTS

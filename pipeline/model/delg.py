@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS
 from pipeline.model.backbones import Backbone, get_backbone_spec
 from pipeline.model.geometry import ReceptiveField, receptive_field
 from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, pooled_dim, rmac, spoc
@@ -39,9 +40,6 @@ class Attention(nn.Module):
         """(B, C, h, w) → (B, h, w)."""
         x = F.relu(self.bn(self.conv1(features)))
         return F.softplus(self.conv2(x)).squeeze(1)
-
-
-AUTOENCODER_ACTIVATIONS = ("none", "relu")
 
 
 class Autoencoder(nn.Module):
@@ -78,7 +76,6 @@ class Autoencoder(nn.Module):
 
 
 LOCAL_HEADS = ("learned", "backbone")
-ATTENTION_INPUTS = ("block3", "reconstruction")
 PROJECTION_SEED = 20200401  # fixed: the projection is part of the model, identical in every process
 
 
