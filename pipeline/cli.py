@@ -726,39 +726,72 @@ def _print_mapping(title: str, values) -> None:
 
 @app.command("convert-weights")
 def convert_weights_command(
-    src: Annotated[str, typer.Argument(help="Released DELG TF2 SavedModel directory (or its variables/).")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Released DELG SavedModel (TF1 or TF2), its variables/, or a TF checkpoint prefix."
+        ),
+    ],
     out: Annotated[str, typer.Argument(help="Where to write the PyTorch state dict (.pt; any storage URL).")],
-    preset: Preset = "delg-r50-gldv2",
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Preset the weights are for [default: the one of the file's layout, e.g. delg-r50-gldv2]."
+        ),
+    ] = None,
     verify: Annotated[
         str | None,
         typer.Option(
-            "--verify", help="Image: extract it with the SavedModel and the converted weights, compare."
+            "--verify",
+            help="Image: extract it with the SavedModel's own graph and the converted weights, compare.",
         ),
     ] = None,
+    detect: Annotated[
+        bool,
+        typer.Option(
+            "--detect",
+            help="With --verify: try the head variants (attention input, autoencoder activation), keep the one "
+            "that reproduces the SavedModel.",
+        ),
+    ] = False,
     min_matched: Annotated[
         float, typer.Option(help="--verify: share of reference keypoints the conversion must reproduce.")
     ] = 0.99,
 ) -> None:
-    """Convert released DELG weights (TF2 SavedModel) into a state dict for a DELG preset.
+    """Convert released DELG weights (TF1 or TF2 SavedModel, or checkpoint) into a state dict for a preset.
 
     1. Download and unpack a released model (r50delg_gldv2clean_20200914.tar.gz or
     r101delg_gldv2clean_20200914.tar.gz, linked from the tensorflow/models research/delf README).
 
-    2. landmark-index convert-weights SAVED_MODEL delg-r50.pt --verify photo.jpg (R101: --preset
-    delg-r101-gldv2). --verify runs the SavedModel's own serving function and the converted extractor on the
-    image and exits 1 when their features differ beyond tolerance.
+    2. landmark-index convert-weights SAVED_MODEL delg-r50.pt --verify photo.jpg: the preset follows the
+    file's layout (tf-slim resnet_v1_50 → delg-r50-gldv2, resnet_v1_101 → delg-r101-gldv2). --verify runs
+    the SavedModel's own graph and the converted extractor on the image and exits 1 when their features
+    differ beyond tolerance; --detect tries the head variants and reports the one that matches.
 
     3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt
 
     Needs TensorFlow: pip install 'landmark-index\\[convert]'.
     """
     from pipeline.config import get_preset
-    from pipeline.convert import convert_weights, verify_conversion
+    from pipeline.convert import convert_weights, detect_variant, variant_label, verify_conversion
 
-    config, options = get_preset(preset), storage.options_from_env()
-    conversion = convert_weights(src, out, config, options)
-    _print_mapping(f"{src} → {conversion.out}", asdict(conversion) | {"ignored": len(conversion.ignored)})
+    if detect and verify is None:
+        raise ValueError("--detect needs --verify IMAGE: the variants are judged on that image")
+    options = storage.options_from_env()
+    conversion = convert_weights(src, out, get_preset(preset) if preset else None, options)
+    summary = {k: v for k, v in asdict(conversion).items() if k != "config"}
+    _print_mapping(f"{src} → {conversion.out}", summary | {"ignored": len(conversion.ignored)})
     if verify is None:
+        return
+    config = conversion.config
+    if detect:
+        found, comparisons = detect_variant(src, out, verify, config, options)
+        for label, comparison in comparisons.items():
+            _print_mapping(f"SavedModel vs converted ({label}) on {verify}", asdict(comparison))
+        if found is None:
+            console.print("[bold red]no variant reproduces the SavedModel[/]")
+            raise SystemExit(1)
+        stdout.print(f"detected: {variant_label(found)}" + ("" if found == config else " (not the preset's)"))
         return
     comparison = verify_conversion(src, out, verify, config, options)
     _print_mapping(f"SavedModel vs converted on {verify}", asdict(comparison))

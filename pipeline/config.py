@@ -23,6 +23,8 @@ DELG_GLOBAL_SCALES = (0.70710677, 1.0, 1.4142135)  # the reference's image_scale
 
 AUTOCAST_DTYPES = ("none", "bf16", "fp16")
 LOCAL_HEADS = ("learned", "backbone")
+ATTENTION_INPUTS = ("block3", "reconstruction")
+AUTOENCODER_ACTIVATIONS = ("none", "relu")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -32,7 +34,8 @@ def _check_positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean settings."""
+    """What DELG extraction computes. Defaults are the reference R50 GLDv2-clean extraction settings; the
+    presets also pick the layout and head details their weights need."""
 
     backbone: str = "resnet50-ref"  # a name in pipeline.model.catalog.BACKBONE_CHANNELS
     max_side: int = 1024  # longest image side after capping (downscale only)
@@ -46,7 +49,8 @@ class ExtractionConfig:
         "gem"  # global pooling: gem (DELG), mac, spoc, rmac or netvlad (pipeline.model.pooling)
     )
     netvlad_clusters: int = 64  # NetVLAD centroids K (its output has K · channels dims)
-    gem_p: float = 3.0  # GeM exponent, fixed (not learned)
+    gem_p: float = 3.0  # GeM exponent (fixed; with gem_learned only its initial value)
+    gem_learned: bool = False  # the exponent is a weight read from the file (the released gem/gem_power)
     whitening: bool = True  # FC layer after GeM; off = raw GeM of the backbone
     global_dim: int = 2048  # output dim of the whitening FC (= backbone channels when off)
     local_dim: int = 128  # autoencoder bottleneck = local descriptor dim
@@ -54,6 +58,10 @@ class ExtractionConfig:
     # "learned": DELG's trained attention + autoencoder. "backbone": for backbone-only weights (no trained
     # local head): attention = feature norm, descriptor = fixed orthonormal projection of the block3 feature.
     local_head: str = "learned"
+    # What the learned attention scores: "block3" (the paper, the released models, the final reference) or
+    # "reconstruction" (the autoencoder's output: the TF2 reference from Dec 2020 to Apr 2021).
+    attention_input: str = "block3"
+    autoencoder_activation: str = "none"  # on the 128-d code (the descriptor): none (reference) or relu
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
@@ -68,6 +76,12 @@ class ExtractionConfig:
         self._validate_sizes()
         if self.local_head not in LOCAL_HEADS:
             raise ValueError(f"local_head {self.local_head!r}; allowed: {list(LOCAL_HEADS)}")
+        if self.attention_input not in ATTENTION_INPUTS:
+            raise ValueError(f"attention_input {self.attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
+        if self.autoencoder_activation not in AUTOENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"autoencoder_activation {self.autoencoder_activation!r}; allowed: {list(AUTOENCODER_ACTIVATIONS)}"
+            )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
             raise ValueError(
                 f"pixel_mean/pixel_std need 3 values (RGB), got {self.pixel_mean}, {self.pixel_std}"
@@ -161,11 +175,16 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 PRESETS: dict[str, ExtractionConfig] = {
-    # Reference DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt); the reference's Keras
-    # ResNet layout with block3_strides, so the released weights load (landmark-index convert-weights).
-    "delg-r50-gldv2": ExtractionConfig(),
-    # Reference DELG R101: same pipeline, its own attention threshold (r101delg_gldv2clean_config.pbtxt).
-    "delg-r101-gldv2": ExtractionConfig(backbone="resnet101-ref", attention_threshold=357.48),
+    # Released DELG R50 trained on GLDv2-clean (r50delg_gldv2clean_config.pbtxt): tf-slim resnet_v1_50 with
+    # the learned GeM exponent and attention on block3, as the released TF1 files (convert-weights).
+    "delg-r50-gldv2": ExtractionConfig(backbone="resnet50-slim", gem_learned=True),
+    # Released DELG R101: same pipeline, its own attention threshold (r101delg_gldv2clean_config.pbtxt).
+    "delg-r101-gldv2": ExtractionConfig(
+        backbone="resnet101-slim", gem_learned=True, attention_threshold=357.48
+    ),
+    # DELG R50 as the TF2 reference code trains and exports it (training/model: Keras ResNet with
+    # block3_strides, GeM p = 3, attention on block3 since Apr 2021); the R50 threshold is a placeholder.
+    "delg-r50-tf2": ExtractionConfig(backbone="resnet50-ref"),
     # Quality checks with the shared ImageNet MobileNetV2 (no DELG training): ImageNet normalisation, raw
     # 1280-d GeM (an untrained whitening FC would scramble it). ImageNet objects span ~224 px, so a 512 cap
     # with scales 0.5–1.0 keeps objects near that size; upsampling (√2, 2) adds cost, not ImageNet detail.

@@ -12,14 +12,16 @@ from pipeline.config import PRESETS, ExtractionConfig, RuntimeOptions, get_prese
 
 def test_reference_presets_carry_the_published_settings() -> None:
     r50, r101 = get_preset("delg-r50-gldv2"), get_preset("delg-r101-gldv2")
-    assert r50.backbone == "resnet50-ref" and r101.backbone == "resnet101-ref"  # the reference's layout
+    assert r50.backbone == "resnet50-slim" and r101.backbone == "resnet101-slim"  # the released files' layout
+    assert r50.gem_learned and r50.attention_input == "block3"  # learned gem/gem_power; the paper's input
     assert r50.scales == (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)  # as the pbtxt writes them
     assert r50.global_scales == (0.70710677, 1.0, 1.4142135)
     assert (r50.attention_threshold, r101.attention_threshold) == (454.6, 357.48)
     assert (r50.max_side, r50.max_local_features, r50.global_dim, r50.local_dim) == (1024, 1000, 2048, 128)
     assert r50.pixel_mean == (128.0,) * 3 and r50.pixel_std == (128.0,) * 3
     assert r50.gem_p == 3.0 and r50.whitening
-    assert dataclasses.replace(r101, backbone="resnet50-ref", attention_threshold=454.6) == r50
+    assert dataclasses.replace(r101, backbone="resnet50-slim", attention_threshold=454.6) == r50
+    assert get_preset("delg-r50-tf2") == dataclasses.replace(r50, backbone="resnet50-ref", gem_learned=False)
 
 
 def test_small_presets_use_raw_imagenet_gem() -> None:
@@ -93,6 +95,8 @@ def test_unknown_preset_lists_the_presets() -> None:
         ({"max_local_features": -1}, "max_local_features must be a positive int"),
         ({"local_dim": True}, "local_dim must be a positive int"),
         ({"gem_p": 0.0}, "gem_p must be > 0"),
+        ({"attention_input": "block4"}, r"attention_input 'block4'; allowed: \['block3', 'reconstruction'\]"),
+        ({"autoencoder_activation": "tanh"}, r"autoencoder_activation 'tanh'; allowed: \['none', 'relu'\]"),
         ({"attention_threshold": -1.0}, "attention_threshold must be >= 0"),
         ({"pixel_std": (1.0, 0.0, 1.0)}, "pixel_std must be > 0, got 0.0"),
         ({"pixel_mean": (1.0, 2.0)}, "need 3 values"),

@@ -211,9 +211,9 @@ def test_full_resnet50_with_the_reference_preset() -> None:
     loose = Extractor(extractor.model, dataclasses.replace(config, attention_threshold=0.0)).extract_single(
         image
     )
-    # 7 scales of a 72 × 96 image (18 × 24 … 144 × 192), stride-32 maps (block3_strides) of
-    # 1×1, 1×1, 1×2, 2×2, 3×3, 4×5, 5×6 locations
-    assert len(loose.scores) == 1 + 1 + 2 + 4 + 9 + 20 + 30
+    # 7 scales of a 72 × 96 image (18 × 24 … 144 × 192), tf-slim stride-32 maps (every stride-2 layer
+    # rounds up: ceil(side / 32)) of 1×1, 1×2, 2×2, 2×3, 3×3, 4×5, 5×6 locations
+    assert len(loose.scores) == 1 + 2 + 4 + 6 + 9 + 20 + 30
     np.testing.assert_allclose(loose.global_descriptor, features.global_descriptor, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(loose.descriptors, axis=1), 1.0, atol=1e-5)
     assert set(loose.scales.tolist()) <= {np.float32(s) for s in config.scales}

@@ -35,6 +35,7 @@ from pipeline.model.catalog import BACKBONE_CHANNELS
 from pipeline.model.delg import attention_pool
 from pipeline.model.geometry import receptive_field, trace_main_path
 from pipeline.model.resnet_ref import ReferenceResNet
+from pipeline.model.resnet_slim import SlimResNet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_imagenet_features.pt"
@@ -107,7 +108,8 @@ def test_backbones_declare_their_channels_and_local_stride(name: str) -> None:
     with torch.no_grad():
         block3 = model.backbone.forward_local(torch.randn(1, 3, 64, 96))
         block4 = model.backbone.forward_global(block3)
-    stride = 32 if name.endswith("-ref") else 16  # block3_strides subsamples the reference's block3
+    # block3_strides subsamples the Keras reference's block3; tf-slim strides the last unit of block3
+    stride = 32 if name.endswith(("-ref", "-slim")) else 16
     assert block3.shape == (1, BACKBONES[name].local_channels, 64 // stride, 96 // stride)
     assert block4.shape[:2] == (1, BACKBONES[name].global_channels)
     assert block4.shape[-2:] == (2, 3)  # block4 is at stride 32 in every layout
@@ -210,18 +212,21 @@ def test_reference_layout_follows_the_keras_resnet() -> None:
     assert stem(x).shape[-2:] == (8, 9)
 
 
-def test_local_head_attends_to_the_reconstruction_and_pools_like_the_reference() -> None:
+@pytest.mark.parametrize("attention_input", ["block3", "reconstruction"])
+def test_local_head_attends_to_its_input_and_pools_like_the_reference(attention_input: str) -> None:
     torch.manual_seed(0)
-    model = Delg("mobilenet_v2", global_dim=1280, whitening=False, local_dim=16).eval()
+    model = small_delg(local_dim=16, attention_input=attention_input)
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         block3 = model.backbone.forward_local(images)
         out = model.extract(images, with_global=False)
         reconstruction = F.relu(model.autoencoder.decoder(model.autoencoder.encoder(block3)))
-        hidden = F.relu(model.attention.bn(model.attention.conv1(reconstruction)))
+        attended = block3 if attention_input == "block3" else reconstruction
+        hidden = F.relu(model.attention.bn(model.attention.conv1(attended)))
         torch.testing.assert_close(out.attention, F.softplus(model.attention.conv2(hidden))[:, 0])
         train = model(images)
     torch.testing.assert_close(train.attention, out.attention)
+    torch.testing.assert_close(train.reconstruction, reconstruction)
     # hand-computed pooling: for each image, mean over locations of attention · block3 / ‖block3‖
     b, c, h, w = block3.shape
     expected = torch.zeros(b, c)
@@ -232,6 +237,77 @@ def test_local_head_attends_to_the_reconstruction_and_pools_like_the_reference()
                 expected[i] += train.attention[i, y, x] * v / v.norm().clamp(min=1e-12)
     torch.testing.assert_close(train.attention_pooled, expected / (h * w), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attention_pool(block3, train.attention), train.attention_pooled)
+
+
+def test_attention_defaults_to_block3_and_the_slim_heads_follow_the_released_files() -> None:
+    assert Delg("mobilenet_v2", global_dim=1280, whitening=False).attention_input == "block3"
+    torch.manual_seed(0)
+    model = Delg("resnet50-slim", gem_learned=True, gem_p=2.5, autoencoder_activation="relu").eval()
+    assert model.attention.conv1.bias is None and model.attention.bn.eps == 1e-5  # slim conv + BatchNorm
+    encoder, decoder = model.autoencoder.encoder, model.autoencoder.decoder
+    assert encoder.bias is None and decoder.bias is None
+    block3 = torch.randn(1, 1024, 3, 4)
+    with torch.no_grad():
+        code = F.relu(model.autoencoder.encoder_bn(encoder(block3)))
+        torch.testing.assert_close(model.autoencoder.encode(block3), code)
+        torch.testing.assert_close(
+            model.autoencoder.decode(code), F.relu(model.autoencoder.decoder_bn(decoder(code)))
+        )
+        block4 = torch.rand(1, 2048, 2, 3)
+        assert float(model.gem_power) == 2.5  # a weight: the released files learned it
+        model.gem_power.fill_(4.0)
+        torch.testing.assert_close(model.pool(block4), gem(block4, 4.0))
+    assert "gem_power" in model.state_dict() and "gem_power" not in Delg("resnet50-ref").state_dict()
+
+
+def test_slim_layout_follows_tf_slim_resnet_v1() -> None:
+    net = Delg("resnet101-slim").backbone.net
+    assert isinstance(net, SlimResNet) and net.scope == "resnet_v1_101"
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 1 + 3 * (3 + 4 + 23 + 3) + 4 and all(c.bias is None for c in convs)
+    assert len(norms) == len(convs) and all(n.eps == 1e-5 for n in norms)
+    # the stride sits on the 3×3 conv of the LAST unit of blocks 1–3; block4 keeps stride 1
+    for block, units, stride in (("block1", 3, 2), ("block2", 4, 2), ("block3", 23, 2), ("block4", 3, 1)):
+        strides = [net.get_submodule(f"{block}.unit_{u}.conv2.conv").stride for u in range(1, units + 1)]
+        assert strides == [(1, 1)] * (units - 1) + [(stride, stride)]
+        assert net.get_submodule(f"{block}.unit_1").shortcut is not None  # projection on unit_1 only
+        assert all(net.get_submodule(f"{block}.unit_{u}").shortcut is None for u in range(2, units + 1))
+        last = net.get_submodule(f"{block}.unit_{units}")
+        assert (last.subsample is None) == (stride == 1)  # the identity shortcut is subsampled too
+    assert net.checkpoint_scope("block3.unit_23.conv2") == "resnet_v1_101/block3/unit_23/bottleneck_v1/conv2"
+    # conv2d_same stem: symmetric padding 3 on any size; then a 3×3/2 max-pool padded TF 'SAME'
+    x = torch.randn(1, 3, 16, 17)
+    stem = net.conv1.conv
+    torch.testing.assert_close(stem(x), F.conv2d(F.pad(x, (3, 3, 3, 3)), stem.weight, stride=2))
+    y = -torch.rand(1, 1, 8, 9)  # negative: a zero-padded pool would differ at the border
+    expected = F.max_pool2d(F.pad(y, (1, 1, 0, 1), value=float("-inf")), 3, 2)  # pads (0, 1) even, (1, 1) odd
+    torch.testing.assert_close(net.pool1(y), expected)
+    # the subsampled identity shortcut: every other pixel, as slim's 1×1/2 max-pool
+    z = torch.randn(1, 256, 7, 8)
+    torch.testing.assert_close(net.block1.unit_3.subsample(z), z[..., ::2, ::2])
+
+
+def test_slim_layout_geometry_is_traced_and_checked_against_the_gradient() -> None:
+    """tf-slim block3: receptive field 291 at stride 32; centres at 32·i, or 32·i + 2 where the stem's output
+    side is even (the 'SAME' max-pool then pads only after). Keypoints use the reference's box (32·i)."""
+    torch.manual_seed(0)
+    net = SlimResNet((3, 4, 6, 3), base_width=4).double().eval()  # geometry does not depend on width
+    modules = [net.get_submodule(name) for name in net.local_layers()]
+    for height, width, offset in ((320, 352, 2.0), (322, 354, 0.0)):  # stem outputs 176 / 177 wide
+        rf = receptive_field(modules, side=width)
+        assert (rf.size, rf.stride, rf.offset) == (291, 32, offset)
+        image = torch.randn(1, 3, height, width, dtype=torch.float64, requires_grad=True)
+        x = image
+        for module in modules:
+            x = module(x)
+        x[0, :, 5, 5].sum().backward()
+        rows, cols = torch.nonzero(image.grad[0].abs().sum(0) > 0, as_tuple=True)
+        assert (cols.min() + cols.max()).item() / 2 == offset + 32 * 5
+        assert (rows.min() + rows.max()).item() / 2 == offset + 32 * 5
+        assert cols.max().item() - cols.min().item() + 1 == 291
+    box = Delg("resnet50-slim").keypoint_field()
+    assert (box.size, box.stride, box.padding) == (291, 32, 145.0)
 
 
 # --- weights -------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each entry names, in forward order, the sub-modules of the network that lead to the local layer and those
 that continue to the global layer. torchvision entries keep torchvision's parameter names, so torchvision /
 ImageNet state dicts load into them directly. The ``-ref`` entries are the DELG reference's Keras ResNet
-layout (pipeline/model/resnet_ref.py), the one the released DELG weights need.
+layout (pipeline/model/resnet_ref.py); the ``-slim`` entries tf-slim's resnet_v1 (pipeline/model/resnet_slim.py),
+the layout of the released DELG SavedModels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchvision import models
 from pipeline.model.catalog import BACKBONE_CHANNELS
 from pipeline.model.geometry import ReceptiveField
 from pipeline.model.resnet_ref import RESNET50_BLOCKS, RESNET101_BLOCKS, ReferenceResNet
+from pipeline.model.resnet_slim import SLIM_RESNET50_UNITS, SLIM_RESNET101_UNITS, SlimResNet
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class BackboneSpec:
     # receptive box (291, 32, 145), i.e. centres at 32·i, while its TF-'same' stem puts the true centres at
     # 32·i + 3 on even input sizes (+2 on odd ones). Reference-exact keypoints follow the convention.
     keypoint_field: ReceptiveField | None = None
+    # The TF layout whose checkpoints convert into it (pipeline/convert.py): "keras" (the TF2 reference) or
+    # "slim" (TF1, the released files; its DELG heads are slim convs too: bias-free, BatchNorm ε 1e-5), and
+    # its depth, e.g. ("slim", 50).
+    tf_layout: tuple[str, int] | None = None
 
 
 def _channels(name: str) -> dict[str, int]:
@@ -64,6 +70,28 @@ def reference_backbone(
         local_channels=16 * base_width,
         global_channels=32 * base_width,
         keypoint_field=REFERENCE_BOX,
+        tf_layout=("keras", 3 * sum(block_counts) + 2),
+    )
+
+
+def slim_backbone(name: str, units: tuple[int, int, int, int], base_width: int = 64) -> BackboneSpec:
+    """A spec for tf-slim's resnet_v1 layout; ``base_width`` below 64 only for small test networks.
+
+    Its traced block3 field is 291 px at stride 32 with centres at 32·i (+2 when the stem's output side is
+    even: the 'SAME' max-pool pads after, not before); keypoints follow the reference's box, centres 32·i."""
+
+    def build() -> SlimResNet:
+        return SlimResNet(units, base_width)
+
+    return BackboneSpec(
+        name=name,
+        build=build,
+        local_layers=SlimResNet.local_layers(),
+        global_layers=SlimResNet.global_layers(),
+        local_channels=16 * base_width,
+        global_channels=32 * base_width,
+        keypoint_field=REFERENCE_BOX,
+        tf_layout=("slim", 3 * sum(units) + 2),
     )
 
 
@@ -99,6 +127,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     # The DELG reference layout (block3_strides: local features at stride 32); no torchvision weights.
     "resnet50-ref": reference_backbone("resnet50-ref", RESNET50_BLOCKS),
     "resnet101-ref": reference_backbone("resnet101-ref", RESNET101_BLOCKS),
+    # tf-slim resnet_v1_50 / resnet_v1_101: the released DELG files; no torchvision weights.
+    "resnet50-slim": slim_backbone("resnet50-slim", SLIM_RESNET50_UNITS),
+    "resnet101-slim": slim_backbone("resnet101-slim", SLIM_RESNET101_UNITS),
 }
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS
 from pipeline.model.backbones import Backbone, get_backbone_spec
 from pipeline.model.geometry import ReceptiveField, receptive_field
 from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, pooled_dim, rmac, spoc
@@ -24,12 +25,15 @@ if TYPE_CHECKING:
 
 
 class Attention(nn.Module):
-    """Per-location attention score ≥ 0: 1×1 conv → BN → ReLU → 1×1 conv (1 channel) → softplus."""
+    """Per-location attention score ≥ 0: 1×1 conv → BN → ReLU → 1×1 conv (1 channel) → softplus.
 
-    def __init__(self, in_channels: int, hidden: int) -> None:
+    Keras heads (the TF2 reference): conv1 has a bias, BatchNorm ε 1e-3. tf-slim heads (the released TF1
+    files, built in resnet_arg_scope): conv1 is bias-free, BatchNorm ε 1e-5."""
+
+    def __init__(self, in_channels: int, hidden: int, slim: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=1)
-        self.bn = nn.BatchNorm2d(hidden, eps=1e-3)  # the reference's Keras BatchNormalization
+        self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=1, bias=not slim)
+        self.bn = nn.BatchNorm2d(hidden, eps=1e-5 if slim else 1e-3)
         self.conv2 = nn.Conv2d(hidden, 1, kernel_size=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -39,20 +43,36 @@ class Attention(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    """Dimensionality reduction of block3 features; the (linear) code is the local descriptor."""
+    """Dimensionality reduction of block3 features; the code is the local descriptor.
 
-    def __init__(self, in_channels: int, code_dim: int) -> None:
+    Keras heads (the TF2 reference): convs with biases, a linear code. tf-slim heads (the released TF1
+    files): bias-free convs, each followed by BatchNorm (ε 1e-5). ``activation`` applies to the code."""
+
+    def __init__(self, in_channels: int, code_dim: int, slim: bool = False, activation: str = "none") -> None:
         super().__init__()
-        self.encoder = nn.Conv2d(in_channels, code_dim, kernel_size=1)
-        self.decoder = nn.Conv2d(code_dim, in_channels, kernel_size=1)
+        if activation not in AUTOENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"autoencoder activation {activation!r}; allowed: {list(AUTOENCODER_ACTIVATIONS)}"
+            )
+        self.encoder = nn.Conv2d(in_channels, code_dim, kernel_size=1, bias=not slim)
+        self.decoder = nn.Conv2d(code_dim, in_channels, kernel_size=1, bias=not slim)
+        self.encoder_bn = nn.BatchNorm2d(code_dim, eps=1e-5) if slim else None
+        self.decoder_bn = nn.BatchNorm2d(in_channels, eps=1e-5) if slim else None
+        self.activation = activation
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) → (B, code_dim, h, w), no activation."""
-        return self.encoder(features)
+        """(B, C, h, w) → (B, code_dim, h, w)."""
+        code = self.encoder(features)
+        if self.encoder_bn is not None:
+            code = self.encoder_bn(code)
+        return F.relu(code) if self.activation == "relu" else code
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         """(B, code_dim, h, w) → (B, C, h, w), ReLU like the block3 features it reconstructs."""
-        return F.relu(self.decoder(code))
+        x = self.decoder(code)
+        if self.decoder_bn is not None:
+            x = self.decoder_bn(x)
+        return F.relu(x)
 
 
 LOCAL_HEADS = ("learned", "backbone")
@@ -79,7 +99,7 @@ def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Ten
 
 class DelgOutput(NamedTuple):
     global_embedding: torch.Tensor  # (B, global_dim), L2-normalised
-    attention: torch.Tensor  # (B, h, w), computed on the reconstruction
+    attention: torch.Tensor  # (B, h, w), computed on block3 or the reconstruction (attention_input)
     attention_pooled: (
         torch.Tensor
     )  # (B, local_channels): attention_pool(block3, attention), for its classifier
@@ -103,7 +123,10 @@ class Delg(nn.Module):
         local_dim: int = 128,
         attention_hidden: int = 512,
         gem_p: float = 3.0,
+        gem_learned: bool = False,
         local_head: str = "learned",
+        attention_input: str = "block3",
+        autoencoder_activation: str = "none",
         global_pool: str = "gem",
         netvlad_clusters: int = 64,
     ) -> None:
@@ -112,21 +135,27 @@ class Delg(nn.Module):
             raise ValueError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool {global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
+        if attention_input not in ATTENTION_INPUTS:
+            raise ValueError(f"attention_input {attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
         spec = get_backbone_spec(backbone)
         pooled = pooled_dim(global_pool, spec.global_channels, netvlad_clusters)
         if not whitening and global_dim != pooled:
             raise ValueError(f"global_dim {global_dim} without whitening must be {pooled}")
         self.backbone = Backbone(spec)
         self.gem_p = gem_p
+        # the released files learned the exponent (gem/gem_power): then it is a weight, gem_p its init
+        self.gem_power = nn.Parameter(torch.tensor(float(gem_p))) if gem_learned else None
         self.global_pool = global_pool
         self.netvlad = NetVLAD(spec.global_channels, netvlad_clusters) if global_pool == "netvlad" else None
         self.global_dim = global_dim
         self.whitening = nn.Linear(pooled, global_dim, bias=True) if whitening else None
         self.local_head = local_head
         self.local_dim = local_dim
+        self.attention_input = attention_input
         if local_head == "learned":
-            self.attention = Attention(spec.local_channels, attention_hidden)
-            self.autoencoder = Autoencoder(spec.local_channels, local_dim)
+            slim = spec.tf_layout is not None and spec.tf_layout[0] == "slim"
+            self.attention = Attention(spec.local_channels, attention_hidden, slim)
+            self.autoencoder = Autoencoder(spec.local_channels, local_dim, slim, autoencoder_activation)
         else:
             # Backbone-only weights (e.g. ImageNet) have no trained local head: score locations by feature
             # norm (the untrained-attention baseline of DELF) and describe them by a fixed projection of the
@@ -143,7 +172,10 @@ class Delg(nn.Module):
             local_dim=config.local_dim,
             attention_hidden=config.attention_hidden,
             gem_p=config.gem_p,
+            gem_learned=config.gem_learned,
             local_head=config.local_head,
+            attention_input=config.attention_input,
+            autoencoder_activation=config.autoencoder_activation,
             global_pool=config.global_pool,
             netvlad_clusters=config.netvlad_clusters,
         )
@@ -162,7 +194,7 @@ class Delg(nn.Module):
         if self.netvlad is not None:
             return self.netvlad(global_features)
         if self.global_pool == "gem":
-            return gem(global_features, self.gem_p)
+            return gem(global_features, self.gem_p if self.gem_power is None else self.gem_power)
         return {"mac": mac, "spoc": spoc, "rmac": rmac}[self.global_pool](global_features)
 
     def global_head(self, global_features: torch.Tensor) -> torch.Tensor:
@@ -176,8 +208,8 @@ class Delg(nn.Module):
 
     def forward(self, images: torch.Tensor) -> DelgOutput:
         """(B, 3, H, W) normalised images → training outputs. The local head sees block3 through a
-        stop-gradient: only the global loss trains the backbone. As in the reference, the attention is
-        computed on the autoencoder's reconstruction and pools the (normalised) block3 features."""
+        stop-gradient: only the global loss trains the backbone. The attention is computed on block3 or on
+        the autoencoder's reconstruction (``attention_input``) and pools the (normalised) block3 features."""
         if self.local_head != "learned":
             raise ValueError(
                 "local_head='backbone' has no trainable local head; train with local_head='learned'"
@@ -186,7 +218,9 @@ class Delg(nn.Module):
         global_embedding = self.global_head(self.backbone.forward_global(block3))
         local_input = block3.detach()
         reconstruction = self.autoencoder.decode(self.autoencoder.encode(local_input))
-        attention = self.attention(reconstruction)
+        attention = self.attention(
+            reconstruction if self.attention_input == "reconstruction" else local_input
+        )
         pooled = attention_pool(local_input, attention)
         return DelgOutput(global_embedding, attention, pooled, reconstruction, local_input)
 
@@ -202,7 +236,8 @@ class Delg(nn.Module):
         """(B, C, h, w) block3 → L2-normalised descriptors (B, local_dim, h, w) and attention (B, h, w)."""
         if self.local_head == "learned":
             codes = self.autoencoder.encode(block3)
-            attention = self.attention(self.autoencoder.decode(codes)).float()
+            attended = self.autoencoder.decode(codes) if self.attention_input == "reconstruction" else block3
+            attention = self.attention(attended).float()
             codes = codes.float()
         else:
             features = block3.float()

@@ -23,7 +23,7 @@ def _float(features: torch.Tensor) -> torch.Tensor:
     return features.to(torch.promote_types(features.dtype, torch.float32))
 
 
-def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
+def gem(features: torch.Tensor, p: float | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Generalised mean pooling: (B, C, H, W) → (B, C), (mean over H·W of clamp(x, eps)^p)^(1/p).
 
     Computed in at least float32: x³ of activations overflows fp16 and loses digits in bf16.
