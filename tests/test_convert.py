@@ -27,6 +27,7 @@ from pipeline.convert import (
 from pipeline.features import ImageFeatures, build_extractor
 from pipeline.model import BACKBONES, Delg
 from pipeline.model.backbones import reference_backbone, slim_backbone
+from pipeline.model.catalog import BACKBONE_CHANNELS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RELEASED_VARIABLES = SHARED / "delg" / "r50delg_gldv2clean_20200914.variables.tsv"
@@ -44,6 +45,7 @@ def tiny_backbones():
     with pytest.MonkeyPatch.context() as patch:
         for name, spec in TINY_SPECS.items():
             patch.setitem(BACKBONES, name, spec)
+            patch.setitem(BACKBONE_CHANNELS, name, (spec.local_channels, spec.global_channels))
         yield
 
 

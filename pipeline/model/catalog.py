@@ -14,6 +14,8 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int]] = {
     "mobilenet_v2": (96, 1280),  # features.13 (stride 16), the final 1×1 conv
     "resnet50-ref": (1024, 2048),  # the DELG reference layout, base width 64
     "resnet101-ref": (1024, 2048),
+    "resnet50-slim": (1024, 2048),  # tf-slim resnet_v1 (the released DELG files), block3, block4
+    "resnet101-slim": (1024, 2048),
 }
 
 GLOBAL_POOLS = ("gem", "mac", "spoc", "rmac", "netvlad")
