@@ -519,6 +519,9 @@ def committed_global_shards(descriptors_url: str, options: Options) -> tuple[lis
     return shard_urls, counts, shard_dim(shard_urls[0], options)
 
 
+BUILD_STEPS = ("train", "add", "merge and recall")
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -528,11 +531,13 @@ def build_index(
     options: Options = None,
     ray_address: str | None = None,
     config: BuildConfig = BuildConfig(),
+    on_step: Callable[[str, int, int], None] = lambda step, done, total: None,
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
     Returns the summary that is also written to ``OUT/params.json`` (factory, reason, refinement, nprobe,
-    k_factor, timings).
+    k_factor, timings). ``on_step(step, done, total)`` hears each of the build's steps as it starts (and
+    ``("done", 3, 3)`` at the end).
     """
     if config.merge == "disk":
         check_disk_output(out_url)  # before the expensive steps
@@ -543,15 +548,18 @@ def build_index(
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
 
+    on_step("train", 0, len(BUILD_STEPS))
     start = time.perf_counter()
     n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
     timings["train_s"] = time.perf_counter() - start
 
+    on_step("add", 1, len(BUILD_STEPS))
     start = time.perf_counter()
     added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
     assert sum(added) == total, (added, total)
     timings["add_s"] = time.perf_counter() - start
 
+    on_step("merge and recall", 2, len(BUILD_STEPS))
     ntotal, on_disk, quality, step_timings = _merge_task(
         len(added), choice, shard_urls, counts, query_rows, out_url, config, options
     )
@@ -575,4 +583,5 @@ def build_index(
         "timings": timings,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
+    on_step("done", len(BUILD_STEPS), len(BUILD_STEPS))
     return summary
