@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -11,21 +12,29 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
 from pipeline.demo import DEMO_PHOTOS, write_demo
 from pipeline.extraction import Extractors
-from pipeline.run import STAGES, RunPaths, run_pipeline
+from pipeline import cli
+from pipeline.run import STAGES, RunPaths, StageProgress, run_pipeline
 from pipeline.runconfig import load_run_config, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_cluster):
+def shown() -> list[StageProgress]:
+    """What the finished run gave its live display, in order."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_cluster, shown):
     """The demo run once (2 views per photo), joining the session's Ray."""
     out = tmp_path_factory.mktemp("demo")
     config = replace(write_demo(str(out), views=2, preset="cpu-small"), ray_address=ray_cluster)
-    return config, run_pipeline(config)
+    return config, run_pipeline(config, show=shown.append)
 
 
 def test_every_stage_runs_and_writes_its_output(finished_run):
@@ -46,6 +55,35 @@ def test_every_stage_runs_and_writes_its_output(finished_run):
         assert metrics[name]["all"]["queries"] == len(DEMO_PHOTOS)
     html = Path(paths.report).read_text()
     assert all(f"query-{p}" in html for p in DEMO_PHOTOS)
+
+
+def test_every_stage_shows_live_progress(finished_run, shown):
+    """Issue 27: `run` showed no progress. Each stage starts and finishes on the display; extraction counts
+    its rows as `extract` does, the index build its steps."""
+    _, results = finished_run
+    assert list(dict.fromkeys(p.stage for p in shown)) == list(STAGES)
+    for stage in STAGES:
+        own = [p for p in shown if p.stage == stage]
+        assert own[0] == StageProgress(stage) and own[-1] == StageProgress(stage, finished=True)
+    for stage in ("extract-index", "extract-queries"):
+        counted = [p for p in shown if p.stage == stage and p.total is not None]
+        rows = results[stage].summary["rows"]
+        assert counted[-1].done == counted[-1].total == rows and "img/s" in counted[-1].detail
+    steps = [(p.detail, p.done) for p in shown if p.stage == "build-index" and p.total == 3]
+    assert steps == [("train", 0), ("add", 1), ("merge and recall", 2), ("done", 3)]
+
+
+def test_the_console_shows_a_bar_per_stage(shown, monkeypatch):
+    """The CLI's display of those updates: one bar per stage, complete at the end, in the order they ran."""
+    console = Console(file=io.StringIO(), width=160)
+    monkeypatch.setattr(cli, "console", console)
+    with cli._StageBars() as bars:
+        for progress in shown:
+            bars.show(progress)
+    lines = [line for line in console.file.getvalue().splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines] == list(STAGES)
+    assert all(" 1/1 " in line for line in lines if line.split()[0] in ("search", "rerank", "evaluate"))
+    assert " 3/3 " in next(line for line in lines if line.startswith("build-index"))
 
 
 def hand_map_at_100(results_url: str, solution_csv: str) -> float:
