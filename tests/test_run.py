@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
+from pipeline import cli
 from pipeline.demo import DEMO_PHOTOS, write_demo
 from pipeline.extraction import Extractors
-from pipeline import cli
 from pipeline.run import STAGES, RunPaths, StageProgress, run_pipeline
 from pipeline.runconfig import load_run_config, parse_run_config
 
