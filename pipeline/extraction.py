@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import images, manifest, storage, store
+from pipeline import images, manifest, metrics, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
 from pipeline.features import PreparedImage, prepare_image
 from pipeline.ray_runtime import ensure_ray
@@ -603,9 +603,17 @@ class _Dispatch:
                 if ref in self.in_flight:
                     self._extracted(ref, progress)
             _collect_writes(self.writes, progress, block=False)
+            self._gauge_queues()
             on_progress(progress)
         _collect_writes(self.writes, progress, block=True)
+        self._gauge_queues()
         on_progress(progress)
+
+    def _gauge_queues(self) -> None:
+        """Chunks waiting for an extractor, chunks being decoded or extracted, shards being written."""
+        depths = {"waiting": len(self.chunks), "extracting": len(self.in_flight), "writing": len(self.writes)}
+        for queue, depth in depths.items():
+            metrics.gauge("queue_depth", depth, stage="extract", queue=queue)
 
     def _submit(self, pool: _ActorPool) -> None:
         """Keep at most ``max_chunks_in_flight`` (default 4 per ready extractor) chunks in flight."""
@@ -624,6 +632,7 @@ class _Dispatch:
         state = self.states[shard]
         state.pending -= 1
         progress.done_rows += count
+        metrics.count("images", count, stage="extract")
         if state.pending == 0:
             self.writes.append(self.writer.remote(self.job, shard, state.rows, self.options, *state.results))
 
@@ -641,3 +650,5 @@ def _collect_writes(writes: list[Any], progress: Progress, block: bool) -> None:
         progress.ok += commit.ok
         progress.errors += commit.errors
         progress.shards_committed += 1
+        for reason, n in commit.reasons.items():
+            metrics.count("image_errors", n, stage="extract", reason=reason)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage, store
+from pipeline import metrics, storage, store
 from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
     MERGE_MODES,
@@ -248,7 +248,9 @@ def add_in_parallel(
         )
         for t in range(tasks)
     ]
-    return ray.get(refs)
+    added = ray.get(refs)
+    metrics.count("vectors_added", sum(added), stage="build-index")
+    return added
 
 
 def merge_in_ram(trained: faiss.Index, parts: Sequence[str], options: Options = None) -> faiss.Index:
@@ -522,6 +524,19 @@ def committed_global_shards(descriptors_url: str, options: Options) -> tuple[lis
 BUILD_STEPS = ("train", "add", "merge and recall")
 
 
+def _step_reporter(on_step: Callable[[str, int, int], None]) -> Callable[[str], float]:
+    """Tells ``on_step`` and the build_step gauge of each step as it starts (its index in BUILD_STEPS);
+    returns the time it started (``time.perf_counter()``)."""
+
+    def step(name: str) -> float:
+        done = BUILD_STEPS.index(name) if name in BUILD_STEPS else len(BUILD_STEPS)
+        metrics.gauge("build_step", done)
+        on_step(name, done, len(BUILD_STEPS))
+        return time.perf_counter()
+
+    return step
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -536,8 +551,7 @@ def build_index(
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
     Returns the summary that is also written to ``OUT/params.json`` (factory, reason, refinement, nprobe,
-    k_factor, timings). ``on_step(step, done, total)`` hears each of the build's steps as it starts (and
-    ``("done", 3, 3)`` at the end).
+    k_factor, timings). ``on_step(step, done, total)`` hears each of BUILD_STEPS start, then "done".
     """
     if config.merge == "disk":
         check_disk_output(out_url)  # before the expensive steps
@@ -547,24 +561,22 @@ def build_index(
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
+    step = _step_reporter(on_step)
 
-    on_step("train", 0, len(BUILD_STEPS))
-    start = time.perf_counter()
+    start = step("train")
     n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
     timings["train_s"] = time.perf_counter() - start
 
-    on_step("add", 1, len(BUILD_STEPS))
-    start = time.perf_counter()
+    start = step("add")
     added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
     assert sum(added) == total, (added, total)
     timings["add_s"] = time.perf_counter() - start
 
-    on_step("merge and recall", 2, len(BUILD_STEPS))
+    step("merge and recall")
     ntotal, on_disk, quality, step_timings = _merge_task(
         len(added), choice, shard_urls, counts, query_rows, out_url, config, options
     )
     timings.update(step_timings)
-
     summary = {
         **asdict(choice),
         "dim": config.whitening or dim,
@@ -583,5 +595,5 @@ def build_index(
         "timings": timings,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
-    on_step("done", len(BUILD_STEPS), len(BUILD_STEPS))
+    step("done")
     return summary
