@@ -412,6 +412,7 @@ def query_ap_html(name: str, aps: Mapping[str, Mapping[str, float]], worst: Sequ
         for q in order
     )
     return (
+        f'<p class="note">Lowest first; the {len(worst)} lowest are shown first below with their rankings.</p>'
         f'<div class="scroll"><table class="metrics"><thead><tr><th>query</th>{head}</tr></thead>'
         f"<tbody>{rows}</tbody></table></div>"
     )
@@ -616,7 +617,7 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     sections = [
         ("Index quality", quality_html(read_quality(paths.index, options))),
         ("Failed rows", errors_html(error_groups(paths, options))),
-        (f"Per-query AP (worst {len(worst)} shown first below)", query_ap_html(ap_name, aps, worst)),
+        ("Per-query AP", query_ap_html(ap_name, aps, worst)),
         ("Provenance", provenance_html(provenance(config, options))),
     ]
     out_url = out_url or paths.report
@@ -683,5 +684,6 @@ def provenance(config: RunConfig, options: Options) -> dict[str, Any]:
         "index store": paths.index_store,
         "query store": paths.query_store,
         "index": paths.index,
-        "run settings": dataclasses.asdict(config),
+        # where it ran is no part of what it is (and a report rendered later, elsewhere, must not differ)
+        "run settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "ray_address"},
     }

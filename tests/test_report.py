@@ -308,6 +308,7 @@ def test_per_query_ap_lists_every_query_worst_first_and_links_the_worst() -> Non
     html = query_ap_html("AP@100", aps, worst=["a", "b"])
     page = Page(html)
     rows = ["".join(Page("<tr" + row).text) for row in html.split("<tr")[2:]]
+    assert "the 2 lowest are shown first" in "".join(page.text)
     assert [r[:1] for r in rows] == ["a", "b", "c"]  # by the re-ranked AP
     assert rows[0] == "a50.0%25.0%" and rows[2] == "c100.0%100.0%"
     assert [a["href"] for a in page.find("a")] == [f"#{_anchor('a')}", f"#{_anchor('b')}"]

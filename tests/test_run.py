@@ -86,7 +86,7 @@ def test_the_console_shows_a_bar_per_stage(shown, monkeypatch):
     assert " 3/3 " in next(line for line in lines if line.startswith("build-index"))
 
 
-def hand_map_at_100(results_url: str, solution_csv: str) -> float:
+def hand_map_at_100(results_url: str, solution_csv: str, only: str | None = None) -> float:
     """GLDv2 retrieval mAP@100 written out plainly: AP@100 = Σ_k P(k)·rel(k) / min(#relevant, 100)."""
     relevant = {
         row["id"]: set(row["images"].split())
@@ -98,6 +98,8 @@ def hand_map_at_100(results_url: str, solution_csv: str) -> float:
         ranked.setdefault(query, []).append(hit)
     aps = []
     for query, truth in relevant.items():
+        if only not in (None, query):
+            continue
         hits = [hit in truth for hit in ranked.get(query, [])[:100]]
         precision_sum = sum(sum(hits[: k + 1]) / (k + 1) for k, rel in enumerate(hits) if rel)
         aps.append(precision_sum / min(len(truth), 100))
@@ -133,6 +135,27 @@ def test_report_renders_from_outputs_alone(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert again.read_text() == Path(paths.report).read_text()
     assert f"({len(DEMO_PHOTOS)} queries shown)" in result.stdout
+
+
+def test_the_run_report_has_quality_errors_per_query_ap_and_provenance(finished_run):
+    """Issue 27: the report's new sections hold the run's own figures."""
+    import pipeline
+    from tests.test_report import section
+
+    config, _ = finished_run
+    paths = RunPaths(config.out)
+    page = Path(paths.report).read_text()
+    quality = json.loads((Path(paths.index) / "quality.json").read_text())
+    chosen = next(r for r in quality["rows"] if r["nprobe"] == quality["nprobe"])
+    assert f"{100 * chosen['1-recall@1']:.1f}%" in section(page, "index-quality")
+    assert "No failed rows" in section(page, "failed-rows")  # the demo's images all decode
+    info = json.loads((Path(paths.index_store) / "_run.json").read_text())
+    provenance = section(page, "provenance")
+    assert pipeline.__version__ in provenance and info["preset"] in provenance
+    table = section(page, "per-query-ap")
+    for query in (f"query-{p}" for p in DEMO_PHOTOS):
+        ap = hand_map_at_100(paths.reranked, config.data.ground_truth, only=query)
+        assert f"{query}" in table and f"{100 * ap:.1f}%" in table
 
 
 def test_rerun_reuses_everything_and_a_change_reruns_downstream(finished_run):
