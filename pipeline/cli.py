@@ -213,27 +213,45 @@ def extract(
 def _extract_with_progress(job, cluster):
     """run_extraction behind the console's progress bar; its summary."""
     from pipeline.extraction import run_extraction
+    from pipeline.run import extraction_progress
 
-    with _progress_bar() as bar:
-        task = bar.add_task("extract", total=None, errors=0, rate=0.0, extractors=0)
-
-        def show(p):
-            done = p.skipped_rows + p.done_rows
-            bar.update(
-                task,
-                total=p.total_rows,
-                completed=done,
-                errors=p.errors,
-                rate=p.images_per_s,
-                extractors=p.extractors,
-            )
-
-        return run_extraction(job, cluster, storage.options_from_env(), on_progress=show)
+    with _StageBars() as bars:
+        return run_extraction(
+            job,
+            cluster,
+            storage.options_from_env(),
+            on_progress=lambda p: bars.show(extraction_progress("extract", p)),
+        )
 
 
-def _progress_bar(
-    fields: str = "{task.fields[rate]:.1f} img/s  errors {task.fields[errors]}  extractors {task.fields[extractors]}",
-) -> Progress:
+class _StageBars:
+    """One live bar per stage (``pipeline.run.StageProgress``), shown from a stage's first progress on: a
+    stage validates its input before it reports progress, so an input error prints with no bar above it."""
+
+    def __init__(self) -> None:
+        self.bar = _progress_bar("{task.fields[detail]}")
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _StageBars:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.tasks:  # rich ends a stopped display with a newline, even one never started
+            self.bar.stop()
+
+    def show(self, progress) -> None:
+        task = self.tasks.get(progress.stage)
+        if task is None:
+            self.bar.start()
+            task = self.tasks[progress.stage] = self.bar.add_task(progress.stage, total=None, detail="")
+        if progress.finished:  # a stage that counted nothing ends as one unit done
+            total = self.bar.tasks[task].total or 1
+            self.bar.update(task, total=total, completed=total)
+        else:
+            self.bar.update(task, total=progress.total, completed=progress.done, detail=progress.detail)
+
+
+def _progress_bar(fields: str) -> Progress:
     """The console's progress bar: description, bar, done/total, the stage's ``fields``, elapsed, ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -704,7 +722,11 @@ def demo(
 def _run_and_show(config) -> None:
     from pipeline.run import run_pipeline
 
-    results = run_pipeline(config, storage.options_from_env(), say=lambda m: console.print(f"[dim]{m}[/]"))
+    def say(message: str) -> None:
+        console.print(f"[dim]{message}[/]")
+
+    with _StageBars() as bars:
+        results = run_pipeline(config, storage.options_from_env(), say=say, show=bars.show)
     table = Table("stage", "seconds", "reused")
     for name, result in results.items():
         table.add_row(name, f"{result.seconds:.1f}", "yes" if result.reused else "")

@@ -174,6 +174,16 @@ def evaluate_revisitop(rankings: Mapping[str, Sequence[str]], gt: RevisitopGroun
     in imlist order (so a truncated shortlist is scored as the full ranking it starts). Queries with no
     positives in a setting are left out of its mean.
     """
+    per_setting = revisitop_query_scores(rankings, gt)
+    return {
+        setting: _revisitop_means(np.asarray(list(rows.values()))) for setting, rows in per_setting.items()
+    }
+
+
+def revisitop_query_scores(
+    rankings: Mapping[str, Sequence[str]], gt: RevisitopGroundTruth
+) -> dict[str, dict[str, list[float]]]:
+    """Per setting, per query with positives in it: [AP, P@1, P@5, P@10] (see :func:`evaluate_revisitop`)."""
     unknown = sorted(set(rankings) - set(gt.qimlist))
     if unknown:
         raise ValueError(f"result queries {unknown[:5]} are not in the ground truth qimlist")
@@ -186,7 +196,7 @@ def evaluate_revisitop(rankings: Mapping[str, Sequence[str]], gt: RevisitopGroun
         raise ValueError(
             f"no result id is a ground-truth imlist name (e.g. {example}); ids must be imlist entries"
         )
-    per_setting: dict[str, list[list[float]]] = {s: [] for s in REVISITOP_SETTINGS}
+    per_setting: dict[str, dict[str, list[float]]] = {s: {} for s in REVISITOP_SETTINGS}
     for query, annotation in zip(gt.qimlist, gt.gnd, strict=True):
         ranking = full_ranking(rankings[query], index_of, len(gt.imlist), query)
         for setting, (ok_keys, junk_keys) in REVISITOP_SETTINGS.items():
@@ -195,11 +205,10 @@ def evaluate_revisitop(rankings: Mapping[str, Sequence[str]], gt: RevisitopGroun
                 continue
             junk = np.concatenate([np.asarray(annotation[k], dtype=np.int64) for k in junk_keys])
             positions = junk_removed_positions(ranking, ok, junk)
-            scores = [revisitop_ap(positions, len(ok))] + [
+            per_setting[setting][query] = [revisitop_ap(positions, len(ok))] + [
                 revisitop_precision_at(positions, k) for k in KAPPAS
             ]
-            per_setting[setting].append(scores)
-    return {setting: _revisitop_means(np.asarray(rows)) for setting, rows in per_setting.items()}
+    return per_setting
 
 
 def _revisitop_means(rows: np.ndarray) -> dict[str, Any]:
@@ -283,12 +292,17 @@ def evaluate_gldv2_retrieval(
         raise ValueError(
             f"retrieval solution queries {empty[:5]} list no relevant images and are not Ignored"
         )
-    scored = _scored_queries(rankings, solution)
-    aps = {q: gldv2_average_precision(scored.get(q, []), relevant) for q, relevant in solution.truth.items()}
+    aps = gldv2_query_aps(rankings, solution)
     return {
         name: {"mAP@100": float(np.mean([aps[q] for q in queries])), "queries": len(queries)}
         for name, queries in _subsets(solution).items()
     }
+
+
+def gldv2_query_aps(rankings: Mapping[str, Sequence[str]], solution: Gldv2Solution) -> dict[str, float]:
+    """AP@100 of each of the solution's non-ignored queries (0 for a query without results)."""
+    scored = _scored_queries(rankings, solution)
+    return {q: gldv2_average_precision(scored.get(q, []), relevant) for q, relevant in solution.truth.items()}
 
 
 def read_landmarks(url: str, options: Options = None) -> dict[str, str]:
@@ -414,6 +428,21 @@ def evaluate(
     if out_url is not None:
         storage.write_text(out_url, json.dumps(metrics, indent=2) + "\n", options)
     return metrics
+
+
+def query_aps(
+    results_url: str, ground_truth_url: str, protocol: str, options: Options = None
+) -> tuple[str, dict[str, float]]:
+    """Each query's AP and what it is: revisitop's Medium AP (queries with Medium positives), GLDv2's AP@100;
+    ("", {}) for gldv2-recognition, whose GAP is over all predictions together (no per-query AP)."""
+    ranked = {q: ranking.ids for q, ranking in read_rankings(results_url, options).items()}
+    if protocol == "revisitop":
+        scores = revisitop_query_scores(ranked, read_revisitop_gnd(ground_truth_url, options))["medium"]
+        return "AP (Medium)", {q: row[0] for q, row in scores.items()}
+    if protocol == "gldv2-retrieval":
+        solution = read_gldv2_solution(ground_truth_url, "images", options)
+        return "AP@100", gldv2_query_aps(ranked, solution)
+    return "", {}
 
 
 Labeler = Callable[[str, str], "str | None"]

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import images, manifest, storage, store
+from pipeline import images, manifest, metrics, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
 from pipeline.errors import ResourcesUnavailableError
 from pipeline.features import PreparedImage, prepare_image
@@ -183,6 +183,22 @@ class ExtractionSummary:
 
 # Reasons of rows that fail before decoding; the rest fail in decoding.
 FETCH_REASONS = frozenset({"missing", "scheme_not_allowed", "local_file_refused", "fetch_failed"})
+
+# What fixes a run in which every row failed, by the reason most rows failed for.
+FIXES = {
+    "local_file_refused": "the rows are local files outside the manifest's folder: pass --image-root with "
+    "the folder they are under, or --allow-local-files",
+    "missing": "no image where the rows point: check the urls (or --image-root of an id-only manifest)",
+    "scheme_not_allowed": "the rows' url scheme is not allowed: use local paths, s3://, gs:// or http(s)://",
+    "fetch_failed": "storage refused every read: check the credentials (AWS_* or "
+    "LANDMARK_INDEX_STORAGE_OPTIONS), the endpoint and the bucket",
+    "extract_failed": "the model failed on every image: check --weights against --preset",
+}
+DECODE_FIX = "the rows are not images this pipeline decodes: check that the manifest lists photos"
+
+
+class NothingExtractedError(ValueError):
+    """Every row of a run failed: the manifest, its roots or the storage access is wrong (a user error)."""
 
 
 @dataclass(frozen=True)
@@ -385,6 +401,8 @@ def run_extraction(
     progress = Progress(
         total_rows=table.num_rows, skipped_rows=sum(rows.num_rows for i, rows in shards if i in done)
     )
+    if on_progress is not None:
+        on_progress(progress)  # the manifest is valid: a progress display may start
     if todo:
         ensure_ray(cluster.address)
         _extract_shards(job, cluster, options, todo, progress, on_progress)
@@ -392,6 +410,8 @@ def run_extraction(
     stats = store.store_stats(job.out_url, options)
     if stats["rows"] != table.num_rows:
         raise RuntimeError(f"store accounts for {stats['rows']} of {table.num_rows} manifest rows")
+    if stats["rows"] and not stats["ok"]:
+        raise NothingExtractedError(nothing_extracted_message(job, stats, options))
     return ExtractionSummary(
         rows=stats["rows"],
         ok=stats["ok"],
@@ -403,6 +423,21 @@ def run_extraction(
         seconds=time.monotonic() - started,
         extractors=progress.extractors,
         devices=dict(progress.devices),
+    )
+
+
+def nothing_extracted_message(job: ExtractionJob, stats: dict[str, Any], options: Options) -> str:
+    """Why every row failed (counts by reason, one example), what fixes it, and what to do with the store."""
+    reasons = stats["errors_by_reason"]
+    commonest = max(reasons, key=reasons.__getitem__)
+    records = store.read_errors(job.out_url, options).to_pylist()
+    example = next(r for r in records if r["reason"] == commonest)
+    counts = ", ".join(f"{reason}: {n}" for reason, n in reasons.items())
+    return (
+        f"none of the {stats['rows']} rows of {storage.redact(job.manifest_url)} gave descriptors ({counts}; "
+        f"e.g. {example['id']}: {example['message']}). Fix: {FIXES.get(commonest, DECODE_FIX)}; then remove "
+        f"{storage.redact(job.out_url)} (it holds these error records, and a re-run would keep them) "
+        "and run again"
     )
 
 
@@ -610,9 +645,17 @@ class _Dispatch:
                 if ref in self.in_flight:
                     self._extracted(ref, progress)
             _collect_writes(self.writes, progress, block=False)
+            self._gauge_queues()
             on_progress(progress)
         _collect_writes(self.writes, progress, block=True)
+        self._gauge_queues()
         on_progress(progress)
+
+    def _gauge_queues(self) -> None:
+        """Chunks waiting for an extractor, chunks being decoded or extracted, shards being written."""
+        depths = {"waiting": len(self.chunks), "extracting": len(self.in_flight), "writing": len(self.writes)}
+        for queue, depth in depths.items():
+            metrics.gauge("queue_depth", depth, stage="extract", queue=queue)
 
     def _submit(self, pool: _ActorPool) -> None:
         """Keep at most ``max_chunks_in_flight`` (default 4 per ready extractor) chunks in flight."""
@@ -631,6 +674,7 @@ class _Dispatch:
         state = self.states[shard]
         state.pending -= 1
         progress.done_rows += count
+        metrics.count("images", count, stage="extract")
         if state.pending == 0:
             self.writes.append(self.writer.remote(self.job, shard, state.rows, self.options, *state.results))
 
@@ -648,3 +692,5 @@ def _collect_writes(writes: list[Any], progress: Progress, block: bool) -> None:
         progress.ok += commit.ok
         progress.errors += commit.errors
         progress.shards_committed += 1
+        for reason, n in commit.reasons.items():
+            metrics.count("image_errors", n, stage="extract", reason=reason)

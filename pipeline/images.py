@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline import storage
+from pipeline import metrics, storage
 
 REASONS = (
     "missing",  # no url/inline image, or nothing at the url (404, no such file)
@@ -126,12 +126,14 @@ def fetch_image_bytes(
         raise ImageError("local_file_refused", f"{refused}; {OPT_IN_HINT}")
     where = storage.redact(row_url)
     try:
-        return storage.read_bytes(row_url, options)
+        data = storage.read_bytes(row_url, options)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise ImageError("missing", f"not found: {where} ({type(exc).__name__})") from exc
     except Exception as exc:  # a per-row failure must never stop the batch it belongs to
         detail = storage.redact_text(f"{type(exc).__name__}: {exc}")
         raise ImageError("fetch_failed", f"cannot read {where}: {detail}") from None
+    metrics.count("bytes_read", len(data))
+    return data
 
 
 @dataclass(frozen=True)

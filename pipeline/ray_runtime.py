@@ -12,9 +12,11 @@ is gone is taken over at once (pipeline.lease). During ``ray.init`` itself Ray's
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -22,13 +24,62 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
+from pipeline import storage
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 T = TypeVar("T")
 
-# Every worker of the job redacts its log records as the command does (secrets never reach Ray's log files);
-# on a cluster Ray merges this into the job's own runtime_env.
-WORKER_ENV = {"worker_process_setup_hook": "pipeline.storage.install_log_redaction"}
+# Every worker of the job sets up its logging as setup_worker_logging says; on a cluster Ray merges this into
+# the job's own runtime_env.
+WORKER_ENV = {"worker_process_setup_hook": "pipeline.ray_runtime.setup_worker_logging"}
+WORKER_LOG = "landmark-index-worker-{pid}.log"  # a worker's full log, in the Ray session's logs folder
+
+
+class _OncePerMessage(logging.Filter):
+    """Passes each distinct (level, message) once: a warning met on every image is one line, not millions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def setup_worker_logging() -> None:
+    """A Ray worker's logging: every record redacted (secrets reach no log); warnings and errors, Python
+    warnings included, once each on stderr, which Ray forwards to the driver (and dedups across workers);
+    everything from INFO up in the worker's own file in Ray's logs folder."""
+    storage.install_log_redaction()
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    to_driver = logging.StreamHandler(sys.stderr)
+    to_driver.setLevel(logging.WARNING)
+    to_driver.addFilter(_OncePerMessage())
+    to_driver.setFormatter(formatter)
+    root.addHandler(to_driver)
+    logs = _ray_logs_dir()
+    if logs is not None:
+        to_file = logging.FileHandler(os.path.join(logs, WORKER_LOG.format(pid=os.getpid())))
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(to_file)
+
+
+def _ray_logs_dir() -> str | None:
+    """The logs folder of the Ray session this worker belongs to (Ray has no public call for it)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except AttributeError:  # an internal API moved: the records still reach stderr from WARNING up
+        return None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -38,7 +89,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:  # the cluster's own auth settings apply (KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in pods)
-        ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV)
+        ray.init(address=address, log_to_driver=True, runtime_env=WORKER_ENV)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # only the private local cluster started here
     temp_dir = os.environ.get("LANDMARK_INDEX_RAY_TMP") or os.path.join(
@@ -48,7 +99,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=temp_dir,
-        log_to_driver=False,
+        log_to_driver=True,  # workers log only warnings and errors to stderr, once each
         runtime_env={**WORKER_ENV, "env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
     _stop_ray_with_the_process()

@@ -206,7 +206,7 @@ def _copy_index(source: str, target: str, options: Options) -> None:
     for url in storage.list_files(source, options):
         name = url.rsplit("/", 1)[-1]
         if name not in versions.VERSION_FILES:
-            storage.write_bytes(storage.join(target, name), storage.read_bytes(url, options), options)
+            storage.copy(url, storage.join(target, name), options)
 
 
 def _update_in_place(

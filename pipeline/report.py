@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+import pipeline
 from pipeline import images, results, storage
 from pipeline.embedding_map import EmbeddingMap, embedding_map, map_html
 from pipeline.storage import Options, StorageError
@@ -344,13 +345,92 @@ def query_html(index: int, view: QueryView, thumbs: _Thumbnails, settings: Repor
         else '<div class="ranking"><h3>Re-ranked</h3><p class="note">no re-ranking for this run</p></div>'
     )
     return (
-        f'<section class="query" id="q{index}"><h2><span class="qn">{index + 1}</span>'
+        f'<section class="query" id="{_e(_anchor(view.query_id))}"><h2><span class="qn">{index + 1}</span>'
         f'<span class="qid">{_e(view.query_id)}</span>{chips}</h2><div class="query-row">'
         f'<figure class="query-image">{_image_html(thumbs.get(view.query_image), view.query_id)}'
         f"<figcaption>query</figcaption></figure>"
         f'<div class="rankings">{ranking_html("Global descriptor", view.global_ranking, thumbs, settings.max_hits, {})}'
         f"{reranked}</div></div>{matches_html(view, thumbs, settings)}</section>"
     )
+
+
+def quality_html(quality: Mapping[str, Any] | None) -> str:
+    """The index's recall against exact search at the stored search setting (the build's quality.json)."""
+    if not quality:
+        return '<p class="note">No recall report (quality.json) beside the index.</p>'
+    setting = {"nprobe": quality.get("nprobe"), "k_factor": quality.get("k_factor")}
+    chosen = next((r for r in quality.get("rows", []) if all(r.get(k) == v for k, v in setting.items())), {})
+    figures = {k: v for k, v in chosen.items() if "recall" in k}
+    shown = {**{k: "–" if v is None else str(v) for k, v in setting.items()}, **figures}
+    shown["queries"] = quality.get("queries")
+    reason = quality.get("nprobe_reason", "")
+    return summary_html(shown) + (f'<p class="note">{_e(reason)}</p>' if reason else "")
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """The failed rows of one reason in one descriptor store."""
+
+    store: str  # "index" | "queries"
+    reason: str
+    count: int
+    examples: Sequence[tuple[str, str]]  # (row id, message), a few
+
+
+def errors_html(groups: Sequence[ErrorGroup]) -> str:
+    if not groups:
+        return '<p class="note">No failed rows: every image gave descriptors.</p>'
+    rows = "".join(
+        f'<tr><th>{_e(g.store)}</th><td>{_e(g.reason)}</td><td>{g.count}</td><td class="examples">'
+        + "".join(f"<div><b>{_e(i)}</b>: {_e(m)}</div>" for i, m in g.examples)
+        + "</td></tr>"
+        for g in groups
+    )
+    head = "<tr><th>store</th><th>reason</th><th>rows</th><th>examples</th></tr>"
+    return f'<table class="errors"><thead>{head}</thead><tbody>{rows}</tbody></table>'
+
+
+def provenance_html(provenance: Mapping[str, Any]) -> str:
+    """What produced the run: versions, preset, weights hash, URLs (redacted), and the settings as JSON."""
+    rows = "".join(
+        f'<tr><th>{_e(k)}</th><td class="text">'
+        + (
+            f"<details><summary>show</summary><pre>{_e(json.dumps(v, indent=1, default=str))}</pre></details>"
+            if isinstance(v, Mapping)
+            else _e("–" if v is None else v)
+        )
+        + "</td></tr>"
+        for k, v in provenance.items()
+    )
+    return f'<table class="provenance"><tbody>{rows}</tbody></table>'
+
+
+def query_ap_html(name: str, aps: Mapping[str, Mapping[str, float]], worst: Sequence[str]) -> str:
+    """Per-query AP of each results file (columns), worst first by the last one; the worst are marked."""
+    if not aps:
+        return '<p class="note">No per-query AP (no ground truth, or a protocol without one).</p>'
+    columns = list(aps)
+    order = sorted(aps[columns[-1]], key=lambda q: (aps[columns[-1]][q], q))
+    head = "".join(f"<th>{_e(f'{name} {c}')}</th>" for c in columns)
+    rows = "".join(
+        (
+            f'<tr class="worst"><th><a href="#{_e(_anchor(q))}">{_e(q)}</a></th>'
+            if q in worst
+            else f"<tr><th>{_e(q)}</th>"
+        )
+        + "".join(f"<td>{_e(_format_figure('AP', aps[c].get(q)))}</td>" for c in columns)
+        + "</tr>"
+        for q in order
+    )
+    return (
+        f'<p class="note">Lowest first; the {len(worst)} lowest are shown first below with their rankings.</p>'
+        f'<div class="scroll"><table class="metrics"><thead><tr><th>query</th>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div>"
+    )
+
+
+def _anchor(query_id: str) -> str:
+    return "query-" + hashlib.sha1(query_id.encode()).hexdigest()[:12]
 
 
 STYLE = """
@@ -404,6 +484,8 @@ font-size:11px;width:120px;height:74px}
 .pair.positive svg{outline:3px solid var(--pos)}.pair.negative svg{outline:3px solid var(--neg)}
 .pair figcaption{font-size:12px;color:var(--muted);margin-top:4px;max-width:460px;word-break:break-all}
 .inliers line{stroke-width:1.3;stroke-opacity:.9}.inliers circle{fill:#fff;fill-opacity:.9}
+.section{margin:16px 0}.section td.text,.errors td{text-align:left}.examples div{font-size:12px;color:var(--muted)}
+.scroll{max-height:320px;overflow:auto}tr.worst th a{color:var(--neg)}pre{white-space:pre-wrap;font-size:11px}
 """
 
 
@@ -423,9 +505,11 @@ def render_report(
     options: Options = None,
     embedding: EmbeddingMap | None = None,
     sources: Mapping[str, ImageSource] | None = None,
+    sections: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The whole report as one HTML string (images inlined); ``embedding`` adds the map, whose photos come
-    from ``sources`` (id → image)."""
+    """The whole report as one HTML string (images inlined); ``sections`` are (title, HTML) panels shown
+    after the summary (index quality, errors, per-query AP, provenance); ``embedding`` adds the map, whose
+    photos come from ``sources`` (id → image)."""
     thumbs = _Thumbnails(settings, options)
     shown = queries[: settings.max_queries]
     caps = (
@@ -444,7 +528,12 @@ def render_report(
         f'<p class="note">{_e(caps)}</p></header><main><div class="top">'
         f'<div class="panel"><h3>Summary</h3>{summary_html(summary)}</div>'
         f'<div class="panel"><h3>Stage timings</h3>{timings_html(timings)}</div></div>'
-        f"{_legend_html()}{body}</main></body></html>\n"
+        + "".join(
+            f'<section class="panel section" id="{_e(title.lower().replace(" ", "-"))}"><h3>{_e(title)}</h3>'
+            f"{html}</section>"
+            for title, html in sections
+        )
+        + f"{_legend_html()}{body}</main></body></html>\n"
     )
 
 
@@ -457,9 +546,12 @@ def write_report(
     options: Options = None,
     embedding: EmbeddingMap | None = None,
     sources: Mapping[str, ImageSource] | None = None,
+    sections: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Render the report and write it atomically to ``out_url`` (local path or object-store URL)."""
-    page = render_report(summary, timings, queries, settings, options, embedding, sources)
+    page = render_report(
+        summary, timings, queries, settings, options, embedding=embedding, sources=sources, sections=sections
+    )
     storage.write_text(out_url, page, options)
 
 
@@ -501,9 +593,15 @@ def _metrics_summary(config: RunConfig, options: Options) -> dict[str, Any]:
     return {f"{name} · {setting}": value for name, m in metrics.items() for setting, value in m.items()}
 
 
+WORST_QUERIES = 10  # queries with the lowest AP, shown first with their rankings
+ERROR_EXAMPLES = 3  # failed rows quoted per reason
+
+
 def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> dict[str, Any]:
     """Render the report of ``config``'s run from its outputs alone and write it (default: the run's
-    report.html): results files, metrics.json, stage markers, the manifests' images, the ground truth."""
+    report.html): results files, metrics.json, stage markers, the stores' error records and run metadata,
+    the index's quality.json, the manifests' images, the ground truth."""
+    from pipeline.index.io import index_bytes, read_quality
     from pipeline.run import RunPaths, stage_seconds
 
     paths = RunPaths(config.out)
@@ -517,12 +615,15 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     reranked_hits = (
         results.read_hits(paths.reranked, settings.max_hits, options) if config.rerank.enabled else {}
     )
+    ap_name, aps = _query_aps(config, options)
+    worst = _worst(aps)
 
     def hits(query: str, rows: list[results.Hit]) -> list[Hit]:
         return [
             Hit(r.id, r.score, sources.get(r.id), r.inliers, label(query, r.id), r.global_score) for r in rows
         ]
 
+    order = [*worst, *(q for q in sorted(global_hits) if q not in worst)]
     views = [
         QueryView(
             query_id=query,
@@ -530,14 +631,19 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
             global_ranking=hits(query, global_hits[query]),
             reranked=hits(query, reranked_hits.get(query, [])),
             matches={r.id: r.matches for r in reranked_hits.get(query, []) if r.matches is not None},
+            metrics={f"{ap_name} {name}": ap[query] for name, ap in aps.items() if query in ap},
         )
-        for query in sorted(global_hits)[: settings.max_queries]
+        for query in order[: settings.max_queries]
     ]
-    from pipeline.index.io import index_bytes
-
     summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
     summary["index bytes"] = index_bytes(paths.index, options)
     timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
+    sections = [
+        ("Index quality", quality_html(read_quality(paths.index, options))),
+        ("Failed rows", errors_html(error_groups(paths, options))),
+        ("Per-query AP", query_ap_html(ap_name, aps, worst)),
+        ("Provenance", provenance_html(provenance(config, options))),
+    ]
     out_url = out_url or paths.report
     embedding = (
         embedding_map(
@@ -550,5 +656,79 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
         if settings.map_points
         else None
     )
-    write_report(out_url, summary, timings, views, settings, options, embedding, sources)
+    write_report(
+        out_url,
+        summary,
+        timings,
+        views,
+        settings,
+        options,
+        embedding=embedding,
+        sources=sources,
+        sections=sections,
+    )
     return {"queries_shown": len(views), "report": storage.redact(out_url)}
+
+
+def _query_aps(config: RunConfig, options: Options) -> tuple[str, dict[str, dict[str, float]]]:
+    """Per-query AP of the global and (when run) re-ranked results: (what AP it is, {results: {query: AP}})."""
+    from pipeline.evaluate import query_aps
+    from pipeline.run import RunPaths
+
+    data, paths = config.data, RunPaths(config.out)
+    if not data.ground_truth:
+        return "", {}
+    files = {"global": paths.search, **({"reranked": paths.reranked} if config.rerank.enabled else {})}
+    scored = {name: query_aps(url, data.ground_truth, data.protocol, options) for name, url in files.items()}
+    name = next(iter(scored.values()))[0]
+    return name, {results: aps for results, (_, aps) in scored.items() if aps}
+
+
+def _worst(aps: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The WORST_QUERIES queries with the lowest AP in the final results (ties by id)."""
+    if not aps:
+        return []
+    final = list(aps.values())[-1]
+    return sorted(final, key=lambda q: (final[q], q))[:WORST_QUERIES]
+
+
+def error_groups(paths: Any, options: Options) -> list[ErrorGroup]:
+    """The failed rows of the run's index and query stores by reason, most frequent first, with examples."""
+    from pipeline import store
+
+    groups = []
+    for name, url in (("index", paths.index_store), ("queries", paths.query_store)):
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for row in store.read_errors(url, options).to_pylist():
+            by_reason.setdefault(row["reason"], []).append(row)
+        groups += [
+            ErrorGroup(name, reason, len(rows), [(r["id"], r["message"]) for r in rows[:ERROR_EXAMPLES]])
+            for reason, rows in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
+        ]
+    return groups
+
+
+def provenance(config: RunConfig, options: Options) -> dict[str, Any]:
+    """What produced the run, as recorded by its index store (redacted when shown): the package version, the
+    preset and weights (with their hash), the stores' and inputs' URLs, and every setting of the run."""
+    import dataclasses
+
+    from pipeline.run import RunPaths
+    from pipeline.store import read_run_info
+
+    paths = RunPaths(config.out)
+    info = read_run_info(paths.index_store, options) or {}
+    return {
+        "landmark-index version (this report)": pipeline.__version__,
+        "version that extracted": info.get("package_version"),
+        "preset": info.get("preset"),
+        "weights": info.get("weights"),
+        "weights sha256": info.get("weights_sha256"),
+        "index manifest": config.data.index,
+        "query manifest": config.data.queries,
+        "index store": paths.index_store,
+        "query store": paths.query_store,
+        "index": paths.index,
+        # where it ran is no part of what it is (and a report rendered later, elsewhere, must not differ)
+        "run settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "ray_address"},
+    }

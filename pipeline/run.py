@@ -24,10 +24,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.runconfig import RunConfig
+
+if TYPE_CHECKING:
+    from pipeline.extraction import Progress
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,31 @@ class RunPaths:
 
 
 @dataclass(frozen=True)
+class StageProgress:
+    """Where a running stage is, for a live display: counted units when the stage counts them (extraction:
+    rows; the index build: its steps), else only that it runs, then that it finished."""
+
+    stage: str
+    done: int = 0
+    total: int | None = None  # None: the stage does not count its work
+    detail: str = ""  # e.g. "3.2 img/s  errors 0  extractors 1", or the index build's step
+    finished: bool = False
+
+
+def extraction_progress(stage: str, progress: Progress) -> StageProgress:
+    """An extraction's counts as a stage's progress (the `extract` command and `run` show the same)."""
+    return StageProgress(
+        stage,
+        progress.skipped_rows + progress.done_rows,
+        progress.total_rows,
+        f"{progress.images_per_s:.1f} img/s  errors {progress.errors}  extractors {progress.extractors}",
+    )
+
+
+ShowProgress = Callable[[StageProgress], None]
+
+
+@dataclass(frozen=True)
 class StageResult:
     stage: str
     key: str
@@ -108,10 +136,13 @@ def _key(stage: str, params: Any, upstream: list[str]) -> str:
 class _Runner:
     """Runs stages in order, skipping those whose marker holds the same key."""
 
-    def __init__(self, paths: RunPaths, options: storage.Options, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, paths: RunPaths, options: storage.Options, say: Callable[[str], None], show: ShowProgress
+    ) -> None:
         self.paths = paths
         self.options = options
         self.say = say
+        self.show = show
         self.results: dict[str, StageResult] = {}
 
     def stage(
@@ -126,8 +157,10 @@ class _Runner:
                 self.say(f"{name}: done earlier, reused")
                 return
         self.say(f"{name}: running")
+        self.show(StageProgress(name))
         start = time.monotonic()
         summary = dict(work())
+        self.show(StageProgress(name, finished=True))
         result = StageResult(name, key, time.monotonic() - start, summary, reused=False)
         record = {"key": key, "seconds": result.seconds, "summary": summary}
         text = storage.redact_text(json.dumps(record, indent=2, default=str))  # summaries quote URLs
@@ -137,10 +170,14 @@ class _Runner:
 
 
 def run_pipeline(
-    config: RunConfig, options: storage.Options = None, say: Callable[[str], None] = log.info
+    config: RunConfig,
+    options: storage.Options = None,
+    say: Callable[[str], None] = log.info,
+    show: ShowProgress = lambda _: None,
 ) -> dict[str, StageResult]:
-    """Run (or resume) every stage of ``config``; returns each stage's result."""
-    runner = _Runner(RunPaths(config.out), options, say)
+    """Run (or resume) every stage of ``config``; returns each stage's result. ``show`` gets each running
+    stage's progress: when it starts, as it counts its work, and when it finishes."""
+    runner = _Runner(RunPaths(config.out), options, say, show)
     _extract_stages(config, runner)
     _index_stages(config, runner)
     _verify_and_report_stages(config, runner)
@@ -153,23 +190,27 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
     cluster = config.extract.cluster(config.ray_address)
 
     def extraction(
-        manifest_url: str, out_url: str, image_root: str | None
+        stage: str, manifest_url: str, out_url: str, image_root: str | None
     ) -> Callable[[], Mapping[str, Any]]:
         job = config.extract.job(manifest_url, out_url, image_root)
-        return lambda: asdict(run_extraction(job, cluster, runner.options))
+
+        def show(progress: Progress) -> None:
+            runner.show(extraction_progress(stage, progress))
+
+        return lambda: asdict(run_extraction(job, cluster, runner.options, show))
 
     params, paths, data = config.extract.output_values(), runner.paths, config.data
     runner.stage(
         "extract-index",
         [params, data.index, *filter(None, [data.index_image_root])],
         [],
-        extraction(data.index, paths.index_store, data.index_image_root),
+        extraction("extract-index", data.index, paths.index_store, data.index_image_root),
     )
     runner.stage(
         "extract-queries",
         [params, data.queries, *filter(None, [data.queries_image_root])],
         [],
-        extraction(data.queries, paths.query_store, data.queries_image_root),
+        extraction("extract-queries", data.queries, paths.query_store, data.queries_image_root),
     )
 
 
@@ -183,6 +224,10 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
         if build_config.quality.query_store is None:  # recall measured with the run's own queries
             quality = replace(build_config.quality, query_store=paths.query_store)
             build_config = replace(build_config, quality=quality)
+
+        def step(name: str, done: int, total: int) -> None:
+            runner.show(StageProgress("build-index", done, total, name))
+
         return build_index(
             paths.index_store,
             paths.index,
@@ -190,6 +235,7 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
             options=options,
             ray_address=config.ray_address,
             config=build_config,
+            on_step=step,
         )
 
     runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)

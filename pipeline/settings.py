@@ -76,11 +76,16 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def _declared(source: Any) -> list[tuple[str, Any]]:
-    """(name, default) of a dataclass's fields, or of a stage function's keyword-only parameters."""
+    """(name, default) of a dataclass's fields, or of a stage function's keyword-only parameters but its
+    progress hooks (``on_*``: the caller's display, not a setting)."""
     if dataclasses.is_dataclass(source):
         return [(f.name, default_of(f)) for f in dataclasses.fields(source)]
     parameters = inspect.signature(source).parameters.values()
-    return [(p.name, p.default) for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [
+        (p.name, p.default)
+        for p in parameters
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("on_")
+    ]
 
 
 def settings_of(source: Any, exclude: Iterable[str] = ()) -> list[Setting]:

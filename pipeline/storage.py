@@ -41,6 +41,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -724,6 +725,28 @@ def open_input(url: str, options: Options = None) -> Iterator[IO[bytes]]:
         yield f
     finally:
         f.close()
+
+
+def copy(source: str, target: str, options: Options = None) -> None:
+    """Copy one object without holding it in memory: on one filesystem its own copy (server-side on S3:
+    CopyObject), across filesystems a streamed copy."""
+    source_fs, source_path = filesystem(source, options)
+    target_fs, target_path = filesystem(target, options)
+    what = f"copy {redact(source)} to {redact(target)}"
+    if is_local(target):
+        os.makedirs(os.path.dirname(target_path), exist_ok=True)
+    if source_fs is target_fs:
+        with_retries(lambda: source_fs.copy(source_path, target_path), what=what)
+        return
+
+    def stream() -> None:
+        with source_fs.open(source_path, "rb") as reader, target_fs.open(target_path, "wb") as writer:
+            shutil.copyfileobj(reader, writer, COPY_CHUNK)
+
+    with_retries(stream, what=what)
+
+
+COPY_CHUNK = 8 * 2**20  # bytes per read of a streamed copy
 
 
 def download(url: str, local_path: str, options: Options = None) -> None:

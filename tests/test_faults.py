@@ -473,3 +473,50 @@ def test_no_secret_reaches_any_output(background):
     assert len(texts) > 10  # the store's files and Ray's logs
     leaks = {(where, s) for where, text in texts.items() for s in secrets if s in text}
     assert leaks == set()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run whose every row fails: exit 2 with the reason and its fix (issue 27), not exit 0 and a later
+# "committed shards but no descriptors"; manifest problems before any progress bar
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _outside_manifest(world: World, tmp: Path) -> Path:
+    """A manifest in a folder of its own whose rows name the world's photos by absolute path: each is a local
+    file outside the manifest's folder, refused without --image-root or --allow-local-files."""
+    rows = [{"id": p.stem, "url": str(p)} for p in sorted(world.images.glob("*.jpg"))]
+    manifest = tmp / "elsewhere" / "manifest.parquet"
+    manifest.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest
+
+
+REFUSED_FIX = "pass --image-root with the folder they are under, or --allow-local-files"
+
+
+@pytest.mark.parametrize("command", ["extract", "reindex"])
+def test_a_run_whose_every_row_fails_exits_2_naming_the_fix(command, world: World, ray_cluster, tmp_path):
+    manifest = _outside_manifest(world, tmp_path)
+    out = tmp_path / "out"
+    args = [str(manifest), str(out), "--preset", "cpu-small", "--address", ray_cluster]
+    outcome = finish(run_command([*PYTHON, command, *args]))
+    line = check_one_error_line(outcome, 2, f"none of the {len(list(world.images.glob('*.jpg')))} rows")
+    assert "local_file_refused: 3" in line and REFUSED_FIX in line
+    assert "committed shards but no descriptors" not in outcome.stderr
+
+
+def test_a_job_whose_every_row_fails_exits_2(world: World, ray_cluster, tmp_path, capsys):
+    from jobs import index_manifest
+
+    manifest = _outside_manifest(world, tmp_path)
+    argv = ["--manifest", str(manifest), "--out", str(tmp_path / "o"), "--preset", "cpu-small"]
+    assert index_manifest.main([*argv, "--address", ray_cluster]) == 2
+    assert REFUSED_FIX in capsys.readouterr().err
+
+
+def test_a_manifest_error_prints_before_any_progress_bar(world: World, monkeypatch, capsys):
+    bad = world.root / "bad-manifest.csv"
+    bad.write_text("name,path\na,b.jpg\n")
+    outcome = run_in_process(monkeypatch, capsys, ["extract", str(bad), str(world.root / "nothing")])
+    check_one_error_line(outcome, 2, "missing column 'id'")
+    assert outcome.stderr.startswith("error:"), outcome.stderr  # no empty "extract ━━━ 0/?" above it

@@ -93,36 +93,65 @@ def test_a_signalled_command_leaves_no_ray_process(tmp_path, signum):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-# A driver whose Ray task logs a url with credentials the worker has just used (and so remembers): the record
-# the worker's logging makes must not hold them.
+# A driver whose Ray task logs, in the worker, a url with credentials the worker has just used (and so
+# remembers) as a warning three times, an error, a Python warning and an INFO detail. The driver records what
+# Ray forwards to its stderr and waits (bounded) until the error, logged last, has arrived.
 LOGGING_DRIVER = """
-import logging, ray
+import logging, sys, time, warnings, ray
 from pipeline import storage
 from pipeline.ray_runtime import ensure_ray
+
+class Tee:
+    def __init__(self, stream):
+        self.stream, self.text = stream, []
+    def write(self, text):
+        self.text.append(text)
+        return self.stream.write(text)
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+sys.stderr = Tee(sys.stderr)
 ensure_ray(num_cpus=1)
 
 @ray.remote
 def log_a_secret():
     url = "s3://AKIDEXAMPLE:wJalrXUtnFEMI@127.0.0.1:9/bucket/x.jpg"
     storage.remember_secrets(url)
-    record = logging.getLogger("pipeline.test").makeRecord("t", logging.WARNING, "f", 1, "fetch %s failed", (url,), None)
-    return record.getMessage()
+    log = logging.getLogger("pipeline.test")
+    log.info("detail-for-the-ray-logs %s", url)
+    for _ in range(3):
+        log.warning("fetch %s failed", url)
+    warnings.warn("a-python-warning")
+    log.error("last-error-line")
 
-print(ray.get(log_a_secret.remote()), flush=True)
+ray.get(log_a_secret.remote())
+deadline = time.monotonic() + 120
+while "last-error-line" not in "".join(sys.stderr.text) and time.monotonic() < deadline:
+    time.sleep(0.1)
 """
 
 
-def test_ray_workers_redact_their_log_records(tmp_path):
+def test_ray_workers_show_warnings_once_redacted_and_keep_the_rest_in_ray_logs(tmp_path):
+    """Issue 27: worker warnings were hidden (log_to_driver=False). Now warnings and errors reach the driver
+    once each and redacted; INFO records stay in the worker's log file in Ray's logs folder."""
     ray_tmp = tempfile.mkdtemp(prefix="li-ray-")
     env = {**os.environ, "PYTHONPATH": str(REPO), "LANDMARK_INDEX_RAY_TMP": ray_tmp}
     try:
         done = subprocess.run(
             [sys.executable, "-c", LOGGING_DRIVER], env=env, capture_output=True, text=True, timeout=300
         )
+        worker_logs = [p.read_text() for p in Path(ray_tmp).rglob("landmark-index-worker-*.log")]
+        ray_files = [p.read_bytes() for p in Path(ray_tmp).rglob("*") if p.is_file()]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    message = done.stdout.strip().splitlines()[-1]
-    assert (
-        message.startswith("fetch s3://") and "wJalrXUtnFEMI" not in message and "AKIDEXAMPLE" not in message
-    )
+    warned = [line for line in done.stderr.splitlines() if "pipeline.test: fetch s3://" in line]
+    assert len(warned) == 1, done.stderr[-3000:]
+    assert warned[0].endswith("fetch s3://127.0.0.1:9/bucket/x.jpg failed")  # the credentials are gone
+    assert sum("last-error-line" in line for line in done.stderr.splitlines()) == 1
+    assert "a-python-warning" in done.stderr
+    assert "detail-for-the-ray-logs" not in done.stderr + done.stdout
+    assert any("detail-for-the-ray-logs" in text for text in worker_logs)
+    for secret in ("wJalrXUtnFEMI", "AKIDEXAMPLE"):
+        assert secret not in done.stderr + done.stdout
+        assert not any(secret.encode() in data for data in ray_files)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline import storage
-from pipeline.report import Hit, QueryView, ReportSettings, render_report, write_report
+from pipeline.report import Hit, QueryView, ReportSettings, _anchor, render_report, write_report
 
 EVIL_QUERY = '<script>alert("q")</script>&amp;'
 EVIL_HIT = '"><img src=x onerror=alert(1)>'
@@ -286,3 +286,93 @@ def click_in_chromium(html: str, target: str, figure: str, tmp_path: Path) -> st
             return page.get_attribute(f"{figure} img", "src") or ""
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run report's sections (issue 27): index quality, failed rows, per-query AP, provenance
+# ---------------------------------------------------------------------------------------------------------
+
+
+def section(page_html: str, section_id: str) -> str:
+    """The text of the report section with ``section_id``."""
+    start = page_html.index(f'id="{section_id}"')
+    return "".join(Page(page_html[start : page_html.index("</section>", start)]).text)
+
+
+def test_index_quality_shows_the_recall_at_the_stored_setting() -> None:
+    from pipeline.report import quality_html
+
+    quality = {
+        "nprobe": 8,
+        "k_factor": None,
+        "queries": 500,
+        "nprobe_reason": "cheapest setting with 100-recall@100 ≥ 0.95",
+        "rows": [
+            {"nprobe": 4, "k_factor": None, "1-recall@1": 0.91, "100-recall@100": 0.90, "qps": 9000.0},
+            {"nprobe": 8, "k_factor": None, "1-recall@1": 0.993, "100-recall@100": 0.962, "qps": 5000.0},
+        ],
+    }
+    page = render_report({}, {}, [], sections=[("Index quality", quality_html(quality))])
+    text = section(page, "index-quality")
+    assert "99.3%" in text and "96.2%" in text and "500" in text and "cheapest setting" in text
+    assert "91.0%" not in text  # another nprobe's row
+    assert "No recall report" in quality_html(None)
+
+
+def test_failed_rows_are_counted_by_reason_with_examples(tmp_path: Path) -> None:
+    from pipeline import store
+    from pipeline.report import error_groups, errors_html
+    from pipeline.run import RunPaths
+
+    paths = RunPaths(str(tmp_path))
+    reasons = ["missing", "not_an_image", "missing", "missing", "missing"]
+    records = [
+        store.ErrorRecord(f"img{i}", f"s3://KEY:SECRET@host/b/img{i}.jpg", "fetch", r, f"{r} at img{i}")
+        for i, r in enumerate(reasons)
+    ]
+    store.write_shard(paths.index_store, 0, [], np.zeros((0, 4), np.float32), [], records, rows=5)
+    store.write_shard(paths.query_store, 0, [], np.zeros((0, 4), np.float32), [], [], rows=0)
+    groups = error_groups(paths, None)
+    assert [(g.store, g.reason, g.count) for g in groups] == [
+        ("index", "missing", 4),
+        ("index", "not_an_image", 1),
+    ]
+    assert groups[0].examples == [
+        ("img0", "missing at img0"),
+        ("img2", "missing at img2"),
+        ("img3", "missing at img3"),
+    ]
+    page = render_report({}, {}, [], sections=[("Failed rows", errors_html(groups))])
+    text = section(page, "failed-rows")
+    assert "missing" in text and "not_an_image" in text and "img1: not_an_image at img1" in text
+    assert "img4" not in text  # three examples per reason
+    assert "No failed rows" in errors_html([])
+
+
+def test_per_query_ap_lists_every_query_worst_first_and_links_the_worst() -> None:
+    from pipeline.report import query_ap_html
+
+    aps = {"global": {"a": 0.5, "b": 0.1, "c": 1.0}, "reranked": {"a": 0.25, "b": 0.75, "c": 1.0}}
+    html = query_ap_html("AP@100", aps, worst=["a", "b"])
+    page = Page(html)
+    rows = ["".join(Page("<tr" + row).text) for row in html.split("<tr")[2:]]
+    assert "the 2 lowest are shown first" in "".join(page.text)
+    assert [r[:1] for r in rows] == ["a", "b", "c"]  # by the re-ranked AP
+    assert rows[0] == "a50.0%25.0%" and rows[2] == "c100.0%100.0%"
+    assert [a["href"] for a in page.find("a")] == [f"#{_anchor('a')}", f"#{_anchor('b')}"]
+
+
+def test_provenance_is_shown_redacted() -> None:
+    from pipeline.report import provenance_html
+
+    html = provenance_html(
+        {
+            "preset": "delg-r50-gldv2",
+            "weights sha256": "ab" * 32,
+            "index store": "s3://AKIAXYZ:topsecret@host/bucket/idx",
+            "run settings": {"out": "s3://AKIAXYZ:topsecret@host/bucket/run", "k": 100},
+        }
+    )
+    text = "".join(Page(html).text)
+    assert "delg-r50-gldv2" in text and "ab" * 32 in text and '"k": 100' in text
+    assert "topsecret" not in html and "AKIAXYZ" not in html

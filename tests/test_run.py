@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -11,21 +12,29 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
+from pipeline import cli
 from pipeline.demo import DEMO_PHOTOS, write_demo
 from pipeline.extraction import Extractors
-from pipeline.run import STAGES, RunPaths, run_pipeline
+from pipeline.run import STAGES, RunPaths, StageProgress, run_pipeline
 from pipeline.runconfig import load_run_config, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_cluster):
+def shown() -> list[StageProgress]:
+    """What the finished run gave its live display, in order."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_cluster, shown):
     """The demo run once (2 views per photo), joining the session's Ray."""
     out = tmp_path_factory.mktemp("demo")
     config = replace(write_demo(str(out), views=2, preset="cpu-small"), ray_address=ray_cluster)
-    return config, run_pipeline(config)
+    return config, run_pipeline(config, show=shown.append)
 
 
 def test_every_stage_runs_and_writes_its_output(finished_run):
@@ -55,7 +64,36 @@ def test_every_stage_runs_and_writes_its_output(finished_run):
     )  # recall measured with the run's queries
 
 
-def hand_map_at_100(results_url: str, solution_csv: str) -> float:
+def test_every_stage_shows_live_progress(finished_run, shown):
+    """Issue 27: `run` showed no progress. Each stage starts and finishes on the display; extraction counts
+    its rows as `extract` does, the index build its steps."""
+    _, results = finished_run
+    assert list(dict.fromkeys(p.stage for p in shown)) == list(STAGES)
+    for stage in STAGES:
+        own = [p for p in shown if p.stage == stage]
+        assert own[0] == StageProgress(stage) and own[-1] == StageProgress(stage, finished=True)
+    for stage in ("extract-index", "extract-queries"):
+        counted = [p for p in shown if p.stage == stage and p.total is not None]
+        rows = results[stage].summary["rows"]
+        assert counted[-1].done == counted[-1].total == rows and "img/s" in counted[-1].detail
+    steps = [(p.detail, p.done) for p in shown if p.stage == "build-index" and p.total == 3]
+    assert steps == [("train", 0), ("add", 1), ("merge and recall", 2), ("done", 3)]
+
+
+def test_the_console_shows_a_bar_per_stage(shown, monkeypatch):
+    """The CLI's display of those updates: one bar per stage, complete at the end, in the order they ran."""
+    console = Console(file=io.StringIO(), width=160)
+    monkeypatch.setattr(cli, "console", console)
+    with cli._StageBars() as bars:
+        for progress in shown:
+            bars.show(progress)
+    lines = [line for line in console.file.getvalue().splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines] == list(STAGES)
+    assert all(" 1/1 " in line for line in lines if line.split()[0] in ("search", "rerank", "evaluate"))
+    assert " 3/3 " in next(line for line in lines if line.startswith("build-index"))
+
+
+def hand_map_at_100(results_url: str, solution_csv: str, only: str | None = None) -> float:
     """GLDv2 retrieval mAP@100 written out plainly: AP@100 = Σ_k P(k)·rel(k) / min(#relevant, 100)."""
     relevant = {
         row["id"]: set(row["images"].split())
@@ -67,6 +105,8 @@ def hand_map_at_100(results_url: str, solution_csv: str) -> float:
         ranked.setdefault(query, []).append(hit)
     aps = []
     for query, truth in relevant.items():
+        if only not in (None, query):
+            continue
         hits = [hit in truth for hit in ranked.get(query, [])[:100]]
         precision_sum = sum(sum(hits[: k + 1]) / (k + 1) for k, rel in enumerate(hits) if rel)
         aps.append(precision_sum / min(len(truth), 100))
@@ -102,6 +142,27 @@ def test_report_renders_from_outputs_alone(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert again.read_text() == Path(paths.report).read_text()
     assert f"({len(DEMO_PHOTOS)} queries shown)" in result.stdout
+
+
+def test_the_run_report_has_quality_errors_per_query_ap_and_provenance(finished_run):
+    """Issue 27: the report's new sections hold the run's own figures."""
+    import pipeline
+    from tests.test_report import section
+
+    config, _ = finished_run
+    paths = RunPaths(config.out)
+    page = Path(paths.report).read_text()
+    quality = json.loads((Path(paths.index) / "quality.json").read_text())
+    chosen = next(r for r in quality["rows"] if r["nprobe"] == quality["nprobe"])
+    assert f"{100 * chosen['1-recall@1']:.1f}%" in section(page, "index-quality")
+    assert "No failed rows" in section(page, "failed-rows")  # the demo's images all decode
+    info = json.loads((Path(paths.index_store) / "_run.json").read_text())
+    provenance = section(page, "provenance")
+    assert pipeline.__version__ in provenance and info["preset"] in provenance
+    table = section(page, "per-query-ap")
+    for query in (f"query-{p}" for p in DEMO_PHOTOS):
+        ap = hand_map_at_100(paths.reranked, config.data.ground_truth, only=query)
+        assert f"{query}" in table and f"{100 * ap:.1f}%" in table
 
 
 def test_rerun_reuses_everything_and_a_change_reruns_downstream(finished_run):

@@ -81,6 +81,22 @@ def test_round_trip(base: tuple[str, dict[str, Any] | None]) -> None:
     assert not storage.exists(storage.join(root, "a/sub/z.bin"), options)
 
 
+def test_copy_within_a_backend_and_across_backends(base, tmp_path: Path) -> None:
+    """storage.copy: the backend's own copy (CopyObject on S3: no bytes through this process), or a stream
+    from another backend; the reindex copies index files this way (issue 27: it read each whole file)."""
+    root, options = base
+    blob = random.Random(1).randbytes(3 * 2**20 + 11)
+    storage.write_bytes(storage.join(root, "a/index.faiss"), blob, options)
+    storage.copy(storage.join(root, "a/index.faiss"), storage.join(root, "b/c/index.faiss"), options)
+    assert storage.read_bytes(storage.join(root, "b/c/index.faiss"), options) == blob
+    local = tmp_path / "local.bin"
+    local.write_bytes(blob[:1000])
+    storage.copy(str(local), storage.join(root, "from-local.bin"), options)
+    assert storage.read_bytes(storage.join(root, "from-local.bin"), options) == blob[:1000]
+    with pytest.raises(FileNotFoundError):
+        storage.copy(storage.join(root, "absent.bin"), storage.join(root, "x.bin"), options)
+
+
 def test_download_upload_local_copies(tmp_path: Path, s3_bucket: Any) -> None:
     source = tmp_path / "index.faiss"
     source.write_bytes(b"\x00index" * 1000)

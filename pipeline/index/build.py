@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage, store
+from pipeline import metrics, storage, store
 from pipeline.index import io, refine, whitening
 from pipeline.index.params import (
     DEFAULT_REFINE,
@@ -255,7 +255,9 @@ def add_in_parallel(
         )
         for t in range(tasks)
     ]
-    return ray.get(refs)
+    added = ray.get(refs)
+    metrics.count("vectors_added", sum(added), stage="build-index")
+    return added
 
 
 def merge_in_ram(trained: faiss.Index, parts: Sequence[str], options: Options = None) -> faiss.Index:
@@ -568,6 +570,22 @@ def checked_inputs(
     return shard_urls, counts, dim
 
 
+BUILD_STEPS = ("train", "add", "merge and recall")
+
+
+def _step_reporter(on_step: Callable[[str, int, int], None]) -> Callable[[str], float]:
+    """Tells ``on_step`` and the build_step gauge of each step as it starts (its index in BUILD_STEPS);
+    returns the time it started (``time.perf_counter()``)."""
+
+    def step(name: str) -> float:
+        done = BUILD_STEPS.index(name) if name in BUILD_STEPS else len(BUILD_STEPS)
+        metrics.gauge("build_step", done)
+        on_step(name, done, len(BUILD_STEPS))
+        return time.perf_counter()
+
+    return step
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -577,10 +595,12 @@ def build_index(
     options: Options = None,
     ray_address: str | None = None,
     config: BuildConfig = BuildConfig(),
+    on_step: Callable[[str, int, int], None] = lambda step, done, total: None,
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
     Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
+    ``on_step(step, done, total)`` hears each of BUILD_STEPS start, then "done".
     """
     shard_urls, counts, dim = checked_inputs(descriptors_url, out_url, config, options)
     total = sum(counts)
@@ -588,16 +608,18 @@ def build_index(
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)
     timings: dict[str, float] = {}
+    step = _step_reporter(on_step)
 
     # peak bytes summed over this machine's build processes: driver + a local Ray's (not a remote cluster's)
     with PeakMemory() as memory:
-        start = time.perf_counter()
+        start = step("train")
         n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
         timings["train_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        start = step("add")
         added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
         assert sum(added) == total, (added, total)
         timings["add_s"] = time.perf_counter() - start
+        step("merge and recall")
         ntotal, on_disk, quality, step_timings = _merge_task(
             len(added), choice, shard_urls, counts, query_rows, out_url, config, options
         )
@@ -624,4 +646,5 @@ def build_index(
         "peak_memory_bytes": memory.peak,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
+    step("done")
     return {**summary, "index_bytes": io.index_bytes(out_url, options)}

@@ -150,6 +150,12 @@ def remove_intermediate(index_url: str, options: Options = None) -> None:
     storage.remove(storage.join(index_url, TRAINED), options)
 
 
+def read_quality(index_url: str, options: Options = None) -> dict[str, Any] | None:
+    """The recall report the build measured against exact search (quality.json); None when there is none."""
+    url = storage.join(index_url, QUALITY)
+    return json.loads(storage.read_text(url, options)) if storage.exists(url, options) else None
+
+
 def set_search_params(index: faiss.Index, nprobe: int | None) -> None:
     """Set nprobe (and a wide enough HNSW coarse-quantizer beam); a no-op for exact indexes."""
     if nprobe is None:
