@@ -597,11 +597,41 @@ WORST_QUERIES = 10  # queries with the lowest AP, shown first with their ranking
 ERROR_EXAMPLES = 3  # failed rows quoted per reason
 
 
+def _sections(
+    config: RunConfig,
+    paths: Any,
+    ap_name: str,
+    aps: Mapping[str, Mapping[str, float]],
+    worst: list[str],
+    options: Options,
+) -> list[tuple[str, str]]:
+    """The run report's panels after the summary: index quality, failed rows, per-query AP, provenance."""
+    from pipeline.index.io import read_quality
+
+    return [
+        ("Index quality", quality_html(read_quality(paths.index, options))),
+        ("Failed rows", errors_html(error_groups(paths, options))),
+        ("Per-query AP", query_ap_html(ap_name, aps, worst)),
+        ("Provenance", provenance_html(provenance(config, options))),
+    ]
+
+
+def _embedding(
+    paths: Any, landmarks: Mapping[str, str], settings: ReportSettings, options: Options
+) -> EmbeddingMap | None:
+    """The embedding map of the run's stores (None when ``map_points`` is 0)."""
+    if not settings.map_points:
+        return None
+    return embedding_map(
+        paths.query_store, paths.index_store, landmarks, settings.map_points, options=options
+    )
+
+
 def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> dict[str, Any]:
     """Render the report of ``config``'s run from its outputs alone and write it (default: the run's
     report.html): results files, metrics.json, stage markers, the stores' error records and run metadata,
     the index's quality.json, the manifests' images, the ground truth."""
-    from pipeline.index.io import index_bytes, read_quality
+    from pipeline.index.io import index_bytes
     from pipeline.run import RunPaths, stage_seconds
 
     paths = RunPaths(config.out)
@@ -638,24 +668,8 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
     summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
     summary["index bytes"] = index_bytes(paths.index, options)
     timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
-    sections = [
-        ("Index quality", quality_html(read_quality(paths.index, options))),
-        ("Failed rows", errors_html(error_groups(paths, options))),
-        ("Per-query AP", query_ap_html(ap_name, aps, worst)),
-        ("Provenance", provenance_html(provenance(config, options))),
-    ]
     out_url = out_url or paths.report
-    embedding = (
-        embedding_map(
-            paths.query_store,
-            paths.index_store,
-            index_landmarks | query_landmarks,
-            settings.map_points,
-            options=options,
-        )
-        if settings.map_points
-        else None
-    )
+    embedding = _embedding(paths, index_landmarks | query_landmarks, settings, options)
     write_report(
         out_url,
         summary,
@@ -665,7 +679,7 @@ def report_run(config: RunConfig, options: Options = None, out_url: str | None =
         options,
         embedding=embedding,
         sources=sources,
-        sections=sections,
+        sections=_sections(config, paths, ap_name, aps, worst, options),
     )
     return {"queries_shown": len(views), "report": storage.redact(out_url)}
 

@@ -282,7 +282,7 @@ def click_in_chromium(html: str, target: str, figure: str, tmp_path: Path) -> st
         try:
             page = browser.new_page()
             page.goto(page_file.as_uri())
-            page.click(target)
+            page.locator(target).dispatch_event("click")  # on the mark itself: t-SNE marks may overlap
             return page.get_attribute(f"{figure} img", "src") or ""
         finally:
             browser.close()

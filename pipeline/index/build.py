@@ -586,6 +586,33 @@ def _step_reporter(on_step: Callable[[str, int, int], None]) -> Callable[[str], 
     return step
 
 
+def _build_steps(
+    choice: IndexChoice,
+    shard_urls: list[str],
+    counts: list[int],
+    out_url: str,
+    config: BuildConfig,
+    options: Options,
+    step: Callable[[str], float],
+) -> tuple[int, int, bool, dict[str, Any], dict[str, float], int]:
+    """Train, add, merge + recall: (training points, indexed vectors, on disk, quality, timings, peak bytes
+    summed over this machine's build processes: driver + a local Ray's, not a remote cluster's)."""
+    timings: dict[str, float] = {}
+    with PeakMemory() as memory:
+        start = step("train")
+        n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
+        timings["train_s"] = time.perf_counter() - start
+        start = step("add")
+        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
+        assert sum(added) == sum(counts), (added, counts)
+        timings["add_s"] = time.perf_counter() - start
+        step("merge and recall")
+        ntotal, on_disk, quality, step_timings = _merge_task(
+            len(added), choice, shard_urls, counts, query_rows, out_url, config, options
+        )
+    return n_train, ntotal, on_disk, quality, timings | step_timings, memory.peak
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -607,23 +634,10 @@ def build_index(
     choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     ensure_ray(ray_address)
-    timings: dict[str, float] = {}
     step = _step_reporter(on_step)
-
-    # peak bytes summed over this machine's build processes: driver + a local Ray's (not a remote cluster's)
-    with PeakMemory() as memory:
-        start = step("train")
-        n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
-        timings["train_s"] = time.perf_counter() - start
-        start = step("add")
-        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
-        assert sum(added) == total, (added, total)
-        timings["add_s"] = time.perf_counter() - start
-        step("merge and recall")
-        ntotal, on_disk, quality, step_timings = _merge_task(
-            len(added), choice, shard_urls, counts, query_rows, out_url, config, options
-        )
-    timings.update(step_timings)
+    n_train, ntotal, on_disk, quality, timings, peak = _build_steps(
+        choice, shard_urls, counts, out_url, config, options, step
+    )
     if not config.keep_intermediate:
         io.remove_intermediate(out_url, options)
 
@@ -643,7 +657,7 @@ def build_index(
         "k_factor": quality["k_factor"],
         "nprobe_reason": quality["nprobe_reason"],
         "timings": timings,
-        "peak_memory_bytes": memory.peak,
+        "peak_memory_bytes": peak,
     }
     io.write_json(storage.join(out_url, io.PARAMS), summary, options)
     step("done")
