@@ -164,7 +164,9 @@ def extract(
     global_dtype: Annotated[
         Literal[GLOBAL_DTYPES], typer.Option(help="Global descriptor encoding.")
     ] = "float16",
-    row_group_size: Annotated[int, typer.Option(help="Rows per Parquet row group of a store shard.")] = 64,
+    row_group_size: Annotated[
+        int, typer.Option(help="Images per Parquet row group of a local shard (1: reads priced per image).")
+    ] = 1,
     gpus_per_extractor: GpusPerExtractor = 0,
     min_extractors: MinExtractors = 1,
     max_extractors: MaxExtractors = None,
@@ -801,6 +803,21 @@ def stats(
     else:
         _print_mapping(f"store {storage.redact(store_url)}", counts)
 
+
+
+@app.command("migrate-store")
+def migrate_store_command(
+    store_url: Annotated[str, typer.Argument(help="Descriptor store URL written before local indexes.")],
+) -> None:
+    """Rewrite a store's local shards in the per-image layout, with their local indexes (resumable: run again
+    after a kill; a migrated store is left as it is)."""
+    from pipeline.store import migrate_store
+
+    summary = migrate_store(store_url, storage.options_from_env())
+    stdout.print(
+        f"{storage.redact(store_url)}: {summary.migrated} of {summary.shards} local shards migrated "
+        f"({summary.shards - summary.migrated} already per-image)"
+    )
 
 if __name__ == "__main__":
     main()

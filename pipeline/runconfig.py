@@ -22,7 +22,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     weights          model state dict URL [unset: backbone weights or random init]
     shard_size       manifest rows per descriptor shard [1000]
     global_dtype, local_dtype  float16 | int8 | float32 (local) [float16, float16]
-    row_group_size   rows per Parquet row group of a store shard [64]
+    row_group_size   images per Parquet row group of a local shard [1]
     actor_cpus, decode_cpus  CPU share of a CPU-only extractor, of a decode task [1.0, 0.25]
     chunk_size       rows per decode task / extractor call [16]
     max_chunks_in_flight  chunks between decode and extract [0: 4 per extractor]
