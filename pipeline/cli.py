@@ -804,7 +804,6 @@ def stats(
         _print_mapping(f"store {storage.redact(store_url)}", counts)
 
 
-
 @app.command("migrate-store")
 def migrate_store_command(
     store_url: Annotated[str, typer.Argument(help="Descriptor store URL written before local indexes.")],
@@ -818,6 +817,7 @@ def migrate_store_command(
         f"{storage.redact(store_url)}: {summary.migrated} of {summary.shards} local shards migrated "
         f"({summary.shards - summary.migrated} already per-image)"
     )
+
 
 if __name__ == "__main__":
     main()
