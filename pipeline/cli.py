@@ -41,6 +41,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
+PROGRESS_S = 10.0  # how often a long stage prints its progress line
 # Tables go to stdout; when it is a pipe or file, rich would wrap at 80 columns and split names.
 stdout = Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -72,6 +73,17 @@ GpusPerExtractor = Annotated[
         help="GPUs each extractor actor asks for (0: CPU actors). Asked for even before a GPU node exists: "
         "the autoscaler adds them and the pool grows as they join; an actor whose GPU is unusable uses its CPU."
     ),
+]
+GpusPerWorker = Annotated[
+    float,
+    typer.Option(help="GPUs each Ray worker asks for (0: CPU workers); asked for before a GPU node exists."),
+]
+CpusPerWorker = Annotated[float, typer.Option(help="CPUs each Ray worker asks for.")]
+MinWorkers = Annotated[
+    int, typer.Option(help="Workers the run waits for; above 1 (or --address, --gpus-per-worker): on Ray.")
+]
+MaxWorkers = Annotated[
+    int | None, typer.Option(help="Workers the pool grows to as nodes join (default: --min-workers).")
 ]
 MinExtractors = Annotated[int, typer.Option(help="Extractor actors the run waits for before it starts.")]
 MaxExtractors = Annotated[
@@ -469,7 +481,7 @@ def rerank(
     search_results: Annotated[str, typer.Argument(help="Results Parquet from `search`.")],
     query_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the queries.")],
     index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
-    out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
+    out: Annotated[str, typer.Argument(help="Re-ranked results URL: a folder of committed parts.")],
     top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
     model: Annotated[Literal[MODELS] | None, typer.Option(help="Geometric model.")] = None,
     residual_in: Annotated[
@@ -522,6 +534,17 @@ def rerank(
     sg_m: Annotated[int, typer.Option(help="SuperGlobal: shortlist entries refined.")] = 400,
     sg_k: Annotated[int, typer.Option(help="SuperGlobal: neighbours per descriptor.")] = 9,
     sg_beta: Annotated[float, typer.Option(help="SuperGlobal: neighbour weight β.")] = 0.15,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Node-local folder caching the index images' local features.")
+    ] = None,
+    queries_per_part: Annotated[
+        int, typer.Option(help="Queries per committed part of OUT (a killed run redoes at most one).")
+    ] = 256,
 ) -> None:
     """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both.
 
@@ -529,7 +552,8 @@ def rerank(
     by their preset); options given here override them.
     """
     given = dict(locals())  # every option under its setting key (pipeline.settings)
-    from pipeline.rerank import config_from_stores
+    from pipeline.ray_runtime import every
+    from pipeline.rerank import RerankRun, config_from_stores
     from pipeline.rerank import rerank as rerank_stage
     from pipeline.rerank.config import overrides_from
     from pipeline.rerank.global_rerank import GlobalRerankConfig
@@ -546,6 +570,8 @@ def rerank(
         method=method,
         global_config=settings.build(GlobalRerankConfig, given),
         index_url=index,
+        run=settings.build(RerankRun, given),
+        on_progress=every(PROGRESS_S, lambda p: console.print(escape(p.line()))),
     )
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
 

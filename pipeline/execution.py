@@ -85,6 +85,11 @@ class Workers:
     def most(self) -> int:
         return self.max_workers or self.min_workers
 
+    @property
+    def on_ray(self) -> bool:
+        """Whether these settings ask for Ray: an address, GPU workers, or more than one worker."""
+        return self.address is not None or self.gpus_per_worker > 0 or self.most > 1
+
 
 WAIT_LOG_S = 30.0  # how often a run still waiting for its first workers says so
 
@@ -108,6 +113,7 @@ class ActorPool:
         self.ready: list[Any] = []
         self.most, self.min_ready, self.bundle, self.name = len(actors), min_ready, bundle, name
         self.devices = Counter() if devices is None else devices  # ready actors by device
+        self._device: dict[Any, str] = {}
 
     def ask_autoscaler(self, wanted: bool) -> None:
         """Ask the autoscaler for every GPU actor's bundle (an empty request withdraws it)."""
@@ -139,12 +145,28 @@ class ActorPool:
             said = True
             self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=WAIT_LOG_S)[0])
 
+    def wait_for_one(self) -> None:
+        """Block until at least one actor is ready (all of them restarting after deaths, say)."""
+        import ray
+
+        while not self.ready:
+            self._admit(ray.wait(list(self.pending), num_returns=1, timeout=WAIT_LOG_S)[0])
+
+    def lost(self, actor: Any) -> None:
+        """An actor that died: Ray restarts it; it gets work again once ``ready()`` answers anew."""
+        if actor in self.ready:
+            self.ready.remove(actor)
+            self.devices[self._device.pop(actor)] -= 1
+            self.pending[actor.ready.options(max_task_retries=-1).remote()] = actor  # waits out the restart
+
     def _admit(self, answered: list[Any]) -> None:
         import ray
 
         for ref in answered:
             device = ray.get(ref)  # re-raises an actor's start-up failure (bad weights, ...)
-            self.ready.append(self.pending.pop(ref))
+            actor = self.pending.pop(ref)
+            self.ready.append(actor)
+            self._device[actor] = device
             self.devices[device] += 1
             log.info("%s %d of %d ready on %s", self.name, len(self.ready), self.most, device)
 
@@ -211,10 +233,12 @@ class _Dispatch:
 
         while self.queue or self.in_flight:
             self.pool.poll()
-            self._submit()
+            if self.queue:
+                self.pool.wait_for_one()
+                self._submit()
             done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=WAIT_LOG_S)
             for ref in done:
-                _, key, batch, attempt = self.in_flight.pop(ref)
+                actor, key, batch, attempt = self.in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
@@ -223,6 +247,7 @@ class _Dispatch:
                             f"batch {key}: its worker died {attempt} times; giving up"
                         ) from exc
                     log.warning("batch %d: its worker died (%s); given to another", key, type(exc).__name__)
+                    self.pool.lost(actor)
                     self.queue.appendleft((key, batch, attempt + 1))
                     continue
                 on_result(key, result)
@@ -238,6 +263,6 @@ class _Dispatch:
             load[actor] += 1
 
 
-def executor_for(workers: Workers | None) -> Executor:
-    """In process without worker settings, else on Ray."""
-    return InProcessExecutor() if workers is None else RayExecutor(workers)
+def executor_for(workers: Workers) -> Executor:
+    """On Ray when ``workers`` asks for it (Workers.on_ray), else in this process."""
+    return RayExecutor(workers) if workers.on_ray else InProcessExecutor()

@@ -106,10 +106,9 @@ def _read_columns(
     naming the file for anything but a Parquet file with those columns."""
     files = committed_parts(results_url, options) if is_parts(results_url, options) else [results_url]
     tables = [_read_file_columns(url, columns, options, optional) for url in files]
-    if not tables:
-        raise ResultsFormatError(
-            f"results {storage.redact(results_url)}: a parts folder with no committed part"
-        )
+    if not tables:  # a run without queries: no part, as a single file would have no rows
+        names = [*columns, *(c for c in optional if c in RERANKED_SCHEMA.names)]
+        return pa.schema([RERANKED_SCHEMA.field(n) for n in names]).empty_table()
     table = pa.concat_tables(tables, promote_options="permissive")
     if len(files) > 1:  # a query in two parts would be a resume bug: never report it twice
         per_part = [set(t.column("query_id").to_pylist()) for t in tables]

@@ -34,7 +34,6 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -519,6 +518,7 @@ class LocalReader:
     comes from each shard's local index (one small file per shard); each request then reads the shard's
     footer once and its images' row groups as coalesced range requests. ``cache_dir``, a node-local folder,
     keeps what was read so that repeat passes read the disk instead of the store. ``stats`` counts the cost.
+    Reads may run on a thread beside the compute (the re-ranking work prefetches the next batch).
     """
 
     def __init__(
@@ -530,7 +530,6 @@ class LocalReader:
         self.stats = ReadStats()
         self._shards: list[_Shard] = []
         self._where: dict[str, tuple[int, int]] = {}  # id → (position in _shards, row group)
-        self._prefetcher: ThreadPoolExecutor | None = None
         for store_url in self.stores:
             indexed = _indexed_shards(store_url, options)
             shards = committed_shards(store_url, options)
@@ -592,12 +591,6 @@ class LocalReader:
             features = _decode_local(self._read_row_groups(self._shards[position], sorted(row_groups)))
             out.update({k: v for k, v in features.items() if k in wanted and self._where[k][0] == position})
         return out
-
-    def prefetch(self, ids: Sequence[str]) -> Future[dict[str, LocalFeatures]]:
-        """``read(ids)`` on a background thread: the next batch's reads overlap this batch's compute."""
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-prefetch")
-        return self._prefetcher.submit(self.read, list(ids))
 
     def _read_row_groups(self, shard: _Shard, row_groups: list[int]) -> pa.Table:
         if shard.metadata is None:

@@ -7,6 +7,7 @@ from pipeline.rerank.match import Matches, gather_points, match, pad
 from pipeline.rerank.score import rerank_order, rerank_scores
 from pipeline.rerank.stage import (
     RerankedShortlist,
+    RerankRun,
     RerankSummary,
     config_from_stores,
     rerank,
@@ -18,6 +19,7 @@ from pipeline.rerank.verify import Verification, verify
 __all__ = [
     "Matches",
     "RerankConfig",
+    "RerankRun",
     "RerankSummary",
     "RerankedShortlist",
     "Verification",

@@ -65,6 +65,19 @@ class RerankSummary:
     parts_resumed: int = 0  # parts an earlier, killed run had committed
 
 
+@dataclass(frozen=True)
+class RerankRun:
+    """How a re-ranking runs: nothing here changes its output."""
+
+    workers: Workers = field(default_factory=Workers)  # in this process unless it asks for Ray (Workers)
+    cache_dir: str | None = None  # node-local folder caching the index side's local features (repeat passes)
+    queries_per_part: int = 256  # queries per committed part: what a killed run redoes at most
+
+    def __post_init__(self) -> None:
+        if self.queries_per_part < 1:
+            raise ValueError(f"queries_per_part={self.queries_per_part}; must be ≥ 1")
+
+
 def resolve_device(config: RerankConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -398,9 +411,7 @@ def rerank(
     method: str = "verify",
     global_config: GlobalRerankConfig = GlobalRerankConfig(),
     index_url: str | None = None,
-    workers: Workers | None = None,
-    cache_dir: str | None = None,
-    queries_per_part: int = 256,
+    run: RerankRun = RerankRun(),
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RerankSummary:
     """Re-rank every query's shortlist and write the results to ``out``, a parts folder (pipeline.results).
@@ -411,14 +422,12 @@ def rerank(
     top-``config.top`` candidates being verified, ``config.queries_per_batch`` queries at a time. Images
     absent from a store are left unverified (and unrefined).
 
-    Queries go in parts of ``queries_per_part``, each committed as it is done: a rerun of a killed run with
-    the same inputs and settings redoes only the parts not committed. ``workers`` runs the parts on Ray
-    (None: in this process; the output is identical). ``cache_dir``: a node-local folder caching the index
-    side's local features. ``on_progress`` is called after each committed part.
+    Queries go in parts of ``run.queries_per_part``, each committed as it is done: a rerun of a killed run
+    with the same inputs and settings redoes only the parts not committed. ``run.workers`` may put the parts
+    on Ray (see RerankRun; the output is identical). ``on_progress`` is called after each committed part.
     """
     start = time.perf_counter()
-    if queries_per_part < 1:
-        raise ValueError(f"queries_per_part={queries_per_part}; must be ≥ 1")
+    step = run.queries_per_part
     refinement, verifying = parse_method(method)
     shortlists = _read_shortlists(search_results, options)
     vectors = (
@@ -427,17 +436,10 @@ def rerank(
         else None
     )
     plan = _Plan(config, method, refinement, verifying, global_config, vectors)
-    parts = [shortlists[i : i + queries_per_part] for i in range(0, len(shortlists), queries_per_part)]
-    run = {
-        "stage": "rerank",
-        "input": _digest(shortlists),
-        "queries_per_part": queries_per_part,
-        "rerank_config": asdict(config),
-        "method": method,
-        "global_rerank_config": asdict(global_config),
-        "stores": [storage.redact(query_store), storage.redact(index_store)],
-    }
-    done = open_parts(out, run, options)
+    parts = [shortlists[i : i + step] for i in range(0, len(shortlists), step)]
+    stores = [storage.redact(query_store), storage.redact(index_store)]
+    inputs = {"input": _digest(shortlists), "stores": stores, "queries_per_part": step, **_settings(plan)}
+    done = open_parts(out, inputs, options)
     progress = Progress(len(shortlists), sum(m["queries"] for m in done.values()), start, len(done))
     todo = [(k, part) for k, part in enumerate(parts) if k not in done]
 
@@ -450,9 +452,17 @@ def rerank(
         if on_progress is not None:
             on_progress(progress)
 
-    work = RerankWork((query_store, index_store), plan, options, cache_dir)
-    executor_for(workers).run(work, todo, commit)
+    work = RerankWork((query_store, index_store), plan, options, run.cache_dir)
+    executor_for(run.workers).run(work, todo, commit)
     return _summary(method, len(shortlists), read_part_commits(out, options), progress, start)
+
+
+def _settings(plan: _Plan) -> dict[str, Any]:
+    return {
+        "rerank_config": asdict(plan.config),
+        "method": plan.method,
+        "global_rerank_config": asdict(plan.global_config),
+    }
 
 
 def _digest(shortlists: list[Shortlist]) -> str:
