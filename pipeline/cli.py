@@ -465,14 +465,21 @@ def search(
         float | None, typer.Option(help="Refined shortlist size in multiples of k (default: stored one).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Queries per search call.")] = 4096,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
 ) -> None:
-    """Batched k-NN search of every query descriptor; GPU when there is one."""
+    """Batched k-NN search of every query descriptor; GPU when there is one; on Ray workers if asked."""
     given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.execution import Workers
     from pipeline.index import SearchConfig
     from pipeline.index import search as search_index
 
     config = settings.build(SearchConfig, given)
-    summary = search_index(index, queries, out, config, storage.options_from_env())
+    workers = settings.build(Workers, given)
+    summary = search_index(index, queries, out, config, storage.options_from_env(), workers=workers)
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 

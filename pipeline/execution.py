@@ -105,13 +105,14 @@ class ActorPool:
         self,
         actors: Sequence[Any],
         min_ready: int,
-        bundle: dict[str, float] | None,
+        gpus: float,
+        cpus: float,
         name: str = "worker",
         devices: Counter[str] | None = None,
     ) -> None:
         self.pending = {actor.ready.remote(): actor for actor in actors}  # ready() ref → actor
         self.ready: list[Any] = []
-        self.most, self.min_ready, self.bundle, self.name = len(actors), min_ready, bundle, name
+        self.most, self.min_ready, self.gpus, self.cpus, self.name = len(actors), min_ready, gpus, cpus, name
         self.devices = Counter() if devices is None else devices  # ready actors by device
         self._device: dict[Any, str] = {}
 
@@ -119,8 +120,9 @@ class ActorPool:
         """Ask the autoscaler for every GPU actor's bundle (an empty request withdraws it)."""
         from ray.autoscaler.sdk import request_resources
 
-        if self.bundle and self.bundle.get("GPU"):
-            request_resources(bundles=[self.bundle] * self.most if wanted else [])
+        if self.gpus:
+            bundle = {"GPU": self.gpus, "CPU": self.cpus}
+            request_resources(bundles=[bundle] * self.most if wanted else [])
 
     def poll(self) -> None:
         """Admit every actor whose ready() has answered; never blocks."""
@@ -137,10 +139,11 @@ class ActorPool:
         while (missing := self.min_ready - len(self.ready)) > 0:
             log.log(
                 logging.WARNING if said else logging.INFO,
-                "waiting for %d more %s(s) (%s each) to be placed and loaded",
+                "waiting for %d more %s(s) (%g GPU, %g CPU each) to be placed and loaded",
                 missing,
                 self.name,
-                self.bundle,
+                self.gpus,
+                self.cpus,
             )
             said = True
             self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=WAIT_LOG_S)[0])
@@ -208,8 +211,8 @@ class RayExecutor:
             _WorkerActor
         )
         shared = ray.put(work)  # once in the object store, not once per actor
-        bundle = {"CPU": w.cpus_per_worker, "GPU": w.gpus_per_worker}
-        pool = ActorPool([actor_class.remote(shared) for _ in range(w.most)], w.min_workers, bundle)
+        actors = [actor_class.remote(shared) for _ in range(w.most)]
+        pool = ActorPool(actors, w.min_workers, w.gpus_per_worker, w.cpus_per_worker)
         pool.ask_autoscaler(True)
         try:
             pool.wait_for_minimum()

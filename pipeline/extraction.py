@@ -38,6 +38,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import images, manifest, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
+from pipeline.execution import ActorPool
 from pipeline.features import PreparedImage, prepare_image
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
@@ -442,68 +443,24 @@ def _threads_on_this_node(cluster: ClusterOptions) -> int:
     return extractor_threads(int(resources.get("CPU", 1)), max(sharing, 1), int(gpus > 0))
 
 
-class _ActorPool:
-    """All ``max_extractors`` actors are created at once; Ray keeps those it cannot place pending (GPU
-    actors on a cluster whose GPU nodes are still to come). An actor gets work once ``ready()`` answered."""
+def _extractor_pool(
+    job: ExtractionJob, cluster: ClusterOptions, options: Options, devices: Counter[str]
+) -> ActorPool:
+    """All ``max_extractors`` actors at once; Ray keeps those it cannot place pending (GPU actors on a
+    cluster whose GPU nodes are still to come)."""
+    import ray
 
-    def __init__(
-        self, job: ExtractionJob, cluster: ClusterOptions, options: Options, devices: Counter[str]
-    ) -> None:
-        import ray
-
-        self.cluster = cluster
-        resources = {"num_cpus": cluster.actor_cpus, "num_gpus": cluster.extractors.gpus_per_extractor}
-        actor_class = ray.remote(
-            max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV}, **resources
-        )(ExtractorActor)
-        actors = [actor_class.remote(job, cluster, options) for _ in range(cluster.extractors.most)]
-        self.pending = {actor.ready.remote(): actor for actor in actors}  # ready() ref → actor
-        self.ready: list[Any] = []
-        self.devices = devices  # ready actors by device (the run's Progress counts them)
-
-    def ask_autoscaler(self, wanted: bool) -> None:
-        """Ask the autoscaler for every GPU actor's bundle (an empty request withdraws it)."""
-        from ray.autoscaler.sdk import request_resources
-
-        gpus = self.cluster.extractors.gpus_per_extractor
-        if gpus:
-            bundle = {"GPU": gpus, "CPU": self.cluster.actor_cpus}
-            request_resources(bundles=[bundle] * self.cluster.extractors.most if wanted else [])
-
-    def poll(self) -> None:
-        """Admit every actor whose ready() has answered; never blocks."""
-        import ray
-
-        if self.pending:
-            self._admit(ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)[0])
-
-    def wait_for_minimum(self) -> None:
-        import ray
-
-        extractors, said = self.cluster.extractors, False
-        self.poll()
-        while (missing := extractors.min_extractors - len(self.ready)) > 0:
-            log.log(
-                logging.WARNING if said else logging.INFO,
-                "waiting for %d more extractor(s) (%g GPU, %g CPU each) to be placed and loaded",
-                missing,
-                extractors.gpus_per_extractor,
-                self.cluster.actor_cpus,
-            )
-            said = True
-            self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=WAIT_LOG_S)[0])
-
-    def _admit(self, answered: list[Any]) -> None:
-        import ray
-
-        for ref in answered:
-            device = ray.get(ref)  # re-raises an actor's start-up failure (bad weights, ...)
-            self.ready.append(self.pending.pop(ref))
-            self.devices[device] += 1
-            log.info("extractor %d of %d ready on %s", len(self.ready), self.cluster.extractors.most, device)
-
-
-WAIT_LOG_S = 30.0  # how often a run still waiting for its first extractors says so
+    gpus = cluster.extractors.gpus_per_extractor
+    actor_class = ray.remote(
+        max_restarts=-1,
+        max_task_retries=3,
+        runtime_env={"env_vars": ACTOR_ENV},
+        num_cpus=cluster.actor_cpus,
+        num_gpus=gpus,
+    )(ExtractorActor)
+    actors = [actor_class.remote(job, cluster, options) for _ in range(cluster.extractors.most)]
+    min_ready = cluster.extractors.min_extractors
+    return ActorPool(actors, min_ready, gpus, cluster.actor_cpus, "extractor", devices)
 
 
 @dataclass
@@ -521,7 +478,7 @@ def _extract_shards(
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
-    pool = _ActorPool(job, cluster, options, progress.devices)
+    pool = _extractor_pool(job, cluster, options, progress.devices)
     pool.ask_autoscaler(True)
     try:
         pool.wait_for_minimum()
@@ -554,7 +511,7 @@ class _Dispatch:
         self.load: Counter[int] = Counter()  # chunks in flight per ready actor
         self.writes: list[Any] = []
 
-    def run(self, pool: _ActorPool, progress: Progress, on_progress: Callable[[Progress], None]) -> None:
+    def run(self, pool: ActorPool, progress: Progress, on_progress: Callable[[Progress], None]) -> None:
         import ray
 
         while self.chunks or self.in_flight:
@@ -572,7 +529,7 @@ class _Dispatch:
         _collect_writes(self.writes, progress, block=True)
         on_progress(progress)
 
-    def _submit(self, pool: _ActorPool) -> None:
+    def _submit(self, pool: ActorPool) -> None:
         """Keep at most ``max_chunks_in_flight`` (default 4 per ready extractor) chunks in flight."""
         limit = self.cluster.max_chunks_in_flight or 4 * len(pool.ready)
         while self.chunks and len(self.in_flight) < limit:

@@ -17,6 +17,7 @@ from jobs import index_manifest, nightly_reindex, train
 from pipeline import runconfig, settings
 from pipeline.cli import app
 from pipeline.evaluate import evaluate
+from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
 from pipeline.reindex import ReindexConfig
@@ -95,7 +96,7 @@ COMMANDS = {
         {"options", "ray_address", "config", "k_factors"},
         {"ray_address": "address"},
     ),
-    "search": ([SearchConfig], set(), {}),
+    "search": ([SearchConfig, Workers], set(), {}),
     # dba_k / dba_alpha shape the DBA vectors, which `dba --k --alpha` builds (rerank only reads them)
     "rerank": ([RerankConfig, GlobalRerankConfig, RerankRun], {"dba_k", "dba_alpha"}, {}),
     "evaluate": ([evaluate], {"options"}, {"landmarks_url": "landmarks", "out_url": "out"}),
