@@ -591,12 +591,20 @@ def dba(
     ],
     k: Annotated[int, typer.Option(help="Neighbours averaged into each index vector.")] = 10,
     alpha: Annotated[float, typer.Option(help="Weight = similarity^α.")] = 3.0,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
 ) -> None:
     """Database-side augmentation: refined vectors of every indexed image, kept beside the index (index-add,
-    index-remove and reindex keep them up to date)."""
+    index-remove and reindex keep them up to date). The neighbour search runs on Ray workers if asked."""
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.execution import Workers
     from pipeline.index.dba import build_dba
 
-    summary = build_dba(index, descriptors, k, alpha, storage.options_from_env())
+    workers = settings.build(Workers, given)
+    summary = build_dba(index, descriptors, k, alpha, storage.options_from_env(), workers=workers)
     _print_mapping(f"dba → {storage.redact(index)}", summary)
 
 
