@@ -93,17 +93,18 @@ def _check_columns(results_url: str, schema: pa.Schema, columns: list[str]) -> N
         raise ResultsFormatError(
             f"{where} lack columns {missing}; required: {columns}, found: {schema.names}"
         )
-    for name in columns:
+    for name in [c for c in columns if c in _COLUMN_KINDS]:
         kind, *accepts = _COLUMN_KINDS[name]
         if not any(accept(schema.field(name).type) for accept in accepts):
             raise ResultsFormatError(f"{where}: column {name!r} is {schema.field(name).type}; must be {kind}")
 
 
-def _read_columns(
-    results_url: str, columns: list[str], options: Options, optional: tuple[str, ...] = ()
+def read_columns(
+    results_url: str, columns: list[str], options: Options = None, optional: tuple[str, ...] = ()
 ) -> pa.Table:
-    """The named columns (and those of ``optional`` present) sorted by (query, rank); ResultsFormatError
-    naming the file for anything but a Parquet file with those columns."""
+    """The named columns (and those of ``optional`` present) of a results file or parts folder, sorted by
+    (query, rank) as far as they are read; ResultsFormatError naming the file for anything but Parquet with
+    those columns."""
     files = committed_parts(results_url, options) if is_parts(results_url, options) else [results_url]
     tables = [_read_file_columns(url, columns, options, optional) for url in files]
     if not tables:  # a run without queries: no part, as a single file would have no rows
@@ -114,7 +115,7 @@ def _read_columns(
         per_part = [set(t.column("query_id").to_pylist()) for t in tables]
         if sum(map(len, per_part)) != len(set().union(*per_part)):
             raise ResultsFormatError(f"results {storage.redact(results_url)}: a query appears in two parts")
-    return table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    return table.sort_by([(c, "ascending") for c in ("query_id", "rank") if c in table.column_names])
 
 
 def _read_file_columns(url: str, columns: list[str], options: Options, optional: tuple[str, ...]) -> pa.Table:
@@ -204,7 +205,7 @@ def _query_spans(query_ids: np.ndarray) -> list[tuple[int, int]]:
 
 def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
     """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
-    table = _read_columns(results_url, RESULTS_SCHEMA.names, options)
+    table = read_columns(results_url, RESULTS_SCHEMA.names, options)
     query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
     ids = table["id"].to_pylist()
     scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -221,7 +222,7 @@ def _points(flat: list[float] | None) -> tuple[np.ndarray, np.ndarray] | None:
 def read_hits(results_url: str, limit: int, options: Options = None) -> dict[str, list[Hit]]:
     """Per query, its first ``limit`` hits; search results and re-ranked results alike."""
     optional = ("inliers", "matches", "global_score")
-    table = _read_columns(results_url, RESULTS_SCHEMA.names, options, optional=optional)
+    table = read_columns(results_url, RESULTS_SCHEMA.names, options, optional=optional)
     out: dict[str, list[Hit]] = {}
     for row in table.to_pylist():
         hits = out.setdefault(row["query_id"], [])

@@ -594,42 +594,43 @@ class LocalReader:
 
     def _read_row_groups(self, shard: _Shard, row_groups: list[int]) -> pa.Table:
         if shard.metadata is None:
-            footer = self._fetch(shard.url, [(shard.footer_offset, shard.file_size - shard.footer_offset)])
+            footer = self._fetch(shard, [(shard.footer_offset, shard.file_size - shard.footer_offset)])
             shard.metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer[shard.footer_offset]))
-        chunks = self._fetch(shard.url, [shard.ranges[g] for g in row_groups])
+        chunks = self._fetch(shard, [shard.ranges[g] for g in row_groups])
         parquet = pq.ParquetFile(
             _SparseFile(shard.file_size, chunks, shard.url), metadata=shard.metadata, pre_buffer=False
         )
         return parquet.read_row_groups(row_groups)
 
-    def _fetch(self, url: str, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
+    def _fetch(self, shard: _Shard, ranges: Sequence[tuple[int, int]]) -> dict[int, bytes]:
         """offset → bytes of each range, from the node-local cache where it has them, else from the store
         in coalesced range requests (then cached)."""
-        found = {r: self._cached(url, r) for r in ranges}
+        found = {r: self._cached(shard, r) for r in ranges}
         for offset, size in _coalesce([r for r, data in found.items() if data is None]):
-            data = storage.read_range(url, offset, size, self.options)
+            data = storage.read_range(shard.url, offset, size, self.options)
             self.stats.add(bytes_read=size, requests=1)
             for start, length in [r for r in found if offset <= r[0] < offset + size]:
                 found[(start, length)] = data[start - offset : start - offset + length]
-                self._cache(url, (start, length), found[(start, length)])
+                self._cache(shard, (start, length), found[(start, length)])
         return {offset: data for (offset, _), data in found.items() if data is not None}
 
-    def _cache_path(self, url: str, byte_range: tuple[int, int]) -> str | None:
+    def _cache_path(self, shard: _Shard, byte_range: tuple[int, int]) -> str | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha1(url.encode()).hexdigest()[:20]
+        # the file's size in the key: a rewritten shard (migrate-store) never meets its old bytes
+        key = hashlib.sha1(f"{shard.url}|{shard.file_size}".encode()).hexdigest()[:20]
         return os.path.join(self.cache_dir, key, f"{byte_range[0]}-{byte_range[1]}")
 
-    def _cached(self, url: str, byte_range: tuple[int, int]) -> bytes | None:
-        path = self._cache_path(url, byte_range)
+    def _cached(self, shard: _Shard, byte_range: tuple[int, int]) -> bytes | None:
+        path = self._cache_path(shard, byte_range)
         if path is None or not os.path.exists(path):
             return None
         data = storage.read_bytes(path)
         self.stats.add(cache_bytes=len(data))
         return data
 
-    def _cache(self, url: str, byte_range: tuple[int, int], data: bytes) -> None:
-        path = self._cache_path(url, byte_range)
+    def _cache(self, shard: _Shard, byte_range: tuple[int, int], data: bytes) -> None:
+        path = self._cache_path(shard, byte_range)
         if path is not None:
             storage.write_bytes(path, data)  # atomic: a concurrent reader sees all of it or none
 

@@ -440,7 +440,8 @@ def rerank(
     stores = [storage.redact(query_store), storage.redact(index_store)]
     inputs = {"input": _digest(shortlists), "stores": stores, "queries_per_part": step, **_settings(plan)}
     done = open_parts(out, inputs, options)
-    progress = Progress(len(shortlists), sum(m["queries"] for m in done.values()), start, len(done))
+    resumed = sum(m["queries"] for m in done.values())
+    progress = Progress(len(shortlists), resumed, start, len(done), resumed)
     todo = [(k, part) for k, part in enumerate(parts) if k not in done]
 
     def commit(key: int, result: PartResult) -> None:
@@ -482,6 +483,7 @@ class Progress:
     done: int  # queries committed (resumed parts included)
     started: float  # perf_counter at the start
     resumed_parts: int = 0  # committed by an earlier run
+    resumed_queries: int = 0  # their queries
     pairs: int = 0  # verified by this run
     reads: Counter[str] = field(default_factory=Counter)  # store.ReadStats, this run
     seconds: Counter[str] = field(default_factory=Counter)  # step → seconds, summed over workers
@@ -496,7 +498,7 @@ class Progress:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = self.pairs / elapsed
         left = self.total - self.done
-        per_query = elapsed / max(self.done, 1)
+        per_query = elapsed / max(self.done - self.resumed_queries, 1)  # this run's pace
         return (
             f"re-ranked {self.done}/{self.total} queries, {rate:.1f} pairs/s, "
             f"ETA {left * per_query:.0f} s, {self.reads['bytes_read'] / 1e6:.1f} MB read"
