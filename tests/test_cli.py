@@ -26,6 +26,7 @@ COMMANDS = (
     "dba",
     "extract",
     "stats",
+    "migrate-store",
     "build-index",
     "index-add",
     "index-remove",

@@ -230,3 +230,17 @@ def test_old_store_is_read_then_migrated_to_identical_features(tmp_path, caplog)
     storage.remove(str(tmp_path / "wide" / "local_index" / "part-00001.parquet"))  # killed mid-way
     assert store.migrate_store(url).migrated == 1
     _assert_same_features(old, store.LocalReader(url).read(ids))
+
+
+def test_reads_from_s3_are_range_requests_of_the_images_used(s3_bucket):
+    rng = np.random.default_rng(9)
+    url = f"{s3_bucket.url}/store"
+    ids = [f"s{i:02d}" for i in range(12)]
+    local = [_features(rng, 150) for _ in ids]
+    store.write_shard(url, 0, ids, np.zeros((12, 4), np.float32), local, options=s3_bucket.options)
+    reader = store.LocalReader(url, s3_bucket.options)
+    got = reader.read([ids[2], ids[3], ids[9]])
+    assert (reader.stats.requests, reader.stats.images) == (1 + 2, 3)  # the footer, runs {2, 3} and {9}
+    assert reader.stats.bytes_read <= 1.5 * reader.stats.bytes_wanted
+    for i in (2, 3, 9):
+        np.testing.assert_array_equal(got[ids[i]].keypoints, local[i].keypoints)
