@@ -51,6 +51,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.evaluate import evaluate, gldv2_average_precision, read_gldv2_solution, read_rankings
 from pipeline.rerank import RerankConfig
+from pipeline.results import read_columns
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LANDMARKS_MINI = SHARED / "data" / "landmarks-mini"
@@ -154,7 +155,7 @@ def per_landmark(aps: Mapping[str, float], landmark_of: Mapping[str, str]) -> di
 
 def inlier_profile(reranked_url: str, data: RealData) -> dict[str, list[int]]:
     """Inlier counts of the verified pairs (self-matches left out) by kind of pair."""
-    table = storage.read_parquet(reranked_url, columns=["query_id", "id", "inliers"]).to_pylist()
+    table = read_columns(reranked_url, ["query_id", "id", "inliers"]).to_pylist()
     kinds: dict[str, list[int]] = defaultdict(list)
     for row in table:
         if row["inliers"] < 0 or row["id"] == row["query_id"]:
@@ -168,7 +169,7 @@ def inlier_profile(reranked_url: str, data: RealData) -> dict[str, list[int]]:
 def ordered_pair_fraction(reranked_url: str, data: RealData, column: str) -> float:
     """Share of (positive, negative) shortlist pairs of a query that ``column`` orders correctly (ties: ½),
     averaged over queries: how well inliers or global scores separate true pairs from the rest."""
-    rows = storage.read_parquet(reranked_url, columns=["query_id", "id", column]).to_pylist()
+    rows = read_columns(reranked_url, ["query_id", "id", column]).to_pylist()
     by_query: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for row in rows:
         if row["id"] == row["query_id"]:

@@ -40,6 +40,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
+PROGRESS_S = 10.0  # how often a long stage prints its progress line
 # Tables go to stdout; when it is a pipe or file, rich would wrap at 80 columns and split names.
 stdout = Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -71,6 +72,17 @@ GpusPerExtractor = Annotated[
         help="GPUs each extractor actor asks for (0: CPU actors). Asked for even before a GPU node exists: "
         "the autoscaler adds them and the pool grows as they join; an actor whose GPU is unusable uses its CPU."
     ),
+]
+GpusPerWorker = Annotated[
+    float,
+    typer.Option(help="GPUs each Ray worker asks for (0: CPU workers); asked for before a GPU node exists."),
+]
+CpusPerWorker = Annotated[float, typer.Option(help="CPUs each Ray worker asks for.")]
+MinWorkers = Annotated[
+    int, typer.Option(help="Workers the run waits for; above 1 (or --address, --gpus-per-worker): on Ray.")
+]
+MaxWorkers = Annotated[
+    int | None, typer.Option(help="Workers the pool grows to as nodes join (default: --min-workers).")
 ]
 MinExtractors = Annotated[int, typer.Option(help="Extractor actors the run waits for before it starts.")]
 MaxExtractors = Annotated[
@@ -170,7 +182,9 @@ def extract(
     global_dtype: Annotated[
         Literal[GLOBAL_DTYPES], typer.Option(help="Global descriptor encoding.")
     ] = "float16",
-    row_group_size: Annotated[int, typer.Option(help="Rows per Parquet row group of a store shard.")] = 64,
+    row_group_size: Annotated[
+        int, typer.Option(help="Images per Parquet row group of a local shard (1: reads priced per image).")
+    ] = 1,
     gpus_per_extractor: GpusPerExtractor = 0,
     min_extractors: MinExtractors = 1,
     max_extractors: MaxExtractors = None,
@@ -489,14 +503,21 @@ def search(
         float | None, typer.Option(help="Refined shortlist size in multiples of k (default: stored one).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Queries per search call.")] = 4096,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
 ) -> None:
-    """Batched k-NN search of every query descriptor; GPU when there is one."""
+    """Batched k-NN search of every query descriptor; GPU when there is one; on Ray workers if asked."""
     given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.execution import Workers
     from pipeline.index import SearchConfig
     from pipeline.index import search as search_index
 
     config = settings.build(SearchConfig, given)
-    summary = search_index(index, queries, out, config, storage.options_from_env())
+    workers = settings.build(Workers, given)
+    summary = search_index(index, queries, out, config, storage.options_from_env(), workers=workers)
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 
@@ -505,7 +526,7 @@ def rerank(
     search_results: Annotated[str, typer.Argument(help="Results Parquet from `search`.")],
     query_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the queries.")],
     index_descriptors: Annotated[str, typer.Argument(help="Descriptor store of the index images.")],
-    out: Annotated[str, typer.Argument(help="Re-ranked results Parquet URL.")],
+    out: Annotated[str, typer.Argument(help="Re-ranked results URL: a folder of committed parts.")],
     top: Annotated[int, typer.Option(help="Shortlist entries verified per query.")] = 100,
     model: Annotated[Literal[MODELS] | None, typer.Option(help="Geometric model.")] = None,
     residual_in: Annotated[
@@ -558,6 +579,17 @@ def rerank(
     sg_m: Annotated[int, typer.Option(help="SuperGlobal: shortlist entries refined.")] = 400,
     sg_k: Annotated[int, typer.Option(help="SuperGlobal: neighbours per descriptor.")] = 9,
     sg_beta: Annotated[float, typer.Option(help="SuperGlobal: neighbour weight β.")] = 0.15,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Node-local folder caching the index images' local features.")
+    ] = None,
+    queries_per_part: Annotated[
+        int, typer.Option(help="Queries per committed part of OUT (a killed run redoes at most one).")
+    ] = 256,
 ) -> None:
     """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both.
 
@@ -565,7 +597,8 @@ def rerank(
     by their preset); options given here override them.
     """
     given = dict(locals())  # every option under its setting key (pipeline.settings)
-    from pipeline.rerank import config_from_stores
+    from pipeline.ray_runtime import every
+    from pipeline.rerank import RerankRun, config_from_stores
     from pipeline.rerank import rerank as rerank_stage
     from pipeline.rerank.config import overrides_from
     from pipeline.rerank.global_rerank import GlobalRerankConfig
@@ -582,6 +615,8 @@ def rerank(
         method=method,
         global_config=settings.build(GlobalRerankConfig, given),
         index_url=index,
+        run=settings.build(RerankRun, given),
+        on_progress=every(PROGRESS_S, lambda p: console.print(escape(p.line()))),
     )
     _print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
 
@@ -594,12 +629,20 @@ def dba(
     ],
     k: Annotated[int, typer.Option(help="Neighbours averaged into each index vector.")] = 10,
     alpha: Annotated[float, typer.Option(help="Weight = similarity^α.")] = 3.0,
+    address: Address = None,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
 ) -> None:
     """Database-side augmentation: refined vectors of every indexed image, kept beside the index (index-add,
-    index-remove and reindex keep them up to date)."""
+    index-remove and reindex keep them up to date). The neighbour search runs on Ray workers if asked."""
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    from pipeline.execution import Workers
     from pipeline.index.dba import build_dba
 
-    summary = build_dba(index, descriptors, k, alpha, storage.options_from_env())
+    workers = settings.build(Workers, given)
+    summary = build_dba(index, descriptors, k, alpha, storage.options_from_env(), workers=workers)
     _print_mapping(f"dba → {storage.redact(index)}", summary)
 
 
@@ -906,6 +949,21 @@ def stats(
         print(json.dumps(counts, sort_keys=True))
     else:
         _print_mapping(f"store {storage.redact(store_url)}", counts)
+
+
+@app.command("migrate-store")
+def migrate_store_command(
+    store_url: Annotated[str, typer.Argument(help="Descriptor store URL written before local indexes.")],
+) -> None:
+    """Rewrite a store's local shards in the per-image layout, with their local indexes (resumable: run again
+    after a kill; a migrated store is left as it is)."""
+    from pipeline.store import migrate_store
+
+    summary = migrate_store(store_url, storage.options_from_env())
+    stdout.print(
+        f"{storage.redact(store_url)}: {summary.migrated} of {summary.shards} local shards migrated "
+        f"({summary.shards - summary.migrated} already per-image)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import images, manifest, metrics, storage, store
 from pipeline.config import ExtractionConfig, RuntimeOptions
-from pipeline.errors import ResourcesUnavailableError
+from pipeline.execution import ActorPool
 from pipeline.features import PreparedImage, prepare_image
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
@@ -486,101 +486,33 @@ def _threads_on_this_node(cluster: ClusterOptions) -> int:
     return extractor_threads(int(resources.get("CPU", 1)), max(sharing, 1), int(gpus > 0))
 
 
-class _ActorPool:
-    """All ``max_extractors`` actors are created at once; Ray keeps those it cannot place pending (GPU
-    actors on a cluster whose GPU nodes are still to come). An actor gets work once ``ready()`` answered."""
+def _extractor_pool(
+    job: ExtractionJob, cluster: ClusterOptions, options: Options, devices: Counter[str]
+) -> ActorPool:
+    """All ``max_extractors`` actors at once; Ray keeps those it cannot place pending (GPU actors on a
+    cluster whose GPU nodes are still to come)."""
+    import ray
 
-    def __init__(
-        self, job: ExtractionJob, cluster: ClusterOptions, options: Options, devices: Counter[str]
-    ) -> None:
-        import ray
-
-        self.cluster = cluster
-        resources = {"num_cpus": cluster.actor_cpus, "num_gpus": cluster.extractors.gpus_per_extractor}
-        actor_class = ray.remote(
-            max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV}, **resources
-        )(ExtractorActor)
-        actors = [actor_class.remote(job, cluster, options) for _ in range(cluster.extractors.most)]
-        self.pending = {actor.ready.remote(): actor for actor in actors}  # ready() ref → actor
-        self.ready: list[Any] = []
-        self.devices = devices  # ready actors by device (the run's Progress counts them)
-
-    def ask_autoscaler(self, wanted: bool) -> None:
-        """Ask the autoscaler for every GPU actor's bundle (an empty request withdraws it)."""
-        from ray.autoscaler.sdk import request_resources
-
-        gpus = self.cluster.extractors.gpus_per_extractor
-        if gpus:
-            bundle = {"GPU": gpus, "CPU": self.cluster.actor_cpus}
-            request_resources(bundles=[bundle] * self.cluster.extractors.most if wanted else [])
-
-    def poll(self) -> None:
-        """Admit every actor whose ready() has answered; never blocks."""
-        import ray
-
-        if self.pending:
-            self._admit(ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)[0])
-
-    def wait_for_minimum(self) -> None:
-        """Block until ``min_extractors`` are ready; ResourcesUnavailableError past the deadline."""
-        import ray
-
-        extractors, said = self.cluster.extractors, False
-        timeout = extractors.extractor_wait_timeout
-        deadline = time.monotonic() + timeout if timeout else math.inf
-        self.poll()
-        while (missing := extractors.min_extractors - len(self.ready)) > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.stop()
-                raise ResourcesUnavailableError(self._shortfall(missing))
-            log.log(
-                logging.WARNING if said else logging.INFO,
-                "waiting for %d more extractor(s) (%g GPU, %g CPU each) to be placed and loaded",
-                missing,
-                extractors.gpus_per_extractor,
-                self.cluster.actor_cpus,
-            )
-            said = True
-            self._admit(ray.wait(list(self.pending), num_returns=missing, timeout=min(WAIT_LOG_S, left))[0])
-
-    def _shortfall(self, missing: int) -> str:
-        """What was asked for, what is ready, and what the cluster has (in total and free now)."""
-        import ray
-
-        extractors = self.cluster.extractors
-        offers = ", ".join(
-            f"{name} {ray.cluster_resources().get(name, 0):g} ({ray.available_resources().get(name, 0):g} free)"
-            for name in ("GPU", "CPU")
-        )
-        nodes = sum(node["Alive"] for node in ray.nodes())
-        return (
-            f"{missing} of --min-extractors {extractors.min_extractors} extractor(s) not ready after "
-            f"--extractor-wait-timeout {extractors.extractor_wait_timeout:g} s; each asks for "
-            f"{extractors.gpus_per_extractor:g} GPU and {self.cluster.actor_cpus:g} CPU; the cluster offers "
-            f"{offers} on {nodes} node(s). Add nodes with those resources (or let the autoscaler start them "
-            "in a longer wait), or lower --gpus-per-extractor / --min-extractors"
-        )
-
-    def stop(self) -> None:
-        """Kill every actor (pending ones withdraw their resource demand)."""
-        import ray
-
-        for actor in [*self.pending.values(), *self.ready]:
-            ray.kill(actor)
-        self.pending.clear()
-
-    def _admit(self, answered: list[Any]) -> None:
-        import ray
-
-        for ref in answered:
-            device = ray.get(ref)  # re-raises an actor's start-up failure (bad weights, ...)
-            self.ready.append(self.pending.pop(ref))
-            self.devices[device] += 1
-            log.info("extractor %d of %d ready on %s", len(self.ready), self.cluster.extractors.most, device)
-
-
-WAIT_LOG_S = 30.0  # how often a run still waiting for its first extractors says so
+    gpus = cluster.extractors.gpus_per_extractor
+    actor_class = ray.remote(
+        max_restarts=-1,
+        max_task_retries=3,
+        runtime_env={"env_vars": ACTOR_ENV},
+        num_cpus=cluster.actor_cpus,
+        num_gpus=gpus,
+    )(ExtractorActor)
+    actors = [actor_class.remote(job, cluster, options) for _ in range(cluster.extractors.most)]
+    min_ready = cluster.extractors.min_extractors
+    return ActorPool(
+        actors,
+        min_ready,
+        gpus,
+        cluster.actor_cpus,
+        "extractor",
+        devices,
+        wait_timeout=cluster.extractors.extractor_wait_timeout,
+        flags=("--min-extractors", "--extractor-wait-timeout", "--gpus-per-extractor"),
+    )
 
 
 @dataclass
@@ -598,7 +530,7 @@ def _extract_shards(
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
-    pool = _ActorPool(job, cluster, options, progress.devices)
+    pool = _extractor_pool(job, cluster, options, progress.devices)
     pool.ask_autoscaler(True)
     try:
         pool.wait_for_minimum()
@@ -631,7 +563,7 @@ class _Dispatch:
         self.load: Counter[int] = Counter()  # chunks in flight per ready actor
         self.writes: list[Any] = []
 
-    def run(self, pool: _ActorPool, progress: Progress, on_progress: Callable[[Progress], None]) -> None:
+    def run(self, pool: ActorPool, progress: Progress, on_progress: Callable[[Progress], None]) -> None:
         import ray
 
         while self.chunks or self.in_flight:
@@ -657,7 +589,7 @@ class _Dispatch:
         for queue, depth in depths.items():
             metrics.gauge("queue_depth", depth, stage="extract", queue=queue)
 
-    def _submit(self, pool: _ActorPool) -> None:
+    def _submit(self, pool: ActorPool) -> None:
         """Keep at most ``max_chunks_in_flight`` (default 4 per ready extractor) chunks in flight."""
         limit = self.cluster.max_chunks_in_flight or 4 * len(pool.ready)
         while self.chunks and len(self.in_flight) < limit:

@@ -14,6 +14,16 @@ Re-ranked results (``reranked.parquet``): the same columns re-ranked (rank and s
 
 The re-ranking settings are kept in the Parquet schema metadata: ``rerank_config`` (verification),
 ``rerank_method`` (what ran: verify, a global refinement, or both) and ``global_rerank_config``.
+
+Either form is one Parquet file or a parts folder, which resumable stages write batch by batch with the
+descriptor store's commit discipline::
+
+    OUT/_run.json                what the parts are of (settings, input digest): a rerun of the same resumes
+    OUT/part-00000.parquet       one batch's rows (written atomically, first)
+    OUT/_commits/part-00000.json {"rows", "queries", "first", "last"} (written last): a part without it does
+                                 not exist
+
+Readers take a parts folder exactly as the single file: the committed parts' rows, every query in one part.
 """
 
 from __future__ import annotations
@@ -83,26 +93,107 @@ def _check_columns(results_url: str, schema: pa.Schema, columns: list[str]) -> N
         raise ResultsFormatError(
             f"{where} lack columns {missing}; required: {columns}, found: {schema.names}"
         )
-    for name in columns:
+    for name in [c for c in columns if c in _COLUMN_KINDS]:
         kind, *accepts = _COLUMN_KINDS[name]
         if not any(accept(schema.field(name).type) for accept in accepts):
             raise ResultsFormatError(f"{where}: column {name!r} is {schema.field(name).type}; must be {kind}")
 
 
-def _read_columns(
-    results_url: str, columns: list[str], options: Options, optional: tuple[str, ...] = ()
+def read_columns(
+    results_url: str, columns: list[str], options: Options = None, optional: tuple[str, ...] = ()
 ) -> pa.Table:
-    """The named columns (and those of ``optional`` present) sorted by (query, rank); ResultsFormatError
-    naming the file for anything but a Parquet file with those columns."""
-    with storage.open_input(results_url, options) as f:
+    """The named columns (and those of ``optional`` present) of a results file or parts folder, sorted by
+    (query, rank) as far as they are read; ResultsFormatError naming the file for anything but Parquet with
+    those columns."""
+    files = committed_parts(results_url, options) if is_parts(results_url, options) else [results_url]
+    tables = [_read_file_columns(url, columns, options, optional) for url in files]
+    if not tables:  # a run without queries: no part, as a single file would have no rows
+        names = [*columns, *(c for c in optional if c in RERANKED_SCHEMA.names)]
+        return pa.schema([RERANKED_SCHEMA.field(n) for n in names]).empty_table()
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if len(files) > 1:  # a query in two parts would be a resume bug: never report it twice
+        per_part = [set(t.column("query_id").to_pylist()) for t in tables]
+        if sum(map(len, per_part)) != len(set().union(*per_part)):
+            raise ResultsFormatError(f"results {storage.redact(results_url)}: a query appears in two parts")
+    return table.sort_by([(c, "ascending") for c in ("query_id", "rank") if c in table.column_names])
+
+
+def _read_file_columns(url: str, columns: list[str], options: Options, optional: tuple[str, ...]) -> pa.Table:
+    with storage.open_input(url, options) as f:
         try:
             schema = pq.read_schema(f)
         except pa.ArrowException as exc:
-            where = storage.redact(results_url)
-            raise ResultsFormatError(f"results {where} is not a readable Parquet file: {exc}") from None
-        _check_columns(results_url, schema, columns)
-        table = pq.read_table(f, columns=[*columns, *(c for c in optional if c in schema.names)])
-    return table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+            raise ResultsFormatError(
+                f"results {storage.redact(url)} is not a readable Parquet file: {exc}"
+            ) from None
+        _check_columns(url, schema, columns)
+        return pq.read_table(f, columns=[*columns, *(c for c in optional if c in schema.names)])
+
+
+def read_metadata(results_url: str, options: Options = None) -> dict[str, str]:
+    """The results' Parquet schema metadata (re-ranked: rerank_config, rerank_method, global_rerank_config);
+    of a parts folder, its first committed part's (every part has the same)."""
+    files = committed_parts(results_url, options) if is_parts(results_url, options) else [results_url]
+    if not files:
+        return {}
+    with storage.open_input(files[0], options) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return {k.decode(): v.decode() for k, v in metadata.items()}
+
+
+PARTS_COMMITS = "_commits"
+PARTS_RUN = "_run.json"
+
+
+def is_parts(results_url: str, options: Options = None) -> bool:
+    """Whether ``results_url`` is a parts folder (else a single results file)."""
+    return storage.exists(storage.join(results_url, PARTS_RUN), options)
+
+
+def _part_url(results_url: str, part: int, folder: str = "", suffix: str = ".parquet") -> str:
+    name = f"part-{part:05d}{suffix}"
+    return storage.join(results_url, folder, name) if folder else storage.join(results_url, name)
+
+
+def read_part_commits(results_url: str, options: Options = None) -> dict[int, dict[str, Any]]:
+    """Part number → its commit marker, for the committed parts of a parts folder."""
+    out = {}
+    for url in storage.list_files(storage.join(results_url, PARTS_COMMITS), options, suffix=".json"):
+        out[int(url.rsplit("/", 1)[-1][len("part-") : -len(".json")])] = json.loads(
+            storage.read_text(url, options)
+        )
+    return out
+
+
+def committed_parts(results_url: str, options: Options = None) -> list[str]:
+    """The data files of the committed parts, in part order."""
+    return [_part_url(results_url, p) for p in sorted(read_part_commits(results_url, options))]
+
+
+def open_parts(
+    results_url: str, run: Mapping[str, Any], options: Options = None
+) -> dict[int, dict[str, Any]]:
+    """Make ``results_url`` the parts folder of ``run`` (JSON-serialisable: settings and an input digest) and
+    return its committed parts (number → marker) to skip. Parts of another run there are removed: a rerun
+    with other settings or inputs starts over, as rewriting a single file would. A single results file
+    there is replaced."""
+    run_url = storage.join(results_url, PARTS_RUN)
+    text = json.dumps(dict(run), sort_keys=True)
+    if is_parts(results_url, options) and storage.read_text(run_url, options) == text:
+        return read_part_commits(results_url, options)
+    if storage.exists(results_url, options):
+        storage.remove(results_url, options, recursive=True)
+    storage.write_text(run_url, text, options)
+    return {}
+
+
+def write_part(
+    results_url: str, part: int, table: pa.Table, marker: Mapping[str, Any], options: Options = None
+) -> None:
+    """Commit one part: its rows atomically, then its marker (``rows`` added), which makes it visible."""
+    storage.write_parquet(_part_url(results_url, part), table, options, compression="zstd")
+    text = json.dumps({**marker, "rows": table.num_rows})
+    storage.write_text(_part_url(results_url, part, PARTS_COMMITS, ".json"), text, options)
 
 
 def _query_spans(query_ids: np.ndarray) -> list[tuple[int, int]]:
@@ -114,7 +205,7 @@ def _query_spans(query_ids: np.ndarray) -> list[tuple[int, int]]:
 
 def read_rankings(results_url: str, options: Options = None) -> dict[str, Ranking]:
     """Per query, its results ordered by ``rank`` (1 first). Raises ValueError on a bad schema."""
-    table = _read_columns(results_url, RESULTS_SCHEMA.names, options)
+    table = read_columns(results_url, RESULTS_SCHEMA.names, options)
     query_ids = table["query_id"].to_numpy(zero_copy_only=False)  # (R,) object
     ids = table["id"].to_pylist()
     scores = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -131,7 +222,7 @@ def _points(flat: list[float] | None) -> tuple[np.ndarray, np.ndarray] | None:
 def read_hits(results_url: str, limit: int, options: Options = None) -> dict[str, list[Hit]]:
     """Per query, its first ``limit`` hits; search results and re-ranked results alike."""
     optional = ("inliers", "matches", "global_score")
-    table = _read_columns(results_url, RESULTS_SCHEMA.names, options, optional=optional)
+    table = read_columns(results_url, RESULTS_SCHEMA.names, options, optional=optional)
     out: dict[str, list[Hit]] = {}
     for row in table.to_pylist():
         hits = out.setdefault(row["query_id"], [])
@@ -178,16 +269,14 @@ def flatten_matches(query_points: np.ndarray, cand_points: np.ndarray) -> np.nda
     return np.concatenate([query_points, cand_points], axis=1).astype(np.float32).reshape(-1)
 
 
-def write_reranked(
-    url: str,
+def reranked_table(
     parts: list[Mapping[str, Any]],
     config: Mapping[str, Any],
-    options: Options = None,
     *,
     method: str = "verify",
     global_config: Mapping[str, Any] | None = None,
 ) -> pa.Table:
-    """Write re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences), with
+    """Re-ranked rows (per query: a mapping of the schema's column names to per-hit sequences) as a table, with
     the verification settings, the method that ran and the global refinement's settings as metadata."""
 
     def listed(name: str) -> list[Any]:
@@ -199,7 +288,7 @@ def write_reranked(
         )
 
     matches = [None if m is None else np.asarray(m, np.float32) for m in listed("matches")]
-    table = pa.table(
+    return pa.table(
         {
             "query_id": pa.array(listed("query_id"), type=pa.string()),
             "rank": pa.array(numbers("rank", np.int32), type=pa.int32()),
@@ -217,5 +306,3 @@ def write_reranked(
             "global_rerank_config": json.dumps(dict(global_config or {})),
         }
     )
-    storage.write_parquet(url, table, options)
-    return table

@@ -290,6 +290,7 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
                     method=config.rerank.method,
                     global_config=global_config,
                     index_url=paths.index,
+                    run=config.rerank.rerank_run(config.ray_address),
                 )
             ),
         )

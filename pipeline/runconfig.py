@@ -22,7 +22,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     weights          model state dict URL [unset: backbone weights or random init]
     shard_size       manifest rows per descriptor shard [1000]
     global_dtype, local_dtype  float16 | int8 | float32 (local) [float16, float16]
-    row_group_size   rows per Parquet row group of a store shard [64]
+    row_group_size   images per Parquet row group of a local shard [1]
     actor_cpus, decode_cpus  CPU share of a CPU-only extractor, of a decode task [1.0, 0.25]
     chunk_size       rows per decode task / extractor call [16]
     max_chunks_in_flight  chunks between decode and extract [0: 4 per extractor]
@@ -93,6 +93,10 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     qe_k, qe_alpha   α-QE: neighbours averaged into the query, weight exponent [10, 3.0]
     dba_k, dba_alpha  DBA: neighbours averaged into each index vector (index/dba.parquet) [10, 3.0]
     sg_m, sg_k, sg_beta  SuperGlobal: shortlist entries refined, neighbours, neighbour weight [400, 9, 0.15]
+    gpus_per_worker, cpus_per_worker, min_workers, max_workers  Ray workers (RerankRun.workers; on ray_address
+                     when set; more than one worker or a GPU share: on Ray) [0, 1.0, 1, unset: min_workers]
+    cache_dir        node-local folder caching the index images' local features [unset: none]
+    queries_per_part  queries per committed part of reranked.parquet/ (resume unit) [256]
 
     [report]         ReportSettings (pipeline.report)
     enabled          write report.html [true]
@@ -114,10 +118,11 @@ from typing import Any
 from pipeline import settings, storage
 from pipeline.choices import PROTOCOLS
 from pipeline.config import get_preset
+from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
 from pipeline.report import ReportSettings
-from pipeline.rerank import RerankConfig
+from pipeline.rerank import RerankConfig, RerankRun
 from pipeline.rerank.config import overrides_from
 from pipeline.rerank.global_rerank import GlobalRerankConfig, parse_method
 
@@ -214,10 +219,16 @@ class _Rerank(_Section):
     def global_rerank_config(self) -> GlobalRerankConfig:
         return settings.build(GlobalRerankConfig, self.values())
 
+    def rerank_run(self, address: str | None) -> RerankRun:
+        """How the re-ranking runs: on the run's Ray (ray_address) when it has one."""
+        values = self.values()
+        return settings.build(RerankRun, values, workers=settings.build(Workers, values, address=address))
+
     def check(self) -> None:
         parse_method(self.method)
         self.rerank_config()
         self.global_rerank_config()
+        self.rerank_run(None)
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,7 @@ SET_BY_RUN = {
     "build_index.options",  # storage options come from the environment
     "build_index.ray_address",  # ray_address
     "build_index.config",  # this section's BuildConfig keys
+    "Workers.address",  # ray_address
 }
 ExtractSection = _section(
     "ExtractSection", _Extract, [ExtractionJob, ClusterOptions], SET_BY_RUN | settings.GUARDS
@@ -259,7 +271,7 @@ ExtractSection = _section(
 IndexSection = _section("IndexSection", _Index, [build_index, BuildConfig], SET_BY_RUN)
 SearchSection = _section("SearchSection", _Search, [SearchConfig], set())
 RerankSection = _section(
-    "RerankSection", _Rerank, [RerankConfig, GlobalRerankConfig], set(), unset=(RerankConfig,)
+    "RerankSection", _Rerank, [RerankConfig, GlobalRerankConfig, RerankRun], SET_BY_RUN, unset=(RerankConfig,)
 )
 ReportSection = _section("ReportSection", _Report, [ReportSettings], set())
 

@@ -534,6 +534,20 @@ def read_bytes(url: str, options: Options = None) -> bytes:
     return with_retries(read, what=f"read {redact(url)}")
 
 
+def read_range(url: str, start: int, size: int, options: Options = None) -> bytes:
+    """``size`` bytes of the object at ``url`` from byte ``start`` (one range request on object stores)."""
+    fs, path = filesystem(url, options)
+
+    def read() -> bytes:
+        with _host_slot(url):
+            data = fs.cat_file(path, start=start, end=start + size)
+        if len(data) != size:  # a server that ignores Range, or an object shorter than its index says
+            raise ValueError(f"{redact(url)}: got {len(data)} bytes for the {size}-byte range at {start}")
+        return data
+
+    return with_retries(read, what=f"read {redact(url)} [{start}, {start + size})")
+
+
 _TAR_MEMBER = re.compile(r"(?P<tar>.+\.tar)#offset=(?P<offset>\d+)&size=(?P<size>\d+)")
 
 

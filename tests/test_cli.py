@@ -16,6 +16,7 @@ import pytest
 from pipeline import cli as cli_module
 from pipeline import store
 from pipeline.config import rerank_settings
+from pipeline.results import read_metadata
 from tests.stores import write_clustered_store
 from tests.tables import table_rows
 
@@ -25,6 +26,7 @@ COMMANDS = (
     "dba",
     "extract",
     "stats",
+    "migrate-store",
     "build-index",
     "index-add",
     "index-remove",
@@ -94,7 +96,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
 
     cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--trials", "50")
     assert {"inliers", "global_score"} <= set(pq.read_table(reranked).column_names)
-    used = json.loads(pq.read_schema(reranked).metadata[b"rerank_config"])
+    used = json.loads(read_metadata(reranked)["rerank_config"])
     assert (used["score"], used["residual_in"], used["trials"]) == (
         "inliers",
         "query",
@@ -104,7 +106,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     for url in (index_store, query_store):
         store.write_run_info(url, {"rerank": rerank_settings("backbone")})
     cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--threshold", "7")
-    used = json.loads(pq.read_schema(reranked).metadata[b"rerank_config"])
+    used = json.loads(read_metadata(reranked)["rerank_config"])
     assert (used["score"], used["threshold"], used["trials"], used["top"]) == ("shortlist", 7.0, 1000, 5)
 
     truth = tmp_path / "truth.csv"

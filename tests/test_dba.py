@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.execution import Workers
+from pipeline.index import dba
 from pipeline.index.dba import (
     DbaTable,
     add_rows,
@@ -169,3 +171,12 @@ def test_nightly_reindex_keeps_dba_equal_to_scratch(
     retrain = dataclasses.replace(in_place, retrain_threshold=0.0)
     assert reindex(catalogue.write(), root, retrain, ray_address=ray_cluster).retrained
     check(retrain)
+
+
+def test_dba_batched_on_two_ray_workers_equals_one_process(ray_cluster: str, monkeypatch) -> None:
+    ids, vectors = clustered(11, 90)
+    here = compute_dba(ids, vectors, k=4)
+    monkeypatch.setattr(dba, "ROWS_PER_BATCH", 16)  # 6 batches over the two workers
+    there = compute_dba(ids, vectors, k=4, workers=Workers(min_workers=2))
+    assert_same(there, here)
+    np.testing.assert_array_equal(there.neighbours, here.neighbours)

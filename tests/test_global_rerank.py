@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline import results
 from pipeline.index import io
 from pipeline.index.dba import compute_dba, read_dba, write_dba
 from pipeline.rerank import RerankConfig, rerank
@@ -281,8 +282,8 @@ def test_cli_method_and_bad_method(stage_inputs: dict) -> None:
     args += [str(tmp / "i"), str(tmp / "cli.parquet"), "--index", str(tmp / "index")]
     done = subprocess.run([*args, "--method", "dba+qe", "--qe-k", "3"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    meta = pq.read_schema(tmp / "cli.parquet").metadata
-    assert meta[b"rerank_method"] == b"dba+qe" and json.loads(meta[b"global_rerank_config"])["qe_k"] == 3
+    meta = results.read_metadata(str(tmp / "cli.parquet"))
+    assert meta["rerank_method"] == "dba+qe" and json.loads(meta["global_rerank_config"])["qe_k"] == 3
     bad = subprocess.run([*args, "--method", "dba+verify+qe"], capture_output=True, text=True)
     assert (
         bad.returncode == 2 and "'dba+verify+qe'" in bad.stderr and "Traceback" not in bad.stderr

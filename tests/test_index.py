@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import store
+from pipeline.execution import Workers
 from pipeline.index import (
     BuildConfig,
     QualityConfig,
@@ -609,3 +610,13 @@ def test_a_finished_build_keeps_only_what_search_needs(tmp_path, built):
         io.PARTS,
         io.TRAINED,
     ]
+
+
+def test_search_on_two_ray_workers_equals_one_process(tmp_path, data, built):
+    _, index_url, _ = built
+    write_store(str(tmp_path / "q"), data[:40], [f"q{i:02d}" for i in range(40)], 2)
+    config = SearchConfig(k=10, batch_size=7)  # several batches per query shard, spread over the workers
+    here, there = str(tmp_path / "here.parquet"), str(tmp_path / "there.parquet")
+    search(index_url, str(tmp_path / "q"), here, config)
+    summary = search(index_url, str(tmp_path / "q"), there, config, workers=Workers(min_workers=2))
+    assert summary["queries"] == 40 and pq.read_table(there).equals(pq.read_table(here))

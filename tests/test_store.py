@@ -168,3 +168,79 @@ def test_local_reader_over_several_stores_prefers_the_newest(tmp_path):
     assert len(got[ids[0]]) == 3  # the newer store's version of the changed image
     np.testing.assert_allclose(got[ids[0]].keypoints, changed[0].keypoints)
     np.testing.assert_allclose(got[ids[1]].keypoints, local[1].keypoints)
+
+
+def _wide_store(tmp_path, rng: np.random.Generator, settings: StoreSettings = StoreSettings()):
+    """Two shards of 24 images × 200 float16 features (~55 kB each): sizes where a footer is small."""
+    url, ids = str(tmp_path / "wide"), []
+    for shard in range(2):
+        shard_ids = [f"w{shard}-{i:02d}" for i in range(24)]
+        local = [_features(rng, 200) for _ in shard_ids]
+        store.write_shard(url, shard, shard_ids, np.zeros((24, 4), np.float32), local, settings=settings)
+        ids += shard_ids
+    return url, ids
+
+
+def _assert_same_features(a: dict[str, LocalFeatures], b: dict[str, LocalFeatures]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for name in ("keypoints", "scales", "scores", "descriptors"):
+            np.testing.assert_array_equal(getattr(a[key], name), getattr(b[key], name))
+
+
+def test_reads_cost_about_the_bytes_of_the_images_used(tmp_path):
+    url, ids = _wide_store(tmp_path, np.random.default_rng(6))
+    reader = store.LocalReader(url)
+    wanted = [ids[3], ids[4], ids[5], ids[17], ids[30]]  # a run of three neighbours, two strays, two shards
+    got = reader.read(wanted)
+    index = pq.read_table(str(tmp_path / "wide" / "local_index" / "part-00000.parquet")).to_pydict()
+    assert index["row_group"][:24] == list(range(24))  # one row group per image
+    stats = reader.stats
+    assert (stats.images, stats.requests) == (5, 2 + 3)  # 2 footers + the runs {3, 4, 5}, {17} and {30}
+    assert stats.bytes_wanted > 5 * 200 * 128 * 2  # at least the float16 descriptors
+    assert stats.bytes_read <= 1.5 * stats.bytes_wanted
+    everything = store.LocalReader(url).read(ids)
+    _assert_same_features(got, {k: v for k, v in everything.items() if k in wanted})
+
+
+def test_node_local_cache_serves_repeat_reads(tmp_path):
+    url, ids = _wide_store(tmp_path, np.random.default_rng(7))
+    cache = str(tmp_path / "cache")
+    cold = store.LocalReader(url, cache_dir=cache)
+    first = cold.read(ids[:6])
+    warm = store.LocalReader(url, cache_dir=cache)
+    again = warm.read(ids[:6])
+    _assert_same_features(first, again)
+    assert (warm.stats.bytes_read, warm.stats.requests) == (0, 0)
+    assert warm.stats.cache_bytes == cold.stats.bytes_read
+
+
+def test_old_store_is_read_then_migrated_to_identical_features(tmp_path, caplog):
+    url, ids = _wide_store(tmp_path, np.random.default_rng(8), StoreSettings(row_group_size=16))
+    storage.remove(str(tmp_path / "wide" / "local_index"), recursive=True)  # as written before the index
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        old = store.LocalReader(url).read(ids)
+    assert "migrate-store" in caplog.text
+    summary = store.migrate_store(url)
+    assert (summary.shards, summary.migrated) == (2, 2)
+    migrated = store.LocalReader(url)
+    _assert_same_features(old, migrated.read(ids))
+    assert pq.ParquetFile(str(tmp_path / "wide" / "local" / "part-00001.parquet")).num_row_groups == 24
+    assert store.migrate_store(url).migrated == 0  # idempotent: run again, nothing to do
+    storage.remove(str(tmp_path / "wide" / "local_index" / "part-00001.parquet"))  # killed mid-way
+    assert store.migrate_store(url).migrated == 1
+    _assert_same_features(old, store.LocalReader(url).read(ids))
+
+
+def test_reads_from_s3_are_range_requests_of_the_images_used(s3_bucket):
+    rng = np.random.default_rng(9)
+    url = f"{s3_bucket.url}/store"
+    ids = [f"s{i:02d}" for i in range(12)]
+    local = [_features(rng, 150) for _ in ids]
+    store.write_shard(url, 0, ids, np.zeros((12, 4), np.float32), local, options=s3_bucket.options)
+    reader = store.LocalReader(url, s3_bucket.options)
+    got = reader.read([ids[2], ids[3], ids[9]])
+    assert (reader.stats.requests, reader.stats.images) == (1 + 2, 3)  # the footer, runs {2, 3} and {9}
+    assert reader.stats.bytes_read <= 1.5 * reader.stats.bytes_wanted
+    for i in (2, 3, 9):
+        np.testing.assert_array_equal(got[ids[i]].keypoints, local[i].keypoints)

@@ -18,11 +18,12 @@ from pipeline import runconfig, settings
 from pipeline.aggregate import AggregateConfig
 from pipeline.cli import app
 from pipeline.evaluate import evaluate
+from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
 from pipeline.reindex import ReindexConfig
 from pipeline.report import ReportSettings
-from pipeline.rerank import RerankConfig
+from pipeline.rerank import RerankConfig, RerankRun
 from pipeline.rerank.global_rerank import GlobalRerankConfig
 from pipeline.train import TrainCluster, TrainJob
 
@@ -96,10 +97,10 @@ COMMANDS = {
         {"options", "ray_address", "config", "k_factors"},
         {"ray_address": "address"},
     ),
-    "search": ([SearchConfig], set(), {}),
+    "search": ([SearchConfig, Workers], set(), {}),
     "aggregate": ([AggregateConfig], set(), {}),
     # dba_k / dba_alpha shape the DBA vectors, which `dba --k --alpha` builds (rerank only reads them)
-    "rerank": ([RerankConfig, GlobalRerankConfig], {"dba_k", "dba_alpha"}, {}),
+    "rerank": ([RerankConfig, GlobalRerankConfig, RerankRun], {"dba_k", "dba_alpha"}, {}),
     "evaluate": ([evaluate], {"options"}, {"landmarks_url": "landmarks", "out_url": "out"}),
     # the report of a run takes its settings from the run config's [report] section
     "report": ([ReportSettings], {f.name for f in dataclasses.fields(ReportSettings)}, {}),
@@ -166,7 +167,7 @@ SECTION_SOURCES = {  # section → (library sources, fields the run sets itself,
     ),
     "index": ([build_index, BuildConfig], {"options", "ray_address", "config"}, set()),
     "search": ([SearchConfig], set(), set()),
-    "rerank": ([RerankConfig, GlobalRerankConfig], set(), {"enabled", "method"}),
+    "rerank": ([RerankConfig, GlobalRerankConfig, RerankRun], {"Workers.address"}, {"enabled", "method"}),
     "report": ([ReportSettings], set(), {"enabled"}),
 }
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
+from pipeline.execution import Workers, executor_for
 from pipeline.index import io, whitening
 from pipeline.storage import Options
 
@@ -47,24 +48,61 @@ def dba_url(index_url: str) -> str:
     return storage.join(index_url, DBA)
 
 
-def _rows(vectors: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> tuple[np.ndarray, ...]:
-    """(neighbours, sims, refined) of ``rows`` against all ``vectors`` (exact)."""
-    import torch  # here: importing pipeline.index must not import torch
+class DbaWork:
+    """The executor's work: row positions (n,) → their (neighbours (n, k'), sims (n, k'), refined (n, D)) against
+    all ``vectors``, exact (chunked products: never all pairs at once); on the worker's GPU when it has one."""
 
-    from pipeline.rerank.global_rerank import alpha_weighted_sum, nearest_others
+    def __init__(self, vectors: np.ndarray, k: int, alpha: float) -> None:
+        self.vectors, self.k, self.alpha = vectors, k, alpha
 
-    x = torch.as_tensor(vectors)
-    sims, idx, taken = nearest_others(x, torch.as_tensor(rows, dtype=torch.long), k)
-    refined = alpha_weighted_sum(x[torch.as_tensor(rows, dtype=torch.long)], x[idx], sims, taken, alpha)
-    return idx.numpy(), sims.numpy(), refined.numpy()
+    def setup(self) -> None:
+        import torch  # here: importing pipeline.index must not import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.x = torch.as_tensor(self.vectors, device=device)
+
+    def __getstate__(self) -> dict[str, Any]:  # travels before setup(): the vectors once, no tensor
+        return {k: self.__dict__[k] for k in ("vectors", "k", "alpha")}
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        from pipeline.rerank.global_rerank import alpha_weighted_sum, nearest_others
+
+        positions = torch.as_tensor(rows, dtype=torch.long, device=self.x.device)
+        sims, idx, taken = nearest_others(self.x, positions, self.k)
+        refined = alpha_weighted_sum(self.x[positions], self.x[idx], sims, taken, self.alpha)
+        return idx.cpu().numpy(), sims.cpu().numpy(), refined.cpu().numpy()
 
 
-def compute_dba(ids: Sequence[str], vectors: np.ndarray, k: int = 10, alpha: float = 3.0) -> DbaTable:
-    """DBA of every row from scratch."""
+ROWS_PER_BATCH = 8192  # rows per executor batch: (8192, N) similarities are formed 1024 rows at a time
+
+
+def _rows(
+    vectors: np.ndarray, rows: np.ndarray, k: int, alpha: float, workers: Workers = Workers()
+) -> tuple[np.ndarray, ...]:
+    """(neighbours, sims, refined) of ``rows`` against all ``vectors`` (exact), batched on the executor."""
+    if not len(rows):
+        width = min(k, max(len(vectors) - 1, 0))
+        return (
+            np.zeros((0, width), np.int64),
+            np.zeros((0, width), np.float32),
+            np.zeros((0, vectors.shape[1])),
+        )
+    batches = [(b, rows[s : s + ROWS_PER_BATCH]) for b, s in enumerate(range(0, len(rows), ROWS_PER_BATCH))]
+    done: dict[int, tuple[np.ndarray, ...]] = {}
+    executor_for(workers).run(DbaWork(vectors, k, alpha), batches, done.__setitem__)
+    return tuple(np.concatenate([done[b][i] for b in sorted(done)]) for i in range(3))
+
+
+def compute_dba(
+    ids: Sequence[str], vectors: np.ndarray, k: int = 10, alpha: float = 3.0, workers: Workers = Workers()
+) -> DbaTable:
+    """DBA of every row from scratch; ``workers`` may spread the neighbour search over Ray workers."""
     if k < 1 or not alpha >= 0:
         raise ValueError(f"DBA k={k}, alpha={alpha}: need k >= 1 and alpha >= 0")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    neighbours, sims, refined = _rows(vectors, np.arange(len(vectors)), k, alpha)
+    neighbours, sims, refined = _rows(vectors, np.arange(len(vectors)), k, alpha, workers)
     return DbaTable(np.asarray(ids, dtype=object), vectors, refined, neighbours, sims, k, alpha)
 
 
@@ -192,13 +230,19 @@ def _stored_vectors(image_ids: np.ndarray, stores: Sequence[str], options: Optio
 
 
 def build_dba(
-    index_url: str, stores: Sequence[str], k: int = 10, alpha: float = 3.0, options: Options = None
+    index_url: str,
+    stores: Sequence[str],
+    k: int = 10,
+    alpha: float = 3.0,
+    options: Options = None,
+    *,
+    workers: Workers = Workers(),
 ) -> dict[str, Any]:
     """DBA vectors of every image in the index (descriptors read from ``stores``, in the index's space: whitened
-    when it whitens), written beside it."""
+    when it whitens), written beside it; the neighbour search batched on ``workers``."""
     _, image_ids = io.read_id_map(index_url, options)
     space = whitening.space(index_url, io.read_params(index_url, options), options)
-    table = compute_dba(image_ids, space(_stored_vectors(image_ids, stores, options)), k, alpha)
+    table = compute_dba(image_ids, space(_stored_vectors(image_ids, stores, options)), k, alpha, workers)
     write_dba(index_url, table, options)
     return {"images": len(image_ids), "k": k, "alpha": alpha, "out": storage.redact(dba_url(index_url))}
 

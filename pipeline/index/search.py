@@ -7,8 +7,10 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from pipeline import storage, store
+from pipeline.execution import Workers, executor_for
 from pipeline.index import io, refine, whitening
 from pipeline.results import search_table, write_search_results
 from pipeline.storage import Options
@@ -39,49 +41,79 @@ class SearchConfig:
             raise ValueError(f"k_factor={self.k_factor}; must be > 0, or unset for the stored one")
 
 
+class SearchWork:
+    """The executor's work: a batch of queries (ids (n,), stored vectors (n, D)) → its results table. Each
+    worker loads the index once (its setup), on its GPUs when faiss sees any."""
+
+    def __init__(self, index_url: str, config: SearchConfig, options: Options) -> None:
+        self.index_url, self.config, self.options = index_url, config, options
+
+    def setup(self) -> None:
+        url, config, options = self.index_url, self.config, self.options
+        params = io.read_params(url, options)
+        index = io.load_index(url, options)
+        self.nprobe = config.nprobe if config.nprobe is not None else params.get("nprobe")
+        io.set_search_params(index, self.nprobe)
+        index = index if params.get("on_disk") else to_device(index)
+        self.k_factor = config.k_factor if config.k_factor is not None else params.get("k_factor")
+        if self.k_factor is not None:  # None: the quality report found the PQ order good enough
+            index = refine.attach(index, url, params, options)
+            refine.configure(index, None, self.k_factor)
+        self.index = index
+        self.id_keys, self.image_ids = io.read_id_map(url, options)
+        self.space = whitening.space(url, params, options)
+
+    def __getstate__(self) -> dict[str, Any]:  # travels before setup(): settings only
+        return {k: self.__dict__[k] for k in ("index_url", "config", "options")}
+
+    def __call__(self, batch: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+        query_ids, stored = batch
+        scores, ids = self.index.search(np.ascontiguousarray(self.space(stored)), self.config.k)
+        return search_table(query_ids, scores, ids, self.id_keys, self.image_ids)
+
+
+def _query_batches(
+    index_url: str, query_store_url: str, batch_size: int, options: Options
+) -> list[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+    """(key, (query ids, stored vectors)) batches of the query store, checked against the index's input."""
+    store.require_store(query_store_url, options)  # a mistyped query store is an error, not zero queries
+    dim = whitening.input_dim(io.read_params(index_url, options))
+    batches = []
+    for query_ids, stored in store.iter_global(query_store_url, options):  # (n,), (n, D)
+        if stored.shape[1] != dim:
+            raise ValueError(
+                f"queries {storage.redact(query_store_url)} have {stored.shape[1]}-d descriptors but index "
+                f"{storage.redact(index_url)} takes {dim}-d ones (extract both with the same preset)"
+            )
+        for start in range(0, len(stored), batch_size):
+            batch = (query_ids[start : start + batch_size], stored[start : start + batch_size])
+            batches.append((len(batches), batch))
+    return batches
+
+
 def search(
     index_url: str,
     query_store_url: str,
     out_url: str,
     config: SearchConfig = SearchConfig(),
     options: Options = None,
+    *,
+    workers: Workers = Workers(),
 ) -> dict[str, Any]:
     """Top-``config.k`` of every committed query descriptor in ``query_store_url``, written as Parquet to
-    ``out_url``."""
-    k, nprobe, k_factor, batch_size = config.k, config.nprobe, config.k_factor, config.batch_size
-    store.require_store(query_store_url, options)  # a mistyped query store is an error, not zero queries
+    ``out_url``. ``workers`` may run the query batches on Ray (each worker loading the index once); the
+    results are the same."""
+    batches = _query_batches(index_url, query_store_url, config.batch_size, options)
+    tables: dict[int, pa.Table] = {}
+    work = SearchWork(index_url, config, options)
+    executor_for(workers).run(work, batches, tables.__setitem__)
+    table = write_search_results(out_url, [tables[k] for k in sorted(tables)], options)
     params = io.read_params(index_url, options)
-    index = io.load_index(index_url, options)
-    chosen = nprobe if nprobe is not None else params.get("nprobe")
-    io.set_search_params(index, chosen)
-    index = index if params.get("on_disk") else to_device(index)
-    factor = k_factor if k_factor is not None else params.get("k_factor")
-    if factor is not None:  # None: the quality report found the PQ order good enough
-        index = refine.attach(index, index_url, params, options)
-        refine.configure(index, None, factor)
-    id_keys, image_ids = io.read_id_map(index_url, options)
-    space = whitening.space(index_url, params, options)
-    tables, queries = [], 0
-    for query_ids, stored in store.iter_global(query_store_url, options):  # (n,), (n, D)
-        if stored.shape[1] != whitening.input_dim(params):
-            raise ValueError(
-                f"queries {storage.redact(query_store_url)} have {stored.shape[1]}-d descriptors but index "
-                f"{storage.redact(index_url)} takes {whitening.input_dim(params)}-d ones (extract both with the "
-                "same preset)"
-            )
-        vectors = space(stored)  # (n, d)
-        for start in range(0, len(vectors), batch_size):
-            scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
-            tables.append(
-                search_table(query_ids[start : start + batch_size], scores, ids, id_keys, image_ids)
-            )
-        queries += len(vectors)
-    table = write_search_results(out_url, tables, options)
     return {
-        "queries": queries,
+        "queries": sum(len(b[0]) for _, b in batches),
         "rows": table.num_rows,
-        "k": k,
-        "nprobe": chosen,
-        "k_factor": factor,
+        "k": config.k,
+        "nprobe": config.nprobe if config.nprobe is not None else params.get("nprobe"),
+        "k_factor": config.k_factor if config.k_factor is not None else params.get("k_factor"),
         "out": storage.redact(out_url),
     }

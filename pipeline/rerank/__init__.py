@@ -16,6 +16,7 @@ lazy_exports(
         "score": ("rerank_order", "rerank_scores"),
         "stage": (
             "RerankedShortlist",
+            "RerankRun",
             "RerankSummary",
             "config_from_stores",
             "rerank",

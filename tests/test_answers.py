@@ -1,0 +1,165 @@
+"""The answer side at scale: re-ranking as committed parts on the execution seam (in process and on Ray),
+resumed after a driver crash, completed after a worker is killed, identical everywhere."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import results, store
+from pipeline.execution import InProcessExecutor, RayExecutor, Workers, executor_for
+from pipeline.rerank import RerankConfig, RerankRun, rerank
+from pipeline.store import LocalFeatures
+
+CONFIG = RerankConfig(top=5, trials=64, queries_per_batch=2)
+QUERIES, CANDIDATES, FEATURES = 6, 5, 60
+
+
+def _features(rng: np.random.Generator, keypoints: np.ndarray | None = None) -> LocalFeatures:
+    desc = rng.standard_normal((FEATURES, 128)).astype(np.float32)
+    points = rng.uniform(0, 400, (FEATURES, 2)) if keypoints is None else keypoints
+    ones = np.ones(FEATURES, np.float32)
+    return LocalFeatures(points.astype(np.float32), ones, ones, desc / np.linalg.norm(desc, axis=1)[:, None])
+
+
+def _moved(rng: np.random.Generator, query: LocalFeatures, shared: int) -> LocalFeatures:
+    """An image sharing ``shared`` of the query's features, shifted and slightly noisy: inliers to find."""
+    other = _features(rng)
+    other.keypoints[:shared] = (
+        query.keypoints[:shared] + np.float32([30, -12]) + rng.normal(0, 0.5, (shared, 2))
+    )
+    noisy = query.descriptors[:shared] + rng.normal(0, 0.02, (shared, 128)).astype(np.float32)
+    other.descriptors[:shared] = noisy / np.linalg.norm(noisy, axis=1)[:, None]
+    return other
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Stores and search results: each query's candidates share 0–40 features with it; one candidate of
+    each odd query is missing from the index store; one query has no features at all."""
+    tmp, rng = tmp_path_factory.mktemp("answers"), np.random.default_rng(24)
+    queries = {f"q{i}": _features(rng) for i in range(QUERIES)}
+    index, rows = {}, []
+    for q, (query_id, query) in enumerate(queries.items()):
+        for c in range(CANDIDATES):
+            image_id = f"{query_id}-c{c}"
+            if not (q % 2 and c == 1):
+                index[image_id] = _moved(rng, query, shared=8 * ((c + q) % CANDIDATES))
+            rows.append((query_id, c + 1, image_id, 0.9 - 0.1 * c))
+    rows += [("q-none", 1, "q0-c0", 0.5)]  # a query without local features
+    urls = {"q": str(tmp / "q"), "i": str(tmp / "i"), "search": str(tmp / "search.parquet")}
+    store.write_shard(urls["q"], 0, list(queries), np.zeros((QUERIES, 4), np.float32), list(queries.values()))
+    items = list(index.items())
+    for shard, start in enumerate(range(0, len(items), 10)):  # several shards: reads cross files
+        part = items[start : start + 10]
+        ids, local = [k for k, _ in part], [v for _, v in part]
+        store.write_shard(urls["i"], shard, ids, np.zeros((len(ids), 4), np.float32), local)
+    columns = list(zip(*rows, strict=True))
+    search = {"query_id": columns[0], "rank": pa.array(columns[1], pa.int32()), "id": columns[2]}
+    pq.write_table(pa.table({**search, "score": pa.array(columns[3], pa.float32())}), urls["search"])
+    return urls
+
+
+def _run(inputs: dict[str, str], out: Path, **kwargs) -> tuple:
+    summary = rerank(inputs["search"], inputs["q"], inputs["i"], str(out), CONFIG, **kwargs)
+    return summary, _rows(str(out))
+
+
+def _rows(url: str) -> list[tuple]:
+    """(query, rank, id, score, inliers) of every row, in (query, rank) order."""
+    hits = results.read_hits(url, limit=1000)
+    return [(q, r, h.id, h.score, h.inliers) for q in sorted(hits) for r, h in enumerate(hits[q], 1)]
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The single-process run in one part: what every other way of running must give."""
+    out = tmp_path_factory.mktemp("reference") / "reranked.parquet"
+    return _run(inputs, out, run=RerankRun(queries_per_part=1000))
+
+
+def test_reference_counts_and_finds_the_planted_matches(reference: tuple) -> None:
+    summary, rows = reference
+    assert summary.queries == QUERIES + 1 and summary.queries_without_features == 1
+    assert summary.candidates_without_features == QUERIES // 2  # one per odd query, counted as before
+    assert summary.pairs_verified == QUERIES * CANDIDATES - QUERIES // 2
+    assert summary.bytes_read <= 1.5 * summary.bytes_wanted + 4 * 4096  # + the shards' footers, once each
+    best = {q: i for q, rank, i, _, inliers in rows if rank == 1}
+    assert best["q0"] == "q0-c4" and best["q1"] == "q1-c3"  # the most shared features win
+
+
+def test_parts_resume_after_a_driver_crash_without_loss_or_duplicates(
+    inputs: dict, reference: tuple, tmp_path
+):
+    out = tmp_path / "reranked.parquet"
+    run = RerankRun(queries_per_part=2)
+
+    def crash(progress) -> None:
+        if progress.done >= 4:
+            raise RuntimeError("injected driver crash")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(inputs, out, run=run, on_progress=crash)
+    assert sorted(results.read_part_commits(str(out))) == [0, 1]
+    (out / "part-00002.parquet").write_bytes(b"a data file whose marker was never written")
+    summary, rows = _run(inputs, out, run=run)
+    assert summary.parts_resumed == 2
+    assert rows == reference[1]  # same order, scores and inlier counts; every query once
+    assert (summary.pairs_verified, summary.candidates_without_features) == (
+        reference[0].pairs_verified,
+        reference[0].candidates_without_features,
+    )
+    again, _ = _run(inputs, out, run=run)  # all committed: nothing redone
+    assert again.parts_resumed == 4 and again.bytes_read == 0
+    changed, _ = _run(inputs, out, run=RerankRun(queries_per_part=3))  # other parts: starts over
+    assert changed.parts_resumed == 0 and _rows(str(out)) == reference[1]
+
+
+def test_in_process_executor_sets_up_once_and_keeps_order() -> None:
+    batches = [(k, list(range(k, k + 3))) for k in range(5)]
+    seen: list[tuple[int, list[int]]] = []
+    InProcessExecutor().run(_Squares(), batches, lambda k, r: seen.append((k, r)))
+    assert seen == [(k, [x * x for x in b]) for k, b in batches]
+    assert isinstance(executor_for(Workers()), InProcessExecutor)
+    assert isinstance(executor_for(Workers(max_workers=2)), RayExecutor)
+    with pytest.raises(ValueError, match="max_workers"):
+        Workers(min_workers=3, max_workers=2)
+
+
+class _Squares:
+    setups = 0
+
+    def setup(self) -> None:
+        _Squares.setups += 1
+        assert _Squares.setups == 1
+
+    def __call__(self, batch: list[int]) -> list[int]:
+        return [x * x for x in batch]
+
+
+def test_two_ray_workers_with_one_killed_give_the_single_process_result(
+    ray_cluster: str, inputs: dict, reference: tuple, tmp_path: Path
+) -> None:
+    killed: list[int] = []
+
+    def kill_a_worker(progress) -> None:
+        if killed:
+            return
+        workers = [
+            p for p in psutil.Process().children(recursive=True) if "_WorkerActor" in " ".join(p.cmdline())
+        ]
+        assert workers and progress.done < progress.total  # batches are still to come
+        workers[0].send_signal(signal.SIGKILL)
+        killed.append(workers[0].pid)
+
+    run = RerankRun(workers=Workers(min_workers=2), queries_per_part=1)
+    summary, rows = _run(inputs, tmp_path / "reranked.parquet", run=run, on_progress=kill_a_worker)
+    assert killed and rows == reference[1]
+    counted = ("queries", "pairs_verified", "queries_without_features", "candidates_without_features")
+    assert [getattr(summary, k) for k in counted] == [getattr(reference[0], k) for k in counted]
