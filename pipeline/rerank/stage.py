@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,7 +20,7 @@ from pipeline import store
 from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
-from pipeline.rerank.score import rerank_order, rerank_scores
+from pipeline.rerank.score import gate, rerank_order, rerank_scores
 from pipeline.rerank.verify import Verification, verify
 from pipeline.results import flatten_matches, read_rankings, write_reranked
 from pipeline.storage import Options
@@ -98,6 +98,8 @@ class RerankedShortlist:
     matches: dict[
         int, tuple[np.ndarray, np.ndarray]
     ]  # position → (M, 2) query, (M, 2) candidate inlier points
+    null_inliers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,) "gate" null counts
+    level: float = float("nan")  # "gate": the inlier count a candidate must exceed to move; nan otherwise
 
 
 def _inlier_points(
@@ -114,18 +116,28 @@ def rerank_shortlist(
     candidates: Sequence[Features | None],
     global_scores: np.ndarray,
     config: RerankConfig = RerankConfig(),
+    null_candidates: Sequence[Features] = (),
 ) -> RerankedShortlist:
     """Re-rank one query's shortlist, given in global order.
 
     The first ``config.top`` candidates that have local features are verified; the others get inliers −1.
-    The inlier points of the first ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
+    Score "gate" also verifies up to ``config.null_size`` of ``null_candidates`` (images surely not matching the
+    query, e.g. ``null_sample``'s outside its shortlist) and tops their counts up from the far end of the
+    verified shortlist: the query's null (pipeline.rerank.score). The inlier points of the first
+    ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
     """
     inliers = np.full(len(candidates), -1, dtype=np.int64)
     verifiable = [i for i, c in enumerate(candidates[: config.top]) if c is not None]
+    gating = config.score == "gate"
+    nulls = list(null_candidates)[: config.null_size] if gating else []
     found = verification = None
+    null_inliers, level = np.zeros(0, np.int64), float("nan")
     if query is not None and verifiable:
-        found, verification = verify_candidates(query, [candidates[i] for i in verifiable], config)
-        inliers[verifiable] = verification.inliers.cpu().numpy()
+        found, verification = verify_candidates(query, [candidates[i] for i in verifiable] + nulls, config)
+        counts = verification.inliers.cpu().numpy()
+        inliers[verifiable] = counts[: len(verifiable)]
+        if gating:
+            null_inliers, level = gate(counts[len(verifiable) :], inliers, config)
     scores = rerank_scores(
         global_scores,
         inliers,
@@ -135,6 +147,7 @@ def rerank_shortlist(
         z_from=config.z_from,
         z_span=config.z_span,
         boost=config.boost,
+        level=level,
     )
     order = rerank_order(scores)
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -144,7 +157,14 @@ def rerank_shortlist(
             kept[position] = _inlier_points(
                 query, candidates[position], found, verification, batch_of[position]
             )
-    return RerankedShortlist(order, inliers, scores, kept)
+    return RerankedShortlist(order, inliers, scores, kept, null_inliers, level)
+
+
+def null_sample(database_ids: Iterable[str], size: int, seed: int) -> list[str]:
+    """The first ``size`` of a seeded shuffle of the database's ids: one fixed sample for every query (read
+    once; a smaller size takes a prefix), from which each query's null leaves out its shortlist and itself."""
+    ids = sorted(database_ids)
+    return [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:size]]
 
 
 def stored_settings(store_url: str, options: Options = None) -> dict[str, Any]:
@@ -223,6 +243,7 @@ class _Plan:
     verifying: bool
     global_config: GlobalRerankConfig
     vectors: tuple[GlobalVectors, GlobalVectors] | None  # (queries, shortlisted images) for the refinement
+    nulls: Mapping[str, Features]  # score "gate": null_sample's images, by id
 
 
 def _refine(batch: list[Shortlist], plan: _Plan) -> list[Shortlist]:
@@ -259,7 +280,9 @@ def _rerank_batch(
     for query_id, ids, scores in batch:
         if plan.verifying:
             candidates = [cands.get(i) for i in ids]
-            reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config)
+            outside = set(ids) | {query_id}
+            nulls = [f for i, f in plan.nulls.items() if i not in outside]
+            reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config, nulls)
             counts.no_query += query_id not in queries
             counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
             counts.pairs += int((reranked.inliers >= 0).sum())
@@ -323,8 +346,10 @@ def rerank(
         if refinement
         else None
     )
-    plan = _Plan(config, refinement, verifying, global_config, vectors)
     readers = (store.LocalReader(query_store, options), store.LocalReader(index_store, options))
+    gating = verifying and config.score == "gate"
+    nulls = readers[1].read(null_sample(readers[1].ids(), config.null_size, config.seed)) if gating else {}
+    plan = _Plan(config, refinement, verifying, global_config, vectors, nulls)
     parts: list[dict] = []
     counts = _Counts()
     for first in range(0, len(shortlists), config.queries_per_batch):

@@ -1,0 +1,141 @@
+"""The "gate" score (issue 28): a candidate moves only when its inliers are significant against the query's null."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import store
+from pipeline.rerank import RerankConfig, rerank, rerank_order, rerank_scores, rerank_shortlist
+from pipeline.rerank.score import MIN_LOG_SPREAD, gate, null_counts, null_level
+from pipeline.rerank.stage import null_sample
+from tests.test_rerank import random_features, random_transform, sharing_features
+
+Z_95 = 1.6448536269514722  # Φ⁻¹(0.95)
+
+
+def test_null_level_hand_computed() -> None:
+    # log(1 + counts) = log 10 (×2), log 20 (×3), log 30, log 40: median log 20; absolute deviations 0 (×3),
+    # log 1.5, log 2 (×3) → MAD log 1.5. 10 candidates at 0.5 false alarms: α = 0.05, z = Φ⁻¹(0.95)
+    counts = np.array([9, 19, 19, 9, 29, 39, 19, -1])  # −1 (unverified) is left out
+    expected = 20 * np.exp(Z_95 * 1.4826 * np.log(1.5)) - 1
+    assert null_level(counts, 10, 0.5) == pytest.approx(expected)
+    # identical counts: the spread's floor; fewer than 5 counts: no null, nothing may move
+    assert null_level(np.full(6, 5), 10, 0.5) == pytest.approx(6 * np.exp(Z_95 * MIN_LOG_SPREAD) - 1)
+    assert null_level(np.array([9, 19, 29, 39, -1]), 10, 0.5) == np.inf
+    # more candidates tested or fewer false alarms allowed: a higher level
+    assert null_level(counts, 100, 0.5) > null_level(counts, 10, 0.5) > null_level(counts, 10, 5.0)
+
+
+def test_null_counts_top_up_from_the_far_end() -> None:
+    shortlist = np.array([50, -1, 7, 8, 9])
+    assert null_counts(np.array([3, 4]), shortlist, 4).tolist() == [3, 4, 8, 9]
+    assert null_counts(np.array([3, 4]), shortlist, 1).tolist() == [3]
+    assert null_counts(np.zeros(0), shortlist, 10).tolist() == [50, 7, 8, 9]
+
+
+def test_gate_scores_hand_computed() -> None:
+    g = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    inliers = np.array([10, 60, 5, 80, -1, 70])
+    # level 50: positions 1, 3, 5 pass and move up in global order; 0, 2 (below it) and 4 (unverified) follow,
+    # in global order
+    order = rerank_order(rerank_scores(g, inliers, mode="gate", level=50.0))
+    assert order.tolist() == [1, 3, 5, 0, 2, 4]
+    # a count equal to the level does not pass; min_inliers still applies; no level: the global order
+    assert rerank_order(rerank_scores(g, inliers, mode="gate", level=60.0)).tolist() == [3, 5, 0, 1, 2, 4]
+    order = rerank_order(rerank_scores(g, inliers, mode="gate", level=50.0, min_inliers=75))
+    assert order.tolist() == [3, 0, 1, 2, 4, 5]
+    for level in (np.inf, np.nan):
+        assert rerank_order(rerank_scores(g, inliers, mode="gate", level=level)).tolist() == list(range(6))
+
+
+def test_gate_level_never_below_the_minimal_sample() -> None:
+    config = RerankConfig(score="gate", null_size=6)
+    null, level = gate(np.zeros(6, np.int64), np.array([0, 0, 3]), config)
+    assert null.tolist() == [0] * 6 and level == 3.0  # expm1(z · 0.25) < 3: three matches always fit
+    assert gate(np.zeros(6), np.zeros(3), RerankConfig(score="gate", model="homography"))[1] == 4.0
+
+
+def test_null_sample_fixed_and_prefix_consistent() -> None:
+    ids = [f"img{i}" for i in range(50)]
+    sample = null_sample(reversed(ids), 20, seed=0)
+    assert sample == null_sample(ids, 20, seed=0) and len(set(sample)) == 20
+    assert null_sample(ids, 7, seed=0) == sample[:7]
+    assert null_sample(ids, 20, seed=1) != sample
+    assert sorted(null_sample(ids, 80, seed=0)) == sorted(ids)
+
+
+def _query_with_false_pairs(rng: np.random.Generator, false_shared: int, n_false: int) -> tuple:
+    """A query, false candidates sharing ``false_shared`` features each (moved by their own map), one true one."""
+    query = random_features(rng)
+
+    def moved(shared: int):
+        return sharing_features(rng, query, random_transform(rng, (320, 320), False), shared=shared)
+
+    return query, [moved(false_shared) for _ in range(n_false)], moved(150)
+
+
+def test_rerank_shortlist_gate_moves_only_significant_candidates() -> None:
+    rng = np.random.default_rng(28)
+    # false pairs that still share 12 features (as untrained local features give): their counts are the null
+    query, false, true = _query_with_false_pairs(rng, 12, 12)
+    config = RerankConfig(score="gate", trials=300, null_size=8, false_alarms=0.1, device="cpu")
+    candidates = [*false[:4], true]  # the true match last in the global order
+    g = np.linspace(0.9, 0.5, 5)
+    result = rerank_shortlist(query, candidates, g, config, null_candidates=false[4:])
+    assert result.order.tolist() == [4, 0, 1, 2, 3]
+    assert len(result.null_inliers) == 8 and 10 <= np.median(result.null_inliers) <= 13
+    assert result.inliers[4] > result.level > result.inliers[:4].max()
+    # the same shortlist judged against a null of pairs without shared features: the false candidates'
+    # 12 inliers are now significant too; they and the true match move up in global order
+    null = [random_features(rng) for _ in range(8)]
+    loose = rerank_shortlist(query, candidates, g, config, null_candidates=null)
+    assert loose.level < 12 and loose.order.tolist() == [0, 1, 2, 3, 4]
+    # no null images and a shortlist shorter than the null: the null is the shortlist's far end (5 counts)
+    alone = rerank_shortlist(query, candidates, g, config)
+    assert alone.null_inliers.tolist() == alone.inliers.tolist() and alone.order.tolist() == [4, 0, 1, 2, 3]
+    # no local features for the query: nothing verified, the global order stays
+    assert rerank_shortlist(None, candidates, g, config).order.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_rerank_stage_gate_uses_a_null_sample_outside_the_shortlist(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    query, false, true = _query_with_false_pairs(rng, 12, 30)
+    index = {f"f{i}": f for i, f in enumerate(false)} | {"true": true}
+    shortlist = ["f0", "f1", "f2", "true"]  # the other 27 false images: the null sample's pool
+    ones = np.ones(300, np.float32)
+
+    def write(url: str, features: dict) -> None:
+        local = [store.LocalFeatures(f.keypoints, ones, ones, f.descriptors) for f in features.values()]
+        vectors = rng.normal(size=(len(features), 4)).astype(np.float32)
+        store.write_shard(url, 0, list(features), vectors, local)
+
+    write(str(tmp_path / "q"), {"q": query})
+    write(str(tmp_path / "i"), index)
+    search = {"query_id": ["q"] * 4, "rank": [1, 2, 3, 4], "id": shortlist, "score": [0.9, 0.8, 0.7, 0.6]}
+    search_table = pa.table(search).cast(
+        pa.schema(
+            [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
+        )
+    )
+    pq.write_table(search_table, tmp_path / "search.parquet")
+    config = RerankConfig(score="gate", trials=300, null_size=10, device="cpu")
+    summary = rerank(
+        str(tmp_path / "search.parquet"),
+        str(tmp_path / "q"),
+        str(tmp_path / "i"),
+        str(tmp_path / "o.parquet"),
+        config,
+    )
+    out = pq.read_table(tmp_path / "o.parquet").filter(pc.equal(pc.field("query_id"), "q")).to_pydict()
+    assert out["id"] == ["true", "f0", "f1", "f2"] and summary.pairs_verified == 4
+    # the same as re-ranking the shortlist by hand against the sample's images outside it
+    sample = [index[i] for i in null_sample(index, 10, config.seed) if i not in shortlist]
+    direct = rerank_shortlist(query, [index[i] for i in shortlist], np.array(search["score"]), config, sample)
+    assert [shortlist[p] for p in direct.order] == out["id"]
+    assert out["inliers"] == direct.inliers[direct.order].tolist()
