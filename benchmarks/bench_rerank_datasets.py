@@ -41,6 +41,7 @@ from pipeline.rerank.score import gate, rerank_order, rerank_scores
 from pipeline.rerank.stage import null_sample
 
 FETCHED = ("sceaux", "monstree", "boat")
+DATASETS = ("landmarks-mini", "landmarks-mini+coil", "coil", "pairs", *FETCHED)
 FALSE_ALARMS = (0.01, 0.03, 0.1, 0.3, 1.0)
 NULL_SIZES = (10, 20, 40)
 
@@ -70,8 +71,16 @@ def fetched_labels(mv: Path) -> dict[str, str]:
     }
 
 
-def load(stores: Path, mv: Path, coil_step: int) -> dict[str, Dataset]:
-    part = {n: load_store(str(stores / f"store-{n}")) for n in ("lm", "coil", "pairs", "mv")}
+def load(stores: Path, mv: Path, coil_step: int, names: list[str]) -> dict[str, Dataset]:
+    """The datasets of ``names`` (see the module docstring), reading only the stores they need."""
+    needs = {
+        "landmarks-mini": ("lm",),
+        "landmarks-mini+coil": ("lm", "coil"),
+        "coil": ("coil",),
+        "pairs": ("pairs",),
+        **{name: ("mv", "lm") for name in FETCHED},
+    }
+    part = {s: load_store(str(stores / f"store-{s}")) for s in sorted({s for n in names for s in needs[n]})}
 
     def union(*names: str) -> tuple[list[str], dict, dict]:
         ids = [i for n in names for i in part[n][0]]
@@ -80,19 +89,22 @@ def load(stores: Path, mv: Path, coil_step: int) -> dict[str, Dataset]:
 
     lm_label = labels("landmarks-mini", "landmark")
     coil_label = labels("coil100-subset", "object")
-    out = {
-        "landmarks-mini": Dataset(part["lm"][0], *union("lm"), lm_label, "landmarks-mini"),
-        "landmarks-mini+coil": Dataset(
+    mv_label = {**fetched_labels(mv), **lm_label} if "mv" in part else {}
+    make = {
+        "landmarks-mini": lambda: Dataset(part["lm"][0], *union("lm"), lm_label, "landmarks-mini"),
+        "landmarks-mini+coil": lambda: Dataset(
             part["lm"][0], *union("lm", "coil"), {**lm_label, **coil_label}, "landmarks-mini"
         ),
-        "coil": Dataset(part["coil"][0][::coil_step], *union("coil"), coil_label, "coil"),
-        "pairs": Dataset(part["pairs"][0], *union("pairs"), PAIR_OF, "pairs"),
+        "coil": lambda: Dataset(part["coil"][0][::coil_step], *union("coil"), coil_label, "coil"),
+        "pairs": lambda: Dataset(part["pairs"][0], *union("pairs"), PAIR_OF, "pairs"),
+        **{
+            name: lambda name=name: Dataset(
+                [i for i in part["mv"][0] if mv_label[i] == name], *union("mv", "lm"), mv_label, name
+            )
+            for name in FETCHED
+        },
     }
-    mv_label = {**fetched_labels(mv), **lm_label}
-    for name in FETCHED:
-        queries = [i for i in part["mv"][0] if mv_label[i] == name]
-        out[name] = Dataset(queries, *union("mv", "lm"), mv_label, name)
-    return out
+    return {name: make[name]() for name in names}
 
 
 def verify_dataset(data: Dataset, config: RerankConfig, null_size: int) -> tuple[list[tuple], list[Counts]]:
@@ -161,6 +173,7 @@ def main() -> None:
     )
     parser.add_argument("--stores", type=Path, required=True)
     parser.add_argument("--mv", type=Path, required=True, help="fetch_multiview.py's output folder")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--coil-query-step", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], help="matching/verification field=value (JSON)")
     parser.add_argument("--check", action="store_true", help="re-rank with rerank_shortlist at the defaults")
@@ -169,7 +182,7 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     base = RerankConfig(device="cpu", **overrides)
     default = RerankConfig(device="cpu", score="gate", **overrides)
-    data = load(args.stores, args.mv, args.coil_query_step)
+    data = load(args.stores, args.mv, args.coil_query_step, args.datasets.split(","))
     group_of = {name: d.group for name, d in data.items()}
     candidates = grid(base)
     named = {

@@ -12,8 +12,10 @@ import pytest
 
 from pipeline import store
 from pipeline.rerank import RerankConfig, rerank, rerank_order, rerank_scores, rerank_shortlist
+from pipeline.rerank.explain import explain_query
 from pipeline.rerank.score import MIN_LOG_SPREAD, gate, null_counts, null_level
 from pipeline.rerank.stage import null_sample
+from tests.test_cli import cli
 from tests.test_rerank import random_features, random_transform, sharing_features
 
 Z_95 = 1.6448536269514722  # Φ⁻¹(0.95)
@@ -103,11 +105,18 @@ def test_rerank_shortlist_gate_moves_only_significant_candidates() -> None:
     assert rerank_shortlist(None, candidates, g, config).order.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_rerank_stage_gate_uses_a_null_sample_outside_the_shortlist(tmp_path: Path) -> None:
+SHORTLIST = ["f0", "f1", "f2", "true"]  # the true match last; the other 27 false images: the null's pool
+SEARCH_SCORES = [0.9, 0.8, 0.7, 0.6]
+
+
+@pytest.fixture(scope="module")
+def gate_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, dict]:
+    """Query and index stores (one query, 31 index images: false pairs sharing 12 features, one true) and
+    search results listing SHORTLIST for the query."""
+    tmp_path = tmp_path_factory.mktemp("gate")
     rng = np.random.default_rng(5)
     query, false, true = _query_with_false_pairs(rng, 12, 30)
     index = {f"f{i}": f for i, f in enumerate(false)} | {"true": true}
-    shortlist = ["f0", "f1", "f2", "true"]  # the other 27 false images: the null sample's pool
     ones = np.ones(300, np.float32)
 
     def write(url: str, features: dict) -> None:
@@ -117,25 +126,54 @@ def test_rerank_stage_gate_uses_a_null_sample_outside_the_shortlist(tmp_path: Pa
 
     write(str(tmp_path / "q"), {"q": query})
     write(str(tmp_path / "i"), index)
-    search = {"query_id": ["q"] * 4, "rank": [1, 2, 3, 4], "id": shortlist, "score": [0.9, 0.8, 0.7, 0.6]}
-    search_table = pa.table(search).cast(
-        pa.schema(
-            [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
-        )
+    schema = pa.schema(
+        [("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("score", pa.float32())]
     )
-    pq.write_table(search_table, tmp_path / "search.parquet")
-    config = RerankConfig(score="gate", trials=300, null_size=10, device="cpu")
-    summary = rerank(
-        str(tmp_path / "search.parquet"),
-        str(tmp_path / "q"),
-        str(tmp_path / "i"),
-        str(tmp_path / "o.parquet"),
-        config,
-    )
+    search = {"query_id": ["q"] * 4, "rank": [1, 2, 3, 4], "id": SHORTLIST, "score": SEARCH_SCORES}
+    pq.write_table(pa.table(search).cast(schema), tmp_path / "search.parquet")
+    return tmp_path, query, index
+
+
+GATE = RerankConfig(score="gate", trials=300, null_size=10, device="cpu")
+
+
+def test_rerank_stage_gate_uses_a_null_sample_outside_the_shortlist(gate_stores) -> None:
+    tmp_path, query, index = gate_stores
+    urls = [str(tmp_path / n) for n in ("search.parquet", "q", "i", "o.parquet")]
+    summary = rerank(*urls, GATE)
     out = pq.read_table(tmp_path / "o.parquet").filter(pc.equal(pc.field("query_id"), "q")).to_pydict()
     assert out["id"] == ["true", "f0", "f1", "f2"] and summary.pairs_verified == 4
     # the same as re-ranking the shortlist by hand against the sample's images outside it
-    sample = [index[i] for i in null_sample(index, 10, config.seed) if i not in shortlist]
-    direct = rerank_shortlist(query, [index[i] for i in shortlist], np.array(search["score"]), config, sample)
-    assert [shortlist[p] for p in direct.order] == out["id"]
+    sample = [index[i] for i in null_sample(index, 10, GATE.seed) if i not in SHORTLIST]
+    direct = rerank_shortlist(query, [index[i] for i in SHORTLIST], np.array(SEARCH_SCORES), GATE, sample)
+    assert [SHORTLIST[p] for p in direct.order] == out["id"]
     assert out["inliers"] == direct.inliers[direct.order].tolist()
+
+
+def test_explain_shows_global_score_inliers_null_level_and_position(gate_stores) -> None:
+    tmp_path, query, index = gate_stores
+    urls = [str(tmp_path / n) for n in ("search.parquet", "q", "i")]
+    explained = explain_query(*urls, "q", GATE)
+    sample = [index[i] for i in null_sample(index, 10, GATE.seed) if i not in SHORTLIST]
+    direct = rerank_shortlist(query, [index[i] for i in SHORTLIST], np.array(SEARCH_SCORES), GATE, sample)
+    assert explained.level == direct.level and explained.null_inliers.tolist() == direct.null_inliers.tolist()
+    assert [(c.id, c.global_rank, c.rank) for c in explained.candidates] == [
+        ("f0", 1, 2),
+        ("f1", 2, 3),
+        ("f2", 3, 4),
+        ("true", 4, 1),
+    ]
+    assert [c.inliers for c in explained.candidates] == direct.inliers.tolist()
+    assert [c.global_score for c in explained.candidates] == pytest.approx(SEARCH_SCORES)
+    with pytest.raises(ValueError, match="query 'nope' is not in"):  # the CLI's one-line error, exit 2
+        explain_query(*urls, "nope", GATE)
+    # the CLI prints it (and writes nothing)
+    flags = ["--score", "gate", "--trials", "300", "--null-size", "10", "--device", "cpu"]
+    shown = cli("rerank", *urls, str(tmp_path / "unused.parquet"), *flags, "--explain", "q").stdout
+    assert f"null level {direct.level:.1f}" in shown
+    rows = [line.split("│")[1:-1] for line in shown.splitlines() if line.startswith("│")]
+    cells = [[cell.strip() for cell in row] for row in rows]
+    true_row = next(row for row in cells if row[1] == "true")
+    assert true_row == ["4", "true", "0.6000", str(direct.inliers[3]), f"{direct.level:.1f}", "above", "1"]
+    assert next(row for row in cells if row[1] == "f0")[5:] == ["below", "2"]
+    assert not (tmp_path / "unused.parquet").exists()

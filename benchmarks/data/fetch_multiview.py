@@ -26,9 +26,19 @@ MAX_SIDE = 640
 QUALITY = 85
 # set → (repository, commit, image paths' prefix, suffix)
 SOURCES = {
-    "sceaux": ("openMVG/ImageDataset_SceauxCastle", "fde7f5faba555e3c54700477c304488613346a19", "images/", ".JPG"),
+    "sceaux": (
+        "openMVG/ImageDataset_SceauxCastle",
+        "fde7f5faba555e3c54700477c304488613346a19",
+        "images/",
+        ".JPG",
+    ),
     "monstree": ("alicevision/dataset_monstree", "c697b936be47d6b78ce58d7eb4188e6908503ee2", "full/", ".JPG"),
-    "boat": ("NLeSC/LargeScaleImaging", "61183f5342a77b5d91aa8663e0cd01c73949447c", "Data/AffineRegions/boat/", ".pgm"),
+    "boat": (
+        "NLeSC/LargeScaleImaging",
+        "61183f5342a77b5d91aa8663e0cd01c73949447c",
+        "Data/AffineRegions/boat/",
+        ".pgm",
+    ),
 }
 
 
@@ -60,8 +70,8 @@ def downscale(data: bytes) -> tuple[Image.Image, float]:
 
 
 def fetch_set(name: str, git_dir: Path, out: Path) -> int:
-    repo, commit, prefix, suffix = SOURCES[name]
-    paths = [p for p in git(git_dir, "ls-tree", "-r", "--name-only", commit, prefix).decode().split()]
+    _, commit, prefix, suffix = SOURCES[name]
+    paths = git(git_dir, "ls-tree", "-r", "--name-only", commit, prefix).decode().split()
     (out / name / "images").mkdir(parents=True, exist_ok=True)
     rows, scale = [], 1.0
     for path in sorted(p for p in paths if p.endswith(suffix)):
@@ -85,9 +95,13 @@ def fetch_set(name: str, git_dir: Path, out: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
-    parser.add_argument("--mirrors", type=Path, help="folder of <owner>+<name>/repo git dirs instead of cloning")
+    parser.add_argument(
+        "--mirrors", type=Path, help="folder of <owner>+<name>/repo git dirs instead of cloning"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         for name, (repo, *_) in SOURCES.items():

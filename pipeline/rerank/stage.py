@@ -167,6 +167,19 @@ def null_sample(database_ids: Iterable[str], size: int, seed: int) -> list[str]:
     return [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:size]]
 
 
+def read_null_sample(reader: store.LocalReader, config: RerankConfig) -> dict[str, Features]:
+    """Score "gate": the local features of ``null_sample``'s database images (read once per run); else {}."""
+    if config.score != "gate":
+        return {}
+    return reader.read(null_sample(reader.ids(), config.null_size, config.seed))
+
+
+def nulls_for(sample: Mapping[str, Features], query_id: str, shortlist: Iterable[str]) -> list[Features]:
+    """The null sample's images that may serve as one query's null: those outside its shortlist, not itself."""
+    outside = {*shortlist, query_id}
+    return [features for image_id, features in sample.items() if image_id not in outside]
+
+
 def stored_settings(store_url: str, options: Options = None) -> dict[str, Any]:
     """A store's re-ranking settings from its _run.json ({} when it has none: reference defaults).
 
@@ -280,8 +293,7 @@ def _rerank_batch(
     for query_id, ids, scores in batch:
         if plan.verifying:
             candidates = [cands.get(i) for i in ids]
-            outside = set(ids) | {query_id}
-            nulls = [f for i, f in plan.nulls.items() if i not in outside]
+            nulls = nulls_for(plan.nulls, query_id, ids)
             reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config, nulls)
             counts.no_query += query_id not in queries
             counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
@@ -347,8 +359,7 @@ def rerank(
         else None
     )
     readers = (store.LocalReader(query_store, options), store.LocalReader(index_store, options))
-    gating = verifying and config.score == "gate"
-    nulls = readers[1].read(null_sample(readers[1].ids(), config.null_size, config.seed)) if gating else {}
+    nulls = read_null_sample(readers[1], config) if verifying else {}
     plan = _Plan(config, refinement, verifying, global_config, vectors, nulls)
     parts: list[dict] = []
     counts = _Counts()
