@@ -24,6 +24,9 @@ from PIL import Image
 
 MAX_SIDE = 640
 QUALITY = 85
+# the Monstree photos used (23 of 41: those the measuring machine's mirror held), so that a clone gives the same set
+MONSTREE = {1025, 1027, 1028, 1029, 1036, 1037, 1038, 1040, 1041, 1042, 1044, 1046, 1047, 1048, 1049, 1050}
+MONSTREE |= {1051, 1053, 1055, 1056, 1057, 1062, 1063}  # IMG_<n>.JPG
 # set → (repository, commit, image paths' prefix, suffix)
 SOURCES = {
     "sceaux": (
@@ -75,6 +78,8 @@ def fetch_set(name: str, git_dir: Path, out: Path) -> int:
     (out / name / "images").mkdir(parents=True, exist_ok=True)
     rows, scale = [], 1.0
     for path in sorted(p for p in paths if p.endswith(suffix)):
+        if name == "monstree" and int(Path(path).stem[4:]) not in MONSTREE:
+            continue
         data = blob(git_dir, commit, path)
         if data is None or data.startswith(b"version https://git-lfs"):
             continue
