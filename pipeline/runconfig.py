@@ -65,7 +65,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
 
     [rerank]         RerankConfig, GlobalRerankConfig (pipeline.rerank); unset RerankConfig keys take the
                      stores' settings, chosen by the preset's local head (DELG heads: the reference's, shown
-                     here; backbone-only heads: score = shortlist)
+                     here; backbone-only heads: score = gate)
     enabled          re-rank the shortlist with local features [true]
     method           verify | qe | dba | dba+qe | superglobal, or one of the four + "+verify" (refine with
                      global features, then verify the refined shortlist) [verify]
