@@ -42,7 +42,7 @@ from pipeline.rerank.stage import null_sample
 
 FETCHED = ("sceaux", "monstree", "boat")
 DATASETS = ("landmarks-mini", "landmarks-mini+coil", "coil", "pairs", *FETCHED)
-FALSE_ALARMS = (0.01, 0.03, 0.1, 0.3, 1.0)
+FALSE_ALARMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 NULL_SIZES = (10, 20, 40)
 
 
