@@ -46,10 +46,11 @@ class RerankConfig:
     z_from: float = 2.0  # candidates this many spreads above the shortlist's median start gaining
     z_span: float = 16.0  # ... and gain the full boost this many spreads further
     boost: float = 0.5  # added to the global similarity at full boost
-    # "gate": the null is this many images: a fixed random sample (``seed``) of the database outside the
-    # query's shortlist, topped up from the far end of the verified shortlist when the database is too small
-    null_size: int = 20
-    false_alarms: float = 0.1  # "gate": expected false promotions per query (NFA bound); smaller = stricter
+    # "gate" (both chosen leave-one-dataset-out on 7 real sets, benchmarks/RESULTS.md, issue 28): the null is
+    # this many images: a fixed random sample (``seed``) of the database outside the query's shortlist, topped
+    # up from the far end of the verified shortlist when the database is too small
+    null_size: int = 10
+    false_alarms: float = 0.01  # "gate": expected false promotions per query (NFA bound); smaller = stricter
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below
 
     # Execution.
