@@ -38,7 +38,7 @@ def test_null_counts_top_up_from_the_far_end() -> None:
     shortlist = np.array([50, -1, 7, 8, 9])
     assert null_counts(np.array([3, 4]), shortlist, 4).tolist() == [3, 4, 8, 9]
     assert null_counts(np.array([3, 4]), shortlist, 1).tolist() == [3]
-    assert null_counts(np.zeros(0), shortlist, 10).tolist() == [50, 7, 8, 9]
+    assert null_counts(np.zeros(0), shortlist, 10).tolist() == [8, 9]  # the far half of the verified ones
 
 
 def test_gate_scores_hand_computed() -> None:
@@ -98,9 +98,18 @@ def test_rerank_shortlist_gate_moves_only_significant_candidates() -> None:
     null = [random_features(rng) for _ in range(8)]
     loose = rerank_shortlist(query, candidates, g, config, null_candidates=null)
     assert loose.level < 12 and loose.order.tolist() == [0, 1, 2, 3, 4]
-    # no null images and a shortlist shorter than the null: the null is the shortlist's far end (5 counts)
+    # no null images: the null is the far half of the shortlist; of 5 candidates, 3 counts are too few to
+    # judge by, so nothing moves; of 10 (the true match last), 5 false ones make the null
     alone = rerank_shortlist(query, candidates, g, config)
-    assert alone.null_inliers.tolist() == alone.inliers.tolist() and alone.order.tolist() == [4, 0, 1, 2, 3]
+    assert alone.null_inliers.tolist() == alone.inliers[2:].tolist() and alone.order.tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    longer = rerank_shortlist(query, [*false[:9], true], np.linspace(0.9, 0.5, 10), config)
+    assert longer.null_inliers.tolist() == longer.inliers[5:].tolist() and longer.order[0] == 9
     # no local features for the query: nothing verified, the global order stays
     assert rerank_shortlist(None, candidates, g, config).order.tolist() == [0, 1, 2, 3, 4]
 

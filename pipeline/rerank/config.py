@@ -48,7 +48,7 @@ class RerankConfig:
     boost: float = 0.5  # added to the global similarity at full boost
     # "gate" (both chosen leave-one-dataset-out on 7 real sets, benchmarks/RESULTS.md, issue 28): the null is
     # this many images: a fixed random sample (``seed``) of the database outside the query's shortlist, topped
-    # up from the far end of the verified shortlist when the database is too small
+    # up from the far half of the verified shortlist when the database is too small
     null_size: int = 10
     false_alarms: float = 0.01  # "gate": expected false promotions per query (NFA bound); smaller = stricter
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below

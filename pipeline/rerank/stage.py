@@ -122,7 +122,7 @@ def rerank_shortlist(
 
     The first ``config.top`` candidates that have local features are verified; the others get inliers −1.
     Score "gate" also verifies up to ``config.null_size`` of ``null_candidates`` (images surely not matching the
-    query, e.g. ``null_sample``'s outside its shortlist) and tops their counts up from the far end of the
+    query, e.g. ``null_sample``'s outside its shortlist) and tops their counts up from the far half of the
     verified shortlist: the query's null (pipeline.rerank.score). The inlier points of the first
     ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
     """
