@@ -83,7 +83,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
     saturate_at      k of the saturate score [20]
     z_from, z_span, boost  shortlist score: boost from z_from spreads, full at z_from + z_span [2.0, 16.0, 0.5]
-    null_size, false_alarms  gate score: null images per query, expected false promotions per query [10, 0.01]
+    null_size, false_alarms  gate score: null images per query, expected false promotions per query [40, 0.001]
     device           cpu | cuda [unset: CUDA when available]
     max_elements, queries_per_batch  tensor chunk bound, queries read together [4194304, 16]
     keep_matches     inlier pairs stored for this many top hits per query (the report's) [3]

@@ -49,8 +49,8 @@ class RerankConfig:
     # "gate" (both chosen leave-one-dataset-out on 7 real sets, benchmarks/RESULTS.md, issue 28): the null is
     # this many images: a fixed random sample (``seed``) of the database outside the query's shortlist, topped
     # up from the far half of the verified shortlist when the database is too small
-    null_size: int = 10
-    false_alarms: float = 0.01  # "gate": expected false promotions per query (NFA bound); smaller = stricter
+    null_size: int = 40
+    false_alarms: float = 0.001  # "gate": expected false promotions per query (NFA bound); smaller = stricter
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below
 
     # Execution.
