@@ -207,7 +207,8 @@ PRESETS["delg-mobilenetv2-imagenet-learned"] = dataclasses.replace(
 # _run.json and used by rerank / run unless overridden. Trained DELG heads keep the reference's (RerankConfig
 # defaults). The backbone-only head's untrained descriptors give false pairs tens of inliers, at a level that
 # varies by query: a candidate moves only when its count is significant against the query's own null
-# (score "gate"; settings chosen leave-one-dataset-out: benchmarks/RESULTS.md, issue 28).
+# (score "gate"; settings chosen on 7 real sets, checked leave-one-dataset-out: benchmarks/RESULTS.md,
+# issue 28).
 RERANK_BY_LOCAL_HEAD: dict[str, dict[str, Any]] = {
     "learned": {},
     "backbone": {"score": "gate"},

@@ -46,9 +46,9 @@ class RerankConfig:
     z_from: float = 2.0  # candidates this many spreads above the shortlist's median start gaining
     z_span: float = 16.0  # ... and gain the full boost this many spreads further
     boost: float = 0.5  # added to the global similarity at full boost
-    # "gate" (both chosen leave-one-dataset-out on 7 real sets, benchmarks/RESULTS.md, issue 28): the null is
-    # this many images: a fixed random sample (``seed``) of the database outside the query's shortlist, topped
-    # up from the far half of the verified shortlist when the database is too small
+    # "gate" (both chosen on 7 real sets, checked leave-one-dataset-out: benchmarks/RESULTS.md, issue 28):
+    # the null is this many images: a fixed random sample (``seed``) of the database outside the query's
+    # shortlist, topped up from the far half of the verified shortlist when the database is too small
     null_size: int = 40
     false_alarms: float = 0.001  # "gate": expected false promotions per query (NFA bound); smaller = stricter
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below

@@ -24,7 +24,7 @@ letting a strong false pair overtake a true one), and so does the rest. With few
 counts nothing is promoted: the global order stands; the level is never below RANSAC's minimal sample.
 Images surely not matching are also less similar to the query than the false pairs of its shortlist, which
 get somewhat more inliers (similar-looking buildings give more chance matches): the null runs low, and a
-small ``false_alarms`` is the margin that absorbs it (chosen leave-one-dataset-out, benchmarks/RESULTS.md).
+small ``false_alarms`` and a 40-image null are the margin that absorbs it (benchmarks/RESULTS.md, issue 28).
 """
 
 from __future__ import annotations
