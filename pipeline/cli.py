@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
+import statistics
 import sys
 from dataclasses import asdict
 from typing import Annotated, Literal
@@ -544,7 +546,8 @@ def rerank(
         Literal[SCORE_MODES] | None,
         typer.Option(
             help="inliers: (inliers, global) order; saturate: min(i,k)/k + global; "
-            "shortlist: global + a boost for inlier counts standing out of the shortlist's."
+            "shortlist: global + a boost for inlier counts standing out of the shortlist's; "
+            "gate: candidates with inliers significant against the query's null move up, in global order."
         ),
     ] = None,
     min_inliers: Annotated[
@@ -558,6 +561,12 @@ def rerank(
         float | None, typer.Option(help="shortlist score: full boost this many further.")
     ] = None,
     boost: Annotated[float | None, typer.Option(help="shortlist score: the full boost.")] = None,
+    null_size: Annotated[
+        int | None, typer.Option(help="gate score: null images per query (a fixed database sample).")
+    ] = None,
+    false_alarms: Annotated[
+        float | None, typer.Option(help="gate score: expected false promotions per query.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")] = None,
     max_elements: Annotated[int, typer.Option(help="Bound on the elements of one tensor chunk.")] = 1 << 22,
     queries_per_batch: Annotated[int, typer.Option(help="Queries whose features are read together.")] = 16,
@@ -590,6 +599,13 @@ def rerank(
     queries_per_part: Annotated[
         int, typer.Option(help="Queries per committed part of OUT (a killed run redoes at most one).")
     ] = 256,
+    explain: Annotated[
+        str | None,
+        typer.Option(
+            help="Print why this query's candidates moved (global score, inliers, null level, positions) "
+            "instead of re-ranking every query; nothing is written."
+        ),
+    ] = None,
 ) -> None:
     """Re-rank each shortlist: local-feature matching + batched RANSAC, global refinements, or both.
 
@@ -601,10 +617,17 @@ def rerank(
     from pipeline.rerank import RerankRun, config_from_stores
     from pipeline.rerank import rerank as rerank_stage
     from pipeline.rerank.config import overrides_from
+    from pipeline.rerank.explain import explain_query
     from pipeline.rerank.global_rerank import GlobalRerankConfig
 
     options = storage.options_from_env()
     config = config_from_stores(query_descriptors, index_descriptors, overrides_from(given), options)
+    if explain is not None:
+        if method != "verify":
+            raise ValueError(f"--explain shows verification's re-ranking; --method {method!r} is not it")
+        args = (search_results, query_descriptors, index_descriptors, explain, config, options)
+        _print_explanation(explain_query(*args))
+        return
     summary = rerank_stage(
         search_results,
         query_descriptors,
@@ -778,6 +801,26 @@ def _run_and_show(config) -> None:
         _print_mapping("metrics", results["evaluate"].summary)
     if "report" in results:
         stdout.print(f"report: {storage.join(config.out, 'report.html')}")
+
+
+def _print_explanation(explanation) -> None:
+    """One query's candidates in global order: scores, inliers against the null level, positions."""
+    level = explanation.level
+    gated = not math.isnan(level)
+    shown = "—" if not gated else ("∞ (too few null images)" if math.isinf(level) else f"{level:.1f}")
+    null = sorted(explanation.null_inliers.tolist())
+    title = f"rerank --explain {explanation.query_id}: score {explanation.score}, null level {shown}" + (
+        f" (null: {len(null)} images, median {statistics.median(null):g} inliers)" if null else ""
+    )
+    columns = ("global rank", "id", "global score", "inliers", "null level", "vs level", "final rank")
+    table = Table(*columns, title=title)
+    for c in explanation.candidates:
+        verdict = "—" if c.inliers < 0 or not gated else ("above" if c.inliers > level else "below")
+        inliers = "not verified" if c.inliers < 0 else str(c.inliers)
+        table.add_row(str(c.global_rank), c.id, f"{c.global_score:.4f}", inliers, shown, verdict, str(c.rank))
+    stdout.print(table)
+    if not explanation.query_has_features:
+        console.print("the query has no local features in its store: nothing was verified")
 
 
 def _print_mapping(title: str, values) -> None:

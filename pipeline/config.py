@@ -224,11 +224,13 @@ PRESETS["delg-mobilenetv2-imagenet-learned"] = dataclasses.replace(
 
 # Re-ranking defaults by local head (every preset picks one through ``local_head``), written into each store's
 # _run.json and used by rerank / run unless overridden. Trained DELG heads keep the reference's (RerankConfig
-# defaults). The backbone-only head's untrained descriptors give false pairs tens of inliers: their counts
-# are judged against the shortlist's own false candidates (benchmarks/RESULTS.md, issue 17).
+# defaults). The backbone-only head's untrained descriptors give false pairs tens of inliers, at a level that
+# varies by query: a candidate moves only when its count is significant against the query's own null
+# (score "gate"; settings chosen on 7 real sets, checked leave-one-dataset-out: benchmarks/RESULTS.md,
+# issue 28).
 RERANK_BY_LOCAL_HEAD: dict[str, dict[str, Any]] = {
     "learned": {},
-    "backbone": {"score": "shortlist"},
+    "backbone": {"score": "gate"},
 }
 
 

@@ -70,7 +70,7 @@ s3://...; relative paths in the file are relative to the config file's folder. D
 
     [rerank]         RerankConfig, GlobalRerankConfig (pipeline.rerank); unset RerankConfig keys take the
                      stores' settings, chosen by the preset's local head (DELG heads: the reference's, shown
-                     here; backbone-only heads: score = shortlist)
+                     here; backbone-only heads: score = gate)
     enabled          re-rank the shortlist with local features [true]
     method           verify | qe | dba | dba+qe | superglobal, or one of the four + "+verify" (refine with
                      global features, then verify the refined shortlist) [verify]
@@ -83,10 +83,12 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     threshold        RANSAC inlier threshold in pixels [20.0]
     trials, seed, refit  RANSAC hypotheses per pair, their seed, least-squares refit [1000, 0, true]
     score            inliers: (inliers, global) | saturate: min(inliers, k)/k + global |
-                     shortlist: global + boost for inlier counts standing out of the shortlist's [inliers]
+                     shortlist: global + boost for inlier counts standing out of the shortlist's |
+                     gate: inliers significant against the query's null move up, in global order [inliers]
     min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
     saturate_at      k of the saturate score [20]
     z_from, z_span, boost  shortlist score: boost from z_from spreads, full at z_from + z_span [2.0, 16.0, 0.5]
+    null_size, false_alarms  gate score: null images per query, expected false promotions per query [40, 0.001]
     device           cpu | cuda [unset: CUDA when available]
     max_elements, queries_per_batch  tensor chunk bound, queries read together [4194304, 16]
     keep_matches     inlier pairs stored for this many top hits per query (the report's) [3]

@@ -107,7 +107,7 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
         store.write_run_info(url, {"rerank": rerank_settings("backbone")})
     cli("rerank", results, query_store, index_store, reranked, "--top", "5", "--threshold", "7")
     used = json.loads(read_metadata(reranked)["rerank_config"])
-    assert (used["score"], used["threshold"], used["trials"], used["top"]) == ("shortlist", 7.0, 1000, 5)
+    assert (used["score"], used["threshold"], used["trials"], used["top"]) == ("gate", 7.0, 1000, 5)
 
     truth = tmp_path / "truth.csv"
     rows = [f"q{q:03d},{' '.join(f'img{i:03d}' for i in range(q, 40, 4))},Public" for q in range(4)]

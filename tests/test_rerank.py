@@ -471,14 +471,14 @@ def test_residual_threshold_in_query_or_candidate_pixels() -> None:
 def test_settings_travel_with_the_stores(tmp_path: Path) -> None:
     reference = settings_of(RerankConfig())
     assert rerank_settings("learned") == reference and reference["residual_in"] == "query"
-    assert rerank_settings("backbone") == {**reference, "score": "shortlist"}
+    assert rerank_settings("backbone") == {**reference, "score": "gate"}
     backbone, learned, old = (str(tmp_path / n) for n in ("backbone", "learned", "old"))
     store.write_run_info(backbone, {"rerank": {**rerank_settings("backbone"), "threshold": 12.0}})
     store.write_run_info(learned, {"rerank": rerank_settings("learned")})
     store.write_run_info(old, {"config": {"local_head": "backbone"}})  # written before settings were recorded
     config = config_from_stores(backbone, backbone)
-    assert (config.score, config.threshold, config.top) == ("shortlist", 12.0, 100)
-    assert config_from_stores(old, old).score == "shortlist"
+    assert (config.score, config.threshold, config.top) == ("gate", 12.0, 100)
+    assert config_from_stores(old, old).score == "gate"
     assert config_from_stores(str(tmp_path / "none"), str(tmp_path / "none")) == RerankConfig()
     overridden = config_from_stores(backbone, backbone, {"score": "inliers", "mutual": True, "top": 7})
     assert (overridden.score, overridden.mutual, overridden.threshold, overridden.top) == (

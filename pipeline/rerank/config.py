@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 MODELS = ("affine", "homography")
-SCORE_MODES = ("inliers", "saturate", "shortlist")
+SCORE_MODES = ("inliers", "saturate", "shortlist", "gate")
 RESIDUAL_SPACES = ("query", "candidate")
 GLOBAL_METHODS = (
     "qe",
@@ -35,14 +35,22 @@ class RerankConfig:
     seed: int = 0  # torch.Generator seed; every pair sees the same uniform stream (batch-invariant)
     refit: bool = True  # least-squares refit on the best consensus set, kept when it does not lose inliers
 
-    # Scoring (reference: sort by (inliers, global similarity)). "shortlist": see pipeline.rerank.score.
-    score: str = "inliers"  # "inliers": (inliers, global); "saturate": min(inliers, k)/k + global
+    # Scoring (reference: sort by (inliers, global similarity)). "shortlist", "gate": see pipeline.rerank.score.
+    # "inliers": (inliers, global); "saturate": min(inliers, k)/k + global; "gate": candidates whose inliers
+    # are significant against the query's null (its counts on images surely not matching) move up, in global
+    # order; the rest keep their global order
+    score: str = "inliers"
     min_inliers: int = 0  # fewer inliers than this = unverified: kept in global order below verified ones
     saturate_at: int = 20  # k of the "saturate" score
     # "shortlist": z = (inliers − shortlist median) / robust spread; boost = clip((z − z_from) / z_span, 0, 1)
     z_from: float = 2.0  # candidates this many spreads above the shortlist's median start gaining
     z_span: float = 16.0  # ... and gain the full boost this many spreads further
     boost: float = 0.5  # added to the global similarity at full boost
+    # "gate" (both chosen on 7 real sets, checked leave-one-dataset-out: benchmarks/RESULTS.md, issue 28):
+    # the null is this many images: a fixed random sample (``seed``) of the database outside the query's
+    # shortlist, topped up from the far half of the verified shortlist when the database is too small
+    null_size: int = 40
+    false_alarms: float = 0.001  # "gate": expected false promotions per query (NFA bound); smaller = stricter
     top: int = 100  # re-rank this many candidates per query; the rest keep their global order below
 
     # Execution.
@@ -74,6 +82,10 @@ class RerankConfig:
             raise ValueError(f"saturate_at={self.saturate_at}: must be >= 1")
         if not self.z_span > 0 or not self.boost >= 0:
             raise ValueError(f"z_span={self.z_span}, boost={self.boost}: need z_span > 0 and boost >= 0")
+        if self.null_size < 0 or not self.false_alarms > 0:
+            raise ValueError(
+                f"null_size={self.null_size}, false_alarms={self.false_alarms}: need >= 0 and > 0"
+            )
         if self.top < 1:
             raise ValueError(f"top={self.top}: must be >= 1")
         if self.max_elements < 1:

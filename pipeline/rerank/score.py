@@ -7,15 +7,40 @@ gains ``boost`` × clip((z − z_from) / z_span, 0, 1) on its global similarity,
 over the shortlist's verified candidates (spread = 1.4826 · median absolute deviation, at least 1). Untrained
 local features give false pairs tens of inliers (their level varies with the images), so only counts that
 stand out of the shortlist's own distribution move a candidate, and by a bounded amount.
+
+"gate" (a-contrario): a candidate moves only when its inlier count is significant against a null measured for
+this query. The null is the inlier counts the query gets against images that are surely not its matches (a
+fixed, seeded random sample of the database; in a database barely larger than the shortlist, the far half of the
+global ranking): untrained local features give false pairs an inlier level that varies from query to query
+(tens of inliers for one, a handful for another), so no fixed count or curve carries from one collection to
+the next, while each query's own false pairs measure it directly. False-pair counts are right-skewed, roughly
+log-normal, so the null is μ, σ = median and 1.4826 · MAD of log(1 + count) (robust to the few true matches a
+random sample of a small database holds; σ at least ``MIN_LOG_SPREAD``). Testing C candidates, each at level
+α = ``false_alarms`` / C, bounds the expected number of false promotions per query (the number of false
+alarms, NFA) by ``false_alarms``: the null level is expm1(μ + Φ⁻¹(1 − α) · σ). A candidate above it is
+promoted, ahead of every candidate that is not; promoted candidates keep their global order among themselves
+(the test says "a match", and the global similarity ranks matches as well as inlier counts do, without
+letting a strong false pair overtake a true one), and so does the rest. With fewer than ``MIN_NULL`` null
+counts nothing is promoted: the global order stands; the level is never below RANSAC's minimal sample.
+Images surely not matching are also less similar to the query than the false pairs of its shortlist, which
+get somewhat more inliers (similar-looking buildings give more chance matches): the null runs low, and a
+small ``false_alarms`` and a 40-image null are the margin that absorbs it (benchmarks/RESULTS.md, issue 28).
 """
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
-from pipeline.rerank.config import SCORE_MODES
+from pipeline.rerank.config import SCORE_MODES, RerankConfig
+from pipeline.rerank.verify import MIN_SAMPLES
 
 MAD_TO_SIGMA = 1.4826  # median absolute deviation → standard deviation of a normal distribution
+MIN_NULL = 5  # fewer null counts than this say nothing about the false pairs' level: promote nothing
+# floor of the null's spread in log(1 + count): identical null counts (e.g. all 0 with trained features)
+# still ask a candidate for a clear margin (× e^(z · 0.25) ≈ 2.2 at z = 3.1) over them
+MIN_LOG_SPREAD = 0.25
 
 
 def _unit(global_scores: np.ndarray) -> np.ndarray:
@@ -33,6 +58,43 @@ def shortlist_z(inliers: np.ndarray, verified: np.ndarray) -> np.ndarray:
     return (inliers - median) / spread
 
 
+def null_counts(sample_inliers: np.ndarray, shortlist_inliers: np.ndarray, size: int) -> np.ndarray:
+    """(≤ size,) a query's null: its counts on the (S,) sample images (up to ``size``), topped up when the
+    sample is short with the last verified counts of its (C,) shortlist in global order (−1 = not verified),
+    from the far half only: the near half is where its matches are."""
+    sample = np.asarray(sample_inliers, dtype=np.int64)[:size]
+    shortlist = np.asarray(shortlist_inliers, dtype=np.int64)
+    verified = shortlist[shortlist >= 0]
+    far = verified[len(verified) // 2 :]
+    return np.concatenate([sample, far[len(far) - min(size - len(sample), len(far)) :]])
+
+
+def null_level(null_inliers: np.ndarray, candidates: int, false_alarms: float) -> float:
+    """The inlier count that a false pair exceeds with probability ``false_alarms / candidates``, from the
+    query's (N,) null counts (see the module docstring); inf when there are fewer than ``MIN_NULL``."""
+    counts = np.asarray(null_inliers, dtype=np.float64)
+    counts = counts[counts >= 0]
+    if len(counts) < MIN_NULL or candidates < 1:
+        return float("inf")
+    logs = np.log1p(counts)
+    centre = float(np.median(logs))
+    spread = max(MAD_TO_SIGMA * float(np.median(np.abs(logs - centre))), MIN_LOG_SPREAD)
+    z = NormalDist().inv_cdf(1 - min(false_alarms / candidates, 0.5))
+    return float(np.expm1(centre + z * spread))
+
+
+def gate(
+    sample_inliers: np.ndarray, shortlist_inliers: np.ndarray, config: RerankConfig
+) -> tuple[np.ndarray, float]:
+    """A query's null counts and its level for score "gate", from its counts on the null sample's images and
+    its (C,) shortlist's (−1 = not verified). The level is at least RANSAC's minimal sample: a count that
+    any three (affine) or four (homography) putative matches reach is no evidence of a match."""
+    shortlist = np.asarray(shortlist_inliers)[: config.top]
+    null = null_counts(sample_inliers, shortlist, config.null_size)
+    level = null_level(null, int((shortlist >= 0).sum()), config.false_alarms)
+    return null, max(level, float(MIN_SAMPLES[config.model]))
+
+
 def rerank_scores(
     global_scores: np.ndarray,
     inliers: np.ndarray,
@@ -43,12 +105,14 @@ def rerank_scores(
     z_from: float = 2.0,
     z_span: float = 16.0,
     boost: float = 0.5,
+    level: float = float("inf"),
 ) -> np.ndarray:
     """(C,) float64 scores from (C,) global similarities and (C,) inlier counts (−1 = not verified).
 
     Every verified candidate scores ≥ 0 and every unverified one < 0, so the latter keep their global order
     below the former. In "inliers" mode the score is inliers + g' with g' in [0, 1) increasing with the global
-    similarity, which orders exactly by (inliers, global).
+    similarity, which orders exactly by (inliers, global). In "gate" mode (``level``: the query's null level)
+    candidates above the level score 1 + g', all others g' − 1: two blocks, each in global order.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"mode={mode!r}: allowed {SCORE_MODES}")
@@ -61,6 +125,8 @@ def rerank_scores(
     g = _unit(global_scores)
     verified = (inliers >= min_inliers) & (inliers >= 0)
     similarity = np.clip(global_scores, -1, 1) + 1  # [0, 2]
+    if mode == "gate":
+        return np.where(verified & (inliers > level), 1 + g, g - 1)
     if mode == "inliers":
         kept = inliers + g
     elif mode == "saturate":

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -26,7 +26,7 @@ from pipeline.execution import Workers, executor_for
 from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
-from pipeline.rerank.score import rerank_order, rerank_scores
+from pipeline.rerank.score import gate, rerank_order, rerank_scores
 from pipeline.rerank.verify import Verification, verify
 from pipeline.results import (
     flatten_matches,
@@ -131,6 +131,8 @@ class RerankedShortlist:
     matches: dict[
         int, tuple[np.ndarray, np.ndarray]
     ]  # position → (M, 2) query, (M, 2) candidate inlier points
+    null_inliers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,) "gate" null counts
+    level: float = float("nan")  # "gate": the inlier count a candidate must exceed to move; nan otherwise
 
 
 def _inlier_points(
@@ -147,18 +149,28 @@ def rerank_shortlist(
     candidates: Sequence[Features | None],
     global_scores: np.ndarray,
     config: RerankConfig = RerankConfig(),
+    null_candidates: Sequence[Features] = (),
 ) -> RerankedShortlist:
     """Re-rank one query's shortlist, given in global order.
 
     The first ``config.top`` candidates that have local features are verified; the others get inliers −1.
-    The inlier points of the first ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
+    Score "gate" also verifies up to ``config.null_size`` of ``null_candidates`` (images surely not matching the
+    query, e.g. ``null_sample``'s outside its shortlist) and tops their counts up from the far half of the
+    verified shortlist: the query's null (pipeline.rerank.score). The inlier points of the first
+    ``config.keep_matches`` verified hits (inliers > 0) of the new order are kept.
     """
     inliers = np.full(len(candidates), -1, dtype=np.int64)
     verifiable = [i for i, c in enumerate(candidates[: config.top]) if c is not None]
+    gating = config.score == "gate"
+    nulls = list(null_candidates)[: config.null_size] if gating else []
     found = verification = None
+    null_inliers, level = np.zeros(0, np.int64), float("nan")
     if query is not None and verifiable:
-        found, verification = verify_candidates(query, [candidates[i] for i in verifiable], config)
-        inliers[verifiable] = verification.inliers.cpu().numpy()
+        found, verification = verify_candidates(query, [candidates[i] for i in verifiable] + nulls, config)
+        counts = verification.inliers.cpu().numpy()
+        inliers[verifiable] = counts[: len(verifiable)]
+        if gating:
+            null_inliers, level = gate(counts[len(verifiable) :], inliers, config)
     scores = rerank_scores(
         global_scores,
         inliers,
@@ -168,6 +180,7 @@ def rerank_shortlist(
         z_from=config.z_from,
         z_span=config.z_span,
         boost=config.boost,
+        level=level,
     )
     order = rerank_order(scores)
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -177,7 +190,27 @@ def rerank_shortlist(
             kept[position] = _inlier_points(
                 query, candidates[position], found, verification, batch_of[position]
             )
-    return RerankedShortlist(order, inliers, scores, kept)
+    return RerankedShortlist(order, inliers, scores, kept, null_inliers, level)
+
+
+def null_sample(database_ids: Iterable[str], size: int, seed: int) -> list[str]:
+    """The first ``size`` of a seeded shuffle of the database's ids: one fixed sample for every query (read
+    once; a smaller size takes a prefix), from which each query's null leaves out its shortlist and itself."""
+    ids = sorted(database_ids)
+    return [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:size]]
+
+
+def read_null_sample(reader: store.LocalReader, config: RerankConfig) -> dict[str, Features]:
+    """Score "gate": the local features of ``null_sample``'s database images (read once per run); else {}."""
+    if config.score != "gate":
+        return {}
+    return reader.read(null_sample(reader.ids(), config.null_size, config.seed))
+
+
+def nulls_for(sample: Mapping[str, Features], query_id: str, shortlist: Iterable[str]) -> list[Features]:
+    """The null sample's images that may serve as one query's null: those outside its shortlist, not itself."""
+    outside = {*shortlist, query_id}
+    return [features for image_id, features in sample.items() if image_id not in outside]
 
 
 def stored_settings(store_url: str, options: Options = None) -> dict[str, Any]:
@@ -290,16 +323,23 @@ def _read_features(refined: list[Shortlist], readers: Readers, plan: _Plan) -> B
 
 
 def _rerank_batch(
-    batch: list[Shortlist], refined: list[Shortlist], features: BatchFeatures, plan: _Plan, counts: _Counts
+    batch: list[Shortlist],
+    refined: list[Shortlist],
+    features: BatchFeatures,
+    plan: _Plan,
+    counts: _Counts,
+    null_sample: Mapping[str, Features],
 ) -> list[dict]:
-    """Re-rank a batch of queries (``refined``: after the global refinement) with their local features."""
+    """Re-rank a batch of queries (``refined``: after the global refinement) with their local features;
+    ``null_sample``: score "gate"'s database images surely not matching (read_null_sample)."""
     config, (queries, cands) = plan.config, features
     input_scores = {q: dict(zip(ids, scores, strict=True)) for q, ids, scores in batch}
     parts = []
     for query_id, ids, scores in refined:
         if plan.verifying:
             candidates = [cands.get(i) for i in ids]
-            reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config)
+            nulls = nulls_for(null_sample, query_id, ids)
+            reranked = rerank_shortlist(queries.get(query_id), candidates, scores, config, nulls)
             counts.no_query += query_id not in queries
             counts.no_cand += sum(c is None for c in candidates[: min(len(ids), config.top)])
             counts.pairs += int((reranked.inliers >= 0).sum())
@@ -335,10 +375,11 @@ class RerankWork:
             store.LocalReader(query_store, self.options),
             store.LocalReader(index_store, self.options, cache_dir=self.cache_dir),  # re-read by every pass
         )
+        self.nulls = read_null_sample(self.readers[1], self.plan.config) if self.plan.verifying else {}
         self.reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-read")
 
     def __getstate__(self) -> dict[str, Any]:  # travels before setup(): no readers, no thread
-        return {k: v for k, v in self.__dict__.items() if k not in ("readers", "reading")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("readers", "reading", "nulls")}
 
     def __call__(self, part: list[Shortlist]) -> PartResult:
         assert self.readers is not None, "setup() first"
@@ -358,7 +399,7 @@ class RerankWork:
             if number + 1 < len(batches):  # read the next batch while this one is verified
                 ahead = self.reading.submit(_read_features, batches[number + 1][1], self.readers, self.plan)
             tock = time.perf_counter()
-            rows += _rerank_batch(batch, refined, features, self.plan, counts)
+            rows += _rerank_batch(batch, refined, features, self.plan, counts, self.nulls)
             seconds["verify"] += time.perf_counter() - tock
         return self._result(rows, len(part), counts, before, seconds)
 
