@@ -780,6 +780,46 @@ def reindex(
 
 
 @app.command()
+def query(
+    photos: Annotated[list[str], typer.Argument(help="Photos: local files or URLs (http(s), s3, gs, ...).")],
+    index: Annotated[
+        str, typer.Option("--index", help="Versioned root (its LATEST is read) or an index folder.")
+    ],
+    k: Annotated[int, typer.Option("--k", help="Results per photo.")] = 10,
+    rerank: Annotated[bool, typer.Option(help="Verify the shortlist geometrically.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per photo.")] = False,
+    stores: Annotated[
+        list[str] | None,
+        typer.Option("--stores", help="Index descriptor stores (default: the version's, or a run's)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Load the recorded weights from here (their checksum must match)."),
+    ] = None,
+) -> None:
+    """Where is this photo? Extract, search and re-rank one or more photos on a built index, with the preset,
+    weights and settings recorded with it."""
+    from pipeline.query import query_photos
+
+    answers = query_photos(photos, index, k, rerank, storage.options_from_env(), stores, weights)
+    for found in answers:
+        if as_json:
+            print(json.dumps(found))
+        elif "error" in found:
+            console.print(f"[bold red]{escape(found['photo'])}:[/] {escape(found['message'])}")
+        else:
+            table = Table(
+                "rank", "id", "score", "inliers", title=f"{found['photo']} ({found['index_version']})"
+            )
+            for rank, hit in enumerate(found["results"], 1):
+                inliers = "" if hit["inliers"] is None else str(hit["inliers"])
+                table.add_row(str(rank), hit["id"], f"{hit['score']:.4f}", inliers)
+            stdout.print(table)
+    if any("error" in found for found in answers):
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+@app.command()
 def latest(root: Annotated[str, typer.Argument(help="Root of a versioned index (from reindex).")]) -> None:
     """Print the URL of the live index version (what searches should use)."""
     from pipeline.versions import resolve_latest

@@ -7,6 +7,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from pipeline import storage, store
 from pipeline.index import io, refine, whitening
@@ -39,6 +40,40 @@ class SearchConfig:
             raise ValueError(f"k_factor={self.k_factor}; must be > 0, or unset for the stored one")
 
 
+@dataclass(frozen=True)
+class OpenIndex:
+    """An index loaded for searching: what :func:`search` and the query service share."""
+
+    index: Any  # faiss index, on the GPUs when there are any, refined when its params say so
+    id_keys: np.ndarray  # (n,) int64 faiss ids, sorted
+    image_ids: np.ndarray  # (n,) object: the image id of each faiss id
+    space: whitening.Space  # store vectors → index vectors
+    input_dim: int  # dimension of the store vectors it takes
+    nprobe: int | None  # the nprobe in use
+    k_factor: float | None  # the refined shortlist factor in use
+
+    def search(self, query_ids: np.ndarray, vectors: np.ndarray, k: int) -> pa.Table:
+        """Top-``k`` of (n, input_dim) store ``vectors`` as search results rows (pipeline.results)."""
+        scores, ids = self.index.search(np.ascontiguousarray(self.space(vectors)), k)
+        return search_table(query_ids, scores, ids, self.id_keys, self.image_ids)
+
+
+def open_index(index_url: str, config: SearchConfig = SearchConfig(), options: Options = None) -> OpenIndex:
+    """Load the index at ``index_url`` once, with ``config``'s (or the stored) nprobe and k_factor."""
+    params = io.read_params(index_url, options)
+    index = io.load_index(index_url, options)
+    chosen = config.nprobe if config.nprobe is not None else params.get("nprobe")
+    io.set_search_params(index, chosen)
+    index = index if params.get("on_disk") else to_device(index)
+    factor = config.k_factor if config.k_factor is not None else params.get("k_factor")
+    if factor is not None:  # None: the quality report found the PQ order good enough
+        index = refine.attach(index, index_url, params, options)
+        refine.configure(index, None, factor)
+    id_keys, image_ids = io.read_id_map(index_url, options)
+    space = whitening.space(index_url, params, options)
+    return OpenIndex(index, id_keys, image_ids, space, whitening.input_dim(params), chosen, factor)
+
+
 def search(
     index_url: str,
     query_store_url: str,
@@ -48,40 +83,26 @@ def search(
 ) -> dict[str, Any]:
     """Top-``config.k`` of every committed query descriptor in ``query_store_url``, written as Parquet to
     ``out_url``."""
-    k, nprobe, k_factor, batch_size = config.k, config.nprobe, config.k_factor, config.batch_size
+    k, batch_size = config.k, config.batch_size
     store.require_store(query_store_url, options)  # a mistyped query store is an error, not zero queries
-    params = io.read_params(index_url, options)
-    index = io.load_index(index_url, options)
-    chosen = nprobe if nprobe is not None else params.get("nprobe")
-    io.set_search_params(index, chosen)
-    index = index if params.get("on_disk") else to_device(index)
-    factor = k_factor if k_factor is not None else params.get("k_factor")
-    if factor is not None:  # None: the quality report found the PQ order good enough
-        index = refine.attach(index, index_url, params, options)
-        refine.configure(index, None, factor)
-    id_keys, image_ids = io.read_id_map(index_url, options)
-    space = whitening.space(index_url, params, options)
+    opened = open_index(index_url, config, options)
     tables, queries = [], 0
     for query_ids, stored in store.iter_global(query_store_url, options):  # (n,), (n, D)
-        if stored.shape[1] != whitening.input_dim(params):
+        if stored.shape[1] != opened.input_dim:
             raise ValueError(
                 f"queries {storage.redact(query_store_url)} have {stored.shape[1]}-d descriptors but index "
-                f"{storage.redact(index_url)} takes {whitening.input_dim(params)}-d ones (extract both with the "
-                "same preset)"
+                f"{storage.redact(index_url)} takes {opened.input_dim}-d ones (extract both with the same preset)"
             )
-        vectors = space(stored)  # (n, d)
-        for start in range(0, len(vectors), batch_size):
-            scores, ids = index.search(np.ascontiguousarray(vectors[start : start + batch_size]), k)
-            tables.append(
-                search_table(query_ids[start : start + batch_size], scores, ids, id_keys, image_ids)
-            )
-        queries += len(vectors)
+        for start in range(0, len(stored), batch_size):
+            part = slice(start, start + batch_size)
+            tables.append(opened.search(query_ids[part], stored[part], k))
+        queries += len(stored)
     table = write_search_results(out_url, tables, options)
     return {
         "queries": queries,
         "rows": table.num_rows,
         "k": k,
-        "nprobe": chosen,
-        "k_factor": factor,
+        "nprobe": opened.nprobe,
+        "k_factor": opened.k_factor,
         "out": storage.redact(out_url),
     }
