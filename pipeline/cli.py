@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict
 from typing import Annotated, Literal
 
@@ -817,6 +818,54 @@ def query(
             stdout.print(table)
     if any("error" in found for found in answers):
         raise SystemExit(EXIT_USER_ERROR)
+
+
+@app.command()
+def serve(
+    index: Annotated[
+        str,
+        typer.Option("--index", help="Versioned root (LATEST is followed as it moves) or an index folder."),
+    ],
+    host: Annotated[str, typer.Option(help="Address the HTTP server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Address = None,
+    poll_s: Annotated[float, typer.Option(help="Seconds between checks for a new LATEST.")] = 10.0,
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 20 * 2**20,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (413 above).")] = 64 * 2**20,
+    max_k: Annotated[int, typer.Option(help="Most results a request may ask for.")] = 100,
+    allow_urls: Annotated[
+        bool, typer.Option(help="Let a JSON request name an http(s)/s3/gs image URL the server fetches.")
+    ] = False,
+    allow_local_files: Annotated[
+        bool, typer.Option("--allow-local-files", help="Let a JSON request name a file on the server.")
+    ] = False,
+    max_in_flight: Annotated[int, typer.Option(help="Requests per gateway replica; beyond: 503.")] = 64,
+    extractor_gpus: Annotated[
+        float | None, typer.Option(help="GPUs per extraction replica (default: 1 when the cluster has GPUs).")
+    ] = None,
+) -> None:
+    """The query service on Ray Serve: POST /v1/search with a photo, GET / for the search page.
+
+    Extraction, search and verification run as separate autoscaled deployments; a new LATEST is loaded in
+    the background and served once every deployment has it. Stops on Ctrl-C.
+    """
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    import ray
+    from ray import serve as ray_serve
+
+    from pipeline.serve.app import build_app
+    from pipeline.serve.settings import ServeSettings
+
+    config = settings.build(ServeSettings, given)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(build_app(config), name="landmark-index", route_prefix="/")
+    console.print(f"serving {storage.redact(index)} on http://{host}:{port}/ (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
 
 
 @app.command()

@@ -29,6 +29,7 @@ from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.stage import rerank_shortlist, stored_settings
 from pipeline.storage import Options
 
+SCORE_DECIMALS = 6
 MAX_K = 1000  # results per query a caller may ask for
 RUN_LAYOUT_STORE = "index-descriptors"  # the index store beside a `run`'s index/ (pipeline.run.RunPaths)
 
@@ -112,6 +113,15 @@ def resolve_version(
 # ------------------------------------------------------------------------------------------ the three parts
 
 
+def prepare_photo(
+    version: IndexVersion, data: bytes, max_pixels: int = images.DEFAULT_MAX_PIXELS
+) -> PreparedImage:
+    """Decode and cap one photo's bytes as the version's batch extraction did (no model needed: the
+    service does it before a photo takes an extractor's time); pipeline.images.ImageError for bad bytes."""
+    job = replace(version.job(), max_pixels=max_pixels)
+    return prepare_row({"url": None, "image": data}, job, None, images.ANY_LOCAL_FILE)
+
+
 class QueryModel:
     """The version's extractor, loaded once; photos are decoded as the batch extraction decodes them."""
 
@@ -124,12 +134,6 @@ class QueryModel:
                 f"weights {storage.redact(version.weights_url or '')} (sha256 {loaded[:12]}…) are not the ones "
                 f"the index was extracted with (sha256 {wanted[:12]}…)"
             )
-        self._job = version.job()
-
-    def prepare(self, data: bytes, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> PreparedImage:
-        """Decode, crop and cap one photo's bytes; raises pipeline.images.ImageError for bad bytes."""
-        job = replace(self._job, max_pixels=max_pixels)
-        return prepare_row({"url": None, "image": data}, job, None, images.ANY_LOCAL_FILE)
 
     def extract(self, prepared: Sequence[PreparedImage]) -> list[ImageFeatures]:
         return self.extractor.extract_prepared(prepared)
@@ -210,7 +214,12 @@ def answer(photo: str, version: str, hits: Sequence[Hit], with_matches: bool = F
     """The JSON object of one query (``query --json`` and the service's ``POST /v1/search``)."""
     results = []
     for hit in hits:
-        result: dict[str, Any] = {"id": hit.id, "score": hit.score, "inliers": hit.inliers}
+        # 6 decimals: what a float32 similarity means (and thread counts change its last bits)
+        result: dict[str, Any] = {
+            "id": hit.id,
+            "score": round(hit.score, SCORE_DECIMALS),
+            "inliers": hit.inliers,
+        }
         if with_matches and hit.matches is not None:
             result["matches"] = {"query": hit.matches[0].tolist(), "candidate": hit.matches[1].tolist()}
         results.append(result)
@@ -232,7 +241,7 @@ class QueryEngine:
     def query(self, photo: str, data: bytes, k: int = 10, rerank: bool = True) -> dict[str, Any]:
         """The answer for one photo's bytes (``photo`` names it in the answer)."""
         check_k(k)
-        features = self.model.extract([self.model.prepare(data)])[0]
+        features = self.model.extract([prepare_photo(self.version, data)])[0]
         shortlist = self.searcher.search(
             features.global_descriptor[None], shortlist_size(self.version, k, rerank)
         )[0]

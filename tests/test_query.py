@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import store, versions
-from pipeline.demo import DEMO_PHOTOS
-from pipeline.query import QueryEngine, query_photos, resolve_version
+from pipeline.query import QueryEngine, prepare_photo, query_photos, resolve_version
 
 
 def test_an_indexed_photo_finds_itself_first_verified(demo_root):
@@ -24,9 +23,11 @@ def test_an_indexed_photo_finds_itself_first_verified(demo_root):
     first = found["results"][0]
     assert first["id"] == "camera-1"
     assert first["inliers"] > 10  # a photo against itself: most features verify
-    assert [r["score"] for r in found["results"]] == sorted((r["score"] for r in found["results"]), reverse=True)
+    assert [r["score"] for r in found["results"]] == sorted(
+        (r["score"] for r in found["results"]), reverse=True
+    )
     # the query's global descriptor is the one the batch extraction stored (float16 in the store)
-    features = engine.model.extract([engine.model.prepare(demo_root.photo("camera-1").read_bytes())])[0]
+    features = engine.model.extract([prepare_photo(version, demo_root.photo("camera-1").read_bytes())])[0]
     ids, vectors = store.read_global(version.stores[-1])
     stored = vectors[list(ids).index("camera-1")]
     np.testing.assert_allclose(features.global_descriptor, stored, atol=2e-3)
