@@ -342,6 +342,14 @@ def query_html(index: int, view: QueryView, thumbs: _Thumbnails, settings: Repor
     )
 
 
+def query_section(
+    view: QueryView, settings: ReportSettings = ReportSettings(), options: Options = None
+) -> str:
+    """One query's section as the report draws it (rankings, thumbnails, inlier lines), for pages that style
+    it with :data:`STYLE` (the query service's page)."""
+    return query_html(0, view, _Thumbnails(settings, options), settings)
+
+
 STYLE = """
 :root{--pos:#1a8f3c;--neg:#c62828;--junk:#8d8d8d;--ink:#1d2330;--muted:#5f6b7a;--line:#e3e7ee}
 *{box-sizing:border-box}

@@ -5,6 +5,7 @@
                       matches as query parameters (or form / JSON fields). Answers the JSON of
                       ``landmark-index query --json`` (plus inlier points with matches=true).
     GET  /healthz     the gateway is up; /readyz: it serves an index version; /version: which one.
+    POST /v1/search/view  the same search for the page at /: {"answer": ..., "html": the report's drawing}.
     GET  /            the search page (pipeline/serve/page.html).
 
 Every refusal is a JSON ``{"error": reason, "message": ...}`` with a 4xx status; over capacity a 503 with
@@ -26,9 +27,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,10 +38,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from pipeline import images, settings, storage
-from pipeline.query import IndexVersion, answer, prepare_photo, resolve_version, shortlist_size, unverified
+from pipeline.query import (
+    Hit,
+    IndexVersion,
+    Shortlist,
+    answer,
+    prepare_photo,
+    resolve_version,
+    shortlist_size,
+    unverified,
+)
 from pipeline.serve.deployments import Extraction, Search, Verification
+from pipeline.serve.page import ImageSources, page_html, results_html
 from pipeline.serve.settings import ServeSettings
-from pipeline.serve.versions import LatestWatcher
+from pipeline.serve.versions import LatestWatcher, PartCache, by_name
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +70,6 @@ OPTIONS = ("k", "rerank", "matches")
 URL_SCHEMES = frozenset({"http", "https", "s3", "gs"})
 # ImageError reasons → HTTP status: too big is 413, everything else about the bytes is 422
 IMAGE_STATUS = {"too_large": 413}
-PAGE = Path(__file__).with_name("page.html")
 
 api = FastAPI(title="landmark-index query service", docs_url=None, redoc_url=None)
 
@@ -215,6 +224,8 @@ class Gateway:
         self.version: IndexVersion = resolve_version(config.index, options)
         self.watcher.current = self.version
         self.watcher.start()
+        self.options = options
+        self.sources: PartCache[ImageSources] = PartCache(lambda v: ImageSources(v, options), by_name)
 
     def _warm(self, version: IndexVersion) -> None:
         """Have every deployment load ``version`` before any request is pinned to it (runs in the watcher's
@@ -242,48 +253,68 @@ class Gateway:
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(page_html())
 
     @api.post("/v1/search")
     async def search_photo(self, request: Request) -> JSONResponse:
+        return await self._respond(request, self._json)
+
+    @api.post("/v1/search/view")
+    async def search_view(self, request: Request) -> JSONResponse:
+        """The page's search: the answer and its results drawn as the HTML report draws them."""
+        return await self._respond(request, self._view)
+
+    async def _json(self, found: "Found") -> dict[str, Any]:
+        return answer(found.photo, found.version.name, found.hits, found.options["matches"])
+
+    async def _view(self, found: "Found") -> dict[str, Any]:
+        sources = await run_in_threadpool(self.sources.get, found.version)
+        shown = found.hits if found.options["rerank"] else None
+        html = await run_in_threadpool(
+            results_html,
+            found.photo,
+            found.data,
+            found.shortlist,
+            shown,
+            sources,
+            found.options["k"],
+            self.options,
+        )
+        return {"answer": await self._json(found), "html": html}
+
+    async def _respond(
+        self, request: Request, render: Callable[["Found"], Awaitable[dict[str, Any]]]
+    ) -> JSONResponse:
+        """Admission (503 beyond max_in_flight), the search, its rendering; every failure a JSON error."""
+        retry = {"Retry-After": str(self.config.retry_after_s)}
         if self.in_flight >= self.config.max_in_flight:
-            return self._refused(
-                ApiError(
-                    503,
-                    "over_capacity",
-                    f"{self.in_flight} requests in flight; retry in {self.config.retry_after_s} s",
-                    {"Retry-After": str(self.config.retry_after_s)},
-                )
-            )
+            message = f"{self.in_flight} requests in flight; retry in {self.config.retry_after_s} s"
+            return self._refused(ApiError(503, "over_capacity", message, retry))
         self.in_flight += 1
         try:
-            found, timing = await self._answer(request)
+            found = await self._search(request)
+            body = await render(found)
         except ApiError as error:
             return self._refused(error)
         except Exception as exc:  # a bug or a failed replica: logged here, never a traceback to the client
             if _backpressure(exc):
-                return self._refused(
-                    ApiError(
-                        503,
-                        "over_capacity",
-                        "the service is at capacity",
-                        {"Retry-After": str(self.config.retry_after_s)},
-                    )
-                )
+                return self._refused(ApiError(503, "over_capacity", "the service is at capacity", retry))
             log.exception("search failed")
             self.counts["internal_error"] += 1
             return JSONResponse({"error": "internal", "message": "internal error (logged)"}, status_code=500)
         finally:
             self.in_flight -= 1
         self.counts["ok"] += 1
-        server_timing = ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in timing.items())
-        return JSONResponse(found, headers={"Server-Timing": server_timing})
+        server_timing = ", ".join(
+            f"{name};dur={1000 * seconds:.1f}" for name, seconds in found.timing.items()
+        )
+        return JSONResponse(body, headers={"Server-Timing": server_timing})
 
     def _refused(self, error: ApiError) -> JSONResponse:
         self.counts[error.reason] += 1
         return error_response(error)
 
-    async def _answer(self, request: Request) -> tuple[dict[str, Any], dict[str, float]]:
+    async def _search(self, request: Request) -> "Found":
         version = self.version  # pinned: every part of this request uses it
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -304,7 +335,20 @@ class Gateway:
             timing["verify"] = time.perf_counter() - start
         else:
             hits = unverified(shortlist, k)
-        return answer(photo, version.name, hits, options["matches"]), timing
+        return Found(version, photo, data, options, shortlist, hits, timing)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One search, before it is rendered as JSON or as the page's view."""
+
+    version: IndexVersion
+    photo: str
+    data: bytes
+    options: dict[str, Any]
+    shortlist: Shortlist
+    hits: list[Hit]
+    timing: dict[str, float]
 
 
 def _backpressure(exc: BaseException) -> bool:
