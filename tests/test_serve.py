@@ -4,6 +4,7 @@ JSON error, a hot swap under load without a failed request, 503 with Retry-After
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
@@ -15,50 +16,8 @@ import requests
 
 from pipeline import versions
 from pipeline.query import query_photos
-from pipeline.serve.app import build_app
-from pipeline.serve.settings import ServeSettings
 
 PHOTOS = ("query-astronaut", "query-coffee", "query-retina")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _settings(root: str, **changes) -> ServeSettings:
-    # 2 CPUs in the test cluster: 1 for extraction, half each for search and verification; 2 torch threads
-    # like this process (tests/conftest.py), so float sums run in the same order
-    # like this process (tests/conftest.py), so float sums run in the same order; one replica each (no CPU
-    # for more); 8 requests in flight: the swap's 8 clients fit, the overload test's 16 do not
-    return ServeSettings(
-        index=root,
-        poll_s=0.2,
-        max_upload_bytes=200_000,
-        max_pixels=2_000_000,
-        extractor_threads=2,
-        max_extractors=1,
-        max_searchers=1,
-        max_verifiers=1,
-        max_gateways=1,
-        max_in_flight=8,
-        **changes,
-    )
-
-
-@pytest.fixture(scope="module")
-def service(demo_index, ray_cluster):
-    from ray import serve
-
-    versions.publish(demo_index.root, versions.version_name(1))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(_settings(demo_index.root)), name="landmark-index", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}", demo_index
-    finally:
-        serve.shutdown()
 
 
 def _post(url: str, photo: Path, **params) -> requests.Response:
@@ -225,3 +184,32 @@ def test_over_capacity_is_503_with_retry_after(service):
     assert refused and len(refused) < 16, [r.status_code for r in responses]
     assert all(r.headers["Retry-After"] == "1" and r.json()["error"] == "over_capacity" for r in refused)
     assert all(r.status_code == 200 for r in responses if r.status_code != 503)
+
+
+def test_the_page_shows_results_for_an_uploaded_photo_in_chromium(service):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on PATH: the page test drives the system Chromium through Playwright")
+    from playwright.sync_api import sync_playwright
+
+    url, demo = service
+    outside: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        page.on(
+            "request",
+            lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else outside.append(r.url),
+        )
+        page.goto(url)
+        page.set_input_files("#file", str(demo.photo("query-chelsea")))
+        page.wait_for_selector("#results svg.match line", timeout=240_000)
+        status = page.text_content("#status")
+        first = page.text_content("#results .ranking:nth-child(2) .hit .id")
+        lines = page.locator("#results svg.match line").count()
+        thumbs = page.locator("#results .hit img").count()
+        browser.close()
+    assert "results from index v00000" in status
+    assert "chelsea" in first  # the re-ranked ranking's first hit shows the same photo
+    assert lines > 0 and thumbs > 0
+    assert outside == []  # no external assets

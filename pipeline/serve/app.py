@@ -25,6 +25,7 @@ Deployment defaults (autoscaling on ongoing requests per replica, ServeSettings 
 import importlib.metadata
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,6 +68,7 @@ IMAGE_TYPES = frozenset(
     }
 )
 OPTIONS = ("k", "rerank", "matches")
+INDEX_ENV = "INDEX_ROOT"  # the index root `build` serves when its arguments name none
 URL_SCHEMES = frozenset({"http", "https", "s3", "gs"})
 # ImageError reasons → HTTP status: too big is 413, everything else about the bytes is 422
 IMAGE_STATUS = {"too_large": 413}
@@ -414,7 +416,10 @@ def build_app(config: ServeSettings) -> serve.Application:
 
 
 def build(args: dict[str, str]) -> serve.Application:
-    """``serve run pipeline.serve.app:build index=ROOT [max_k=50 ...]``: settings by their field names."""
+    """``serve run pipeline.serve.app:build index=ROOT [max_k=50 ...]``: settings by their field names; without
+    ``index``, $INDEX_ROOT (the Kubernetes ConfigMap's)."""
+    if "index" not in args and os.environ.get(INDEX_ENV):
+        args = {**args, "index": os.environ[INDEX_ENV]}
     known = {s.key: s for s in settings.settings_of(ServeSettings)}
     unknown = sorted(set(args) - set(known))
     if unknown:
