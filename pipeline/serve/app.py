@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -205,6 +206,20 @@ async def _by_reference(
 # ------------------------------------------------------------------------------------------ the gateway
 
 
+@dataclass(frozen=True)
+class Found:
+    """One search, before it is rendered as JSON or as the page's view. (Defined before Gateway: Serve pickles
+    the deployment class when it is decorated, with the module globals that exist by then.)"""
+
+    version: IndexVersion
+    photo: str
+    data: bytes
+    options: dict[str, Any]
+    shortlist: Shortlist
+    hits: list[Hit]
+    timing: dict[str, float]
+
+
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
     ray_actor_options={"num_cpus": 0},
@@ -266,10 +281,10 @@ class Gateway:
         """The page's search: the answer and its results drawn as the HTML report draws them."""
         return await self._respond(request, self._view)
 
-    async def _json(self, found: "Found") -> dict[str, Any]:
+    async def _json(self, found: Found) -> dict[str, Any]:
         return answer(found.photo, found.version.name, found.hits, found.options["matches"])
 
-    async def _view(self, found: "Found") -> dict[str, Any]:
+    async def _view(self, found: Found) -> dict[str, Any]:
         sources = await run_in_threadpool(self.sources.get, found.version)
         shown = found.hits if found.options["rerank"] else None
         html = await run_in_threadpool(
@@ -285,7 +300,7 @@ class Gateway:
         return {"answer": await self._json(found), "html": html}
 
     async def _respond(
-        self, request: Request, render: Callable[["Found"], Awaitable[dict[str, Any]]]
+        self, request: Request, render: Callable[[Found], Awaitable[dict[str, Any]]]
     ) -> JSONResponse:
         """Admission (503 beyond max_in_flight), the search, its rendering; every failure a JSON error."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
@@ -299,9 +314,9 @@ class Gateway:
         except ApiError as error:
             return self._refused(error)
         except Exception as exc:  # a bug or a failed replica: logged here, never a traceback to the client
-            if _backpressure(exc):
+            if isinstance(exc, BackPressureError):
                 return self._refused(ApiError(503, "over_capacity", "the service is at capacity", retry))
-            log.exception("search failed")
+            log.exception("search failed: %s", storage.redact_text(f"{type(exc).__name__}: {exc}"))
             self.counts["internal_error"] += 1
             return JSONResponse({"error": "internal", "message": "internal error (logged)"}, status_code=500)
         finally:
@@ -316,7 +331,7 @@ class Gateway:
         self.counts[error.reason] += 1
         return error_response(error)
 
-    async def _search(self, request: Request) -> "Found":
+    async def _search(self, request: Request) -> Found:
         version = self.version  # pinned: every part of this request uses it
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -338,28 +353,6 @@ class Gateway:
         else:
             hits = unverified(shortlist, k)
         return Found(version, photo, data, options, shortlist, hits, timing)
-
-
-@dataclass(frozen=True)
-class Found:
-    """One search, before it is rendered as JSON or as the page's view."""
-
-    version: IndexVersion
-    photo: str
-    data: bytes
-    options: dict[str, Any]
-    shortlist: Shortlist
-    hits: list[Hit]
-    timing: dict[str, float]
-
-
-def _backpressure(exc: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError
-
-    return isinstance(exc, BackPressureError)
-
-
-# ------------------------------------------------------------------------------------------ the application
 
 
 def _gpus_in_cluster() -> float:
