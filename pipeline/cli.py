@@ -840,9 +840,19 @@ def serve(
         bool, typer.Option("--allow-local-files", help="Let a JSON request name a file on the server.")
     ] = False,
     max_in_flight: Annotated[int, typer.Option(help="Requests per gateway replica; beyond: 503.")] = 64,
+    retry_after_s: Annotated[int, typer.Option(help="Retry-After of a 503, in seconds.")] = 1,
+    extractor_cpus: Annotated[float, typer.Option(help="CPUs per extraction replica.")] = 1.0,
+    extractor_threads: Annotated[
+        int | None, typer.Option(help="Torch threads of a CPU extraction replica (default: its CPUs).")
+    ] = None,
     extractor_gpus: Annotated[
         float | None, typer.Option(help="GPUs per extraction replica (default: 1 when the cluster has GPUs).")
     ] = None,
+    backend_cpus: Annotated[float, typer.Option(help="CPUs per search and per verification replica.")] = 0.5,
+    max_extractors: Annotated[int, typer.Option(help="Autoscaling ceiling of extraction replicas.")] = 4,
+    max_searchers: Annotated[int, typer.Option(help="Autoscaling ceiling of search replicas.")] = 2,
+    max_verifiers: Annotated[int, typer.Option(help="Autoscaling ceiling of verification replicas.")] = 4,
+    max_gateways: Annotated[int, typer.Option(help="Autoscaling ceiling of gateway replicas.")] = 2,
 ) -> None:
     """The query service on Ray Serve: POST /v1/search with a photo, GET / for the search page.
 

@@ -36,6 +36,8 @@ COMMANDS = (
     "demo",
     "reindex",
     "latest",
+    "query",
+    "serve",
     "train",
 )
 
