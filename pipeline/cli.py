@@ -12,6 +12,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from typing import Annotated, Literal
 
@@ -969,6 +970,104 @@ def reindex(
     summary = report.to_dict()
     summary.pop("error_records", None)  # counts are in the table; records are in the version's report.json
     _print_mapping(f"reindex → {storage.redact(root)}", summary)
+
+
+@app.command()
+def query(
+    photos: Annotated[list[str], typer.Argument(help="Photos: local files or URLs (http(s), s3, gs, ...).")],
+    index: Annotated[
+        str, typer.Option("--index", help="Versioned root (its LATEST is read) or an index folder.")
+    ],
+    k: Annotated[int, typer.Option("--k", help="Results per photo.")] = 10,
+    rerank: Annotated[bool, typer.Option(help="Verify the shortlist geometrically.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per photo.")] = False,
+    stores: Annotated[
+        list[str] | None,
+        typer.Option("--stores", help="Index descriptor stores (default: the version's, or a run's)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Load the recorded weights from here (their checksum must match)."),
+    ] = None,
+) -> None:
+    """Where is this photo? Extract, search and re-rank one or more photos on a built index, with the preset,
+    weights and settings recorded with it."""
+    from pipeline.query import query_photos
+
+    answers = query_photos(photos, index, k, rerank, storage.options_from_env(), stores, weights)
+    for found in answers:
+        if as_json:
+            print(json.dumps(found))
+        elif "error" in found:
+            console.print(f"[bold red]{escape(found['photo'])}:[/] {escape(found['message'])}")
+        else:
+            table = Table(
+                "rank", "id", "score", "inliers", title=f"{found['photo']} ({found['index_version']})"
+            )
+            for rank, hit in enumerate(found["results"], 1):
+                inliers = "" if hit["inliers"] is None else str(hit["inliers"])
+                table.add_row(str(rank), hit["id"], f"{hit['score']:.4f}", inliers)
+            stdout.print(table)
+    if any("error" in found for found in answers):
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+@app.command()
+def serve(
+    index: Annotated[
+        str,
+        typer.Option("--index", help="Versioned root (LATEST is followed as it moves) or an index folder."),
+    ],
+    host: Annotated[str, typer.Option(help="Address the HTTP server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Address = None,
+    poll_s: Annotated[float, typer.Option(help="Seconds between checks for a new LATEST.")] = 10.0,
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 20 * 2**20,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (413 above).")] = 64 * 2**20,
+    max_k: Annotated[int, typer.Option(help="Most results a request may ask for.")] = 100,
+    allow_urls: Annotated[
+        bool, typer.Option(help="Let a JSON request name an http(s)/s3/gs image URL the server fetches.")
+    ] = False,
+    allow_local_files: Annotated[
+        bool, typer.Option("--allow-local-files", help="Let a JSON request name a file on the server.")
+    ] = False,
+    max_in_flight: Annotated[int, typer.Option(help="Requests per gateway replica; beyond: 503.")] = 64,
+    retry_after_s: Annotated[int, typer.Option(help="Retry-After of a 503, in seconds.")] = 1,
+    extractor_cpus: Annotated[float, typer.Option(help="CPUs per extraction replica.")] = 1.0,
+    extractor_threads: Annotated[
+        int | None, typer.Option(help="Torch threads of a CPU extraction replica (default: its CPUs).")
+    ] = None,
+    extractor_gpus: Annotated[
+        float | None, typer.Option(help="GPUs per extraction replica (default: 1 when the cluster has GPUs).")
+    ] = None,
+    backend_cpus: Annotated[float, typer.Option(help="CPUs per search and per verification replica.")] = 0.5,
+    max_extractors: Annotated[int, typer.Option(help="Autoscaling ceiling of extraction replicas.")] = 4,
+    max_searchers: Annotated[int, typer.Option(help="Autoscaling ceiling of search replicas.")] = 2,
+    max_verifiers: Annotated[int, typer.Option(help="Autoscaling ceiling of verification replicas.")] = 4,
+    max_gateways: Annotated[int, typer.Option(help="Autoscaling ceiling of gateway replicas.")] = 2,
+) -> None:
+    """The query service on Ray Serve: POST /v1/search with a photo, GET / for the search page.
+
+    Extraction, search and verification run as separate autoscaled deployments; a new LATEST is loaded in
+    the background and served once every deployment has it. Stops on Ctrl-C.
+    """
+    given = dict(locals())  # every option under its setting key (pipeline.settings)
+    import ray
+    from ray import serve as ray_serve
+
+    from pipeline.serve.app import build_app
+    from pipeline.serve.settings import ServeSettings
+
+    config = settings.build(ServeSettings, given)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(build_app(config), name="landmark-index", route_prefix="/")
+    console.print(f"serving {storage.redact(index)} on http://{host}:{port}/ (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
 
 
 @app.command()

@@ -433,6 +433,14 @@ def _anchor(query_id: str) -> str:
     return "query-" + hashlib.sha1(query_id.encode()).hexdigest()[:12]
 
 
+def query_section(
+    view: QueryView, settings: ReportSettings = ReportSettings(), options: Options = None
+) -> str:
+    """One query's section as the report draws it (rankings, thumbnails, inlier lines), for pages that style
+    it with :data:`STYLE` (the query service's page)."""
+    return query_html(0, view, _Thumbnails(settings, options), settings)
+
+
 STYLE = """
 .emap-row{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}#emap{background:#fff;border:1px solid var(--line)}
 #emap circle{cursor:pointer}#emap-photo img{max-width:240px}#emap-photo figcaption{color:var(--muted)}

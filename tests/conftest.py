@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.servers", "tests.demo_index"]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -39,6 +39,8 @@ COMMANDS = (
     "demo",
     "reindex",
     "latest",
+    "query",
+    "serve",
     "train",
 )
 

@@ -25,6 +25,7 @@ from pipeline.reindex import ReindexConfig
 from pipeline.report import ReportSettings
 from pipeline.rerank import RerankConfig, RerankRun
 from pipeline.rerank.global_rerank import GlobalRerankConfig
+from pipeline.serve.settings import ServeSettings
 from pipeline.train import TrainCluster, TrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,7 @@ COMMANDS = {
     # build: the index settings of a retrain keep BuildConfig's defaults on the nightly path (the run config,
     # build-index and jobs/nightly_reindex.py offer them)
     "reindex": ([ReindexConfig], {"build", "row_group_size"}, {}),
+    "serve": ([ServeSettings], set(), {}),
 }
 
 

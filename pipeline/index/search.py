@@ -41,6 +41,40 @@ class SearchConfig:
             raise ValueError(f"k_factor={self.k_factor}; must be > 0, or unset for the stored one")
 
 
+@dataclass(frozen=True)
+class OpenIndex:
+    """An index loaded for searching: what :func:`search` and the query service share."""
+
+    index: Any  # faiss index, on the GPUs when there are any, refined when its params say so
+    id_keys: np.ndarray  # (n,) int64 faiss ids, sorted
+    image_ids: np.ndarray  # (n,) object: the image id of each faiss id
+    space: whitening.Space  # store vectors → index vectors
+    input_dim: int  # dimension of the store vectors it takes
+    nprobe: int | None  # the nprobe in use
+    k_factor: float | None  # the refined shortlist factor in use
+
+    def search(self, query_ids: np.ndarray, vectors: np.ndarray, k: int) -> pa.Table:
+        """Top-``k`` of (n, input_dim) store ``vectors`` as search results rows (pipeline.results)."""
+        scores, ids = self.index.search(np.ascontiguousarray(self.space(vectors)), k)
+        return search_table(query_ids, scores, ids, self.id_keys, self.image_ids)
+
+
+def open_index(index_url: str, config: SearchConfig = SearchConfig(), options: Options = None) -> OpenIndex:
+    """Load the index at ``index_url`` once, with ``config``'s (or the stored) nprobe and k_factor."""
+    params = io.read_params(index_url, options)
+    index = io.load_index(index_url, options)
+    chosen = config.nprobe if config.nprobe is not None else params.get("nprobe")
+    io.set_search_params(index, chosen)
+    index = index if params.get("on_disk") else to_device(index)
+    factor = config.k_factor if config.k_factor is not None else params.get("k_factor")
+    if factor is not None:  # None: the quality report found the PQ order good enough
+        index = refine.attach(index, index_url, params, options)
+        refine.configure(index, None, factor)
+    id_keys, image_ids = io.read_id_map(index_url, options)
+    space = whitening.space(index_url, params, options)
+    return OpenIndex(index, id_keys, image_ids, space, whitening.input_dim(params), chosen, factor)
+
+
 class SearchWork:
     """The executor's work: a batch of queries (ids (n,), stored vectors (n, D)) → its results table. Each
     worker loads the index once (its setup), on its GPUs when faiss sees any."""
@@ -49,27 +83,14 @@ class SearchWork:
         self.index_url, self.config, self.options = index_url, config, options
 
     def setup(self) -> None:
-        url, config, options = self.index_url, self.config, self.options
-        params = io.read_params(url, options)
-        index = io.load_index(url, options)
-        self.nprobe = config.nprobe if config.nprobe is not None else params.get("nprobe")
-        io.set_search_params(index, self.nprobe)
-        index = index if params.get("on_disk") else to_device(index)
-        self.k_factor = config.k_factor if config.k_factor is not None else params.get("k_factor")
-        if self.k_factor is not None:  # None: the quality report found the PQ order good enough
-            index = refine.attach(index, url, params, options)
-            refine.configure(index, None, self.k_factor)
-        self.index = index
-        self.id_keys, self.image_ids = io.read_id_map(url, options)
-        self.space = whitening.space(url, params, options)
+        self.opened = open_index(self.index_url, self.config, self.options)
 
     def __getstate__(self) -> dict[str, Any]:  # travels before setup(): settings only
         return {k: self.__dict__[k] for k in ("index_url", "config", "options")}
 
     def __call__(self, batch: tuple[np.ndarray, np.ndarray]) -> pa.Table:
         query_ids, stored = batch
-        scores, ids = self.index.search(np.ascontiguousarray(self.space(stored)), self.config.k)
-        return search_table(query_ids, scores, ids, self.id_keys, self.image_ids)
+        return self.opened.search(query_ids, stored, self.config.k)
 
 
 def _query_batches(
