@@ -26,7 +26,7 @@ from pipeline.features import ImageFeatures, PreparedImage, build_extractor
 from pipeline.index import io as index_io
 from pipeline.index.search import OpenIndex, open_index
 from pipeline.rerank.config import RerankConfig, from_settings
-from pipeline.rerank.stage import rerank_shortlist, stored_settings
+from pipeline.rerank.stage import nulls_for, read_null_sample, rerank_shortlist, stored_settings
 from pipeline.storage import Options
 
 SCORE_DECIMALS = 6
@@ -176,6 +176,7 @@ class QueryVerifier:
     def __init__(self, version: IndexVersion, options: Options = None) -> None:
         self.version = version
         self.reader = store.LocalReader(list(version.stores), options)
+        self.nulls = read_null_sample(self.reader, version.rerank)  # score "gate": read once, as batch runs do
 
     def verify(self, query: ImageFeatures, shortlist: Shortlist, k: int) -> list[Hit]:
         """The shortlist re-ranked as the batch re-ranking does it; its first ``k`` hits."""
@@ -183,7 +184,8 @@ class QueryVerifier:
         top = [i for i in shortlist.ids[: config.top] if i in self.reader]
         found = self.reader.read(top)
         candidates = [found.get(i) for i in shortlist.ids]
-        reranked = rerank_shortlist(query, candidates, shortlist.scores, config)
+        nulls = nulls_for(self.nulls, "", shortlist.ids)  # the photo is no database image
+        reranked = rerank_shortlist(query, candidates, shortlist.scores, config, nulls)
         return [
             Hit(
                 str(shortlist.ids[p]),
