@@ -176,7 +176,8 @@ class QueryVerifier:
     def __init__(self, version: IndexVersion, options: Options = None) -> None:
         self.version = version
         self.reader = store.LocalReader(list(version.stores), options)
-        self.nulls = read_null_sample(self.reader, version.rerank)  # score "gate": read once, as batch runs do
+        # score "gate": the null sample's features, read once per version as a batch run reads them once
+        self.nulls = read_null_sample(self.reader, version.rerank)
 
     def verify(self, query: ImageFeatures, shortlist: Shortlist, k: int) -> list[Hit]:
         """The shortlist re-ranked as the batch re-ranking does it; its first ``k`` hits."""
