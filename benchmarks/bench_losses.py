@@ -101,9 +101,11 @@ def main() -> None:
     objects = sorted({r["object"] for r in csv.DictReader((DATA / "coil100-subset" / "labels.csv").open())})
     trained_on, held_out = objects[: len(objects) // 2], objects[len(objects) // 2 :]
     train_manifest = coil_manifest(args.workdir / "train.parquet", trained_on, step=2)
-    test_manifest = coil_manifest(args.workdir / "test.parquet", held_out, step=6)
+    test_path = args.workdir / f"test-step{args.test_step}.parquet"
+    test_manifest = coil_manifest(test_path, held_out, step=args.test_step)
     print(
-        f"trained on {len(trained_on)} objects (every 10°), evaluated on {len(held_out)} others (every 30°)"
+        f"trained on {len(trained_on)} objects (every 10°), evaluated on {len(held_out)} others "
+        f"(every {5 * args.test_step}°)"
     )
     figures = {
         "ImageNet (no training)": held_out_map(args.workdir, "imagenet", test_manifest, PRESET, WEIGHTS)
