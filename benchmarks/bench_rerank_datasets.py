@@ -37,7 +37,7 @@ import torch
 from bench_rerank_real import PAIR_OF, labels, load_store, mean_ap, shortlists
 
 from pipeline.rerank import RerankConfig, rerank_shortlist, verify_candidates
-from pipeline.rerank.score import gate, rerank_order, rerank_scores
+from pipeline.rerank.score import config_scores, gate, rerank_order
 from pipeline.rerank.stage import null_sample
 
 FETCHED = ("sceaux", "monstree", "boat")
@@ -131,18 +131,7 @@ def orders(lists: list[tuple], counts: list[Counts], config: RerankConfig) -> li
     for (_, _, scores), c in zip(lists, counts, strict=True):
         sample = c.sample[: config.null_size]  # the stage's sample at this size: a prefix
         level = gate(sample[sample >= 0], c.shortlist, config)[1] if config.score == "gate" else np.inf
-        s = rerank_scores(
-            scores,
-            c.shortlist,
-            mode=config.score,
-            min_inliers=config.min_inliers,
-            saturate_at=config.saturate_at,
-            z_from=config.z_from,
-            z_span=config.z_span,
-            boost=config.boost,
-            level=level,
-        )
-        result.append(rerank_order(s))
+        result.append(rerank_order(config_scores(scores, c.shortlist, config, level)))
     return result
 
 

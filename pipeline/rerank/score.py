@@ -141,3 +141,20 @@ def rerank_scores(
 def rerank_order(scores: np.ndarray) -> np.ndarray:
     """Permutation sorting (C,) scores descending; ties keep the input (global) order."""
     return np.argsort(-np.asarray(scores), kind="stable")
+
+
+def config_scores(
+    global_scores: np.ndarray, inliers: np.ndarray, config: RerankConfig, level: float = float("inf")
+) -> np.ndarray:
+    """:func:`rerank_scores` with ``config``'s scoring settings (the stage's and the benchmarks' one call)."""
+    return rerank_scores(
+        global_scores,
+        inliers,
+        mode=config.score,
+        min_inliers=config.min_inliers,
+        saturate_at=config.saturate_at,
+        z_from=config.z_from,
+        z_span=config.z_span,
+        boost=config.boost,
+        level=level,
+    )

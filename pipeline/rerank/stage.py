@@ -26,7 +26,7 @@ from pipeline.execution import Workers, executor_for
 from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.global_rerank import GlobalRerankConfig, GlobalVectors, parse_method, refine_shortlists
 from pipeline.rerank.match import Matches, gather_points, match, pad
-from pipeline.rerank.score import gate, rerank_order, rerank_scores
+from pipeline.rerank.score import config_scores, gate, rerank_order
 from pipeline.rerank.verify import Verification, verify
 from pipeline.results import (
     flatten_matches,
@@ -171,17 +171,7 @@ def rerank_shortlist(
         inliers[verifiable] = counts[: len(verifiable)]
         if gating:
             null_inliers, level = gate(counts[len(verifiable) :], inliers, config)
-    scores = rerank_scores(
-        global_scores,
-        inliers,
-        mode=config.score,
-        min_inliers=config.min_inliers,
-        saturate_at=config.saturate_at,
-        z_from=config.z_from,
-        z_span=config.z_span,
-        boost=config.boost,
-        level=level,
-    )
+    scores = config_scores(global_scores, inliers, config, level)
     order = rerank_order(scores)
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if found is not None and verification is not None:
