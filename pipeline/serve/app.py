@@ -361,43 +361,37 @@ def _gpus_in_cluster() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
+def _deployment(
+    cls: type,
+    config: ServeSettings,
+    replicas: int,
+    target: int,
+    cpus: float,
+    gpus: float,
+    ongoing: int,
+    queued: int,
+) -> serve.Application:
+    """``cls`` as an autoscaled deployment (1..``replicas``), bound to ``config``."""
+    return serve.deployment(
+        cls,
+        autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": target},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+        max_ongoing_requests=ongoing,
+        max_queued_requests=queued,
+    ).bind(config)
+
+
 def build_app(config: ServeSettings) -> serve.Application:
     """The application graph; the extractor asks for a GPU when the cluster has one (``extractor_gpus``)."""
     gpus = config.extractor_gpus if config.extractor_gpus is not None else float(_gpus_in_cluster() > 0)
     config = replace(config, extractor_gpus=gpus)
-    extraction = serve.deployment(
-        Extraction,
-        autoscaling_config={
-            "min_replicas": 1,
-            "max_replicas": config.max_extractors,
-            "target_ongoing_requests": 2,
-        },
-        ray_actor_options={"num_cpus": config.extractor_cpus, "num_gpus": gpus},
-        max_ongoing_requests=16,
-        max_queued_requests=64,
-    ).bind(config)
-    search = serve.deployment(
-        Search,
-        autoscaling_config={
-            "min_replicas": 1,
-            "max_replicas": config.max_searchers,
-            "target_ongoing_requests": 8,
-        },
-        ray_actor_options={"num_cpus": config.backend_cpus},
-        max_ongoing_requests=64,
-        max_queued_requests=256,
-    ).bind(config)
-    verification = serve.deployment(
-        Verification,
-        autoscaling_config={
-            "min_replicas": 1,
-            "max_replicas": config.max_verifiers,
-            "target_ongoing_requests": 4,
-        },
-        ray_actor_options={"num_cpus": config.backend_cpus},
-        max_ongoing_requests=16,
-        max_queued_requests=64,
-    ).bind(config)
+    # (replicas at most, target ongoing requests per replica, CPUs, GPUs, ongoing cap, queue cap): a full
+    # queue answers 503 (back-pressure), never an unbounded wait
+    extraction = _deployment(
+        Extraction, config, config.max_extractors, 2, config.extractor_cpus, gpus, 16, 64
+    )
+    search = _deployment(Search, config, config.max_searchers, 8, config.backend_cpus, 0, 64, 256)
+    verification = _deployment(Verification, config, config.max_verifiers, 4, config.backend_cpus, 0, 16, 64)
     gateway = Gateway.options(
         autoscaling_config={
             "min_replicas": 1,
