@@ -102,7 +102,10 @@ def extraction(work: Path, size: dict[str, Any], device: str, address: str | Non
         model_only_rates[mode] = round(model_only(extractor, decoded, None), 2)
         del extractor
     manifest_url = benchmark_manifest(work / "e2e", source, size["e2e_images"])
-    job = ExtractionJob(manifest_url, str(work / "store"), config, None, shard_size=64)
+    # the photos sit beside the manifest's folder, in the check's own work folder: allowed explicitly
+    job = ExtractionJob(
+        manifest_url, str(work / "store"), config, None, shard_size=64, allow_local_outside_root=True
+    )
     gpus = 1 if device == "cuda" else 0
     cluster = ClusterOptions(address=address, extractors=Extractors(gpus), runtime=modes["fp32"])
     run = end_to_end(job, cluster)
