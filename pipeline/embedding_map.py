@@ -40,6 +40,22 @@ def _sample(count: int, budget: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(count, size=min(count, budget), replace=False))
 
 
+def _sampled(
+    store_url: str, budget: int, rng: np.random.Generator, options: Options
+) -> tuple[list[str], np.ndarray, int]:
+    """A seeded sample of ``budget`` of a store's global descriptors — (ids, (n, D) vectors, descriptors in
+    the store) — read shard by shard, so memory holds one shard and the sample, not the whole store."""
+    total = sum(commit.ok for commit in store.read_commits(store_url, options))
+    chosen = _sample(total, budget, rng)  # sorted positions in shard order
+    ids, vectors, start = [], [], 0
+    for shard_ids, shard_vectors in store.iter_global(store_url, options):
+        rows = chosen[(chosen >= start) & (chosen < start + len(shard_ids))] - start
+        ids += [str(i) for i in shard_ids[rows]]
+        vectors.append(shard_vectors[rows])
+        start += len(shard_ids)
+    return ids, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32), total
+
+
 def embedding_map(
     query_store: str,
     index_store: str,
@@ -51,14 +67,13 @@ def embedding_map(
     """t-SNE of a seeded sample of the two stores' global descriptors, scaled to the SVG's box."""
     from sklearn.manifold import TSNE  # imported here: only the report's map needs scikit-learn
 
-    query_ids, query_vectors = store.read_global(query_store, options)
-    index_ids, index_vectors = store.read_global(index_store, options)
     rng = np.random.default_rng(seed)
-    take_queries = _sample(len(query_ids), max_points // 2, rng)
-    take_index = _sample(len(index_ids), max_points - len(take_queries), rng)
-    vectors = np.concatenate([query_vectors[take_queries], index_vectors[take_index]]).astype(np.float32)
-    ids = [str(i) for i in query_ids[take_queries]] + [str(i) for i in index_ids[take_index]]
-    is_query = np.arange(len(ids)) < len(take_queries)
+    query_ids, query_vectors, queries = _sampled(query_store, max_points // 2, rng, options)
+    index_ids, index_vectors, index_images = _sampled(index_store, max_points - len(query_ids), rng, options)
+    vectors = np.concatenate([v for v in (query_vectors, index_vectors) if v.size] or [np.zeros((0, 1))])
+    vectors = vectors.astype(np.float32)
+    ids = query_ids + index_ids
+    is_query = np.arange(len(ids)) < len(query_ids)
     if len(ids) < 3 or np.ptp(vectors, axis=0).max() < 1e-6:  # nothing to spread: every point at one place
         points = np.zeros((len(ids), 2))
     else:
@@ -69,9 +84,7 @@ def embedding_map(
         tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed, method="exact")
         points = tsne.fit_transform(vectors)
     labels = landmarks or {}
-    return EmbeddingMap(
-        ids, _to_box(points), is_query, [labels.get(i) for i in ids], len(query_ids), len(index_ids)
-    )
+    return EmbeddingMap(ids, _to_box(points), is_query, [labels.get(i) for i in ids], queries, index_images)
 
 
 def _to_box(points: np.ndarray) -> np.ndarray:
