@@ -18,8 +18,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline import settings, storage
+from pipeline.boundary import run_job
 from pipeline.config import get_preset
-from pipeline.errors import run_job
 from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, build_index
 from pipeline.ray_runtime import every

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from pipeline import settings, storage
-from pipeline.errors import run_job
+from pipeline.boundary import run_job
 from pipeline.lease import LockHeldError
 from pipeline.ray_runtime import every
 from pipeline.reindex import ReindexConfig, reindex

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from pipeline import settings, storage
-from pipeline.errors import run_job
+from pipeline.boundary import run_job
 from pipeline.ray_runtime import every
 from pipeline.train import TrainCluster, TrainJob, run_training
 

@@ -30,9 +30,9 @@ from rich.progress import (
 from rich.table import Table
 
 from pipeline import settings, storage
+from pipeline.boundary import EXIT_USER_ERROR, error_line, user_error
 from pipeline.choices import GLOBAL_DTYPES, LOCAL_DTYPES, PROTOCOLS
 from pipeline.config import AUTOCAST_DTYPES, PRESETS
-from pipeline.errors import EXIT_USER_ERROR, error_line, user_error
 from pipeline.index.params import MERGE_MODES
 from pipeline.rerank.config import METHODS, MODELS, RESIDUAL_SPACES, SCORE_MODES
 
@@ -136,7 +136,7 @@ def _main(
 
 
 def main() -> None:
-    """Console-script entry point: the CLI with one error boundary for every command (pipeline.errors):
+    """Console-script entry point: the CLI with one error boundary for every command (pipeline.boundary):
     a user error or environment fault, also one raised in a Ray task, is one line and exit code 2."""
     try:
         app()

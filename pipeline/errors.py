@@ -1,72 +1,35 @@
-"""The error boundary of the CLI and the Ray jobs: what a user can fix gets one line and exit code 2.
+"""The project's error types: what a user can fix, raised where input is checked (the lowest layer: imports nothing).
 
-Exit codes: 0 done, 1 an internal error (with its traceback: a bug to report), 2 a user error or an
-environment fault (the line says what and where), 3 another run holds the lock (reindex).
+:mod:`pipeline.boundary` turns these into one line and exit code 2. Anything else escaping a command is a bug
+and keeps its traceback (exit 1): a ``ValueError`` or ``KeyError`` from inside the library is not a user mistake.
+The subclasses also derive from the built-in a caller would catch (``ValueError``, ``FileNotFoundError``), so
+code that tests "not there" or "bad value" keeps working.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable, Mapping
-from typing import Any
 
-from pipeline import storage
-from pipeline.storage import StorageError, redact_text
-
-EXIT_USER_ERROR = 2
+class UserError(Exception):
+    """A mistake or a fault of the user's environment that only the user can fix; its message says what and where."""
 
 
-class ResourcesUnavailableError(Exception):
+class ConfigError(UserError, ValueError):
+    """A bad setting: a CLI option, a run config file, a preset, a combination of settings."""
+
+
+class InputError(UserError, ValueError):
+    """Bad input data: a manifest, a query list, a ground-truth file, a store, index or run folder that is
+    malformed or does not fit the run (dimension, model, version)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """An input the run needs does not exist (a manifest, weights, a store, an index, a published version)."""
+
+
+class ResourcesUnavailableError(UserError):
     """The cluster did not provide what a run asked for within its deadline (e.g. GPUs no node has)."""
 
 
-# Bad config, manifest, URL or input file, missing input, storage faults (no space, read-only, no permission,
-# missing bucket, refused credentials) and a cluster short of what was asked for. KeyError is not one: the
-# stages check ids themselves, so a KeyError escaping them is a bug.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, StorageError, ResourcesUnavailableError)
-
-
-def _ray_task_error() -> type[BaseException] | None:
-    """Ray's wrapper of an exception raised in a task, when Ray is loaded (never import Ray just for this)."""
-    exceptions = sys.modules.get("ray.exceptions")
-    return getattr(exceptions, "RayTaskError", None)
-
-
-def user_error(exc: BaseException) -> BaseException | None:
-    """The user-fixable error behind ``exc``: itself, the error a Ray task raised (``RayTaskError.cause``;
-    the wrapper also subclasses the cause's type, so it is checked first), or a Ray task error ``exc`` was
-    raised from. None for anything else: a bug keeps its traceback."""
-    task_error = _ray_task_error()
-    current: BaseException | None = exc
-    while current is not None:
-        if task_error is not None and isinstance(current, task_error):
-            current = current.cause
-        elif isinstance(current, USER_ERRORS):
-            return current
-        elif task_error is not None and isinstance(current.__cause__, task_error):
-            current = current.__cause__
-        else:
-            return None
-    return None
-
-
-def error_line(exc: BaseException) -> str:
-    """``exc``'s message as one redacted line."""
-    return " ".join(redact_text(str(exc)).split())
-
-
-def run_job(name: str, work: Callable[[], Mapping[str, Any]]) -> int:
-    """A Ray job's shell: logs redacted, ``work()``'s summary printed as one redacted JSON line (exit 0), a
-    user error as one line "``name`` failed: Type: message" on stderr (exit 2); a bug raises (exit 1)."""
-    storage.install_log_redaction()
-    try:
-        summary = work()
-    except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        print(f"{name} failed: {type(error).__name__}: {error_line(error)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    print(redact_text(json.dumps(summary, sort_keys=True)))
-    return 0
+# During the move to project types the built-ins still count as user errors; once every check raises a project
+# type, this becomes (UserError,) and a stray ValueError is a bug with its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, PermissionError)

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import fsspec
 
 from pipeline import __version__
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """An I/O failure that persisted after the allowed retries."""
 
 

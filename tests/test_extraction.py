@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import errors, storage, store
+from pipeline import boundary, storage, store
 from pipeline.config import get_preset
 from pipeline.errors import ResourcesUnavailableError
 from pipeline.extraction import (
@@ -405,7 +405,7 @@ def test_a_gpu_no_node_has_fails_at_the_deadline_naming_request_and_offer(tmp_pa
         "those resources (or let the autoscaler start them in a longer wait), or lower --gpus-per-extractor "
         "/ --min-extractors"
     )
-    assert errors.user_error(raised.value) is raised.value
+    assert boundary.user_error(raised.value) is raised.value
 
 
 def test_a_cpu_actor_stays_on_the_cpu_and_a_gpu_actor_without_cuda_falls_back(caplog):

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import cli, errors, storage
+from pipeline import boundary, cli, storage
 from pipeline.index import build_index
 from pipeline.storage import StorageFault
 from tests.stores import write_clustered_store
@@ -313,14 +313,14 @@ def test_user_errors_raised_in_ray_tasks_are_unwrapped_and_bugs_are_not():
 
     fault = StorageFault("write /x/local/part-00000.parquet: no space left on device (ENOSPC)")
     wrapped = RayTaskError("write_chunks", "Traceback ...", fault).as_instanceof_cause()
-    assert errors.user_error(wrapped) is fault
+    assert boundary.user_error(wrapped) is fault
     try:
         raise RuntimeError("extraction failed") from wrapped
     except RuntimeError as chained:
-        assert errors.user_error(chained) is fault
+        assert boundary.user_error(chained) is fault
     bug = RayTaskError("write_chunks", "Traceback ...", KeyError("id")).as_instanceof_cause()
-    assert errors.user_error(bug) is None
-    assert errors.user_error(KeyError("id")) is None
+    assert boundary.user_error(bug) is None
+    assert boundary.user_error(KeyError("id")) is None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -432,12 +432,12 @@ def test_a_missing_backend_extra_is_a_user_error_naming_it() -> None:
     probe = (
         "import sys\n"
         "sys.modules['gcsfs'] = sys.modules['adlfs'] = None  # as if not installed\n"
-        "from pipeline import errors, storage\n"
+        "from pipeline import boundary, storage\n"
         "for url in ('gs://b/x', 'az://c/x'):\n"
         "    try:\n"
         "        storage.filesystem(url)\n"
         "    except Exception as exc:\n"
-        "        assert errors.user_error(exc) is exc\n"
+        "        assert boundary.user_error(exc) is exc\n"
         "        print(exc)\n"
     )
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
