@@ -124,9 +124,13 @@ class Lease:
     def acquire(self) -> None:
         """Take the lock or raise :class:`LockHeldError`; then start the heartbeat."""
         self.expires_at = time.time() + self.seconds
-        if not storage.write_if_absent(self.url, self._record(), self.options):
-            self._take_from(self._read())
-        self._check_ours()
+        try:
+            if not storage.write_if_absent(self.url, self._record(), self.options):
+                self._take_from(self._read())
+            self._check_ours()
+        except LockHeldError:
+            self._drop_claim()  # lost after claiming a takeover: another run created the lock in between
+            raise
         self.renewed = time.monotonic()
         self._heartbeat = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -207,5 +211,9 @@ class Lease:
         held = self._read()
         if held is not None and held.get("owner") == self.owner:
             storage.remove(self.url, self.options)
+        self._drop_claim()
+
+    def _drop_claim(self) -> None:
         if self._claim is not None:
             storage.remove(self._claim, self.options)
+            self._claim = None

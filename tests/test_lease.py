@@ -204,3 +204,24 @@ def test_a_lost_lock_stops_the_heartbeat_and_fails_the_run(tmp_path):
         lease.renew_if_due()
     lease.release()
     assert root.held()["owner"] == "thief"
+
+
+def test_a_taker_that_loses_the_lock_after_claiming_leaves_no_claim(tmp_path, monkeypatch):
+    """The interleaving behind a leftover claim: A claims the dead lock and removes it, B finds no lock and
+    creates its own before A's create; A loses, and must not leave its takeover claim behind."""
+    root = Root(str(tmp_path / "root"), None)
+    root.put(owner="dead", expires_at=time.time() - 1)
+    taker, other = Lease(root.url, 60), Lease(root.url, 60)
+    remove = storage.remove
+
+    def remove_then_other_acquires(url, options=None):
+        remove(url, options)
+        if url == root.lock and other.renewed == 0.0:
+            other.acquire()
+
+    monkeypatch.setattr(storage, "remove", remove_then_other_acquires)
+    with pytest.raises(LockHeldError, match="lost"):
+        taker.acquire()
+    assert root.held()["owner"] == other.owner
+    other.release()
+    assert storage.list_files(root.url) == [], "neither the lock nor a takeover claim is left behind"
