@@ -154,7 +154,7 @@ def _extract_in_process(
         progress.add_commit(commit)
         on_progress(progress)
 
-    InProcessExecutor().run(work, todo, committed)
+    InProcessExecutor().run(work, [(shard, (shard, rows)) for shard, rows in todo], committed)
 
 
 def nothing_extracted_message(job: ExtractionJob, stats: dict[str, Any], options: Options) -> str:
