@@ -28,49 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.runconfig import RunConfig
+from pipeline.runpaths import STAGES as STAGES  # re-exported: the run's stages, where callers import them
+from pipeline.runpaths import RunPaths
 
 if TYPE_CHECKING:
     from pipeline.extraction import Progress
 
 log = logging.getLogger(__name__)
-
-STAGES = ("extract-index", "extract-queries", "build-index", "search", "rerank", "evaluate", "report")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    out: str
-
-    @property
-    def index_store(self) -> str:
-        return storage.join(self.out, "index-descriptors")
-
-    @property
-    def query_store(self) -> str:
-        return storage.join(self.out, "query-descriptors")
-
-    @property
-    def index(self) -> str:
-        return storage.join(self.out, "index")
-
-    @property
-    def search(self) -> str:
-        return storage.join(self.out, "search.parquet")
-
-    @property
-    def reranked(self) -> str:
-        return storage.join(self.out, "reranked.parquet")
-
-    @property
-    def metrics(self) -> str:
-        return storage.join(self.out, "metrics.json")
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.out, "report.html")
-
-    def marker(self, stage: str) -> str:
-        return storage.join(self.out, "_stages", f"{stage}.json")
 
 
 @dataclass(frozen=True)
@@ -105,27 +69,6 @@ class StageResult:
     seconds: float
     summary: dict[str, Any]
     reused: bool
-
-
-def stage_seconds(config: RunConfig, options: storage.Options = None) -> dict[str, float]:
-    """Seconds of each finished stage of ``config``'s run, in run order, from the stage markers."""
-    paths = RunPaths(config.out)
-    out = {}
-    for stage in active_stages(config):
-        marker = paths.marker(stage)
-        if storage.exists(marker, options):
-            out[stage] = json.loads(storage.read_text(marker, options))["seconds"]
-    return out
-
-
-def active_stages(config: RunConfig) -> list[str]:
-    """The stages ``config`` runs, in order."""
-    skipped = {
-        "rerank": not config.rerank.enabled,
-        "evaluate": not config.data.ground_truth,
-        "report": not config.report.enabled,
-    }
-    return [stage for stage in STAGES if not skipped.get(stage, False)]
 
 
 def _key(stage: str, params: Any, upstream: list[str]) -> str:
