@@ -24,15 +24,18 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import storage
+from pipeline.evaluate import evaluate
+from pipeline.extraction import Progress, run_extraction
+from pipeline.index import build_index, search
+from pipeline.index.dba import build_dba
+from pipeline.report import report_run
+from pipeline.rerank import config_from_stores, rerank
 from pipeline.runconfig import RunConfig
 from pipeline.runpaths import STAGES as STAGES  # re-exported: the run's stages, where callers import them
 from pipeline.runpaths import RunPaths
-
-if TYPE_CHECKING:
-    from pipeline.extraction import Progress
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +131,6 @@ def run_pipeline(
 
 
 def _extract_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.extraction import run_extraction
-
     cluster = config.extract.cluster(config.ray_address)
 
     def extraction(
@@ -158,8 +159,6 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
 
 
 def _index_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.index import build_index, search
-
     paths, options = runner.paths, runner.options
 
     def build() -> Mapping[str, Any]:
@@ -184,8 +183,6 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
     runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)
     global_config = config.rerank.global_rerank_config()
     if _needs_dba(config):  # DBA vectors beside the index, for re-ranking
-        from pipeline.index.dba import build_dba
-
         runner.stage(
             "dba",
             [global_config.dba_k, global_config.dba_alpha],
@@ -207,9 +204,6 @@ def _needs_dba(config: RunConfig) -> bool:
 
 
 def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.report import report_run
-    from pipeline.rerank import config_from_stores, rerank
-
     paths, options = runner.paths, runner.options
     global_config = config.rerank.global_rerank_config()
     rerank_config = (  # the stores' settings (their preset's), overridden by the [rerank] keys given
@@ -250,8 +244,6 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
 
 
 def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> dict[str, Any]:
-    from pipeline.evaluate import evaluate
-
     results = {"global": paths.search}
     if config.rerank.enabled:
         results["reranked"] = paths.reranked

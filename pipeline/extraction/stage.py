@@ -12,12 +12,14 @@ import pyarrow as pa
 
 import pipeline
 from pipeline import manifest, metrics, storage, store
+from pipeline.config import PRESETS, rerank_settings
 from pipeline.errors import InputError
 from pipeline.execution import InProcessExecutor
 from pipeline.extraction.chunks import ShardWork
 from pipeline.extraction.dispatch import _extract_shards
 from pipeline.extraction.progress import Progress
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob, ExtractionSummary
+from pipeline.model.weights import weights_checksum  # torch: loaded with the extractor's model code anyway
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
@@ -39,9 +41,6 @@ class NothingExtractedError(InputError):
 
 
 def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) -> dict[str, Any]:
-    from pipeline.config import PRESETS, rerank_settings
-    from pipeline.model.weights import weights_checksum
-
     preset = next((name for name, config in PRESETS.items() if config == job.config), "custom")
     return {
         "package_version": pipeline.__version__,

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import trained_preset
 from pipeline.manifest import manifest_fingerprint, read_manifest
+from pipeline.ray_runtime import ensure_ray
 from pipeline.train.checkpoints import check_resumable, run_identity, weights_url
 from pipeline.train.loop import TrainLoop, WorkerPlace
 from pipeline.train.settings import TrainCluster, TrainJob, TrainSummary
@@ -70,8 +71,6 @@ def run_training(
     ``on_progress`` gets each metrics line (plus ``total_steps``) as rank 0 logs it."""
     import ray
     from ray.util.queue import Queue
-
-    from pipeline.ray_runtime import ensure_ray
 
     cluster = cluster or TrainCluster()
     storage.remember_secrets(job.out_url, options)
