@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.choices import PROTOCOLS
+from pipeline.errors import InputError
 from pipeline.results import Ranking, read_rankings
 from pipeline.storage import Options
 
@@ -426,7 +427,24 @@ def evaluate(
         assert landmarks_url is not None
         metrics = evaluate_gldv2_recognition(rankings, solution, read_landmarks(landmarks_url, options))
     if out_url is not None:
-        storage.write_text(out_url, json.dumps(metrics, indent=2) + "\n", options)
+        write_metrics(out_url, metrics, options)
+    return metrics
+
+
+def write_metrics(url: str, metrics: Mapping[str, Any], options: Options = None) -> None:
+    """The one writer of metrics files (``evaluate --out``; a run's metrics.json, one entry per results
+    file): the figures as a JSON object."""
+    storage.write_text(url, json.dumps(metrics, indent=2) + "\n", options)
+
+
+def read_metrics(url: str, options: Options = None) -> dict[str, Any]:
+    """A metrics file written by :func:`write_metrics`; InputError when it is not a JSON object."""
+    try:
+        metrics = json.loads(storage.read_text(url, options))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{storage.redact(url)}: not a metrics file ({exc.msg})") from None
+    if not isinstance(metrics, dict):
+        raise InputError(f"{storage.redact(url)}: not a metrics file (a JSON object)")
     return metrics
 
 

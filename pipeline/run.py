@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline import storage
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, write_metrics
 from pipeline.extraction import Progress, run_extraction
 from pipeline.index import build_index, search
 from pipeline.index.dba import build_dba
@@ -257,5 +257,5 @@ def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> d
         )
         for name, url in results.items()
     }
-    storage.write_text(paths.metrics, json.dumps(metrics, indent=2), options)
+    write_metrics(paths.metrics, metrics, options)
     return metrics

@@ -5,7 +5,6 @@ the manifests' images, the ground truth."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pipeline
 from pipeline import manifest, results, storage, store
 from pipeline.embedding_map import EmbeddingMap, embedding_map
-from pipeline.evaluate import query_aps, relevance_labeler
+from pipeline.evaluate import query_aps, read_metrics, relevance_labeler
 from pipeline.index.io import index_bytes, read_quality
 from pipeline.report.html import (
     ReportData,
@@ -55,7 +54,7 @@ def _metrics_summary(config: RunConfig, options: Options) -> dict[str, Any]:
     metrics_url = RunPaths(config.out).metrics
     if not config.data.ground_truth or not storage.exists(metrics_url, options):
         return {}
-    metrics = json.loads(storage.read_text(metrics_url, options))
+    metrics = read_metrics(metrics_url, options)
     return {f"{name} · {setting}": value for name, m in metrics.items() for setting, value in m.items()}
 
 

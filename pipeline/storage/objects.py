@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, TYPE_CHECKING, Any
 
+from pipeline.errors import InputError
 from pipeline.storage.redaction import redact
 from pipeline.storage.retries import with_retries
 from pipeline.storage.urls import _TAR_MEMBER, Options, _host_slot, filesystem, is_local, join
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 def read_bytes(url: str, options: Options = None) -> bytes:
     """The whole object at ``url`` (or one tar member, see :func:`tar_member_url`).
 
-    Raises FileNotFoundError when absent, StorageError when I/O keeps failing.
+    Raises MissingObject (a FileNotFoundError) when absent, StorageError when I/O keeps failing.
     """
     member = _TAR_MEMBER.fullmatch(url)
     target = member["tar"] if member else url
@@ -35,7 +36,7 @@ def read_bytes(url: str, options: Options = None) -> bytes:
             start, size = int(member["offset"]), int(member["size"])
             data = fs.cat_file(path, start=start, end=start + size)
         if len(data) != size:  # a server that ignores Range sends the whole tar
-            raise ValueError(f"{redact(target)}: got {len(data)} bytes for a {size}-byte member range")
+            raise InputError(f"{redact(target)}: got {len(data)} bytes for a {size}-byte member range")
         return data
 
     return with_retries(read, what=f"read {redact(url)}")
@@ -49,7 +50,7 @@ def read_range(url: str, start: int, size: int, options: Options = None) -> byte
         with _host_slot(url):
             data = fs.cat_file(path, start=start, end=start + size)
         if len(data) != size:  # a server that ignores Range, or an object shorter than its index says
-            raise ValueError(f"{redact(url)}: got {len(data)} bytes for the {size}-byte range at {start}")
+            raise InputError(f"{redact(url)}: got {len(data)} bytes for the {size}-byte range at {start}")
         return data
 
     return with_retries(read, what=f"read {redact(url)} [{start}, {start + size})")
@@ -58,22 +59,22 @@ def read_range(url: str, start: int, size: int, options: Options = None) -> byte
 def list_tar_members(url: str, options: Options = None) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file in the uncompressed tar at ``url``, in archive order.
 
-    Reads the headers in place (seeking past each member's data); raises ValueError for a non-tar.
+    Reads the headers in place (seeking past each member's data); raises InputError for a non-tar.
     """
     try:
         with open_input(url, options) as f, tarfile.open(fileobj=f, mode="r:") as archive:
             return [(m.name, m.offset_data, m.size) for m in archive if m.isreg()]
     except tarfile.TarError as exc:
-        raise ValueError(f"{redact(url)} is not a readable uncompressed tar: {exc}") from None
+        raise InputError(f"{redact(url)} is not a readable uncompressed tar: {exc}") from None
 
 
 def read_text(url: str, options: Options = None) -> str:
-    """The object at ``url`` as UTF-8 text; ValueError naming it when it is not (a binary file given as text)."""
+    """The object at ``url`` as UTF-8 text; InputError naming it when it is not (a binary file given as text)."""
     data = read_bytes(url, options)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{redact(url)} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise InputError(f"{redact(url)} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def exists(url: str, options: Options = None) -> bool:

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from pipeline.errors import UserError
+from pipeline import metrics
+from pipeline.errors import MissingInputError, UserError
 from pipeline.storage.redaction import _redact_exception, redact_text
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 class StorageError(UserError, RuntimeError):
     """An I/O failure that persisted after the allowed retries."""
+
+
+class MissingObject(MissingInputError):
+    """The object (or folder) an operation asked for does not exist; its one-line message names the operation
+    and the redacted path. Still a FileNotFoundError for callers that treat absence as "nothing there"."""
 
 
 class StorageFault(StorageError):
@@ -180,6 +186,8 @@ def with_retries(
             return operation()
         except Exception as exc:  # transient (connection reset, 5xx, timeouts...) unless permanent
             _raise_if_fault(exc, what)
+            if isinstance(exc, FileNotFoundError) and not isinstance(exc, UserError):
+                raise MissingObject(f"{what}: not found") from None
             if isinstance(exc, PERMANENT_ERRORS):
                 _redact_exception(exc)
                 raise
@@ -202,5 +210,6 @@ def with_retries(
             log.warning(
                 "%s failed (%s), retry %d/%d in %.2fs", what, type(exc).__name__, attempt, attempts, delay
             )
+            metrics.count("storage_retries", 1)
             time.sleep(delay)
     raise AssertionError("unreachable")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pipeline import __version__
+from pipeline.errors import ConfigError
 from pipeline.storage.redaction import redact, remember_secrets
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def _host_slot(url: str) -> AbstractContextManager[Any]:
         if host not in _host_slots:
             limit = int(os.environ.get("LANDMARK_INDEX_HTTP_PER_HOST", DEFAULT_HTTP_PER_HOST))
             if limit < 1:
-                raise ValueError(f"LANDMARK_INDEX_HTTP_PER_HOST must be a positive count, got {limit}")
+                raise ConfigError(f"LANDMARK_INDEX_HTTP_PER_HOST must be a positive count, got {limit}")
             _host_slots[host] = threading.BoundedSemaphore(limit)
         return _host_slots[host]
 
@@ -91,11 +92,11 @@ def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSy
     if kwargs.pop("content_md5", False):
         protocol = protocol_of(url)
         if protocol not in ("s3", "s3a"):
-            raise ValueError(
+            raise ConfigError(
                 f"option content_md5 applies to s3:// URLs only, not {protocol}:// ({redact(url)})"
             )
         if "session" in kwargs:
-            raise ValueError(
+            raise ConfigError(
                 "option content_md5 cannot be combined with a 'session' option (it brings its own)"
             )
         kwargs["session"] = _content_md5_session()
@@ -105,15 +106,22 @@ def filesystem(url: str, options: Options = None) -> tuple[fsspec.AbstractFileSy
 
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=60, sock_connect=10)})
         kwargs["client_kwargs"] = {"headers": {"User-Agent": user_agent()}, **kwargs["client_kwargs"]}
+    if protocol_of(url) in ("s3", "s3a"):
+        # pipeline.storage.retries is the one retry layer: botocore makes one attempt per call (s3fs's own
+        # retry loop is turned off below), so a failing request costs 4 attempts, not 4 × 5 × 5.
+        kwargs["config_kwargs"] = {"retries": {"total_max_attempts": 1}, **kwargs.get("config_kwargs", {})}
     try:
-        return url_to_fs(url, **kwargs)
+        fs, path = url_to_fs(url, **kwargs)
     except ImportError as exc:
         extra = EXTRAS.get(protocol_of(url))
         if extra is None:
             raise
-        raise ValueError(
+        raise ConfigError(
             f"{redact(url)}: {protocol_of(url)}:// needs the {extra!r} extra: pip install 'landmark-index[{extra}]'"
         ) from exc
+    if protocol_of(url) in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's loop around each call: one attempt (a class attribute, not an option)
+    return fs, path
 
 
 @functools.cache
@@ -157,11 +165,11 @@ def options_from_env() -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"LANDMARK_INDEX_STORAGE_OPTIONS is not valid JSON ({exc.msg}); expected an object"
         ) from None
     if not isinstance(value, dict):
-        raise ValueError("LANDMARK_INDEX_STORAGE_OPTIONS must be a JSON object of fsspec storage options")
+        raise ConfigError("LANDMARK_INDEX_STORAGE_OPTIONS must be a JSON object of fsspec storage options")
     return value
 
 
