@@ -119,6 +119,16 @@ def single_process(out: str, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
+def test_in_process_build_gives_the_ray_build_s_index(built, data, tmp_path):
+    """The same steps without Ray (the execution seam's in-process executor): the same trained index, the
+    same inverted lists, the same search setting."""
+    store_url, out, summary = built
+    here = build_index(store_url, str(tmp_path / "here"), factory=FACTORY, config=FAST, in_process=True)
+    assert invlist_contents(io.load_index(str(tmp_path / "here"))) == invlist_contents(io.load_index(out))
+    same = ("factory", "ntotal", "next_id", "train_points", "nprobe", "k_factor")
+    assert {k: here[k] for k in same} == {k: summary[k] for k in same}
+
+
 def test_distributed_build_equals_single_process(built, data):
     _, out, summary = built
     merged = io.load_index(out)

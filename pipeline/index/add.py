@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import faiss
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import metrics, storage, store
+from pipeline.execution import Executor, RayExecutor, Workers
 from pipeline.index import io, refine, whitening
 from pipeline.index.build_config import BuildConfig
 from pipeline.storage import Options
@@ -47,33 +49,35 @@ def add_shards_to(
     return pa.concat_tables(tables) if tables else io.ID_MAP_SCHEMA.empty_table()
 
 
-def _add_part(
-    out_url: str,
-    shard_urls: list[str],
-    bases: list[int],
-    out: tuple[str, str],
-    options: Options,
-    threads: int,
-    whitened: bool,
-) -> int:
-    faiss.omp_set_num_threads(threads)
-    index = io.read_index(storage.join(out_url, io.TRAINED), options)
-    table = add_shards_to(
-        index,
-        shard_urls,
-        bases,
-        options,
-        refine.code_writer(out_url, options),
-        _space(out_url, whitened, options),
-    )
-    io.write_index(index, out[0], options)
-    storage.write_parquet(out[1], table, options, compression="zstd")
-    return int(index.ntotal)
-
-
 def _space(out_url: str, whitened: bool, options: Options) -> whitening.Space:
     """The map into the space of the index being built under ``out_url`` (before its params.json exists)."""
     return whitening.load(out_url, options) if whitened else whitening.identity
+
+
+@dataclass(frozen=True)
+class AddWork:
+    """One add task of the execution seam: its shards into a copy of OUT's trained index, written as one part
+    (index + id map, and the shards' refinement codes when OUT has a quantizer); returns the vectors added."""
+
+    out_url: str
+    options: Options
+    threads: int  # faiss threads
+    whitened: bool
+
+    def setup(self) -> None:
+        faiss.omp_set_num_threads(self.threads)
+
+    def __call__(self, batch: tuple[int, list[str], list[int]]) -> int:
+        """``batch``: (task number, its shards' URLs, their id bases)."""
+        task, shard_urls, bases = batch
+        index = io.read_index(storage.join(self.out_url, io.TRAINED), self.options)
+        codes = refine.code_writer(self.out_url, self.options)
+        space = _space(self.out_url, self.whitened, self.options)
+        table = add_shards_to(index, shard_urls, bases, self.options, codes, space)
+        index_url, ids_url = part_urls(self.out_url, task)
+        io.write_index(index, index_url, self.options)
+        storage.write_parquet(ids_url, table, self.options, compression="zstd")
+        return int(index.ntotal)
 
 
 def add_in_parallel(
@@ -82,26 +86,17 @@ def add_in_parallel(
     out_url: str,
     config: BuildConfig,
     options: Options = None,
+    executor: Executor | None = None,
 ) -> list[int]:
-    """Ray tasks adding to OUT's trained index; task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so
-    merging must not shift ids). Each task also writes its shards' refinement codes when OUT has a quantizer."""
-    import ray
-
+    """Add tasks to OUT's trained index, run by ``executor`` (default: Ray workers of ``config.task_cpus``
+    each, up to ``config.tasks`` at once); task t adds shards t, t+T, t+2T, ... (non-contiguous ids, so
+    merging must not shift ids). Returns the vectors each task added."""
     tasks = min(config.tasks, len(shard_urls))
-    task = ray.remote(_add_part)
-    threads = max(1, int(config.task_cpus))
-    refs = [
-        task.options(num_cpus=config.task_cpus).remote(
-            out_url,
-            list(shard_urls[t::tasks]),
-            [int(b) for b in bases[t::tasks]],
-            part_urls(out_url, t),
-            options,
-            threads,
-            config.whitening is not None,
-        )
-        for t in range(tasks)
-    ]
-    added = ray.get(refs)
+    if executor is None:
+        executor = RayExecutor(Workers(cpus_per_worker=config.task_cpus, max_workers=tasks))
+    work = AddWork(out_url, options, max(1, int(config.task_cpus)), config.whitening is not None)
+    batches = [(t, (t, list(shard_urls[t::tasks]), [int(b) for b in bases[t::tasks]])) for t in range(tasks)]
+    added = [0] * tasks
+    executor.run(work, batches, added.__setitem__)
     metrics.count("vectors_added", sum(added), stage="build-index")
     return added

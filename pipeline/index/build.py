@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline import metrics, storage
+from pipeline.execution import InProcessExecutor
 from pipeline.index import io
 from pipeline.index.add import add_in_parallel, add_shards_to, part_urls
 from pipeline.index.build_config import BuildConfig
@@ -110,22 +111,32 @@ def _build_steps(
     config: BuildConfig,
     options: Options,
     step: Callable[[str], float],
+    in_process: bool,
 ) -> tuple[int, int, bool, dict[str, Any], dict[str, float], int]:
-    """Train, add, merge + recall: (training points, indexed vectors, on disk, quality, timings, peak bytes
-    summed over this machine's build processes: driver + a local Ray's, not a remote cluster's)."""
+    """Train, add, merge + recall, as Ray tasks sized by memory or ``in_process``: (training points, indexed
+    vectors, on disk, quality, timings, peak bytes summed over this machine's build processes: driver + a
+    local Ray's, not a remote cluster's)."""
     timings: dict[str, float] = {}
     with PeakMemory() as memory:
         start = step("train")
-        n_train, query_rows = _train_task(choice, shard_urls, counts, out_url, config, options)
+        train = train_step if in_process else _train_task
+        n_train, query_rows = train(choice, shard_urls, counts, out_url, config, options)
         timings["train_s"] = time.perf_counter() - start
         start = step("add")
-        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options)
+        executor = InProcessExecutor() if in_process else None
+        added = add_in_parallel(shard_urls, id_bases(counts), out_url, config, options, executor)
         assert sum(added) == sum(counts), (added, counts)
         timings["add_s"] = time.perf_counter() - start
         step("merge and recall")
-        ntotal, on_disk, quality, step_timings = _merge_task(
-            len(added), choice, shard_urls, counts, query_rows, out_url, config, options
-        )
+        if in_process:
+            measured = merge_and_measure(
+                out_url, len(added), choice, shard_urls, counts, query_rows, config, options
+            )
+        else:
+            measured = _merge_task(
+                len(added), choice, shard_urls, counts, query_rows, out_url, config, options
+            )
+        ntotal, on_disk, quality, step_timings = measured
     return n_train, ntotal, on_disk, quality, timings | step_timings, memory.peak
 
 
@@ -139,20 +150,24 @@ def build_index(
     ray_address: str | None = None,
     config: BuildConfig = BuildConfig(),
     on_step: Callable[[str, int, int], None] = lambda step, done, total: None,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
     Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
-    ``on_step(step, done, total)`` hears each of BUILD_STEPS start, then "done".
+    ``on_step(step, done, total)`` hears each of BUILD_STEPS start, then "done". ``in_process``: every step
+    in this process, without Ray (small builds, tests): the same steps through the execution seam's
+    in-process executor, the same index.
     """
     shard_urls, counts, dim = checked_inputs(descriptors_url, out_url, config, options)
     total = sum(counts)
     choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
-    ensure_ray(ray_address)
+    if not in_process:
+        ensure_ray(ray_address)
     step = _step_reporter(on_step)
     n_train, ntotal, on_disk, quality, timings, peak = _build_steps(
-        choice, shard_urls, counts, out_url, config, options, step
+        choice, shard_urls, counts, out_url, config, options, step, in_process
     )
     if not config.keep_intermediate:
         io.remove_intermediate(out_url, options)
