@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline import metrics, storage
+from pipeline.errors import InputError
 from pipeline.execution import InProcessExecutor
 from pipeline.index import io
 from pipeline.index.add import add_in_parallel, add_shards_to, part_urls
@@ -80,7 +81,7 @@ def checked_inputs(
     if config.quality.query_store:
         query_dim = committed_global_shards(config.quality.query_store, options)[2]
         if query_dim != dim:
-            raise ValueError(
+            raise InputError(
                 f"recall query store {storage.redact(config.quality.query_store)} has {query_dim}-d "
                 f"descriptors, the index store {dim}-d"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.errors import ConfigError
 from pipeline.index.params import (
     MERGE_MODES,
     REFINE_KINDS,
@@ -31,20 +32,20 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.merge not in MERGE_MODES:
-            raise ValueError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
+            raise ConfigError(f"merge={self.merge!r}; allowed: {', '.join(MERGE_MODES)}")
         if (
             self.tasks < 1
             or self.task_cpus <= 0
             or (self.step_cpus is not None and self.step_cpus <= 0)
             or self.train_gpus < 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"tasks={self.tasks}, task_cpus={self.task_cpus}, step_cpus={self.step_cpus}, "
                 f"train_gpus={self.train_gpus}; need tasks ≥ 1, task_cpus > 0, step_cpus > 0, train_gpus ≥ 0"
             )
         if self.refine != "auto" and self.refine not in REFINE_KINDS:
-            raise ValueError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
+            raise ConfigError(f"refine={self.refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
         if self.whitening is not None and self.whitening < 1:
-            raise ValueError(f"whitening={self.whitening}; must be ≥ 1 dims (None: no whitening)")
+            raise ConfigError(f"whitening={self.whitening}; must be ≥ 1 dims (None: no whitening)")
         if not 0 <= self.whitening_power <= 1:
-            raise ValueError(f"whitening_power={self.whitening_power}; must be in [0, 1]")
+            raise ConfigError(f"whitening_power={self.whitening_power}; must be in [0, 1]")

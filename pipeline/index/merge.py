@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 from pipeline.index import io, refine
 from pipeline.index.add import _space, part_urls
 from pipeline.index.build_config import BuildConfig
@@ -47,7 +48,7 @@ def merge_on_disk(trained: faiss.Index, parts: Sequence[str], out_url: str) -> f
 
 def check_disk_output(out_url: str) -> None:
     if not storage.is_local(out_url):
-        raise ValueError(
+        raise ConfigError(
             f"on-disk merge needs a local output, not {storage.redact(out_url)}; use merge='ram'"
         )
 

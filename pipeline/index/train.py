@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage, store
+from pipeline.errors import ConfigError, InputError
 from pipeline.index import io, refine, whitening
 from pipeline.index.build_config import BuildConfig
 from pipeline.index.params import (
@@ -118,7 +119,7 @@ def resolve_choice(
     factory: str | None, memory_budget: str | int | None, total: int, dim: int, refine_kind: str = "auto"
 ) -> IndexChoice:
     if factory is not None and memory_budget is not None:
-        raise ValueError(
+        raise ConfigError(
             "give factory or memory_budget, not both (the budget only steers automatic parameters)"
         )
     if factory is None:
@@ -127,7 +128,7 @@ def resolve_choice(
     try:
         nlist = nlist_of(factory, dim)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
         ) from exc
     kind = (DEFAULT_REFINE if nlist else "none") if refine_kind == "auto" else refine_kind
@@ -162,7 +163,7 @@ def train_step(
     if config.trained_url:
         trained = io.read_index(config.trained_url, options)
         if trained.d != dim:
-            raise ValueError(
+            raise InputError(
                 f"trained index {storage.redact(config.trained_url)} has d={trained.d}, the index needs {dim}"
             )
     else:
@@ -184,7 +185,7 @@ def whitening_step(sample: np.ndarray, out_url: str, config: BuildConfig, option
     if config.trained_url:
         fitted = whitening.load(config.trained_url.rsplit("/", 1)[0], options)
         if fitted.dim != config.whitening:
-            raise ValueError(
+            raise InputError(
                 f"the trained index's whitening gives {fitted.dim} dims, whitening={config.whitening} asked"
             )
     else:
@@ -197,8 +198,8 @@ def committed_global_shards(descriptors_url: str, options: Options) -> tuple[lis
     """A store's committed global shards: their URLs, row counts and the dimension; ValueError when empty."""
     shard_urls = store.global_shard_urls(descriptors_url, options)
     if not shard_urls:
-        raise ValueError(f"no committed global shards under {storage.redact(descriptors_url)}")
+        raise InputError(f"no committed global shards under {storage.redact(descriptors_url)}")
     counts = shard_rows(shard_urls, options)
     if sum(counts) == 0:
-        raise ValueError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
+        raise InputError(f"{storage.redact(descriptors_url)} has committed shards but no descriptors")
     return shard_urls, counts, shard_dim(shard_urls[0], options)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.errors import ConfigError, InputError
+
 LABELS = ("positive", "negative", "junk")
 BADGES = {
     "positive": ("✓", "correct"),
@@ -33,7 +35,7 @@ class Hit:
 
     def __post_init__(self) -> None:
         if self.label is not None and self.label not in LABELS:
-            raise ValueError(f"hit {self.id!r} has label {self.label!r}; allowed: {list(LABELS)} or None")
+            raise InputError(f"hit {self.id!r} has label {self.label!r}; allowed: {list(LABELS)} or None")
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,9 @@ class ReportSettings:
         for name in names:
             minimum = 0 if name.startswith("max_match") or name == "map_points" else 1
             if getattr(self, name) < minimum:
-                raise ValueError(f"ReportSettings.{name} = {getattr(self, name)}; must be ≥ {minimum}")
+                raise ConfigError(f"ReportSettings.{name} = {getattr(self, name)}; must be ≥ {minimum}")
         if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"ReportSettings.jpeg_quality = {self.jpeg_quality}; allowed 1..95")
+            raise ConfigError(f"ReportSettings.jpeg_quality = {self.jpeg_quality}; allowed 1..95")
 
 
 @dataclass(frozen=True)

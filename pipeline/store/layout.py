@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.choices import GLOBAL_DTYPES, LOCAL_DTYPES
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.storage import Options
 
 GLOBAL_DIR = "global"
@@ -38,11 +38,11 @@ class StoreSettings:
 
     def __post_init__(self) -> None:
         if self.global_dtype not in GLOBAL_DTYPES:
-            raise ValueError(f"global_dtype={self.global_dtype!r}; allowed: {', '.join(GLOBAL_DTYPES)}")
+            raise ConfigError(f"global_dtype={self.global_dtype!r}; allowed: {', '.join(GLOBAL_DTYPES)}")
         if self.local_dtype not in LOCAL_DTYPES:
-            raise ValueError(f"local_dtype={self.local_dtype!r}; allowed: {', '.join(LOCAL_DTYPES)}")
+            raise ConfigError(f"local_dtype={self.local_dtype!r}; allowed: {', '.join(LOCAL_DTYPES)}")
         if self.row_group_size < 1:
-            raise ValueError(f"row_group_size={self.row_group_size}; must be ≥ 1")
+            raise ConfigError(f"row_group_size={self.row_group_size}; must be ≥ 1")
 
 
 @dataclass(frozen=True)

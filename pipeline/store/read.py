@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import MissingInputError
 from pipeline.storage import Options
 from pipeline.store.layout import (
     COMMITS_DIR,
@@ -30,7 +31,7 @@ def require_store(store_url: str, options: Options = None) -> None:
     an error, never as an empty store)."""
     markers = (storage.join(store_url, RUN_INFO), storage.join(store_url, COMMITS_DIR))
     if not any(storage.exists(url, options) for url in markers):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no descriptor store at {storage.redact(store_url)} (neither {RUN_INFO} nor {COMMITS_DIR}/ exists)"
         )
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.train.settings import TrainJob
 from pipeline.train_data import (
     TrainingRows,
@@ -71,7 +72,7 @@ def check_resumable(out_url: str, identity: dict[str, Any], options: storage.Opt
         return 0
     differing = sorted(k for k in identity if state["identity"].get(k) != identity[k])
     if differing:
-        raise ValueError(
+        raise InputError(
             f"{storage.redact(out_url)} holds checkpoints of a different training run (differs in "
             f"{differing}); use a new output URL or remove {CHECKPOINT_FOLDER}/"
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import trained_preset
+from pipeline.errors import ConfigError, MissingInputError
 from pipeline.manifest import manifest_fingerprint, read_manifest
 from pipeline.ray_runtime import ensure_ray
 from pipeline.train.checkpoints import check_resumable, run_identity, weights_url
@@ -80,11 +81,11 @@ def run_training(
     identity = run_identity(job, manifest_fingerprint(table), rows, total_steps)
     resumed_from = check_resumable(job.out_url, identity, options)
     if job.weights_url and job.weights_url != "imagenet" and not storage.exists(job.weights_url, options):
-        raise FileNotFoundError(f"weights file not found: {storage.redact(job.weights_url)}")
+        raise MissingInputError(f"weights file not found: {storage.redact(job.weights_url)}")
     ensure_ray(cluster.address)
     workers, gpus = worker_shape(cluster, ray.cluster_resources().get("GPU", 0.0))
     if job.config.batch_size % workers:
-        raise ValueError(f"batch_size {job.config.batch_size} must split evenly over {workers} workers")
+        raise ConfigError(f"batch_size {job.config.batch_size} must split evenly over {workers} workers")
     progress = Queue(actor_options={"num_cpus": 0})
     setup = {
         "job": job,
@@ -135,7 +136,7 @@ def worker_shape(cluster: TrainCluster, cluster_gpus: float) -> tuple[int, float
         gpus = 1.0 if cluster_gpus else 0.0
     workers = cluster.workers or (max(int(cluster_gpus // gpus), 1) if gpus else 1)
     if workers < 1 or gpus < 0:
-        raise ValueError(f"workers must be ≥ 1 and gpus_per_worker ≥ 0, got {workers}, {gpus}")
+        raise ConfigError(f"workers must be ≥ 1 and gpus_per_worker ≥ 0, got {workers}, {gpus}")
     return workers, gpus
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import images, storage
 from pipeline.config import ExtractionConfig, get_preset, trained_preset
+from pipeline.errors import ConfigError
 from pipeline.manifest import local_root
 from pipeline.model.losses import (
     ARCFACE_MARGIN,
@@ -73,7 +74,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps or epochs")
+            raise ConfigError("give exactly one of steps or epochs")
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("mining", self.mining, MINING)
         _check_choice("trainable", self.trainable, TRAINABLE)
@@ -82,19 +83,19 @@ class TrainConfig:
         for name in ("batch_size", "image_size", "images_per_class", "log_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+            raise ConfigError(f"steps must be a positive int, got {self.steps!r}")
         for name in ("epochs", "lr", "clip_norm", "arcface_scale"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+                raise ConfigError(f"{name} must be > 0, got {value!r}")
         if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+            raise ConfigError(f"margin must be >= 0, got {self.margin!r}")
         if self.objective != "arcface" and self.sampling != "balanced":
             log.warning("%s loss with uniform sampling: batches may hold few positives", self.objective)
         if self.objective == "quadruplet" and self.sampling == "balanced" and self.images_per_class < 3:
-            raise ValueError("the quadruplet loss needs images_per_class >= 3 (an anchor and two positives)")
+            raise ConfigError("the quadruplet loss needs images_per_class >= 3 (an anchor and two positives)")
 
     @property
     def global_margin(self) -> float:
@@ -113,7 +114,7 @@ class TrainConfig:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} {value!r}; allowed: {list(allowed)}")
+        raise ConfigError(f"{name} {value!r}; allowed: {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,9 @@ class TrainCluster:
         _check_choice("decode", self.decode, DECODE)
         for name in ("decode_threads", "decode_chunk"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)!r}")
         if not self.decode_cpus > 0:
-            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus!r}")
+            raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus!r}")
 
     def decode_where(self, gpus_per_worker: float) -> str:
         """Where the workers decode (threads or tasks): ``decode``, "auto" resolved for their GPUs."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 from pipeline.model import Delg, load_pretrained
 from pipeline.model.losses import (
     ArcFace,
@@ -87,7 +88,7 @@ class Trainee(nn.Module):
         if which == "local-head":
             return [model.attention, model.autoencoder, self.attention_classifier]
         if model.whitening is None:
-            raise ValueError("trainable='global-head' needs a preset with a whitening layer to fine-tune")
+            raise ConfigError("trainable='global-head' needs a preset with a whitening layer to fine-tune")
         return [m for m in (model.whitening, self.arcface, self.margin_loss) if m is not None]
 
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
