@@ -43,6 +43,7 @@ from pipeline.extraction.chunks import (
     prepare_row,
     write_chunks,
 )
+from pipeline.extraction.dispatch import extract_on_ray
 from pipeline.extraction.progress import Progress
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob, ExtractionSummary, Extractors
 from pipeline.extraction.stage import (
@@ -72,6 +73,7 @@ __all__ = [
     "Progress",
     "ShardWork",
     "decode_rows",
+    "extract_on_ray",
     "extractor_device",
     "extractor_threads",
     "nothing_extracted_message",

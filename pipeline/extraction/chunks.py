@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline import images, storage, store
 from pipeline.config import RuntimeOptions
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob
-from pipeline.features import PreparedImage, prepare_image
+from pipeline.features import PreparedImage, build_extractor, prepare_image
 from pipeline.storage import Options
 from pipeline.store import ErrorRecord, LocalFeatures
 
@@ -88,8 +88,6 @@ class ChunkExtractor:
     an error record, the others still get descriptors."""
 
     def __init__(self, job: ExtractionJob, runtime: RuntimeOptions, options: Options, device: str) -> None:
-        from pipeline.features import build_extractor  # loads the model code (torch) only where it extracts
-
         self.extractor = build_extractor(
             job.config, job.weights_url, options=options, device=device, runtime=runtime
         )

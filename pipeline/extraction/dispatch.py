@@ -32,7 +32,7 @@ class _ShardState:
     results: list[Any]  # ObjectRefs of ExtractedChunk, in chunk order
 
 
-def _extract_shards(
+def extract_on_ray(
     job: ExtractionJob,
     cluster: ClusterOptions,
     options: Options,
@@ -40,6 +40,7 @@ def _extract_shards(
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
 ) -> None:
+    """Extract the shards ``todo`` on the Ray actor pool (the data path above), counting into ``progress``."""
     pool = _extractor_pool(job, cluster, options, progress.devices)
     pool.ask_autoscaler(True)
     try:

@@ -16,7 +16,7 @@ from pipeline.config import PRESETS, rerank_settings
 from pipeline.errors import InputError
 from pipeline.execution import InProcessExecutor
 from pipeline.extraction.chunks import ShardWork
-from pipeline.extraction.dispatch import _extract_shards
+from pipeline.extraction.dispatch import extract_on_ray
 from pipeline.extraction.progress import Progress
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob, ExtractionSummary
 from pipeline.model.weights import weights_checksum  # torch: loaded with the extractor's model code anyway
@@ -114,7 +114,7 @@ def run_extraction(
         _extract_in_process(job, cluster, options, todo, progress, on_progress or (lambda _: None))
     elif todo:
         ensure_ray(cluster.address)
-        _extract_shards(job, cluster, options, todo, progress, on_progress)
+        extract_on_ray(job, cluster, options, todo, progress, on_progress)
 
     stats = store.store_stats(job.out_url, options)
     if stats["rows"] != table.num_rows:
