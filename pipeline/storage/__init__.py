@@ -17,6 +17,10 @@ never retried: they raise a :class:`StorageFault` whose one-line message names t
 Known secrets are blanked from any text by :func:`redact_text`, and from every log record once
 :func:`install_log_redaction` ran (the CLI and the jobs do).
 
+A missing object raises :class:`MissingObject` (a MissingInputError: one line naming the operation and the
+redacted path). Retries happen in one layer, :func:`with_retries`: the S3 client (botocore) and s3fs make one
+attempt per call; each retry counts into the ``storage_retries`` metric.
+
 Writes are atomic: a reader sees a whole object or nothing. Object stores give this per PUT; on
 local disks we write a temporary sibling and rename it.
 
@@ -66,6 +70,7 @@ from pipeline.storage.retries import (
     PERMANENT_ERRORS,
     AccessRefused,
     BucketMissing,
+    MissingObject,
     StorageError,
     StorageFault,
     is_permanent,
@@ -98,6 +103,7 @@ __all__ = [
     "PROTOCOLS",
     "AccessRefused",
     "BucketMissing",
+    "MissingObject",
     "Options",
     "StorageError",
     "StorageFault",
