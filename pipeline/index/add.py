@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -16,8 +15,6 @@ from pipeline.execution import Executor, RayExecutor, Workers
 from pipeline.index import io, refine, whitening
 from pipeline.index.build_config import BuildConfig
 from pipeline.storage import Options
-
-T = TypeVar("T")
 
 
 def part_urls(out_url: str, task: int) -> tuple[str, str]:

@@ -10,8 +10,6 @@ from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-log = logging.getLogger(__name__)
-
 
 def redact(url: str) -> str:
     """The URL without user info or query string (which can carry credentials or signatures)."""

@@ -4,7 +4,6 @@ worker's rank, device, decoder and progress sink come from its caller (:mod:`pip
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from pipeline.train_data import (
     SampleSequence,
     TrainingRows,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
