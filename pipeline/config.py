@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.model.catalog import BACKBONE_CHANNELS, GLOBAL_POOLS, pooled_dim
+from pipeline.rerank.config import RerankConfig, settings_of
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision ImageNet statistics in 0..255 pixel units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -236,8 +237,6 @@ RERANK_BY_LOCAL_HEAD: dict[str, dict[str, Any]] = {
 
 def rerank_settings(local_head: str) -> dict[str, Any]:
     """Matching, verification and scoring settings for features of ``local_head`` (JSON-ready)."""
-    from pipeline.rerank.config import RerankConfig, settings_of
-
     if local_head not in RERANK_BY_LOCAL_HEAD:
         raise ValueError(f"local_head {local_head!r}; allowed: {list(RERANK_BY_LOCAL_HEAD)}")
     return settings_of(RerankConfig(**RERANK_BY_LOCAL_HEAD[local_head]))

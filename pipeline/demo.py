@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.runconfig import RunConfig
+from pipeline.runconfig import RunConfig, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ def write_demo(
     out_dir: str, views: int = 4, preset: str | None = None, weights: str | None = None
 ) -> RunConfig:
     """Write the demo dataset and its run config (``out_dir/demo.toml``) to a local folder; return the config."""
-    from pipeline.runconfig import load_run_config
-
     if not storage.is_local(out_dir):
         raise ValueError(f"the demo writes to a local folder, got {storage.redact(out_dir)}")
     if preset is None:

@@ -32,6 +32,9 @@ METRICS = {
     "images": Metric("counter", "Images a stage finished (descriptors or an error record).", ("stage",)),
     "image_errors": Metric("counter", "Images that failed, by reason (error records).", ("stage", "reason")),
     "bytes_read": Metric("counter", "Bytes of images read from storage.", ()),
+    "storage_retries": Metric(
+        "counter", "Storage calls retried after a transient error (pipeline.storage).", ()
+    ),
     "queue_depth": Metric("gauge", "Work items waiting in one of a stage's queues.", ("stage", "queue")),
     "vectors_added": Metric("counter", "Vectors added to an index.", ("stage",)),
     "build_step": Metric("gauge", "The index build's step (0 train, 1 add, 2 merge and recall, 3 done).", ()),

@@ -24,53 +24,20 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import storage
+from pipeline.evaluate import evaluate, write_metrics
+from pipeline.extraction import Progress, run_extraction
+from pipeline.index import build_index, search
+from pipeline.index.dba import build_dba
+from pipeline.report import report_run
+from pipeline.rerank import config_from_stores, rerank
 from pipeline.runconfig import RunConfig
-
-if TYPE_CHECKING:
-    from pipeline.extraction import Progress
+from pipeline.runpaths import STAGES as STAGES  # re-exported: the run's stages, where callers import them
+from pipeline.runpaths import RunPaths
 
 log = logging.getLogger(__name__)
-
-STAGES = ("extract-index", "extract-queries", "build-index", "search", "rerank", "evaluate", "report")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    out: str
-
-    @property
-    def index_store(self) -> str:
-        return storage.join(self.out, "index-descriptors")
-
-    @property
-    def query_store(self) -> str:
-        return storage.join(self.out, "query-descriptors")
-
-    @property
-    def index(self) -> str:
-        return storage.join(self.out, "index")
-
-    @property
-    def search(self) -> str:
-        return storage.join(self.out, "search.parquet")
-
-    @property
-    def reranked(self) -> str:
-        return storage.join(self.out, "reranked.parquet")
-
-    @property
-    def metrics(self) -> str:
-        return storage.join(self.out, "metrics.json")
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.out, "report.html")
-
-    def marker(self, stage: str) -> str:
-        return storage.join(self.out, "_stages", f"{stage}.json")
 
 
 @dataclass(frozen=True)
@@ -105,27 +72,6 @@ class StageResult:
     seconds: float
     summary: dict[str, Any]
     reused: bool
-
-
-def stage_seconds(config: RunConfig, options: storage.Options = None) -> dict[str, float]:
-    """Seconds of each finished stage of ``config``'s run, in run order, from the stage markers."""
-    paths = RunPaths(config.out)
-    out = {}
-    for stage in active_stages(config):
-        marker = paths.marker(stage)
-        if storage.exists(marker, options):
-            out[stage] = json.loads(storage.read_text(marker, options))["seconds"]
-    return out
-
-
-def active_stages(config: RunConfig) -> list[str]:
-    """The stages ``config`` runs, in order."""
-    skipped = {
-        "rerank": not config.rerank.enabled,
-        "evaluate": not config.data.ground_truth,
-        "report": not config.report.enabled,
-    }
-    return [stage for stage in STAGES if not skipped.get(stage, False)]
 
 
 def _key(stage: str, params: Any, upstream: list[str]) -> str:
@@ -185,8 +131,6 @@ def run_pipeline(
 
 
 def _extract_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.extraction import run_extraction
-
     cluster = config.extract.cluster(config.ray_address)
 
     def extraction(
@@ -215,8 +159,6 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
 
 
 def _index_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.index import build_index, search
-
     paths, options = runner.paths, runner.options
 
     def build() -> Mapping[str, Any]:
@@ -241,8 +183,6 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
     runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)
     global_config = config.rerank.global_rerank_config()
     if _needs_dba(config):  # DBA vectors beside the index, for re-ranking
-        from pipeline.index.dba import build_dba
-
         runner.stage(
             "dba",
             [global_config.dba_k, global_config.dba_alpha],
@@ -264,9 +204,6 @@ def _needs_dba(config: RunConfig) -> bool:
 
 
 def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
-    from pipeline.report import report_run
-    from pipeline.rerank import config_from_stores, rerank
-
     paths, options = runner.paths, runner.options
     global_config = config.rerank.global_rerank_config()
     rerank_config = (  # the stores' settings (their preset's), overridden by the [rerank] keys given
@@ -307,8 +244,6 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
 
 
 def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> dict[str, Any]:
-    from pipeline.evaluate import evaluate
-
     results = {"global": paths.search}
     if config.rerank.enabled:
         results["reranked"] = paths.reranked
@@ -322,5 +257,5 @@ def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> d
         )
         for name, url in results.items()
     }
-    storage.write_text(paths.metrics, json.dumps(metrics, indent=2), options)
+    write_metrics(paths.metrics, metrics, options)
     return metrics

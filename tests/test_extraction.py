@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline import boundary, storage, store
 from pipeline.config import get_preset
-from pipeline.errors import ResourcesUnavailableError
+from pipeline.errors import InputError, ResourcesUnavailableError
 from pipeline.extraction import (
     ClusterOptions,
     ExtractionJob,
@@ -141,20 +141,27 @@ def test_every_row_accounted_and_equal_to_direct_extraction(tmp_path, ray_cluste
         assert float(vector @ got[image_id]) > 1 - 1e-4, image_id
     info = json.loads((tmp_path / "out/_run.json").read_text())
     assert info["preset"] == "cpu-small" and info["manifest_rows"] == 13 and len(info["weights_sha256"]) == 64
+    # The same stage logic without Ray (the execution seam's in-process executor) writes the same store.
+    here = replace(job, out_url=str(tmp_path / "here"))
+    summary = run_extraction(here, ClusterOptions(chunk_size=3), in_process=True)
+    assert (summary.rows, summary.ok, summary.errors, summary.devices) == (13, 9, 4, {"cpu": 1})
+    in_process = _assert_accounted(here.out_url, rows, bad)
+    for image_id, vector in got.items():
+        np.testing.assert_allclose(in_process[image_id], vector, atol=1e-5)
 
 
-def test_resume_redoes_only_uncommitted_shards(tmp_path, ray_cluster, weights):
+def test_resume_redoes_only_uncommitted_shards(tmp_path, weights):
     rows, bad = _dataset(tmp_path, good=8)
     job = ExtractionJob(
         _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
     )
-    cluster = ClusterOptions(address=ray_cluster, chunk_size=4)
-    run_extraction(job, cluster)
+    cluster = ClusterOptions(chunk_size=4)
+    run_extraction(job, cluster, in_process=True)
     before = _assert_accounted(job.out_url, rows, bad)
     # A crash between shard 1's data files and its commit marker: the marker is missing.
     (tmp_path / "out/_commits/part-00001.json").unlink()
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out/global").iterdir() if "00001" not in p.name}
-    summary = run_extraction(job, cluster)
+    summary = run_extraction(job, cluster, in_process=True)
     assert summary.shards_resumed == 2 and summary.rows_this_run == 4
     assert {p: p.stat().st_mtime_ns for p in kept} == kept, "committed shards were rewritten"
     after = _assert_accounted(job.out_url, rows, bad)
@@ -162,20 +169,20 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, ray_cluster, weights):
     for image_id in before:
         np.testing.assert_allclose(before[image_id], after[image_id], atol=1e-5)
     # A finished run re-run does nothing.
-    assert run_extraction(job, cluster).rows_this_run == 0
+    assert run_extraction(job, cluster, in_process=True).rows_this_run == 0
 
 
-def test_resume_refuses_a_different_run(tmp_path, ray_cluster, weights):
+def test_resume_refuses_a_different_run(tmp_path, weights):
     rows, _ = _dataset(tmp_path, good=2)
     job = ExtractionJob(
         _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
     )
-    run_extraction(job, ClusterOptions(address=ray_cluster))
+    run_extraction(job, in_process=True)
     other = replace(job, config=replace(CONFIG, max_local_features=10))
-    with pytest.raises(ValueError, match=r"different run.*config"):
-        run_extraction(other, ClusterOptions(address=ray_cluster))
-    with pytest.raises(ValueError, match=r"different run.*decode_draft"):  # other pixels, other features
-        run_extraction(replace(job, decode_draft=True), ClusterOptions(address=ray_cluster))
+    with pytest.raises(InputError, match=r"different run.*config"):
+        run_extraction(other, in_process=True)
+    with pytest.raises(InputError, match=r"different run.*decode_draft"):  # other pixels, other features
+        run_extraction(replace(job, decode_draft=True), in_process=True)
 
 
 def _actor_pids() -> list[int]:

@@ -57,7 +57,8 @@ FAST = BuildConfig(tasks=3, keep_intermediate=True, quality=QualityConfig(querie
 
 @pytest.fixture(autouse=True)
 def local_ray(ray_cluster):
-    """Every build here runs its add tasks on the session's real local Ray."""
+    """Builds that test distribution run their steps on the session's real local Ray; builds that test the
+    index's logic run in process (``in_process=True``), through the same steps."""
 
 
 def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -117,6 +118,16 @@ def single_process(out: str, vectors: np.ndarray) -> faiss.Index:
     index = io.read_index(os.path.join(out, io.TRAINED))
     index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
     return index
+
+
+def test_in_process_build_gives_the_ray_build_s_index(built, data, tmp_path):
+    """The same steps without Ray (the execution seam's in-process executor): the same trained index, the
+    same inverted lists, the same search setting."""
+    store_url, out, summary = built
+    here = build_index(store_url, str(tmp_path / "here"), factory=FACTORY, config=FAST, in_process=True)
+    assert invlist_contents(io.load_index(str(tmp_path / "here"))) == invlist_contents(io.load_index(out))
+    same = ("factory", "ntotal", "next_id", "train_points", "nprobe", "k_factor")
+    assert {k: here[k] for k in same} == {k: summary[k] for k in same}
 
 
 def test_distributed_build_equals_single_process(built, data):
@@ -274,7 +285,7 @@ def test_auto_params_tiny_and_impossible():
 def test_flat_index_reports_perfect_recall(tmp_path):
     vectors = clustered(300, 32, seed=3).astype(np.float16).astype(np.float32)
     write_store(str(tmp_path / "s"), vectors, image_names(300), 2)
-    summary = build_index(str(tmp_path / "s"), str(tmp_path / "i"), config=FAST)
+    summary = build_index(str(tmp_path / "s"), str(tmp_path / "i"), config=FAST, in_process=True)
     assert summary["factory"] == "IDMap2,Flat" and "exact" in summary["reason"] and summary["nprobe"] is None
     [row] = json.loads((tmp_path / "i" / io.QUALITY).read_text())["rows"]
     assert row["1-recall@1"] == row["10-recall@10"] == row["100-recall@100"] == 1.0
@@ -317,7 +328,7 @@ def test_incremental_add_equals_building_with_all(tmp_path, data, built):
     write_store(str(tmp_path / "new"), data[cut:], names[cut:], 1, first_shard=3)
     trained = os.path.join(built[1], io.TRAINED)
     config = BuildConfig(tasks=2, trained_url=trained, quality=QualityConfig(queries=20, max_nprobe=4))
-    build_index(str(tmp_path / "old"), str(tmp_path / "inc"), factory=FACTORY, config=config)
+    build_index(str(tmp_path / "old"), str(tmp_path / "inc"), factory=FACTORY, config=config, in_process=True)
     new = store.global_shard_urls(str(tmp_path / "new"))
     assert new_shards(str(tmp_path / "inc"), str(tmp_path / "new")) == new
     assert add_shards(str(tmp_path / "inc"), new)["added"] == N - cut
@@ -342,6 +353,7 @@ def test_remove_ids_removes_exactly_those(tmp_path, data, built):
             trained_url=os.path.join(built[1], io.TRAINED),
             quality=QualityConfig(queries=20, max_nprobe=4),
         ),
+        in_process=True,
     )
     before = invlist_contents(io.load_index(out))
     gone = ["img000007", "img002500", "img004999"]
@@ -358,7 +370,7 @@ def test_search_writes_ranked_results_and_handles_k_above_n(tmp_path):
     vectors = clustered(300, 32, seed=5).astype(np.float16).astype(np.float32)
     names = [f"db{i:04d}" for i in range(300)]
     write_store(str(tmp_path / "db"), vectors, names, 3)
-    build_index(str(tmp_path / "db"), str(tmp_path / "i"), config=FAST)
+    build_index(str(tmp_path / "db"), str(tmp_path / "i"), config=FAST, in_process=True)
     write_store(str(tmp_path / "q"), vectors[[5, 123, 299]], ["q5", "q123", "q299"], 1)
     out = str(tmp_path / "results.parquet")
     summary = search(str(tmp_path / "i"), str(tmp_path / "q"), out, SearchConfig(k=500))
@@ -383,7 +395,7 @@ def test_on_disk_merge_searches_like_the_in_ram_index(tmp_path, data, built):
         trained_url=os.path.join(built[1], io.TRAINED),
         quality=QualityConfig(queries=20, max_nprobe=4),
     )
-    assert build_index(built[0], out, factory=FACTORY, config=config)["on_disk"]
+    assert build_index(built[0], out, factory=FACTORY, config=config, in_process=True)["on_disk"]
     on_disk, in_ram = io.load_index(out), io.load_index(built[1])
     assert invlist_contents(on_disk) == invlist_contents(in_ram)
     for index in (on_disk, in_ram):
@@ -493,7 +505,12 @@ def test_float16_refinement_of_the_whole_shortlist_is_exact(tmp_path, built, dat
     """fp16 codes (in RAM) and the memory-mapped float16 copy hold the store's values: re-scoring every vector
     gives exact search."""
     out = str(tmp_path / kind)
-    assert build_index(built[0], out, factory=FACTORY, config=reuse_trained(built, kind))["refine"] == kind
+    assert (
+        build_index(built[0], out, factory=FACTORY, config=reuse_trained(built, kind), in_process=True)[
+            "refine"
+        ]
+        == kind
+    )
     scores, ids = refined_index(out, 64, N / 10).search(data[:50], 10)  # k · k_factor = N candidates
     expected_scores, expected_ids = exact_top(data, data[:50], 10)
     np.testing.assert_array_equal(ids, expected_ids)
@@ -506,7 +523,9 @@ def test_incremental_updates_keep_the_refinement_consistent(tmp_path, built, dat
     names, cut, out = image_names(N), 3 * N // 4, str(tmp_path / "inc")
     write_store(str(tmp_path / "old"), data[:cut], names[:cut], 3)
     write_store(str(tmp_path / "new"), data[cut:], names[cut:], 1, first_shard=3)
-    build_index(str(tmp_path / "old"), out, factory=FACTORY, config=reuse_trained(built, "store"))
+    build_index(
+        str(tmp_path / "old"), out, factory=FACTORY, config=reuse_trained(built, "store"), in_process=True
+    )
     add_shards(out, store.global_shard_urls(str(tmp_path / "new")))
     assert sorted(p.name for p in Path(out).glob("refine-*.codes"))[-1] == f"refine-{cut:012d}.codes"
     queries = data[cut - 5 : cut + 15]  # old and added images
@@ -572,7 +591,7 @@ def test_quality_on_a_query_store_agrees_with_recall_measured_outside(tmp_path, 
     config = replace(
         reuse_trained(built, "auto"), quality=QualityConfig(queries=200, query_store=query_store)
     )
-    summary = build_index(built[0], out, factory=FACTORY, config=config)
+    summary = build_index(built[0], out, factory=FACTORY, config=config, in_process=True)
     quality = json.loads(Path(out, io.QUALITY).read_text())
     assert not quality["leave_one_out"] and quality["query_set"] == f"query store {query_store}"
     assert quality["queries"] == 200
@@ -601,7 +620,11 @@ def test_quality_on_a_query_store_agrees_with_recall_measured_outside(tmp_path, 
 def test_a_finished_build_keeps_only_what_search_needs(tmp_path, built):
     out = str(tmp_path / "tidy")
     summary = build_index(
-        built[0], out, factory=FACTORY, config=replace(reuse_trained(built, "auto"), keep_intermediate=False)
+        built[0],
+        out,
+        factory=FACTORY,
+        config=replace(reuse_trained(built, "auto"), keep_intermediate=False),
+        in_process=True,
     )
     names = sorted(p.name for p in Path(out).iterdir())
     assert io.PARTS not in names and io.TRAINED not in names and io.INDEX in names

@@ -446,3 +446,30 @@ def test_a_missing_backend_extra_is_a_user_error_naming_it() -> None:
         "gs://b/x: gs:// needs the 'gcs' extra: pip install 'landmark-index[gcs]'",
         "az://c/x: az:// needs the 'azure' extra: pip install 'landmark-index[azure]'",
     ]
+
+
+def test_s3_calls_have_one_retry_layer(site: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """botocore and s3fs make one attempt per call; pipeline.storage retries (4 attempts in all), so a
+    server that keeps failing sees 4 requests, not 4 × 5 (the S3 "server" here is the HTTP test site: a read
+    of bucket img, key a.jpg is a HEAD, then a GET answered with the file)."""
+    options = {"endpoint_url": site.url(""), "key": "test-key", "secret": "test-secret"}
+    site.add_fault("img/a.jpg", Fault(status=503, times=2))
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        assert storage.read_bytes("s3://img/a.jpg", options) == (tmp_path / "img" / "a.jpg").read_bytes()
+    assert site.hits["/img/a.jpg"] == 4  # two failed HEADs, then HEAD + GET
+    retries = [re.search(r"retry (\d)/4", r.getMessage()) for r in caplog.records]
+    assert [m[1] for m in retries if m] == ["1", "2"]  # the retries were ours
+    site.hits.clear()
+    site.add_fault("img/a.jpg", Fault(status=503))
+    with pytest.raises(storage.StorageError, match="after 4 attempts"):
+        storage.read_bytes("s3://img/a.jpg", options)
+    assert site.hits["/img/a.jpg"] == 4
+
+
+def test_a_missing_object_is_a_missing_input_naming_the_path(tmp_path: Path) -> None:
+    from pipeline.errors import MissingInputError
+
+    for url in (str(tmp_path / "nope.parquet"), f"file://{tmp_path}/nope.parquet"):
+        with pytest.raises(MissingInputError, match=r"read .*nope\.parquet: not found") as missing:
+            storage.read_bytes(url)
+        assert isinstance(missing.value, FileNotFoundError)  # callers that test "not there" still work

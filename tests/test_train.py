@@ -9,8 +9,10 @@ is checked in-process. Runs: the CLI with two workers, the library with one, a c
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import queue
 import subprocess
 import sys
 from collections import Counter
@@ -26,12 +28,15 @@ from PIL import Image
 from jobs import train as train_job
 from pipeline.config import get_preset, trained_preset
 from pipeline.features import build_extractor
-from pipeline.manifest import ManifestError, read_manifest
+from pipeline.manifest import ManifestError, manifest_fingerprint, read_manifest
 from pipeline.train import (
     TrainCluster,
     TrainConfig,
     TrainJob,
+    TrainLoop,
+    WorkerPlace,
     build_trainee,
+    run_identity,
     run_training,
     set_train_mode,
     train_step,
@@ -351,6 +356,29 @@ def test_two_workers_make_the_same_update_as_one(two_workers_cli, one_worker, in
     moved = {k.split(".")[0] for k in one if k not in initial or not torch.equal(one[k], initial[k])}
     assert moved == {"attention", "autoencoder"}  # the local head trained, the frozen backbone did not
     assert_same_updates(one, two, initial)
+
+
+def test_the_loop_runs_without_ray_to_the_ray_workers_weights(
+    manifest, initial_weights, one_worker, tmp_path
+):
+    """The training loop itself knows no Ray: one in-process worker (threads decode) makes the same update as
+    the one-worker Ray Train run."""
+    out = tmp_path / "out"
+    run = job(manifest, out, initial_weights, checkpoint_every=3)
+    table = read_manifest(manifest)
+    rows = training_rows(table)
+    identity = run_identity(run, manifest_fingerprint(table), rows, run.config.total_steps(len(rows.labels)))
+    lines: queue.Queue = queue.Queue()
+    summary = TrainLoop(
+        run, TrainCluster(), identity, rows, WorkerPlace(), functools.partial(ThreadDecoder, threads=2), lines
+    ).run()
+    assert summary["steps"] == STEPS and lines.qsize() == STEPS
+    here, there = metrics(out), metrics(one_worker)
+    assert [m["step"] for m in here] == [m["step"] for m in there] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in here] == pytest.approx([m["loss"] for m in there], rel=1e-4)
+    assert_same_updates(
+        load(one_worker / "weights.pt"), load(out / "weights.pt"), load(Path(initial_weights))
+    )
 
 
 def test_killed_run_resumes_to_the_same_weights(manifest, initial_weights, one_worker, s3_bucket):

@@ -36,7 +36,7 @@ class BackboneSpec:
     # receptive box (291, 32, 145), i.e. centres at 32·i, while its TF-'same' stem puts the true centres at
     # 32·i + 3 on even input sizes (+2 on odd ones). Reference-exact keypoints follow the convention.
     keypoint_field: ReceptiveField | None = None
-    # The TF layout whose checkpoints convert into it (pipeline/convert.py): "keras" (the TF2 reference) or
+    # The TF layout whose checkpoints convert into it (pipeline/convert/): "keras" (the TF2 reference) or
     # "slim" (TF1, the released files; its DELG heads are slim convs too: bias-free, BatchNorm ε 1e-5), and
     # its depth, e.g. ("slim", 50).
     tf_layout: tuple[str, int] | None = None

@@ -10,7 +10,7 @@ not work in the other:
   block4, whose first block then has stride 1 — the local features sit on a stride-32 grid.
 
 Module names are the reference's attribute names (conv1, bn_conv1, l2a … l5c, conv2a, bn2a, conv_shortcut …),
-so the TF → PyTorch table in pipeline/convert.py maps one name to the same name.
+so the TF → PyTorch table in pipeline/convert/ maps one name to the same name.
 """
 
 from __future__ import annotations

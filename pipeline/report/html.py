@@ -1,173 +1,23 @@
-"""A self-contained HTML report of a retrieval run, readable offline: one .html file, no external assets.
-
-The page shows the summary metrics and stage timings, then per query its ranked thumbnails (global ranking and
-re-ranked, side by side, each hit marked positive / negative / junk when ground truth exists) and, for the top
-re-ranked pairs, the inlier matches drawn as SVG lines between the two images. Images are inlined as small
-base64 JPEG thumbnails; every piece of text (ids are user data) is HTML-escaped.
-"""
+"""Rendering: the report's data → one self-contained HTML page. Pure: it reads nothing; every image comes as
+a thumbnail gathered beforehand (:mod:`pipeline.report.thumbnails`). Every text goes through :func:`_e`
+(redacted, then escaped)."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
-import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-import pipeline
-from pipeline import images, results, storage
-from pipeline.embedding_map import EmbeddingMap, embedding_map, map_html
-from pipeline.storage import Options, StorageError
-
-if TYPE_CHECKING:
-    from pipeline.runconfig import RunConfig
-
-LABELS = ("positive", "negative", "junk")
-BADGES = {
-    "positive": ("✓", "correct"),
-    "negative": ("✗", "wrong"),
-    "junk": ("∅", "junk: ignored by the metric"),
-}
-
-ImageSource = (
-    bytes | str | None
-)  # encoded image bytes, a URL / path read through pipeline.storage, or nothing
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One retrieved image."""
-
-    id: str
-    score: float
-    image: ImageSource = None
-    inliers: int | None = None  # verified inliers, for re-ranked hits
-    label: str | None = None  # "positive" | "negative" | "junk"; None without ground truth
-    global_score: float | None = None  # the global similarity before re-ranking, for re-ranked hits
-
-    def __post_init__(self) -> None:
-        if self.label is not None and self.label not in LABELS:
-            raise ValueError(f"hit {self.id!r} has label {self.label!r}; allowed: {list(LABELS)} or None")
-
-
-@dataclass(frozen=True)
-class QueryView:
-    """What the report shows for one query.
-
-    ``matches`` maps a re-ranked hit id to its inlier correspondences ``(query_xy (M, 2), hit_xy (M, 2))``,
-    in pixels of the images as given (after EXIF rotation, the frame the extractor uses).
-    """
-
-    query_id: str
-    query_image: ImageSource
-    global_ranking: Sequence[Hit]
-    reranked: Sequence[Hit] = ()
-    matches: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    metrics: Mapping[str, float] = field(default_factory=dict)  # per-query figures, e.g. {"AP global": 0.41}
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    title: str = "landmark-index report"
-    thumb_px: int = 160  # longest side of a ranking thumbnail
-    match_px: int = 220  # height of each image in a match panel: large enough to follow the lines
-    max_queries: int = 20  # keeps the page a few MB
-    max_hits: int = 10  # per ranking
-    max_match_pairs: int = 3  # top re-ranked pairs drawn with their inliers
-    max_match_lines: int = 80  # more lines than this are unreadable
-    jpeg_quality: int = 70
-    map_points: int = 500  # descriptors sampled for the embedding map (exact t-SNE, O(n²)); 0: no map
-
-    def __post_init__(self) -> None:
-        names = (
-            "thumb_px",
-            "match_px",
-            "max_queries",
-            "max_hits",
-            "max_match_pairs",
-            "max_match_lines",
-            "map_points",
-        )
-        for name in names:
-            minimum = 0 if name.startswith("max_match") or name == "map_points" else 1
-            if getattr(self, name) < minimum:
-                raise ValueError(f"ReportSettings.{name} = {getattr(self, name)}; must be ≥ {minimum}")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"ReportSettings.jpeg_quality = {self.jpeg_quality}; allowed 1..95")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Thumbnails
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Thumbnail:
-    data_uri: str  # data:image/jpeg;base64,...
-    width: int
-    height: int
-    original_size: tuple[int, int]  # (w, h) of the upright full image: the frame of match coordinates
-
-
-def _load_bytes(source: ImageSource, options: Options) -> bytes | None:
-    if source is None or isinstance(source, bytes):
-        return source
-    try:
-        return storage.read_bytes(source, options)
-    except (OSError, StorageError):
-        return None  # the page says "image unavailable" rather than failing the whole report
-
-
-def make_thumbnail(data: bytes, max_side: int, quality: int, height: int | None = None) -> Thumbnail | None:
-    """A JPEG thumbnail with longest side ``max_side`` (or exactly ``height`` tall); None if undecodable.
-
-    Decoded by pipeline.images, as the extractor decodes: only safe formats, pixel count checked first,
-    upright, RGB; so match coordinates (extractor pixels) land on the same frame.
-    """
-    try:
-        pixels = images.decode_image(data)  # (3, H, W) uint8
-    except images.ImageError:
-        return None
-    image = Image.fromarray(np.ascontiguousarray(pixels.numpy().transpose(1, 2, 0)))
-    original = image.size
-    if height is not None:
-        image = image.resize(
-            (max(1, round(original[0] * height / original[1])), height), Image.Resampling.BILINEAR
-        )
-    else:
-        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality, optimize=True)
-    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Thumbnail(uri, image.width, image.height, original)
-
-
-class _Thumbnails:
-    """Thumbnails cached by content, so an image shown in both rankings is decoded once."""
-
-    def __init__(self, settings: ReportSettings, options: Options) -> None:
-        self.settings, self.options = settings, options
-        self.cache: dict[tuple[str, int | None], Thumbnail | None] = {}
-
-    def get(self, source: ImageSource, height: int | None = None) -> Thumbnail | None:
-        data = _load_bytes(source, self.options)
-        if data is None:
-            return None
-        key = (hashlib.sha1(data).hexdigest(), height)
-        if key not in self.cache:
-            self.cache[key] = make_thumbnail(data, self.settings.thumb_px, self.settings.jpeg_quality, height)
-        return self.cache[key]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# HTML pieces
-# ---------------------------------------------------------------------------------------------------------
+from pipeline import storage
+from pipeline.embedding_map import EmbeddingMap, map_html
+from pipeline.report.thumbnails import Thumbnail, Thumbnails, load_thumbnails
+from pipeline.report.views import BADGES, ErrorGroup, Hit, ImageSource, QueryView, ReportSettings
+from pipeline.storage import Options
 
 
 def _e(value: Any) -> str:
@@ -240,7 +90,7 @@ def _image_html(thumb: Thumbnail | None, alt: str) -> str:
     return f'<img src="{thumb.data_uri}" width="{thumb.width}" height="{thumb.height}" alt="{_e(alt)}">'
 
 
-def hit_html(rank: int, hit: Hit, thumbs: _Thumbnails, global_rank: int | None = None) -> str:
+def hit_html(rank: int, hit: Hit, thumbs: Thumbnails, global_rank: int | None = None) -> str:
     """One ranked tile: thumbnail, label badge, id, score, inliers and (re-ranked) the former rank."""
     label = hit.label or "unlabelled"
     glyph, meaning = BADGES[hit.label] if hit.label else ("", "")
@@ -263,7 +113,7 @@ def hit_html(rank: int, hit: Hit, thumbs: _Thumbnails, global_rank: int | None =
 
 
 def ranking_html(
-    title: str, hits: Sequence[Hit], thumbs: _Thumbnails, max_hits: int, global_ranks: dict
+    title: str, hits: Sequence[Hit], thumbs: Thumbnails, max_hits: int, global_ranks: dict
 ) -> str:
     if not hits:
         return f'<div class="ranking"><h3>{_e(title)}</h3><p class="note">none</p></div>'
@@ -307,9 +157,9 @@ def match_svg(
     )
 
 
-def matches_html(view: QueryView, thumbs: _Thumbnails, settings: ReportSettings) -> str:
+def matches_html(view: QueryView, thumbs: Thumbnails, settings: ReportSettings) -> str:
     """Inlier panels for the top re-ranked hits that have matches."""
-    pairs = [h for h in view.reranked if h.id in view.matches][: settings.max_match_pairs]
+    pairs = view.match_pairs(settings.max_match_pairs)
     if not pairs:
         return ""
     query_thumb = thumbs.get(view.query_image, settings.match_px)
@@ -331,7 +181,7 @@ def matches_html(view: QueryView, thumbs: _Thumbnails, settings: ReportSettings)
     return f'<div class="matches"><h3>Inlier matches, top re-ranked pairs</h3>{"".join(panels)}</div>'
 
 
-def query_html(index: int, view: QueryView, thumbs: _Thumbnails, settings: ReportSettings) -> str:
+def query_html(index: int, view: QueryView, thumbs: Thumbnails, settings: ReportSettings) -> str:
     chips = "".join(
         f'<span class="chip">{_e(name)} {_e(_format_figure(name, value))}</span>'
         for name, value in view.metrics.items()
@@ -365,16 +215,6 @@ def quality_html(quality: Mapping[str, Any] | None) -> str:
     shown["queries"] = quality.get("queries")
     reason = quality.get("nprobe_reason", "")
     return summary_html(shown) + (f'<p class="note">{_e(reason)}</p>' if reason else "")
-
-
-@dataclass(frozen=True)
-class ErrorGroup:
-    """The failed rows of one reason in one descriptor store."""
-
-    store: str  # "index" | "queries"
-    reason: str
-    count: int
-    examples: Sequence[tuple[str, str]]  # (row id, message), a few
 
 
 def errors_html(groups: Sequence[ErrorGroup]) -> str:
@@ -438,7 +278,7 @@ def query_section(
 ) -> str:
     """One query's section as the report draws it (rankings, thumbnails, inlier lines), for pages that style
     it with :data:`STYLE` (the query service's page)."""
-    return query_html(0, view, _Thumbnails(settings, options), settings)
+    return query_html(0, view, load_thumbnails([view], settings, options), settings)
 
 
 STYLE = """
@@ -505,6 +345,49 @@ def _legend_html() -> str:
     return f'<p class="legend">{items}<span><span class="sw"></span>no ground truth</span></p>'
 
 
+@dataclass(frozen=True)
+class ReportData:
+    """Everything a report page shows, gathered beforehand: rendering it reads nothing."""
+
+    summary: Mapping[str, Any]
+    timings: Mapping[str, float]
+    queries: Sequence[QueryView]
+    thumbnails: Thumbnails  # every image shown (load_thumbnails)
+    settings: ReportSettings
+    embedding: EmbeddingMap | None = None
+    sources: Mapping[str, ImageSource] = field(default_factory=dict)  # id → image of the map's photos
+    sections: Sequence[tuple[str, str]] = ()  # (title, HTML) panels after the summary
+
+
+def render_page(data: ReportData) -> str:
+    """The whole report as one HTML string (images inlined): a pure function of ``data``."""
+    settings, thumbs = data.settings, data.thumbnails
+    shown = data.queries[: settings.max_queries]
+    caps = (
+        f"Showing {len(shown)} of {len(data.queries)} queries (at most {settings.max_queries}), the top "
+        f"{settings.max_hits} hits of each ranking, inlier lines for the top {settings.max_match_pairs} "
+        f"re-ranked pairs (at most {settings.max_match_lines} lines each); thumbnails ≤ {settings.thumb_px} px."
+    )
+    body = "".join(query_html(i, view, thumbs, settings) for i, view in enumerate(shown))
+    if data.embedding is not None:
+        photos = data.sources
+        body = map_html(data.embedding, lambda i: (t := thumbs.get(photos.get(i))) and t.data_uri) + body
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(settings.title)}</title>'
+        f"<style>{STYLE}</style></head><body><header><h1>{_e(settings.title)}</h1>"
+        f'<p class="note">{_e(caps)}</p></header><main><div class="top">'
+        f'<div class="panel"><h3>Summary</h3>{summary_html(data.summary)}</div>'
+        f'<div class="panel"><h3>Stage timings</h3>{timings_html(data.timings)}</div></div>'
+        + "".join(
+            f'<section class="panel section" id="{_e(title.lower().replace(" ", "-"))}"><h3>{_e(title)}</h3>'
+            f"{html}</section>"
+            for title, html in data.sections
+        )
+        + f"{_legend_html()}{body}</main></body></html>\n"
+    )
+
+
 def render_report(
     summary: Mapping[str, Any],
     timings: Mapping[str, float],
@@ -515,33 +398,12 @@ def render_report(
     sources: Mapping[str, ImageSource] | None = None,
     sections: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The whole report as one HTML string (images inlined); ``sections`` are (title, HTML) panels shown
-    after the summary (index quality, errors, per-query AP, provenance); ``embedding`` adds the map, whose
-    photos come from ``sources`` (id → image)."""
-    thumbs = _Thumbnails(settings, options)
-    shown = queries[: settings.max_queries]
-    caps = (
-        f"Showing {len(shown)} of {len(queries)} queries (at most {settings.max_queries}), the top "
-        f"{settings.max_hits} hits of each ranking, inlier lines for the top {settings.max_match_pairs} "
-        f"re-ranked pairs (at most {settings.max_match_lines} lines each); thumbnails ≤ {settings.thumb_px} px."
-    )
-    body = "".join(query_html(i, view, thumbs, settings) for i, view in enumerate(shown))
-    if embedding is not None:
-        photos = sources or {}
-        body = map_html(embedding, lambda i: (t := thumbs.get(photos.get(i))) and t.data_uri) + body
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(settings.title)}</title>'
-        f"<style>{STYLE}</style></head><body><header><h1>{_e(settings.title)}</h1>"
-        f'<p class="note">{_e(caps)}</p></header><main><div class="top">'
-        f'<div class="panel"><h3>Summary</h3>{summary_html(summary)}</div>'
-        f'<div class="panel"><h3>Stage timings</h3>{timings_html(timings)}</div></div>'
-        + "".join(
-            f'<section class="panel section" id="{_e(title.lower().replace(" ", "-"))}"><h3>{_e(title)}</h3>'
-            f"{html}</section>"
-            for title, html in sections
-        )
-        + f"{_legend_html()}{body}</main></body></html>\n"
+    """The whole report as one HTML string: its thumbnails loaded (through ``options``), then rendered;
+    ``sections`` are (title, HTML) panels shown after the summary; ``embedding`` adds the map, whose photos
+    come from ``sources`` (id → image)."""
+    thumbs = load_thumbnails(queries, settings, options, embedding, sources)
+    return render_page(
+        ReportData(summary, timings, queries, thumbs, settings, embedding, sources or {}, sections)
     )
 
 
@@ -561,196 +423,3 @@ def write_report(
         summary, timings, queries, settings, options, embedding=embedding, sources=sources, sections=sections
     )
     storage.write_text(out_url, page, options)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The report stage: a run's outputs → report.html (nothing is recomputed)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _image_sources(
-    manifest_url: str, options: Options, image_root: str | None
-) -> tuple[dict[str, ImageSource], dict[str, str]]:
-    """id → URL or inline bytes of a manifest's images, and id → landmark_id where the manifest has one."""
-    from pipeline import manifest
-
-    table = manifest.read_manifest(manifest_url, options, image_root)
-    ids, urls, inline = (table.column(c).to_pylist() for c in ("id", "url", "image"))
-    landmarks = table.column("landmark_id").to_pylist()
-    sources = {i: (b if b is not None else u) for i, u, b in zip(ids, urls, inline, strict=True)}
-    return sources, {i: str(m) for i, m in zip(ids, landmarks, strict=True) if m is not None}
-
-
-def _labeler(config: RunConfig, options: Options) -> Callable[[str, str], str | None]:
-    from pipeline.evaluate import relevance_labeler
-
-    data = config.data
-    if not data.ground_truth:
-        return lambda query, hit: None
-    return relevance_labeler(data.protocol, data.ground_truth, options, landmarks_url=data.landmarks)
-
-
-def _metrics_summary(config: RunConfig, options: Options) -> dict[str, Any]:
-    """The run's metrics.json flattened to "<results> · <setting>" keys (empty without ground truth)."""
-    from pipeline.run import RunPaths
-
-    metrics_url = RunPaths(config.out).metrics
-    if not config.data.ground_truth or not storage.exists(metrics_url, options):
-        return {}
-    metrics = json.loads(storage.read_text(metrics_url, options))
-    return {f"{name} · {setting}": value for name, m in metrics.items() for setting, value in m.items()}
-
-
-WORST_QUERIES = 10  # queries with the lowest AP, shown first with their rankings
-ERROR_EXAMPLES = 3  # failed rows quoted per reason
-
-
-def _sections(
-    config: RunConfig,
-    paths: Any,
-    ap_name: str,
-    aps: Mapping[str, Mapping[str, float]],
-    worst: list[str],
-    options: Options,
-) -> list[tuple[str, str]]:
-    """The run report's panels after the summary: index quality, failed rows, per-query AP, provenance."""
-    from pipeline.index.io import read_quality
-
-    return [
-        ("Index quality", quality_html(read_quality(paths.index, options))),
-        ("Failed rows", errors_html(error_groups(paths, options))),
-        ("Per-query AP", query_ap_html(ap_name, aps, worst)),
-        ("Provenance", provenance_html(provenance(config, options))),
-    ]
-
-
-def _embedding(
-    paths: Any, landmarks: Mapping[str, str], settings: ReportSettings, options: Options
-) -> EmbeddingMap | None:
-    """The embedding map of the run's stores (None when ``map_points`` is 0)."""
-    if not settings.map_points:
-        return None
-    return embedding_map(
-        paths.query_store, paths.index_store, landmarks, settings.map_points, options=options
-    )
-
-
-def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> dict[str, Any]:
-    """Render the report of ``config``'s run from its outputs alone and write it (default: the run's
-    report.html): results files, metrics.json, stage markers, the stores' error records and run metadata,
-    the index's quality.json, the manifests' images, the ground truth."""
-    from pipeline.index.io import index_bytes
-    from pipeline.run import RunPaths, stage_seconds
-
-    paths = RunPaths(config.out)
-    settings = config.report.report_settings()
-    label = _labeler(config, options)
-    data = config.data
-    index_sources, index_landmarks = _image_sources(data.index, options, data.index_image_root)
-    query_sources, query_landmarks = _image_sources(data.queries, options, data.queries_image_root)
-    sources = {**index_sources, **query_sources}
-    global_hits = results.read_hits(paths.search, settings.max_hits, options)
-    reranked_hits = (
-        results.read_hits(paths.reranked, settings.max_hits, options) if config.rerank.enabled else {}
-    )
-    ap_name, aps = _query_aps(config, options)
-    worst = _worst(aps)
-
-    def hits(query: str, rows: list[results.Hit]) -> list[Hit]:
-        return [
-            Hit(r.id, r.score, sources.get(r.id), r.inliers, label(query, r.id), r.global_score) for r in rows
-        ]
-
-    order = [*worst, *(q for q in sorted(global_hits) if q not in worst)]
-    views = [
-        QueryView(
-            query_id=query,
-            query_image=sources.get(query),
-            global_ranking=hits(query, global_hits[query]),
-            reranked=hits(query, reranked_hits.get(query, [])),
-            matches={r.id: r.matches for r in reranked_hits.get(query, []) if r.matches is not None},
-            metrics={f"{ap_name} {name}": ap[query] for name, ap in aps.items() if query in ap},
-        )
-        for query in order[: settings.max_queries]
-    ]
-    summary = {**_metrics_summary(config, options), "queries": len(global_hits)}
-    summary["index bytes"] = index_bytes(paths.index, options)
-    timings = {stage: s for stage, s in stage_seconds(config, options).items() if stage != "report"}
-    out_url = out_url or paths.report
-    embedding = _embedding(paths, index_landmarks | query_landmarks, settings, options)
-    write_report(
-        out_url,
-        summary,
-        timings,
-        views,
-        settings,
-        options,
-        embedding=embedding,
-        sources=sources,
-        sections=_sections(config, paths, ap_name, aps, worst, options),
-    )
-    return {"queries_shown": len(views), "report": storage.redact(out_url)}
-
-
-def _query_aps(config: RunConfig, options: Options) -> tuple[str, dict[str, dict[str, float]]]:
-    """Per-query AP of the global and (when run) re-ranked results: (what AP it is, {results: {query: AP}})."""
-    from pipeline.evaluate import query_aps
-    from pipeline.run import RunPaths
-
-    data, paths = config.data, RunPaths(config.out)
-    if not data.ground_truth:
-        return "", {}
-    files = {"global": paths.search, **({"reranked": paths.reranked} if config.rerank.enabled else {})}
-    scored = {name: query_aps(url, data.ground_truth, data.protocol, options) for name, url in files.items()}
-    name = next(iter(scored.values()))[0]
-    return name, {results: aps for results, (_, aps) in scored.items() if aps}
-
-
-def _worst(aps: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """The WORST_QUERIES queries with the lowest AP in the final results (ties by id)."""
-    if not aps:
-        return []
-    final = list(aps.values())[-1]
-    return sorted(final, key=lambda q: (final[q], q))[:WORST_QUERIES]
-
-
-def error_groups(paths: Any, options: Options) -> list[ErrorGroup]:
-    """The failed rows of the run's index and query stores by reason, most frequent first, with examples."""
-    from pipeline import store
-
-    groups = []
-    for name, url in (("index", paths.index_store), ("queries", paths.query_store)):
-        by_reason: dict[str, list[dict[str, Any]]] = {}
-        for row in store.read_errors(url, options).to_pylist():
-            by_reason.setdefault(row["reason"], []).append(row)
-        groups += [
-            ErrorGroup(name, reason, len(rows), [(r["id"], r["message"]) for r in rows[:ERROR_EXAMPLES]])
-            for reason, rows in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
-        ]
-    return groups
-
-
-def provenance(config: RunConfig, options: Options) -> dict[str, Any]:
-    """What produced the run, as recorded by its index store (redacted when shown): the package version, the
-    preset and weights (with their hash), the stores' and inputs' URLs, and every setting of the run."""
-    import dataclasses
-
-    from pipeline.run import RunPaths
-    from pipeline.store import read_run_info
-
-    paths = RunPaths(config.out)
-    info = read_run_info(paths.index_store, options) or {}
-    return {
-        "landmark-index version (this report)": pipeline.__version__,
-        "version that extracted": info.get("package_version"),
-        "preset": info.get("preset"),
-        "weights": info.get("weights"),
-        "weights sha256": info.get("weights_sha256"),
-        "index manifest": config.data.index,
-        "query manifest": config.data.queries,
-        "index store": paths.index_store,
-        "query store": paths.query_store,
-        "index": paths.index,
-        # where it ran is no part of what it is (and a report rendered later, elsewhere, must not differ)
-        "run settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "ray_address"},
-    }
