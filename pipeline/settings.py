@@ -45,6 +45,9 @@ class Setting:
     field: str  # its name there
     type: Any  # the resolved annotation
     default: Any  # dataclasses.MISSING (inspect.Parameter.empty for a parameter) when required
+    metadata: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, compare=False
+    )  # the field's ("help")
 
     @property
     def required(self) -> bool:
@@ -75,14 +78,14 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _declared(source: Any) -> list[tuple[str, Any]]:
-    """(name, default) of a dataclass's fields, or of a stage function's keyword-only parameters but its
-    progress hooks (``on_*``: the caller's display, not a setting)."""
+def _declared(source: Any) -> list[tuple[str, Any, Mapping[str, Any]]]:
+    """(name, default, metadata) of a dataclass's fields, or of a stage function's keyword-only parameters
+    but its progress hooks (``on_*``: the caller's display, not a setting)."""
     if dataclasses.is_dataclass(source):
-        return [(f.name, default_of(f)) for f in dataclasses.fields(source)]
+        return [(f.name, default_of(f), f.metadata) for f in dataclasses.fields(source)]
     parameters = inspect.signature(source).parameters.values()
     return [
-        (p.name, p.default)
+        (p.name, p.default, {})
         for p in parameters
         if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("on_")
     ]
@@ -96,14 +99,14 @@ def settings_of(source: Any, exclude: Iterable[str] = ()) -> list[Setting]:
     skip = set(exclude)
     hints = typing.get_type_hints(source)
     out: list[Setting] = []
-    for name, default in _declared(source):
+    for name, default, metadata in _declared(source):
         if name in skip or f"{source.__name__}.{name}" in skip:
             continue
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             out += settings_of(annotation, skip)
             continue
-        setting = Setting(spelling(source, name), source, name, annotation, default)
+        setting = Setting(spelling(source, name), source, name, annotation, default, metadata)
         if not all(k in SCALARS or _is_scalar_tuple(k) for k in setting.kinds):
             raise TypeError(f"{source.__name__}.{name}: {annotation} has no key or flag spelling; exclude it")
         out.append(setting)
@@ -162,7 +165,7 @@ def build(cls: type, values: Mapping[str, Any], **given: Any) -> Any:
 
 def keyword_arguments(function: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword-only parameters of ``function`` that ``values`` sets (not None or ""), by parameter name."""
-    names = [name for name, _ in _declared(function)]
+    names = [name for name, _, _ in _declared(function)]
     return {
         n: values[spelling(function, n)] for n in names if values.get(spelling(function, n)) not in (None, "")
     }
