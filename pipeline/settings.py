@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.settings_help import choices, help_text
+
 # Library field → the key / flag spelling, where the field's own name would read wrongly outside its class.
 SPELLINGS = {
     "weights_url": "weights",  # --weights, [extract] weights: a URL or "imagenet"
@@ -193,18 +195,19 @@ def job_address(args: argparse.Namespace) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
-    """One ``--key`` per setting, typed and defaulted as the field (help: the field's class and name)."""
+    """One ``--key`` per setting, typed, defaulted and explained as the field (pipeline.settings_help)."""
     for s in settings:
-        flag, where = f"--{s.key.replace('_', '-')}", f"{s.owner.__name__}.{s.field}"
+        flag, text = f"--{s.key.replace('_', '-')}", help_text(s)
         if s.required:
-            parser.add_argument(flag, dest=s.key, required=True, type=_parser(s), help=where)
+            parser.add_argument(flag, dest=s.key, required=True, type=_parser(s), help=text)
         elif bool in s.kinds:
             parser.add_argument(
-                flag, dest=s.key, action=argparse.BooleanOptionalAction, default=s.default, help=where
+                flag, dest=s.key, action=argparse.BooleanOptionalAction, default=s.default, help=text
             )
         else:
-            help_text = f"{where}; default %(default)s"
-            parser.add_argument(flag, dest=s.key, type=_parser(s), default=s.default, help=help_text)
+            shown = f"{text} Default: %(default)s."
+            kwargs = {"choices": choices(s)} if choices(s) else {}
+            parser.add_argument(flag, dest=s.key, type=_parser(s), default=s.default, help=shown, **kwargs)
 
 
 def _parser(setting: Setting) -> Any:

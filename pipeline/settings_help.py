@@ -9,11 +9,15 @@ imports nothing heavy: the CLI reads it to build ``--help``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.choices import GLOBAL_DTYPES, LOCAL_DTYPES
 from pipeline.config import AUTOCAST_DTYPES
 from pipeline.index.params import MERGE_MODES
 from pipeline.rerank.config import MODELS, RESIDUAL_SPACES, SCORE_MODES
-from pipeline.settings import Setting
+
+if TYPE_CHECKING:  # pipeline.settings reads the texts: the type only, no import cycle
+    from pipeline.settings import Setting
 
 _EXTRACTOR_GPUS = (
     "GPUs each extractor actor asks for (0: CPU actors). Asked for even before a GPU node exists: the "
