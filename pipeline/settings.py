@@ -29,6 +29,8 @@ SPELLINGS = {
     "QualityConfig.target": "target_recall",  # [index] target_recall: "target" alone says nothing
     "QualityConfig.queries": "recall_sample",  # [index] recall_sample: not the [data] queries manifest
     "QualityConfig.query_store": "recall_queries",  # --recall-queries STORE: the recall report's queries
+    "evaluate.landmarks_url": "landmarks",  # evaluate --landmarks
+    "evaluate.out_url": "out",  # evaluate --out
 }
 
 SCALARS = (str, int, float, bool)

@@ -155,6 +155,9 @@ HELP: dict[str, str] = {
     "sg_beta": "SuperGlobal: neighbour weight β.",
     "cache_dir": "Node-local folder caching the index images' local features.",
     "queries_per_part": "Queries per committed part of OUT (a killed run redoes at most one).",
+    # evaluation: evaluate's keyword arguments
+    "evaluate.landmarks": "id → landmark_id of index images (gldv2-recognition).",
+    "evaluate.out": "Write the figures as JSON (fractions).",
     # aggregation: AggregateConfig
     "AggregateConfig.method": "Aggregation: vlad.",
     "clusters": "Visual words of a new codebook (K × 128 dims).",

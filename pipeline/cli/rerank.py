@@ -90,19 +90,16 @@ def rerank(
     print_mapping(f"rerank → {storage.redact(out)}", asdict(summary))
 
 
-@app.command()
+@app.command(cls=settings_command("pipeline.evaluate:evaluate", exclude={"options"}))
 def evaluate(
+    ctx: typer.Context,
     results: Annotated[str, typer.Argument(help="Results Parquet from `search` or `rerank`.")],
     ground_truth: Annotated[str, typer.Argument(help="gnd_*.pkl (revisitop) or GLDv2 solution CSV.")],
     protocol: Annotated[Literal[PROTOCOLS], typer.Option(help="Evaluation protocol.")] = "revisitop",
-    out: Annotated[str | None, typer.Option("--out", help="Write the figures as JSON (fractions).")] = None,
-    landmarks: Annotated[
-        str | None, typer.Option(help="id → landmark_id of index images (gldv2-recognition).")
-    ] = None,
 ) -> None:
     """Score results: revisitop (Easy/Medium/Hard mAP, mP@k), GLDv2 retrieval mAP@100, or recognition GAP."""
     from pipeline.evaluate import evaluate as evaluate_results
 
-    options = storage.options_from_env()
-    metrics = evaluate_results(results, ground_truth, protocol, options, landmarks_url=landmarks, out_url=out)
+    options, chosen = storage.options_from_env(), settings.keyword_arguments(evaluate_results, given(ctx))
+    metrics = evaluate_results(results, ground_truth, protocol, options, **chosen)
     stdout.print(metrics_table(metrics, f"{protocol}: {storage.redact(results)} (%)"))
