@@ -35,6 +35,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS, PRESETS, ExtractionConfig
+from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.features import ImageFeatures, build_extractor
 from pipeline.model.backbones import BACKBONES
 from pipeline.model.delg import Delg
@@ -122,7 +123,7 @@ def layer_table(model: Delg) -> dict[str, tuple[str, nn.Module]]:
     """TF scope → (PyTorch module path, module) for every layer with weights of ``model``."""
     spec = model.backbone.spec
     if spec.tf_layout is None:
-        raise ValueError(
+        raise ConfigError(
             f"backbone {spec.name} has no TF layout to convert from; use a -slim or -ref backbone"
         )
     table = {}
@@ -155,11 +156,11 @@ def tf_layout(names: list[str]) -> tuple[str, int]:
     slim = {m.group(1) for name in names if (m := re.match(r"resnet_v1_(\d+)/", name))}
     if slim:
         if len(slim) > 1:
-            raise ValueError(f"checkpoint mixes tf-slim ResNets: {sorted(slim)}")
+            raise InputError(f"checkpoint mixes tf-slim ResNets: {sorted(slim)}")
         return "slim", int(slim.pop())
     stage4 = {m.group(1) for name in names if (m := re.search(r"(?:^|/)backbone/l4([a-z])/", name))}
     if not stage4:
-        raise ValueError(
+        raise InputError(
             "not a DELG checkpoint: neither tf-slim resnet_v1 variables (resnet_v1_50/...) nor the TF2 "
             "reference's Keras ResNet (backbone/l4a/...) found"
         )
@@ -186,7 +187,7 @@ def tf_to_state_dict(
     expected = model.backbone.spec.tf_layout
     if layout != expected:
         preset = preset_for_layout(layout)
-        raise ValueError(
+        raise InputError(
             f"the checkpoint is a {_describe(layout)} DELG, the model's backbone {model.backbone.spec.name} a "
             f"{_describe(expected) if expected else 'non-TF layout'}"
             + (f": use --preset {preset}" if preset else "")
@@ -205,7 +206,7 @@ def tf_to_state_dict(
         torch_name, change = target
         state_dict[torch_name] = torch.from_numpy(np.array(change(np.asarray(variables[name])), order="C"))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{len(unknown)} checkpoint variables are neither mapped nor ignored (wrong preset or not a DELG "
             f"checkpoint?): {', '.join(unknown)}"
         )
@@ -236,7 +237,7 @@ def _tensorflow():
     try:
         import tensorflow as tf
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "reading TF SavedModels needs TensorFlow: pip install 'landmark-index[convert]' (tensorflow-cpu)"
         ) from None
     return tf
@@ -248,7 +249,7 @@ def checkpoint_prefix(src: str) -> str:
     for prefix in (path / "variables" / "variables", path / "variables", path):
         if Path(f"{prefix}.index").exists():
             return str(prefix)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{src} is not a SavedModel directory (with variables/variables.index), its variables/ directory, "
         "or a checkpoint prefix"
     )
@@ -316,7 +317,7 @@ def convert_weights(
     if config is None:
         preset = preset_for_layout(layout)
         if preset is None:
-            raise ValueError(f"no preset for a {_describe(layout)} DELG checkpoint; name one with --preset")
+            raise ConfigError(f"no preset for a {_describe(layout)} DELG checkpoint; name one with --preset")
         config = PRESETS[preset]
     state_dict, ignored = tf_to_state_dict(variables, Delg.from_config(config))
     buffer = io.BytesIO()
@@ -344,7 +345,7 @@ def reference_features(saved_model: str, image: np.ndarray, config: ExtractionCo
     signature; PIL cap, per-scale L2 → sum → L2 global, L2 local descriptors, box centres divided by the
     capping factors."""
     if not (Path(saved_model) / "saved_model.pb").exists():
-        raise FileNotFoundError(f"{saved_model} is not a SavedModel directory (no saved_model.pb)")
+        raise MissingInputError(f"{saved_model} is not a SavedModel directory (no saved_model.pb)")
     tf = _tensorflow()
     loaded = tf.saved_model.load(saved_model)
     capped, factors = _reference_cap(image, config.max_side)

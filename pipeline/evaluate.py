@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.choices import PROTOCOLS
+from pipeline.errors import ConfigError, InputError
 from pipeline.results import Ranking, read_rankings
 from pipeline.storage import Options
 
@@ -70,7 +71,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
-            raise ValueError(
+            raise InputError(
                 f"ground truth pickle refers to {module}.{name}; only plain data and numpy arrays"
             )
         return super().find_class(module, name)
@@ -90,12 +91,12 @@ def read_revisitop_gnd(url: str, options: Options = None) -> RevisitopGroundTrut
     try:
         loaded = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as exc:  # the unpickler runs no code, so any failure means "not a gnd pickle"
-        raise ValueError(
+        raise InputError(
             f"{storage.redact(url)} is not a revisitop gnd pickle ({type(exc).__name__}: {exc})"
         ) from None
     problem = _gnd_problem(loaded)
     if problem:
-        raise ValueError(f"{storage.redact(url)} is not a revisitop gnd file: {problem}")
+        raise InputError(f"{storage.redact(url)} is not a revisitop gnd file: {problem}")
     return RevisitopGroundTruth(list(loaded["imlist"]), list(loaded["qimlist"]), list(loaded["gnd"]))
 
 
@@ -161,7 +162,7 @@ def full_ranking(
     returned = np.fromiter((index_of.get(i, -1) for i in ranked_ids), dtype=np.int64, count=len(ranked_ids))
     known = returned[returned >= 0]
     if len(np.unique(known)) != len(known):
-        raise ValueError(f"query {query!r}: results list an image more than once")
+        raise InputError(f"query {query!r}: results list an image more than once")
     rest = np.setdiff1d(np.arange(n_images), known, assume_unique=True)
     return np.concatenate([returned, rest])
 
@@ -186,14 +187,14 @@ def revisitop_query_scores(
     """Per setting, per query with positives in it: [AP, P@1, P@5, P@10] (see :func:`evaluate_revisitop`)."""
     unknown = sorted(set(rankings) - set(gt.qimlist))
     if unknown:
-        raise ValueError(f"result queries {unknown[:5]} are not in the ground truth qimlist")
+        raise InputError(f"result queries {unknown[:5]} are not in the ground truth qimlist")
     missing = [q for q in gt.qimlist if q not in rankings]
     if missing:
-        raise ValueError(f"results have no rows for {len(missing)} ground-truth queries, e.g. {missing[:5]}")
+        raise InputError(f"results have no rows for {len(missing)} ground-truth queries, e.g. {missing[:5]}")
     index_of = {name: i for i, name in enumerate(gt.imlist)}
     if not any(i in index_of for ranked in rankings.values() for i in ranked):
         example = next((ranked[:3] for ranked in rankings.values() if ranked), [])
-        raise ValueError(
+        raise InputError(
             f"no result id is a ground-truth imlist name (e.g. {example}); ids must be imlist entries"
         )
     per_setting: dict[str, dict[str, list[float]]] = {s: {} for s in REVISITOP_SETTINGS}
@@ -235,13 +236,13 @@ def read_gldv2_solution(url: str, column: str, options: Options = None) -> Gldv2
     """Read a GLDv2 solution CSV with header ``id,<column>,Usage``; ``column`` holds space-separated ids."""
     rows = list(csv.DictReader(io.StringIO(storage.read_text(url, options))))
     if not rows or not {"id", column, "Usage"} <= rows[0].keys():
-        raise ValueError(
+        raise InputError(
             f"{storage.redact(url)} is not a GLDv2 solution CSV: need a header id,{column},Usage"
         )
     truth, usage, ignored = {}, {}, set()
     for row in rows:
         if row["Usage"] not in GLDV2_USAGES:
-            raise ValueError(f"query {row['id']!r} has Usage {row['Usage']!r}; allowed: {list(GLDV2_USAGES)}")
+            raise InputError(f"query {row['id']!r} has Usage {row['Usage']!r}; allowed: {list(GLDV2_USAGES)}")
         if row["Usage"] == "Ignored":
             ignored.add(row["id"])
             continue
@@ -254,7 +255,7 @@ def _scored_queries(rankings: Mapping[str, Any], solution: Gldv2Solution) -> dic
     """The rankings of the solution's non-ignored queries; a query the solution lacks is an error."""
     unknown = sorted(set(rankings) - set(solution.truth) - solution.ignored)
     if unknown:
-        raise ValueError(f"result queries {unknown[:5]} are not in the GLDv2 solution")
+        raise InputError(f"result queries {unknown[:5]} are not in the GLDv2 solution")
     return {q: r for q, r in rankings.items() if q in solution.truth}
 
 
@@ -289,7 +290,7 @@ def evaluate_gldv2_retrieval(
     """mAP@100 over the solution's non-ignored queries; a query without results scores AP 0 (challenge rule)."""
     empty = [q for q, images in solution.truth.items() if not images]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"retrieval solution queries {empty[:5]} list no relevant images and are not Ignored"
         )
     aps = gldv2_query_aps(rankings, solution)
@@ -315,16 +316,16 @@ def read_landmarks(url: str, options: Options = None) -> dict[str, str]:
         with storage.open_input(url, options) as f:
             names = pq.read_schema(f).names
             if not {"id", "landmark_id"} <= set(names):
-                raise ValueError(f"{storage.redact(url)} needs columns id, landmark_id; found {names}")
+                raise InputError(f"{storage.redact(url)} needs columns id, landmark_id; found {names}")
             table = pq.read_table(f, columns=["id", "landmark_id"])
         pairs = zip(table["id"].to_pylist(), table["landmark_id"].to_pylist(), strict=True)
         return {i: str(landmark) for i, landmark in pairs if landmark is not None}
     if url.endswith(".csv"):
         rows = csv.DictReader(io.StringIO(storage.read_text(url, options)))
         if not {"id", "landmark_id"} <= set(rows.fieldnames or ()):
-            raise ValueError(f"{storage.redact(url)} needs columns id, landmark_id; found {rows.fieldnames}")
+            raise InputError(f"{storage.redact(url)} needs columns id, landmark_id; found {rows.fieldnames}")
         return {row["id"]: row["landmark_id"].strip() for row in rows if (row["landmark_id"] or "").strip()}
-    raise ValueError(f"landmark map {storage.redact(url)}: expected a .csv or .parquet file")
+    raise InputError(f"landmark map {storage.redact(url)}: expected a .csv or .parquet file")
 
 
 def recognition_predictions(
@@ -335,7 +336,7 @@ def recognition_predictions(
     for query, ranking in rankings.items():
         top_id, score = ranking.ids[0], float(ranking.scores[0])
         if top_id not in landmarks:
-            raise ValueError(
+            raise InputError(
                 f"query {query!r}: top-1 image {top_id!r} has no landmark_id in the landmark map"
             )
         predictions[query] = (landmarks[top_id], score)
@@ -352,7 +353,7 @@ def global_average_precision(
     """
     n_with_landmark = sum(1 for landmarks in truth.values() if landmarks)
     if n_with_landmark == 0:
-        raise ValueError("GAP is undefined: no query of the solution has a ground-truth landmark")
+        raise InputError("GAP is undefined: no query of the solution has a ground-truth landmark")
     ordered = sorted(predictions.items(), key=lambda item: (-item[1][1], item[0], item[1][0]))
     correct, total = 0, 0.0
     for i, (query, (landmark, _)) in enumerate(ordered, start=1):
@@ -410,9 +411,9 @@ def evaluate(
       "queries"}}``.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
     if protocol == "gldv2-recognition" and landmarks_url is None:
-        raise ValueError("protocol 'gldv2-recognition' needs landmarks_url (index id -> landmark_id)")
+        raise ConfigError("protocol 'gldv2-recognition' needs landmarks_url (index id -> landmark_id)")
     rankings = read_rankings(results_url, options)
     ranked_ids = {q: ranking.ids for q, ranking in rankings.items()}
     if protocol == "revisitop":

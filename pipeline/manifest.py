@@ -36,6 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -442,7 +443,7 @@ def _bbox_digest(bbox: pa.ChunkedArray) -> bytes:
 def split_shards(table: pa.Table, shard_size: int) -> list[tuple[int, pa.Table]]:
     """Contiguous shards of ``shard_size`` rows (the last may be shorter) in row order: (shard index, rows)."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be a positive number of rows, got {shard_size}")
+        raise ConfigError(f"shard_size must be a positive number of rows, got {shard_size}")
     return [
         (i, table.slice(start, shard_size)) for i, start in enumerate(range(0, table.num_rows, shard_size))
     ]

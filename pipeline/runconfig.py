@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import settings, storage
 from pipeline.choices import PROTOCOLS
 from pipeline.config import get_preset
+from pipeline.errors import ConfigError
 from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
@@ -47,9 +48,9 @@ class DataSection:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"data.protocol={self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"data.protocol={self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
         if self.protocol == "gldv2-recognition" and self.ground_truth and not self.landmarks:
-            raise ValueError(
+            raise ConfigError(
                 "data.protocol gldv2-recognition needs data.landmarks (id → landmark_id of index images)"
             )
 
@@ -244,16 +245,16 @@ SECTIONS: dict[str, type] = {
 def _build(cls: type, values: Any, where: str) -> Any:
     """A section from a mapping: unknown or missing keys and wrong types fail with the key's name."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a table of keys, got {type(values).__name__}")
+        raise ConfigError(f"{where} must be a table of keys, got {type(values).__name__}")
     keys = {s.key: s for s in settings.settings_of(cls, SECTIONS if cls is RunConfig else ())}
     unknown = sorted(set(values) - set(keys) - (set(SECTIONS) if cls is RunConfig else set()))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; allowed: {', '.join(keys)}"
         )
     missing = [k for k, s in keys.items() if s.required and k not in values]
     if missing:
-        raise ValueError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
+        raise ConfigError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
     checked = {k: settings.check_value(keys[k], v, f"{where}.{k}") for k, v in values.items() if k in keys}
     return cls(**{**values, **checked})
 
@@ -282,14 +283,14 @@ def parse_run_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     _resolve_paths(raw, base_dir)
     if "data" not in raw:
-        raise ValueError("missing required section [data]")
+        raise ConfigError("missing required section [data]")
     sections = {k: _build(cls, raw[k], k) for k, cls in SECTIONS.items() if k in raw}
     for name, section in sections.items():
         try:
             if isinstance(section, _Section):
                 section.check()
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise ConfigError(f"{name}: {exc}") from None
     return _build(RunConfig, {**raw, **sections}, "config")
 
 
@@ -302,17 +303,17 @@ def load_run_config(url: str, options: storage.Options = None) -> RunConfig:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{storage.redact(url)}: invalid TOML: {exc}") from None
+            raise ConfigError(f"{storage.redact(url)}: invalid TOML: {exc}") from None
     elif url.endswith((".yaml", ".yml")):
         import yaml
 
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{storage.redact(url)}: invalid YAML: {exc}") from None
+            raise ConfigError(f"{storage.redact(url)}: invalid YAML: {exc}") from None
     else:
-        raise ValueError(f"{storage.redact(url)}: run config must end in .toml, .yaml or .yml")
+        raise ConfigError(f"{storage.redact(url)}: run config must end in .toml, .yaml or .yml")
     if not isinstance(raw, dict):
-        raise ValueError(f"{storage.redact(url)}: a run config is a table of keys")
+        raise ConfigError(f"{storage.redact(url)}: a run config is a table of keys")
     base = os.path.dirname(os.path.abspath(url)) if storage.is_local(url) else url.rsplit("/", 1)[0]
     return parse_run_config(raw, base)

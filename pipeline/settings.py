@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.settings_help import choices, help_text
 
 # Library field → the key / flag spelling, where the field's own name would read wrongly outside its class.
@@ -142,7 +143,7 @@ def check_value(setting: Setting, value: Any, where: str) -> Any:
             if all(type(v) is item or (item is float and type(v) is int) for v in value):
                 return tuple(item(v) for v in value)
     names = " or ".join(_type_name(k) for k in setting.kinds)
-    raise ValueError(f"{where}={value!r} must be {names}{' (or unset)' if setting.optional else ''}")
+    raise ConfigError(f"{where}={value!r} must be {names}{' (or unset)' if setting.optional else ''}")
 
 
 def _type_name(kind: Any) -> str:
