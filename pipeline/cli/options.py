@@ -3,9 +3,10 @@ and each of their settings becomes a ``--key`` option with the field's type, def
 (pipeline.settings, pipeline.settings_help).
 
 The dataclasses live in modules that import torch, faiss or pyarrow (seconds), so ``--help`` reads their
-options from pipeline/cli/catalog.json, which ``python -m pipeline.cli.catalog`` writes from the dataclasses.
-A command checks the catalog against its dataclasses before it runs (a stale one is a bug: exit 1), and
-tests/test_structure.py checks every command's. Option values reach the command through :func:`given`.
+options from pipeline/cli/catalog.json, which ``python -m pipeline.cli.catalog`` writes from the dataclasses
+(without the file, they are read from the dataclasses: slower, same options). A command checks the catalog
+against its dataclasses before it runs (a stale one is a bug: exit 1), and tests/test_structure.py checks
+every command's. Option values reach the command through :func:`given`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class SettingsCommand(TyperCommand):
     def params(self) -> list[Any]:
         """typer's parameters, then the settings' (one list: click appends and pops its help option on it)."""
         if self._settings is None:
-            self._settings = setting_options(_catalog().get(self.name, []))
+            recorded = _catalog().get(self.name)
+            self._settings = setting_options(self.describe() if recorded is None else recorded)
             self._params += self._settings
         return self._params
 
@@ -65,7 +67,8 @@ class SettingsCommand(TyperCommand):
         return [describe(s, _named(s, self.unset)) for s in found]
 
     def invoke(self, ctx: typer.Context) -> Any:
-        if _catalog().get(self.name, []) != self.describe():
+        recorded = _catalog().get(self.name)
+        if recorded is not None and recorded != self.describe():
             raise RuntimeError(f"{CATALOG} is stale for `{self.name}`: run {REGENERATE}")
         names = {option.name for option in self._settings or ()}
         ctx.meta[_GIVEN] = {name: ctx.params.pop(name) for name in names if name in ctx.params}
