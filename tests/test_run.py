@@ -83,7 +83,7 @@ def test_every_stage_shows_live_progress(finished_run, shown):
 def test_the_console_shows_a_bar_per_stage(shown, monkeypatch):
     """The CLI's display of those updates: one bar per stage, complete at the end, in the order they ran."""
     console = Console(file=io.StringIO(), width=160)
-    monkeypatch.setattr(cli, "console", console)
+    monkeypatch.setattr(display, "console", console)
     with display.StageBars() as bars:
         for progress in shown:
             bars.show(progress)
