@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 
 from pipeline import storage, store
+from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.storage import Options
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ class AggregateConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r}; allowed: {list(METHODS)}")
+            raise ConfigError(f"method {self.method!r}; allowed: {list(METHODS)}")
         if self.clusters < 1 or self.sample_images < 1:
-            raise ValueError(f"clusters={self.clusters}, sample_images={self.sample_images}; must be ≥ 1")
+            raise ConfigError(f"clusters={self.clusters}, sample_images={self.sample_images}; must be ≥ 1")
         if not 0 < self.power <= 1:
-            raise ValueError(f"power={self.power}; must be in (0, 1]")
+            raise ConfigError(f"power={self.power}; must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def train_codebook(
     descriptors = [f.descriptors for f in features.values() if len(f)]
     points = np.concatenate(descriptors).astype(np.float32) if descriptors else np.zeros((0, 0), np.float32)
     if len(points) < config.clusters:
-        raise ValueError(
+        raise InputError(
             f"{storage.redact(store_url)}: {len(points)} local descriptors in the sample of {len(sample)} images; "
             f"the codebook needs at least clusters={config.clusters}"
         )
@@ -125,7 +126,9 @@ def read_codebook(url: str, options: Options = None) -> np.ndarray:
     """The codebook of an aggregated store (``url`` the store, or the ``codebook.npy`` itself)."""
     path = url if url.endswith(".npy") else storage.join(url, CODEBOOK)
     if not storage.exists(path, options):
-        raise ValueError(f"no VLAD codebook at {storage.redact(path)}: aggregate the index store first")
+        raise MissingInputError(
+            f"no VLAD codebook at {storage.redact(path)}: aggregate the index store first"
+        )
     codebook = np.load(io.BytesIO(storage.read_bytes(path, options)), allow_pickle=False)
     if codebook.ndim != 2 or codebook.dtype != np.float32:
         raise store.StoreFormatError(f"{storage.redact(path)}: not a (K, D) float32 codebook")

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.model.catalog import BACKBONE_CHANNELS, GLOBAL_POOLS, pooled_dim
 from pipeline.rerank.config import RerankConfig, settings_of
 
@@ -30,7 +31,7 @@ AUTOENCODER_ACTIVATIONS = ("none", "relu")
 
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class ExtractionConfig:
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone {self.backbone!r} is not registered; allowed: {sorted(BACKBONE_CHANNELS)}"
             )
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -76,40 +77,40 @@ class ExtractionConfig:
         self._validate_scales()
         self._validate_sizes()
         if self.local_head not in LOCAL_HEADS:
-            raise ValueError(f"local_head {self.local_head!r}; allowed: {list(LOCAL_HEADS)}")
+            raise ConfigError(f"local_head {self.local_head!r}; allowed: {list(LOCAL_HEADS)}")
         if self.attention_input not in ATTENTION_INPUTS:
-            raise ValueError(f"attention_input {self.attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
+            raise ConfigError(f"attention_input {self.attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
         if self.autoencoder_activation not in AUTOENCODER_ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder_activation {self.autoencoder_activation!r}; allowed: {list(AUTOENCODER_ACTIVATIONS)}"
             )
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"pixel_mean/pixel_std need 3 values (RGB), got {self.pixel_mean}, {self.pixel_std}"
             )
         for v in self.pixel_std:
             _check_positive("pixel_std", v)
         if self.global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool {self.global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
+            raise ConfigError(f"global_pool {self.global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
         pooled = pooled_dim(self.global_pool, BACKBONE_CHANNELS[self.backbone][1], self.netvlad_clusters)
         if not self.whitening and self.global_dim != pooled:
-            raise ValueError(
+            raise ConfigError(
                 f"global_dim {self.global_dim} without whitening must equal the {self.global_pool} output of "
                 f"{self.backbone} ({pooled})"
             )
 
     def _validate_scales(self) -> None:
         if not self.scales:
-            raise ValueError("scales must not be empty")
+            raise ConfigError("scales must not be empty")
         if len(set(self.scales)) != len(self.scales):
-            raise ValueError(f"scales must be distinct, got {self.scales}")
+            raise ConfigError(f"scales must be distinct, got {self.scales}")
         for s in self.scales:
             _check_positive("each scale", s)
         if not self.global_scales:
-            raise ValueError("global_scales must not be empty")
+            raise ConfigError("global_scales must not be empty")
         extra = sorted(set(self.global_scales) - set(self.scales))
         if extra:
-            raise ValueError(f"global_scales {extra} are not in scales {self.scales}")
+            raise ConfigError(f"global_scales {extra} are not in scales {self.scales}")
 
     def _validate_sizes(self) -> None:
         for name in (
@@ -122,10 +123,10 @@ class ExtractionConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         _check_positive("gem_p", self.gem_p)
         if self.attention_threshold < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_threshold must be >= 0 (softplus output), got {self.attention_threshold}"
             )
 
@@ -151,13 +152,15 @@ class RuntimeOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if not isinstance(self.max_batch_pixels, int) or self.max_batch_pixels < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_batch_pixels must be an int >= 0 (0: no cap), got {self.max_batch_pixels!r}"
             )
         if self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast {self.autocast!r} is not supported; allowed: {list(AUTOCAST_DTYPES)}")
+            raise ConfigError(
+                f"autocast {self.autocast!r} is not supported; allowed: {list(AUTOCAST_DTYPES)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,7 +174,7 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(allowed)}")
     return dict(d)
 
 
@@ -238,7 +241,7 @@ RERANK_BY_LOCAL_HEAD: dict[str, dict[str, Any]] = {
 def rerank_settings(local_head: str) -> dict[str, Any]:
     """Matching, verification and scoring settings for features of ``local_head`` (JSON-ready)."""
     if local_head not in RERANK_BY_LOCAL_HEAD:
-        raise ValueError(f"local_head {local_head!r}; allowed: {list(RERANK_BY_LOCAL_HEAD)}")
+        raise ConfigError(f"local_head {local_head!r}; allowed: {list(RERANK_BY_LOCAL_HEAD)}")
     return settings_of(RerankConfig(**RERANK_BY_LOCAL_HEAD[local_head]))
 
 
@@ -251,11 +254,11 @@ def trained_preset(name: str) -> str:
     learned = dataclasses.replace(config, local_head="learned")
     variants = [other for other, candidate in PRESETS.items() if candidate == learned]
     if not variants:
-        raise ValueError(f"preset {name!r} has no registered variant with local_head='learned'")
+        raise ConfigError(f"preset {name!r} has no registered variant with local_head='learned'")
     return variants[0]
 
 
 def get_preset(name: str) -> ExtractionConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return PRESETS[name]

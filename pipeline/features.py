@@ -30,6 +30,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ExtractionConfig, RuntimeOptions, get_preset
+from pipeline.errors import InputError
 from pipeline.images import capped_size
 from pipeline.model.delg import Delg, LocalAndGlobal
 from pipeline.model.geometry import ReceptiveField
@@ -109,10 +110,10 @@ def crop_bounds(bbox: BBox, height: int, width: int) -> tuple[int, int, int, int
     """Integer pixel bounds (x0, y0, x1, y1) of ``bbox``, each rounded with round() like the reference
     (halves to even); they must lie in the image."""
     if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
-        raise ValueError(f"bbox {bbox!r} must be 4 finite numbers (x0, y0, x1, y1)")
+        raise InputError(f"bbox {bbox!r} must be 4 finite numbers (x0, y0, x1, y1)")
     x0, y0, x1, y1 = (round(v) for v in bbox)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(
+        raise InputError(
             f"bbox {tuple(bbox)} is empty or outside the {width}x{height} image; need 0 <= x0 < x1 <= {width} "
             f"and 0 <= y0 < y1 <= {height}"
         )

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline import metrics, storage
+from pipeline.errors import ConfigError
 
 REASONS = (
     "missing",  # no url/inline image, or nothing at the url (404, no such file)
@@ -162,7 +163,7 @@ def decode_reduced(data: bytes, max_side: int, max_pixels: int = DEFAULT_MAX_PIX
     by the largest factor that keeps both sides ≥ the capped size. The pixels differ from resizing the full
     decode (DCT/box filtering instead of bilinear). Raises :class:`ImageError`."""
     if max_side < 1:
-        raise ValueError(f"max_side must be a positive pixel count, got {max_side}")
+        raise ConfigError(f"max_side must be a positive pixel count, got {max_side}")
     return _decode(data, max_pixels, max_side)
 
 
@@ -173,7 +174,7 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> ReducedImage:
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass silently"
         )
     if max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}")
+        raise ConfigError(f"max_pixels must be a positive pixel count, got {max_pixels}")
     if not data:
         raise ImageError("empty", "empty image: 0 bytes")
     image = _open_checked(data, max_pixels)

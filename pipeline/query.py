@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline import images, storage, store, versions
 from pipeline.config import ExtractionConfig
+from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.extraction import ExtractionJob, prepare_row
 from pipeline.features import ImageFeatures, PreparedImage, build_extractor
 from pipeline.index import io as index_io
@@ -79,7 +80,7 @@ def resolve_version(
         index_url = root_or_index
         params_url = storage.join(index_url, index_io.PARAMS)
         if not storage.exists(params_url, options):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{storage.redact(root_or_index)} is neither a versioned root (no {versions.LATEST}) nor an "
                 f"index folder (no {index_io.PARAMS})"
             )
@@ -91,10 +92,10 @@ def resolve_version(
         store.require_store(url, options)
     info = store.read_run_info(stores[-1], options) or {}
     if "config" not in info:
-        raise ValueError(f"{storage.redact(stores[-1])} records no extraction config in {store.RUN_INFO}")
+        raise InputError(f"{storage.redact(stores[-1])} records no extraction config in {store.RUN_INFO}")
     recorded = info.get("weights")
     if recorded is None:
-        raise ValueError(
+        raise InputError(
             f"{storage.redact(stores[-1])} was extracted with randomly initialised weights: no query can load "
             "that model again (extract the index with --weights)"
         )
@@ -130,7 +131,7 @@ class QueryModel:
         self.extractor = build_extractor(version.extraction, version.weights_url, options, device)
         wanted, loaded = version.weights_sha256, self.extractor.weights_id
         if wanted is not None and loaded != wanted:
-            raise ValueError(
+            raise InputError(
                 f"weights {storage.redact(version.weights_url or '')} (sha256 {loaded[:12]}…) are not the ones "
                 f"the index was extracted with (sha256 {wanted[:12]}…)"
             )
@@ -209,7 +210,7 @@ def shortlist_size(version: IndexVersion, k: int, rerank: bool) -> int:
 
 def check_k(k: int) -> int:
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"k={k}; must be between 1 and {MAX_K}")
+        raise ConfigError(f"k={k}; must be between 1 and {MAX_K}")
     return k
 
 

@@ -1,113 +1,10 @@
-"""The run config of `landmark-index run`: one TOML or YAML file, validated, every key documented here.
+"""The run config of `landmark-index run`: one TOML or YAML file, validated; every key is listed with its
+default and help in docs/configuration.md (``python -m pipeline.settings_doc``).
 
 Each section's keys are the fields of the library dataclasses it feeds (pipeline.settings), under the same
-names and defaults; the few run-only keys (``preset``, ``enabled``, ``method``) are declared below. A key left
-out is unset; as TOML has no null, an empty string also unsets an optional key. URLs may be local paths or
-s3://...; relative paths in the file are relative to the config file's folder. Defaults in brackets::
-
-    out              where every stage writes (required)
-    ray_address      Ray cluster to join [unset: start a local Ray]
-
-    [data]
-    index            manifest of the images to index (required)
-    queries          manifest of the query images (required)
-    index_image_root    image root of an id-only index manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg [unset]
-    queries_image_root  the same for the queries manifest (GLDv2 test.csv) [unset]
-    ground_truth     ground truth for evaluation [unset: skip evaluation]
-    protocol         revisitop | gldv2-retrieval | gldv2-recognition [gldv2-retrieval]
-    landmarks        id → landmark_id table of index images (gldv2-recognition only) [unset]
-
-    [extract]        ExtractionJob, StoreSettings, ClusterOptions, RuntimeOptions (pipeline.extraction)
-    preset           extraction preset [cpu-small]
-    weights          model state dict URL [unset: backbone weights or random init]
-    shard_size       manifest rows per descriptor shard [1000]
-    global_dtype, local_dtype  float16 | int8 | float32 (local) [float16, float16]
-    row_group_size   images per Parquet row group of a local shard [1]
-    actor_cpus, decode_cpus  CPU share of a CPU-only extractor, of a decode task [1.0, 0.25]
-    chunk_size       rows per decode task / extractor call [16]
-    max_chunks_in_flight  chunks between decode and extract [0: 4 per extractor]
-    batch_size       images per forward pass [8]
-    max_batch_pixels  cap on images × pixels per forward pass [0: none]
-    autocast         none | bf16 | fp16: CUDA mixed precision [none]
-    channels_last, compile  NHWC memory format, torch.compile the forward pass [false, false]
-    allow_local_files  rows may read local files outside the manifest's folder (or image root), and from a
-                     remote manifest [false: such rows get local_file_refused errors]
-    decode_draft     decode JPEGs at reduced scale before capping: faster, slightly different features [false]
-    gpus_per_extractor  GPUs each extractor actor asks for, even before a GPU node exists [0: CPU actors]
-    min_extractors   extractor actors the run waits for [1]
-    max_extractors   extractor actors the pool grows to as nodes join [unset: min_extractors]
-    extractor_wait_timeout  seconds to wait for min_extractors, then fail naming what the cluster offers
-                     [1800; 0: no limit]
-
-    [index]          build_index's factory / memory_budget, BuildConfig, QualityConfig (pipeline.index)
-    factory          faiss index factory string [unset: chosen from N, dim and memory_budget]
-    memory_budget    e.g. "4GB" [unset: no limit]
-    target_recall    100-recall@100 the chosen nprobe must reach [0.98]
-    target_k, target_r1  the recall's k; the 1-recall@1 it must reach too [100, 0.99]
-    recall_sample    queries of the recall report, a seeded sample [1000]
-    recall_queries   descriptor store of held-out queries for the recall report [unset: the run's query
-                     store; build-index alone: leave-one-out stored vectors]
-    max_nprobe, k_factors  nprobe values tried (1, 2, 4, ... up to this); refined shortlist sizes tried,
-                     in multiples of k [1024, [1, 2, 4, 8, 16, 32]]
-    refine           shortlist re-scoring: auto | none | sq8 | fp16 | store [auto]
-    merge            ram | disk | auto [auto]
-    tasks, task_cpus  parallel Ray add tasks, CPUs each [4, 0.5]
-    step_cpus, train_gpus  CPUs of the train and merge tasks, GPUs of the train task [unset: all CPUs
-                     of the largest node, 0]
-    seed             sample seed [0]
-    max_points_per_centroid, max_train_bytes  training sample bounds [256, 8589934592: 8 GiB]
-    ram_fraction     auto merges on disk beyond this share of physical RAM [0.5]
-    trained_url      reuse this trained empty index instead of training [unset]
-    keep_intermediate  keep the add tasks' parts/ and trained.faiss after the build [false]
-    whitening, whitening_power  learned PCA whitening to this many dims, fitted on the index sample; each axis
-                     divided by eigenvalue^power (0.5 full, 0 PCA only) [unset: off, 0.5]
-
-    [search]         SearchConfig (pipeline.index.search)
-    k                shortlist length per query [100]
-    nprobe           IVF cells visited [unset: the one chosen by the quality report]
-    k_factor         refined shortlist size in multiples of k [unset: the stored one]
-    batch_size       queries per search call [4096]
-
-    [rerank]         RerankConfig, GlobalRerankConfig (pipeline.rerank); unset RerankConfig keys take the
-                     stores' settings, chosen by the preset's local head (DELG heads: the reference's, shown
-                     here; backbone-only heads: score = gate)
-    enabled          re-rank the shortlist with local features [true]
-    method           verify | qe | dba | dba+qe | superglobal, or one of the four + "+verify" (refine with
-                     global features, then verify the refined shortlist) [verify]
-    top              how many of the shortlist to verify [100]
-    max_distance     putative match if descriptor L2 distance is below this [1.0]
-    ratio            Lowe ratio test, 0 = off [unset: off]
-    mutual           keep only mutual nearest neighbours [false]
-    model            affine | homography [affine]
-    residual_in      query | candidate: whose pixels the threshold is in [query]
-    threshold        RANSAC inlier threshold in pixels [20.0]
-    trials, seed, refit  RANSAC hypotheses per pair, their seed, least-squares refit [1000, 0, true]
-    score            inliers: (inliers, global) | saturate: min(inliers, k)/k + global |
-                     shortlist: global + boost for inlier counts standing out of the shortlist's |
-                     gate: inliers significant against the query's null move up, in global order [inliers]
-    min_inliers      fewer inliers = unverified, kept in global order below verified ones [0]
-    saturate_at      k of the saturate score [20]
-    z_from, z_span, boost  shortlist score: boost from z_from spreads, full at z_from + z_span [2.0, 16.0, 0.5]
-    null_size, false_alarms  gate score: null images per query, expected false promotions per query [40, 0.001]
-    device           cpu | cuda [unset: CUDA when available]
-    max_elements, queries_per_batch  tensor chunk bound, queries read together [4194304, 16]
-    keep_matches     inlier pairs stored for this many top hits per query (the report's) [3]
-    qe_k, qe_alpha   α-QE: neighbours averaged into the query, weight exponent [10, 3.0]
-    dba_k, dba_alpha  DBA: neighbours averaged into each index vector (index/dba.parquet) [10, 3.0]
-    sg_m, sg_k, sg_beta  SuperGlobal: shortlist entries refined, neighbours, neighbour weight [400, 9, 0.15]
-    gpus_per_worker, cpus_per_worker, min_workers, max_workers  Ray workers (RerankRun.workers; on ray_address
-                     when set; more than one worker or a GPU share: on Ray) [0, 1.0, 1, unset: min_workers]
-    cache_dir        node-local folder caching the index images' local features [unset: none]
-    queries_per_part  queries per committed part of reranked.parquet/ (resume unit) [256]
-
-    [report]         ReportSettings (pipeline.report)
-    enabled          write report.html [true]
-    max_queries      queries shown in the report [20]
-    max_hits         hits shown per ranking [10]
-    max_match_pairs, max_match_lines  re-ranked pairs drawn with their inliers, lines each [3, 80]
-    map_points       descriptors sampled for the embedding map (t-SNE), 0: no map [500]
-    title, thumb_px, match_px, jpeg_quality  page title, thumbnail side, match panel height, JPEG
-                     quality [landmark-index report, 160, 220, 70]
+names and defaults; the few run-only keys (``preset``, ``enabled``, ``method``, the [data] files) are declared
+below with their help. A key left out is unset; as TOML has no null, an empty string also unsets an optional
+key. URLs may be local paths or s3://...; relative paths in the file are relative to the config file's folder.
 """
 
 from __future__ import annotations
@@ -120,32 +17,40 @@ from typing import Any
 from pipeline import settings, storage
 from pipeline.choices import PROTOCOLS
 from pipeline.config import get_preset
+from pipeline.errors import ConfigError
 from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
 from pipeline.index import BuildConfig, SearchConfig, build_index
 from pipeline.report import ReportSettings
 from pipeline.rerank import RerankConfig, RerankRun
-from pipeline.rerank.config import overrides_from
+from pipeline.rerank.config import METHODS, overrides_from
 from pipeline.rerank.global_rerank import GlobalRerankConfig, parse_method
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    """A run-only key: its default and its help (docs/configuration.md)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class DataSection:
     """The run's inputs (its own keys: no library dataclass holds them)."""
 
-    index: str
-    queries: str
-    ground_truth: str | None = None
-    protocol: str = "gldv2-retrieval"
-    landmarks: str | None = None
-    index_image_root: str | None = None
-    queries_image_root: str | None = None
+    index: str = _help("Manifest of the images to index.")
+    queries: str = _help("Manifest of the query images.")
+    ground_truth: str | None = _help("Ground truth for evaluation (unset: no evaluation).", None)
+    protocol: str = _help(f"Evaluation protocol: {' | '.join(PROTOCOLS)}.", "gldv2-retrieval")
+    landmarks: str | None = _help("id → landmark_id table of index images (gldv2-recognition only).", None)
+    index_image_root: str | None = _help(
+        "Image root of an id-only index manifest (GLDv2 index.csv): ROOT/a/b/c/ID.jpg.", None
+    )
+    queries_image_root: str | None = _help("The same for the queries manifest (GLDv2 test.csv).", None)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"data.protocol={self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"data.protocol={self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
         if self.protocol == "gldv2-recognition" and self.ground_truth and not self.landmarks:
-            raise ValueError(
+            raise ConfigError(
                 "data.protocol gldv2-recognition needs data.landmarks (id → landmark_id of index images)"
             )
 
@@ -163,7 +68,10 @@ class _Section:
 
 @dataclass(frozen=True)
 class _Extract(_Section):
-    preset: str = "cpu-small"  # extraction preset
+    """ExtractionJob, StoreSettings, ClusterOptions, Extractors, RuntimeOptions (pipeline.extraction); the
+    index and query manifests are extracted with the same keys."""
+
+    preset: str = _help("Extraction preset (see `landmark-index presets`).", "cpu-small")
 
     def job(self, manifest_url: str, out_url: str, image_root: str | None) -> ExtractionJob:
         config = get_preset(self.preset)
@@ -185,6 +93,9 @@ class _Extract(_Section):
 
 @dataclass(frozen=True)
 class _Index(_Section):
+    """build_index's factory / memory_budget, BuildConfig, QualityConfig (pipeline.index); a run's recall
+    report uses its query store unless recall_queries is set."""
+
     def build_config(self) -> BuildConfig:
         return settings.build(BuildConfig, self.values())
 
@@ -198,6 +109,8 @@ class _Index(_Section):
 
 @dataclass(frozen=True)
 class _Search(_Section):
+    """SearchConfig (pipeline.index.search)."""
+
     def search_config(self) -> SearchConfig:
         return settings.build(SearchConfig, self.values())
 
@@ -207,8 +120,16 @@ class _Search(_Section):
 
 @dataclass(frozen=True)
 class _Rerank(_Section):
-    enabled: bool = True  # re-rank the shortlist (else the run ends with the global ranking)
-    method: str = "verify"  # pipeline.rerank.config.METHODS
+    """RerankConfig, GlobalRerankConfig, RerankRun (pipeline.rerank). Unset RerankConfig keys take the
+    descriptor stores' settings, chosen by the preset's local head (DELG heads: the reference's, shown in
+    as "reference"; backbone-only heads: score = gate); workers run on ray_address when it is set."""
+
+    enabled: bool = _help("Re-rank the shortlist (false: the run ends with the global ranking).", True)
+    method: str = _help(
+        f"{' | '.join(METHODS[:5])}, or one of the four global ones + '+verify' (refine with global "
+        "features, then verify the refined shortlist).",
+        "verify",
+    )
 
     def overrides(self) -> dict[str, Any]:
         """The RerankConfig keys set in the file (the rest: the stores' settings); ratio 0 = off."""
@@ -235,7 +156,9 @@ class _Rerank(_Section):
 
 @dataclass(frozen=True)
 class _Report(_Section):
-    enabled: bool = True  # write report.html
+    """ReportSettings (pipeline.report)."""
+
+    enabled: bool = _help("Write report.html.", True)
 
     def report_settings(self) -> ReportSettings:
         return settings.build(ReportSettings, self.values())
@@ -244,7 +167,7 @@ class _Report(_Section):
         self.report_settings()
 
 
-def _section(name: str, own: type, sources: list[Any], exclude: set[str], unset: tuple = ()) -> type:
+def _section(name: str, own: type, sources: list[Any], exclude: set[str], unset: tuple[type, ...]) -> type:
     """A frozen dataclass: ``own``'s fields, then every setting of ``sources`` (library default; None for
     the settings of ``unset`` classes, which then take a value from elsewhere)."""
     fields = []
@@ -267,27 +190,46 @@ SET_BY_RUN = {
     "build_index.config",  # this section's BuildConfig keys
     "Workers.address",  # ray_address
 }
-ExtractSection = _section(
-    "ExtractSection", _Extract, [ExtractionJob, ClusterOptions], SET_BY_RUN | settings.GUARDS
-)
-IndexSection = _section("IndexSection", _Index, [build_index, BuildConfig], SET_BY_RUN)
-SearchSection = _section("SearchSection", _Search, [SearchConfig], set())
-RerankSection = _section(
-    "RerankSection", _Rerank, [RerankConfig, GlobalRerankConfig, RerankRun], SET_BY_RUN, unset=(RerankConfig,)
-)
-ReportSection = _section("ReportSection", _Report, [ReportSettings], set())
+# Section → its own keys' class, the library sources of its other keys, the fields the run sets itself, and
+# the sources whose keys are unset by default (they take a value from elsewhere).
+SECTION_SOURCES: dict[str, tuple[type, list[Any], set[str], tuple[type, ...]]] = {
+    "extract": (_Extract, [ExtractionJob, ClusterOptions], SET_BY_RUN | settings.GUARDS, ()),
+    "index": (_Index, [build_index, BuildConfig], SET_BY_RUN, ()),
+    "search": (_Search, [SearchConfig], set(), ()),
+    "rerank": (_Rerank, [RerankConfig, GlobalRerankConfig, RerankRun], SET_BY_RUN, (RerankConfig,)),
+    "report": (_Report, [ReportSettings], set(), ()),
+}
+ExtractSection = _section("ExtractSection", *SECTION_SOURCES["extract"])
+IndexSection = _section("IndexSection", *SECTION_SOURCES["index"])
+SearchSection = _section("SearchSection", *SECTION_SOURCES["search"])
+RerankSection = _section("RerankSection", *SECTION_SOURCES["rerank"])
+ReportSection = _section("ReportSection", *SECTION_SOURCES["report"])
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    out: str
+    """The top level: where the run writes, and the cluster it runs on."""
+
+    out: str = _help("Where every stage writes.")
     data: DataSection
-    ray_address: str | None = None
+    ray_address: str | None = _help("Ray cluster to join (unset: start a local Ray).", None)
     extract: ExtractSection = field(default_factory=ExtractSection)
     index: IndexSection = field(default_factory=IndexSection)
     search: SearchSection = field(default_factory=SearchSection)
     rerank: RerankSection = field(default_factory=RerankSection)
     report: ReportSection = field(default_factory=ReportSection)
+
+
+def section_settings(name: str) -> list[tuple[settings.Setting, bool]]:
+    """The keys of section ``name`` ("" for the top level) as settings, each with whether it is unset by
+    default: the run's own keys first (their help in their field), then the library's."""
+    if name == "":
+        return [(s, False) for s in settings.settings_of(RunConfig, SECTIONS)]
+    if name == "data":
+        return [(s, False) for s in settings.settings_of(DataSection)]
+    own, sources, set_by_run, unset = SECTION_SOURCES[name]
+    library = [(s, s.owner in unset) for source in sources for s in settings.settings_of(source, set_by_run)]
+    return [(s, False) for s in settings.settings_of(own)] + library
 
 
 SECTIONS: dict[str, type] = {
@@ -303,16 +245,16 @@ SECTIONS: dict[str, type] = {
 def _build(cls: type, values: Any, where: str) -> Any:
     """A section from a mapping: unknown or missing keys and wrong types fail with the key's name."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a table of keys, got {type(values).__name__}")
+        raise ConfigError(f"{where} must be a table of keys, got {type(values).__name__}")
     keys = {s.key: s for s in settings.settings_of(cls, SECTIONS if cls is RunConfig else ())}
     unknown = sorted(set(values) - set(keys) - (set(SECTIONS) if cls is RunConfig else set()))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; allowed: {', '.join(keys)}"
         )
     missing = [k for k, s in keys.items() if s.required and k not in values]
     if missing:
-        raise ValueError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
+        raise ConfigError(f"missing required key(s) {', '.join(f'{where}.{k}' for k in missing)}")
     checked = {k: settings.check_value(keys[k], v, f"{where}.{k}") for k, v in values.items() if k in keys}
     return cls(**{**values, **checked})
 
@@ -341,14 +283,14 @@ def parse_run_config(raw: dict[str, Any], base_dir: str = ".") -> RunConfig:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     _resolve_paths(raw, base_dir)
     if "data" not in raw:
-        raise ValueError("missing required section [data]")
+        raise ConfigError("missing required section [data]")
     sections = {k: _build(cls, raw[k], k) for k, cls in SECTIONS.items() if k in raw}
     for name, section in sections.items():
         try:
             if isinstance(section, _Section):
                 section.check()
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise ConfigError(f"{name}: {exc}") from None
     return _build(RunConfig, {**raw, **sections}, "config")
 
 
@@ -361,17 +303,17 @@ def load_run_config(url: str, options: storage.Options = None) -> RunConfig:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{storage.redact(url)}: invalid TOML: {exc}") from None
+            raise ConfigError(f"{storage.redact(url)}: invalid TOML: {exc}") from None
     elif url.endswith((".yaml", ".yml")):
         import yaml
 
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{storage.redact(url)}: invalid YAML: {exc}") from None
+            raise ConfigError(f"{storage.redact(url)}: invalid YAML: {exc}") from None
     else:
-        raise ValueError(f"{storage.redact(url)}: run config must end in .toml, .yaml or .yml")
+        raise ConfigError(f"{storage.redact(url)}: run config must end in .toml, .yaml or .yml")
     if not isinstance(raw, dict):
-        raise ValueError(f"{storage.redact(url)}: a run config is a table of keys")
+        raise ConfigError(f"{storage.redact(url)}: a run config is a table of keys")
     base = os.path.dirname(os.path.abspath(url)) if storage.is_local(url) else url.rsplit("/", 1)[0]
     return parse_run_config(raw, base)

@@ -20,6 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import ConfigError
+from pipeline.settings_help import choices, help_text
+
 # Library field → the key / flag spelling, where the field's own name would read wrongly outside its class.
 SPELLINGS = {
     "weights_url": "weights",  # --weights, [extract] weights: a URL or "imagenet"
@@ -27,6 +30,8 @@ SPELLINGS = {
     "QualityConfig.target": "target_recall",  # [index] target_recall: "target" alone says nothing
     "QualityConfig.queries": "recall_sample",  # [index] recall_sample: not the [data] queries manifest
     "QualityConfig.query_store": "recall_queries",  # --recall-queries STORE: the recall report's queries
+    "evaluate.landmarks_url": "landmarks",  # evaluate --landmarks
+    "evaluate.out_url": "out",  # evaluate --out
 }
 
 SCALARS = (str, int, float, bool)
@@ -45,6 +50,9 @@ class Setting:
     field: str  # its name there
     type: Any  # the resolved annotation
     default: Any  # dataclasses.MISSING (inspect.Parameter.empty for a parameter) when required
+    metadata: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, compare=False
+    )  # the field's ("help")
 
     @property
     def required(self) -> bool:
@@ -75,14 +83,14 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _declared(source: Any) -> list[tuple[str, Any]]:
-    """(name, default) of a dataclass's fields, or of a stage function's keyword-only parameters but its
-    progress hooks (``on_*``: the caller's display, not a setting)."""
+def _declared(source: Any) -> list[tuple[str, Any, Mapping[str, Any]]]:
+    """(name, default, metadata) of a dataclass's fields, or of a stage function's keyword-only parameters
+    but its progress hooks (``on_*``: the caller's display, not a setting)."""
     if dataclasses.is_dataclass(source):
-        return [(f.name, default_of(f)) for f in dataclasses.fields(source)]
+        return [(f.name, default_of(f), f.metadata) for f in dataclasses.fields(source)]
     parameters = inspect.signature(source).parameters.values()
     return [
-        (p.name, p.default)
+        (p.name, p.default, {})
         for p in parameters
         if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("on_")
     ]
@@ -96,14 +104,14 @@ def settings_of(source: Any, exclude: Iterable[str] = ()) -> list[Setting]:
     skip = set(exclude)
     hints = typing.get_type_hints(source)
     out: list[Setting] = []
-    for name, default in _declared(source):
+    for name, default, metadata in _declared(source):
         if name in skip or f"{source.__name__}.{name}" in skip:
             continue
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             out += settings_of(annotation, skip)
             continue
-        setting = Setting(spelling(source, name), source, name, annotation, default)
+        setting = Setting(spelling(source, name), source, name, annotation, default, metadata)
         if not all(k in SCALARS or _is_scalar_tuple(k) for k in setting.kinds):
             raise TypeError(f"{source.__name__}.{name}: {annotation} has no key or flag spelling; exclude it")
         out.append(setting)
@@ -135,7 +143,7 @@ def check_value(setting: Setting, value: Any, where: str) -> Any:
             if all(type(v) is item or (item is float and type(v) is int) for v in value):
                 return tuple(item(v) for v in value)
     names = " or ".join(_type_name(k) for k in setting.kinds)
-    raise ValueError(f"{where}={value!r} must be {names}{' (or unset)' if setting.optional else ''}")
+    raise ConfigError(f"{where}={value!r} must be {names}{' (or unset)' if setting.optional else ''}")
 
 
 def _type_name(kind: Any) -> str:
@@ -162,7 +170,7 @@ def build(cls: type, values: Mapping[str, Any], **given: Any) -> Any:
 
 def keyword_arguments(function: Any, values: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword-only parameters of ``function`` that ``values`` sets (not None or ""), by parameter name."""
-    names = [name for name, _ in _declared(function)]
+    names = [name for name, _, _ in _declared(function)]
     return {
         n: values[spelling(function, n)] for n in names if values.get(spelling(function, n)) not in (None, "")
     }
@@ -190,18 +198,19 @@ def job_address(args: argparse.Namespace) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
-    """One ``--key`` per setting, typed and defaulted as the field (help: the field's class and name)."""
+    """One ``--key`` per setting, typed, defaulted and explained as the field (pipeline.settings_help)."""
     for s in settings:
-        flag, where = f"--{s.key.replace('_', '-')}", f"{s.owner.__name__}.{s.field}"
+        flag, text = f"--{s.key.replace('_', '-')}", help_text(s)
         if s.required:
-            parser.add_argument(flag, dest=s.key, required=True, type=_parser(s), help=where)
+            parser.add_argument(flag, dest=s.key, required=True, type=_parser(s), help=text)
         elif bool in s.kinds:
             parser.add_argument(
-                flag, dest=s.key, action=argparse.BooleanOptionalAction, default=s.default, help=where
+                flag, dest=s.key, action=argparse.BooleanOptionalAction, default=s.default, help=text
             )
         else:
-            help_text = f"{where}; default %(default)s"
-            parser.add_argument(flag, dest=s.key, type=_parser(s), default=s.default, help=help_text)
+            shown = f"{text} Default: %(default)s."
+            kwargs = {"choices": choices(s)} if choices(s) else {}
+            parser.add_argument(flag, dest=s.key, type=_parser(s), default=s.default, help=shown, **kwargs)
 
 
 def _parser(setting: Setting) -> Any:

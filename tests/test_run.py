@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from pipeline import cli
+from pipeline.cli import display
 from pipeline.demo import DEMO_PHOTOS, write_demo
 from pipeline.extraction import Extractors
 from pipeline.run import STAGES, RunPaths, StageProgress, run_pipeline
@@ -83,8 +83,8 @@ def test_every_stage_shows_live_progress(finished_run, shown):
 def test_the_console_shows_a_bar_per_stage(shown, monkeypatch):
     """The CLI's display of those updates: one bar per stage, complete at the end, in the order they ran."""
     console = Console(file=io.StringIO(), width=160)
-    monkeypatch.setattr(cli, "console", console)
-    with cli._StageBars() as bars:
+    monkeypatch.setattr(display, "console", console)
+    with display.StageBars() as bars:
         for progress in shown:
             bars.show(progress)
     lines = [line for line in console.file.getvalue().splitlines() if line.strip()]

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import re
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from jobs import index_manifest, nightly_reindex, train
-from pipeline import runconfig, settings
+from pipeline import runconfig, settings, settings_doc
 from pipeline.aggregate import AggregateConfig
-from pipeline.cli import app
+from pipeline.cli import app, catalog, options
 from pipeline.evaluate import evaluate
 from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob
@@ -26,6 +27,7 @@ from pipeline.report import ReportSettings
 from pipeline.rerank import RerankConfig, RerankRun
 from pipeline.rerank.global_rerank import GlobalRerankConfig
 from pipeline.serve.settings import ServeSettings
+from pipeline.settings_help import HELP, help_entry, help_text
 from pipeline.train import TrainCluster, TrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,83 +188,64 @@ def test_run_config_sections_are_the_library_settings(section: str) -> None:
         assert fields[key].default == expected, key
 
 
-def documented_defaults() -> dict[str, dict[str, str | None]]:
-    """Section ("" for the top level) → key → the default its docstring entry shows in brackets (None: none
-    shown), from the run config module's docstring."""
-    block = runconfig.__doc__.split("::", 1)[1]
-    section, entries = "", []  # (section, keys, entry text)
-    for line in block.splitlines():
-        header = re.match(r"^    \[(\w+)\]", line)
-        keys = re.match(r"^    ([a-z0-9_]+(?:, [a-z0-9_]+)*)(?:\s{2,}|$)", line)
-        if header:
-            section = header.group(1)
-        elif keys:
-            entries.append((section, keys.group(1).split(", "), line))
-        elif line.startswith("     ") and entries and entries[-1][0] == section:
-            entries[-1] = (*entries[-1][:2], entries[-1][2] + " " + line.strip())
-    found: dict[str, dict[str, str | None]] = {}
-    for section, keys, text in entries:
-        shown = re.search(r"\[((?:[^\[\]]|\[[^\]]*\])*)\]$", text)
-        parts = _split_top_level(shown.group(1)) if shown and len(keys) > 1 else [shown and shown.group(1)]
-        values = parts if len(parts) == len(keys) else [None] * len(keys)
-        found.setdefault(section, {}).update(zip(keys, values, strict=True))
-    return found
-
-
-def _split_top_level(text: str) -> list[str]:
-    """ "1, [2, 3], x" → ["1", "[2, 3]", "x"]."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    return [*parts, current.strip()]
-
-
-def _shown_value(text: str) -> object:
-    """A bracketed default as a value: "unset: ..." → None, TOML literals parsed, anything else as text."""
-    import tomllib
-
-    value = re.split(r"[:;]", text, maxsplit=1)[0].strip()
-    if value == "unset":
-        return None
-    try:
-        return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value
-
-
-def test_the_run_config_docstring_documents_every_key_and_no_other() -> None:
+def test_every_run_config_key_is_documented_once() -> None:
+    """docs/configuration.md lists each section's keys from runconfig.section_settings: exactly its fields."""
     keys = {"": {"out", "ray_address"}}
     keys |= {name: {f.name for f in dataclasses.fields(cls)} for name, cls in runconfig.SECTIONS.items()}
-    assert {section: set(found) for section, found in documented_defaults().items()} == keys
+    documented = {name: [s.key for s, _ in runconfig.section_settings(name)] for name in keys}
+    assert {name: set(found) for name, found in documented.items()} == keys
+    assert all(len(found) == len(set(found)) for found in documented.values())
 
 
-def test_the_run_config_docstring_shows_the_library_defaults() -> None:
-    defaults = {"": {"ray_address": None}, "data": {}}
-    defaults["data"] = {f.name: f.default for f in dataclasses.fields(runconfig.DataSection)}
-    for name, cls in runconfig.SECTIONS.items():
-        if name in SECTION_SOURCES:
-            sources, set_by_run, _ = SECTION_SOURCES[name]
-            library = {
-                s.key: s.default for source in sources for s in settings.settings_of(source, set_by_run)
-            }
-            # re-ranking keys show the reference's values (RerankConfig's), which DELG stores record
-            defaults[name] = {f.name: f.default for f in dataclasses.fields(cls)} | library
-    checked, wrong = 0, {}
-    for section, shown in documented_defaults().items():
-        for key, text in shown.items():
-            if text is None:
-                continue
-            value, expected = _shown_value(text), defaults[section][key]
-            expected = list(expected) if isinstance(expected, tuple) else expected
-            checked += 1
-            if value != expected:
-                wrong[f"{section}.{key}"] = (text, expected)
-    assert checked > 80 and wrong == {}
+def test_the_generated_catalog_and_configuration_doc_are_current() -> None:
+    """pipeline/cli/catalog.json (what --help shows) and docs/configuration.md are rendered from the
+    dataclasses; regenerate: python -m pipeline.cli.catalog; python -m pipeline.settings_doc > docs/configuration.md"""
+    assert options.CATALOG.read_text() == catalog.render(), f"stale catalog: run {options.REGENERATE}"
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == settings_doc.render(), f"stale docs/configuration.md: run {settings_doc.COMMAND}"
+    assert "| `--score` | inliers \\| saturate \\| shortlist \\| gate (or unset) | unset |" in doc
+
+
+def every_offered_setting() -> list[settings.Setting]:
+    """The settings some front end offers: the CLI's, the run config's and the jobs'."""
+    found = [s for name in ["", *runconfig.SECTIONS] for s, _ in runconfig.section_settings(name)]
+    found += [
+        s
+        for sources, excluded, _ in COMMANDS.values()
+        for src in sources
+        for s in settings.settings_of(src, excluded)
+    ]
+    return found + [
+        s
+        for _, _, sources, set_here, _ in JOBS.values()
+        for src in sources
+        for s in settings.settings_of(src, set_here)
+    ]
+
+
+def test_every_setting_has_one_help_text_and_every_text_a_setting() -> None:
+    found = every_offered_setting()
+    missing = sorted(
+        {
+            f"{s.owner.__name__}.{s.key}"
+            for s in found
+            if not (s.metadata.get("help") or s.key in HELP or f"{s.owner.__name__}.{s.key}" in HELP)
+        }
+    )
+    assert missing == [], "settings without help (pipeline/settings_help.py HELP)"
+    used = {help_entry(s) for s in found if "help" not in s.metadata} | {"preset", "address"}
+    assert sorted(set(HELP) - used) == [], "help texts of no setting"
+    assert all(help_text(s).strip() for s in found)
+
+
+def test_a_command_refuses_to_run_with_a_stale_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting added to a dataclass but not to the catalog would have no flag: the command says so (a bug,
+    exit 1) instead of running without it."""
+    stale = {name: entries[:-1] for name, entries in json.loads(options.CATALOG.read_text()).items()}
+    monkeypatch.setattr(options, "_catalog", lambda: stale)
+    result = CliRunner().invoke(app, ["search", "i", "q", "o"])
+    assert isinstance(result.exception, RuntimeError)
+    assert "pipeline/cli/catalog.json is stale for `search`" in str(result.exception)
 
 
 def test_unset_is_none_and_an_empty_string_unsets() -> None:

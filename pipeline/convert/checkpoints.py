@@ -21,6 +21,7 @@ from pipeline.convert.layout import (
     tf_layout,
     tf_to_state_dict,
 )
+from pipeline.errors import ConfigError, MissingInputError
 from pipeline.model.delg import Delg
 from pipeline.model.weights import sha256_hex
 
@@ -31,7 +32,7 @@ def _tensorflow():
     try:
         import tensorflow as tf
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "reading TF SavedModels needs TensorFlow: pip install 'landmark-index[convert]' (tensorflow-cpu)"
         ) from None
     return tf
@@ -43,7 +44,7 @@ def checkpoint_prefix(src: str) -> str:
     for prefix in (path / "variables" / "variables", path / "variables", path):
         if Path(f"{prefix}.index").exists():
             return str(prefix)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{src} is not a SavedModel directory (with variables/variables.index), its variables/ directory, "
         "or a checkpoint prefix"
     )
@@ -111,7 +112,7 @@ def convert_weights(
     if config is None:
         preset = preset_for_layout(layout)
         if preset is None:
-            raise ValueError(f"no preset for a {_describe(layout)} DELG checkpoint; name one with --preset")
+            raise ConfigError(f"no preset for a {_describe(layout)} DELG checkpoint; name one with --preset")
         config = PRESETS[preset]
     state_dict, ignored = tf_to_state_dict(variables, Delg.from_config(config))
     buffer = io.BytesIO()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import PRESETS
+from pipeline.errors import ConfigError, InputError
 from pipeline.model.backbones import BACKBONES
 from pipeline.model.delg import Delg
 from pipeline.model.resnet_slim import ConvBN, SlimResNet
@@ -95,7 +96,7 @@ def layer_table(model: Delg) -> dict[str, tuple[str, nn.Module]]:
     """TF scope → (PyTorch module path, module) for every layer with weights of ``model``."""
     spec = model.backbone.spec
     if spec.tf_layout is None:
-        raise ValueError(
+        raise ConfigError(
             f"backbone {spec.name} has no TF layout to convert from; use a -slim or -ref backbone"
         )
     table = {}
@@ -128,11 +129,11 @@ def tf_layout(names: list[str]) -> tuple[str, int]:
     slim = {m.group(1) for name in names if (m := re.match(r"resnet_v1_(\d+)/", name))}
     if slim:
         if len(slim) > 1:
-            raise ValueError(f"checkpoint mixes tf-slim ResNets: {sorted(slim)}")
+            raise InputError(f"checkpoint mixes tf-slim ResNets: {sorted(slim)}")
         return "slim", int(slim.pop())
     stage4 = {m.group(1) for name in names if (m := re.search(r"(?:^|/)backbone/l4([a-z])/", name))}
     if not stage4:
-        raise ValueError(
+        raise ConfigError(
             "not a DELG checkpoint: neither tf-slim resnet_v1 variables (resnet_v1_50/...) nor the TF2 "
             "reference's Keras ResNet (backbone/l4a/...) found"
         )
@@ -159,7 +160,7 @@ def tf_to_state_dict(
     expected = model.backbone.spec.tf_layout
     if layout != expected:
         preset = preset_for_layout(layout)
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint is a {_describe(layout)} DELG, the model's backbone {model.backbone.spec.name} a "
             f"{_describe(expected) if expected else 'non-TF layout'}"
             + (f": use --preset {preset}" if preset else "")
@@ -178,7 +179,7 @@ def tf_to_state_dict(
         torch_name, change = target
         state_dict[torch_name] = torch.from_numpy(np.array(change(np.asarray(variables[name])), order="C"))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{len(unknown)} checkpoint variables are neither mapped nor ignored (wrong preset or not a DELG "
             f"checkpoint?): {', '.join(unknown)}"
         )

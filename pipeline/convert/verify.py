@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS, ExtractionConfig
 from pipeline.convert.checkpoints import _tensorflow
+from pipeline.errors import MissingInputError
 from pipeline.features import ImageFeatures, build_extractor
 
 # The reference extractor's end-points for TF1 graphs (extractor.py: model.prune(feeds, fetches)), in order.
@@ -28,7 +29,7 @@ def reference_features(saved_model: str, image: np.ndarray, config: ExtractionCo
     signature; PIL cap, per-scale L2 → sum → L2 global, L2 local descriptors, box centres divided by the
     capping factors."""
     if not (Path(saved_model) / "saved_model.pb").exists():
-        raise FileNotFoundError(f"{saved_model} is not a SavedModel directory (no saved_model.pb)")
+        raise MissingInputError(f"{saved_model} is not a SavedModel directory (no saved_model.pb)")
     tf = _tensorflow()
     loaded = tf.saved_model.load(saved_model)
     capped, factors = _reference_cap(image, config.max_side)

@@ -6,6 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from pipeline.errors import ConfigError, InputError
+
 MERGE_MODES = ("auto", "ram", "disk")  # how build-index merges inverted lists
 
 # Below this many vectors IVF-PQ cannot be trained well: each of the 256 centroids of a PQ sub-quantizer
@@ -64,16 +66,16 @@ def parse_size(size: str | int) -> int:
     """Bytes of a size like 4GB, 512MiB, 1.5g or a plain integer."""
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"memory budget {size}; must be > 0 bytes")
+            raise ConfigError(f"memory budget {size}; must be > 0 bytes")
         return size
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
+        raise ConfigError(
             f"size {size!r}; expected a number with an optional unit ({', '.join(sorted(_UNITS))})"
         )
     value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if value <= 0:
-        raise ValueError(f"size {size!r}; must be > 0 bytes")
+        raise ConfigError(f"size {size!r}; must be > 0 bytes")
     return value
 
 
@@ -154,7 +156,7 @@ def _pq_and_refine(
             if ivf_pq_bytes(n, nlist, m, _pq_dim(dim, m), dim) + refine_bytes <= memory_budget:
                 return m, kind, f"fits the budget of {memory_budget} B with {kind} refinement"
     need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]), dim)
-    raise ValueError(
+    raise ConfigError(
         f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
         f"(PQ{PQ_SIZES[-1]}) of {n} vectors with refinement {refine!r}"
     )
@@ -164,13 +166,13 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None, refine: str
     """Pick a factory and refinement for ``n`` vectors of ``dim`` dims (inner product) within ``memory_budget``
     bytes of RAM. ``refine`` is "auto" or one of REFINE_KINDS (an exact flat index is never refined)."""
     if n < 1 or dim < 1:
-        raise ValueError(f"n={n}, dim={dim}; both must be ≥ 1")
+        raise InputError(f"n={n}, dim={dim}; both must be ≥ 1")
     if refine != "auto" and refine not in REFINE_KINDS:
-        raise ValueError(f"refine={refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
+        raise ConfigError(f"refine={refine!r}; allowed: auto, {', '.join(REFINE_KINDS)}")
     if n < MIN_IVF_PQ_VECTORS:
         size = n * (dim * 4 + ID_BYTES)
         if memory_budget is not None and size > memory_budget:
-            raise ValueError(
+            raise ConfigError(
                 f"memory budget {memory_budget} B < {size} B needed by an exact index of {n} vectors"
             )
         return IndexChoice(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.errors import ConfigError, InputError
 from pipeline.storage import Options
 
 FILE = "whitening.npz"
@@ -44,7 +45,7 @@ class Whitening:
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         """(n, D) → (n, d) float32, L2-normalised (a zero row stays zero)."""
         if vectors.ndim != 2 or vectors.shape[1] != self.input_dim:
-            raise ValueError(f"whitening expects (n, {self.input_dim}) vectors, got {vectors.shape}")
+            raise InputError(f"whitening expects (n, {self.input_dim}) vectors, got {vectors.shape}")
         out = (np.asarray(vectors, np.float32) - self.mean) @ self.projection
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.ascontiguousarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
@@ -61,11 +62,11 @@ def fit(sample: np.ndarray, dim: int, power: float = 0.5) -> Whitening:
     """
     n, input_dim = sample.shape
     if not 0 < dim <= input_dim:
-        raise ValueError(f"whitening to {dim} dims: must be in [1, {input_dim}] (the descriptor dimension)")
+        raise ConfigError(f"whitening to {dim} dims: must be in [1, {input_dim}] (the descriptor dimension)")
     if not 0 <= power <= 1:
-        raise ValueError(f"whitening power {power}: must be in [0, 1] (0.5: full whitening, 0: PCA only)")
+        raise ConfigError(f"whitening power {power}: must be in [0, 1] (0.5: full whitening, 0: PCA only)")
     if n <= dim:
-        raise ValueError(f"whitening to {dim} dims needs more than {dim} training vectors, got {n}")
+        raise ConfigError(f"whitening to {dim} dims needs more than {dim} training vectors, got {n}")
     data = sample.astype(np.float64)
     mean = data.mean(axis=0)
     centred = data - mean
@@ -74,7 +75,7 @@ def fit(sample: np.ndarray, dim: int, power: float = 0.5) -> Whitening:
     kept = eigenvalues[order]
     if kept[-1] <= MIN_EIGENVALUE * kept[0]:
         rank = int((kept > MIN_EIGENVALUE * kept[0]).sum())
-        raise ValueError(f"whitening to {dim} dims: the training sample spans only {rank} dims")
+        raise ConfigError(f"whitening to {dim} dims: the training sample spans only {rank} dims")
     projection = eigenvectors[:, order] / kept**power
     return Whitening(mean.astype(np.float32), projection.astype(np.float32))
 
@@ -91,9 +92,9 @@ def from_bytes(data: bytes, where: str) -> Whitening:
         with np.load(_bytes_io.BytesIO(data), allow_pickle=False) as arrays:
             mean, projection = arrays["mean"], arrays["projection"]
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{where}: not a whitening file ({exc})") from None
+        raise InputError(f"{where}: not a whitening file ({exc})") from None
     if mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != mean.shape[0]:
-        raise ValueError(f"{where}: whitening shapes {mean.shape}, {projection.shape} do not fit together")
+        raise InputError(f"{where}: whitening shapes {mean.shape}, {projection.shape} do not fit together")
     return Whitening(mean.astype(np.float32), projection.astype(np.float32))
 
 
@@ -116,7 +117,7 @@ def load(index_url: str, options: Options = None) -> Whitening:
     """The whitening stored beside the index at ``index_url`` (a missing or malformed file is a clear error)."""
     url = storage.join(index_url, FILE)
     if not storage.exists(url, options):
-        raise ValueError(f"{storage.redact(url)} is missing: the index was built with whitening")
+        raise InputError(f"{storage.redact(url)} is missing: the index was built with whitening")
     return from_bytes(storage.read_bytes(url, options), storage.redact(url))
 
 
@@ -127,7 +128,7 @@ def space(index_url: str, params: dict[str, Any], options: Options = None) -> Sp
         return identity
     whitening = load(index_url, options)
     if whitening.dim != params["dim"]:
-        raise ValueError(
+        raise InputError(
             f"the whitening of {storage.redact(index_url)} gives {whitening.dim} dims, the index has {params['dim']}"
         )
     return whitening

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from pipeline.errors import ConfigError
 from pipeline.model.catalog import BACKBONE_CHANNELS
 from pipeline.model.geometry import ReceptiveField
 from pipeline.model.resnet_ref import RESNET50_BLOCKS, RESNET101_BLOCKS, ReferenceResNet
@@ -135,7 +136,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"backbone {name!r} is not registered; allowed: {sorted(BACKBONES)}")
+        raise ConfigError(f"backbone {name!r} is not registered; allowed: {sorted(BACKBONES)}")
     return BACKBONES[name]
 
 

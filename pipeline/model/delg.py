@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS
+from pipeline.errors import ConfigError
 from pipeline.model.backbones import Backbone, get_backbone_spec
 from pipeline.model.geometry import ReceptiveField, receptive_field
 from pipeline.model.pooling import GLOBAL_POOLS, NetVLAD, gem, mac, pooled_dim, rmac, spoc
@@ -51,7 +52,7 @@ class Autoencoder(nn.Module):
     def __init__(self, in_channels: int, code_dim: int, slim: bool = False, activation: str = "none") -> None:
         super().__init__()
         if activation not in AUTOENCODER_ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder activation {activation!r}; allowed: {list(AUTOENCODER_ACTIVATIONS)}"
             )
         self.encoder = nn.Conv2d(in_channels, code_dim, kernel_size=1, bias=not slim)
@@ -132,15 +133,15 @@ class Delg(nn.Module):
     ) -> None:
         super().__init__()
         if local_head not in LOCAL_HEADS:
-            raise ValueError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
+            raise ConfigError(f"local_head {local_head!r}; allowed: {list(LOCAL_HEADS)}")
         if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool {global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
+            raise ConfigError(f"global_pool {global_pool!r}; allowed: {list(GLOBAL_POOLS)}")
         if attention_input not in ATTENTION_INPUTS:
-            raise ValueError(f"attention_input {attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
+            raise ConfigError(f"attention_input {attention_input!r}; allowed: {list(ATTENTION_INPUTS)}")
         spec = get_backbone_spec(backbone)
         pooled = pooled_dim(global_pool, spec.global_channels, netvlad_clusters)
         if not whitening and global_dim != pooled:
-            raise ValueError(f"global_dim {global_dim} without whitening must be {pooled}")
+            raise ConfigError(f"global_dim {global_dim} without whitening must be {pooled}")
         self.backbone = Backbone(spec)
         self.gem_p = gem_p
         # the released files learned the exponent (gem/gem_power): then it is a weight, gem_p its init
@@ -211,7 +212,7 @@ class Delg(nn.Module):
         stop-gradient: only the global loss trains the backbone. The attention is computed on block3 or on
         the autoencoder's reconstruction (``attention_input``) and pools the (normalised) block3 features."""
         if self.local_head != "learned":
-            raise ValueError(
+            raise ConfigError(
                 "local_head='backbone' has no trainable local head; train with local_head='learned'"
             )
         block3 = self.backbone.forward_local(images)

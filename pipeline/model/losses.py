@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 ARCFACE_MARGIN = 0.1  # the reference's arcface_margin
 ARCFACE_SCALE = math.sqrt(2048)  # the reference's scale_factor_init (45.25), fixed, not learned
 MINING = ("hard", "distance-weighted")
@@ -111,7 +113,7 @@ def mine_negatives(
         return hardest_negatives(distances, labels)
     if mining == "distance-weighted":
         return distance_weighted_negatives(distances, labels, dim, generator)
-    raise ValueError(f"mining {mining!r}; allowed: {list(MINING)}")
+    raise ConfigError(f"mining {mining!r}; allowed: {list(MINING)}")
 
 
 def contrastive_loss(

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision import models
 
 from pipeline import storage
+from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.model.delg import Delg
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,15 @@ def read_state_dict(url: str, options: storage.Options = None) -> tuple[dict[str
     try:
         data = storage.read_bytes(url, options)
     except FileNotFoundError:
-        raise FileNotFoundError(f"weights file not found: {storage.redact(url)}") from None
+        raise MissingInputError(f"weights file not found: {storage.redact(url)}") from None
     try:
         state_dict = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise ValueError(f"{storage.redact(url)} is not a loadable torch state dict: {exc}") from exc
+        raise InputError(f"{storage.redact(url)} is not a loadable torch state dict: {exc}") from exc
     if not isinstance(state_dict, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
-        raise ValueError(f"{storage.redact(url)} must hold a flat mapping of parameter names to tensors")
+        raise InputError(f"{storage.redact(url)} must hold a flat mapping of parameter names to tensors")
     return dict(state_dict), sha256_hex(data)
 
 
@@ -77,7 +78,7 @@ def load_checked(
     the keys whose shapes match and log the rest."""
     problems = state_dict_problems(module, state_dict)
     if problems and strict:
-        raise ValueError(f"weights {what} do not fit {type(module).__name__}: " + "; ".join(problems))
+        raise InputError(f"weights {what} do not fit {type(module).__name__}: " + "; ".join(problems))
     if problems:
         log.warning("loading %s non-strictly: %s", what, "; ".join(problems))
     expected = module.state_dict()
@@ -138,7 +139,7 @@ def load_pretrained(model: Delg, url: str, options: storage.Options = None) -> s
 def _imagenet_state_dict(model: Delg) -> dict[str, torch.Tensor]:
     spec = model.backbone.spec
     if spec.imagenet_weights is None:
-        raise ValueError(
+        raise ConfigError(
             f"backbone {spec.name} has no torchvision ImageNet weights; convert the released DELG weights "
             "(landmark-index convert-weights) or pass a weights URL"
         )

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from pipeline.errors import ConfigError
+
 MODELS = ("affine", "homography")
 SCORE_MODES = ("inliers", "saturate", "shortlist", "gate")
 RESIDUAL_SPACES = ("query", "candidate")
@@ -63,37 +65,37 @@ class RerankConfig:
 
     def __post_init__(self) -> None:
         if not self.max_distance > 0:
-            raise ValueError(f"max_distance={self.max_distance}: must be > 0")
+            raise ConfigError(f"max_distance={self.max_distance}: must be > 0")
         if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio={self.ratio}: must be in (0, 1] or None")
+            raise ConfigError(f"ratio={self.ratio}: must be in (0, 1] or None")
         if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r}: allowed {MODELS}")
+            raise ConfigError(f"model={self.model!r}: allowed {MODELS}")
         if self.residual_in not in RESIDUAL_SPACES:
-            raise ValueError(f"residual_in={self.residual_in!r}: allowed {RESIDUAL_SPACES}")
+            raise ConfigError(f"residual_in={self.residual_in!r}: allowed {RESIDUAL_SPACES}")
         if not self.threshold > 0:
-            raise ValueError(f"threshold={self.threshold}: must be > 0 pixels")
+            raise ConfigError(f"threshold={self.threshold}: must be > 0 pixels")
         if self.trials < 1:
-            raise ValueError(f"trials={self.trials}: must be >= 1")
+            raise ConfigError(f"trials={self.trials}: must be >= 1")
         if self.score not in SCORE_MODES:
-            raise ValueError(f"score={self.score!r}: allowed {SCORE_MODES}")
+            raise ConfigError(f"score={self.score!r}: allowed {SCORE_MODES}")
         if self.min_inliers < 0:
-            raise ValueError(f"min_inliers={self.min_inliers}: must be >= 0")
+            raise ConfigError(f"min_inliers={self.min_inliers}: must be >= 0")
         if self.saturate_at < 1:
-            raise ValueError(f"saturate_at={self.saturate_at}: must be >= 1")
+            raise ConfigError(f"saturate_at={self.saturate_at}: must be >= 1")
         if not self.z_span > 0 or not self.boost >= 0:
-            raise ValueError(f"z_span={self.z_span}, boost={self.boost}: need z_span > 0 and boost >= 0")
+            raise ConfigError(f"z_span={self.z_span}, boost={self.boost}: need z_span > 0 and boost >= 0")
         if self.null_size < 0 or not self.false_alarms > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"null_size={self.null_size}, false_alarms={self.false_alarms}: need >= 0 and > 0"
             )
         if self.top < 1:
-            raise ValueError(f"top={self.top}: must be >= 1")
+            raise ConfigError(f"top={self.top}: must be >= 1")
         if self.max_elements < 1:
-            raise ValueError(f"max_elements={self.max_elements}: must be >= 1")
+            raise ConfigError(f"max_elements={self.max_elements}: must be >= 1")
         if self.queries_per_batch < 1:
-            raise ValueError(f"queries_per_batch={self.queries_per_batch}: must be >= 1")
+            raise ConfigError(f"queries_per_batch={self.queries_per_batch}: must be >= 1")
         if self.keep_matches < 0:
-            raise ValueError(f"keep_matches={self.keep_matches}: must be >= 0")
+            raise ConfigError(f"keep_matches={self.keep_matches}: must be >= 0")
 
 
 # how re-ranking runs, not what it computes
@@ -118,5 +120,5 @@ def from_settings(settings: Mapping[str, Any], overrides: Mapping[str, Any] | No
     known = {f.name for f in fields(RerankConfig)}
     unknown = sorted(set(overrides or {}) - known)
     if unknown:
-        raise ValueError(f"unknown re-ranking setting(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"unknown re-ranking setting(s) {unknown}; allowed: {sorted(known)}")
     return RerankConfig(**{**{k: v for k, v in settings.items() if k in known}, **(overrides or {})})

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import store
+from pipeline.errors import ConfigError
 from pipeline.rerank.config import GLOBAL_METHODS, METHODS
 from pipeline.storage import Options
 
@@ -50,18 +51,18 @@ class GlobalRerankConfig:
     def __post_init__(self) -> None:
         for name in ("qe_k", "dba_k", "sg_m", "sg_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         for name in ("qe_alpha", "dba_alpha"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
         if not self.sg_beta > 0:
-            raise ValueError(f"sg_beta={self.sg_beta}: must be > 0")
+            raise ConfigError(f"sg_beta={self.sg_beta}: must be > 0")
 
 
 def parse_method(method: str) -> tuple[str | None, bool]:
     """ "superglobal+verify" → ("superglobal", True); "verify" → (None, True). Raises ValueError otherwise."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: allowed {', '.join(METHODS)}")
+        raise ConfigError(f"method={method!r}: allowed {', '.join(METHODS)}")
     if method == "verify":
         return None, True
     refinement = method.removesuffix("+verify")
@@ -193,7 +194,7 @@ def refined_scores(
         head = superglobal_scores(queries, cands[:, :m], valid[:, :m], config.sg_k, config.sg_beta)
         tail = torch.full_like(valid[:, m:], float("-inf"), dtype=head.dtype)
         return torch.cat([head, tail], dim=1)
-    raise ValueError(f"refinement={refinement!r}: allowed {', '.join(GLOBAL_METHODS)}")
+    raise ConfigError(f"refinement={refinement!r}: allowed {', '.join(GLOBAL_METHODS)}")
 
 
 def refined_order(refined: np.ndarray, global_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Matches:
@@ -129,9 +131,9 @@ def match(
             "need (1 or B, Nq, D) against (B, Nc, D)"
         )
     if not max_distance > 0:
-        raise ValueError(f"max_distance={max_distance}: must be > 0")
+        raise ConfigError(f"max_distance={max_distance}: must be > 0")
     if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"ratio={ratio}: must be in (0, 1] or None")
+        raise ConfigError(f"ratio={ratio}: must be in (0, 1] or None")
     batch, n_query = cand_desc.shape[0], query_desc.shape[1]
     query_desc = query_desc.to(cand_desc.device)
     query_mask = query_mask.to(cand_desc.device)

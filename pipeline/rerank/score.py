@@ -33,6 +33,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.rerank.config import SCORE_MODES, RerankConfig
 from pipeline.rerank.verify import MIN_SAMPLES
 
@@ -115,7 +116,7 @@ def rerank_scores(
     candidates above the level score 1 + g', all others g' − 1: two blocks, each in global order.
     """
     if mode not in SCORE_MODES:
-        raise ValueError(f"mode={mode!r}: allowed {SCORE_MODES}")
+        raise ConfigError(f"mode={mode!r}: allowed {SCORE_MODES}")
     global_scores = np.asarray(global_scores, dtype=np.float64)
     inliers = np.asarray(inliers, dtype=np.int64)
     if global_scores.shape != inliers.shape or global_scores.ndim != 1:

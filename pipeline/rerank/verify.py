@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.rerank.config import MODELS
 
 MIN_SAMPLES = {"affine": 3, "homography": 4}
@@ -406,7 +407,7 @@ def _checked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """verify's inputs validated: float32 src/dst on src's device with padding zeroed, valid a bool mask."""
     if model not in MODELS:
-        raise ValueError(f"model={model!r}: allowed {MODELS}")
+        raise ConfigError(f"model={model!r}: allowed {MODELS}")
     if src.ndim != 3 or src.shape[2] != 2 or dst.shape != src.shape:
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must both be (B, M, 2)")
     if valid is None:
@@ -414,9 +415,9 @@ def _checked(
     if valid.shape != src.shape[:2]:
         raise ValueError(f"valid has shape {tuple(valid.shape)}; expected {tuple(src.shape[:2])}")
     if not threshold > 0:
-        raise ValueError(f"threshold={threshold}: must be > 0 pixels")
+        raise ConfigError(f"threshold={threshold}: must be > 0 pixels")
     if trials < 1:
-        raise ValueError(f"trials={trials}: must be >= 1")
+        raise ConfigError(f"trials={trials}: must be >= 1")
     valid = valid.to(device=src.device, dtype=torch.bool)
     if not torch.isfinite(src[valid]).all() or not torch.isfinite(dst[valid]).all():
         raise ValueError("src/dst hold non-finite coordinates at valid matches; expected finite pixels")

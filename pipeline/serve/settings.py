@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import images
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,13 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if self.poll_s <= 0 or self.max_upload_bytes < 1 or self.max_pixels < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"poll_s={self.poll_s}, max_upload_bytes={self.max_upload_bytes}, max_pixels={self.max_pixels}: "
                 "all must be > 0"
             )
         if not 1 <= self.max_k <= 1000:
-            raise ValueError(f"max_k={self.max_k}; must be between 1 and 1000")
+            raise ConfigError(f"max_k={self.max_k}; must be between 1 and 1000")
         if self.max_in_flight < 1 or self.retry_after_s < 0:
-            raise ValueError(f"max_in_flight={self.max_in_flight} must be ≥ 1, retry_after_s ≥ 0")
+            raise ConfigError(f"max_in_flight={self.max_in_flight} must be ≥ 1, retry_after_s ≥ 0")
         if min(self.max_extractors, self.max_searchers, self.max_verifiers, self.max_gateways) < 1:
-            raise ValueError("every max_* replica count must be ≥ 1")
+            raise ConfigError("every max_* replica count must be ≥ 1")
