@@ -497,7 +497,9 @@ def index_remove(
 def search(
     index: Annotated[str, typer.Argument(help="Index URL (from build-index).")],
     queries: Annotated[str, typer.Argument(help="Descriptor store of the query images.")],
-    out: Annotated[str, typer.Argument(help="Results Parquet URL (query_id, rank, id, score).")],
+    out: Annotated[
+        str, typer.Argument(help="Results URL (query_id, rank, id, score): a folder of committed parts.")
+    ],
     k: Annotated[int, typer.Option("--k", help="Results per query.")] = 100,
     nprobe: Annotated[
         int | None, typer.Option(help="IVF cells visited (default: the one stored by the quality report).")
@@ -505,7 +507,12 @@ def search(
     k_factor: Annotated[
         float | None, typer.Option(help="Refined shortlist size in multiples of k (default: stored one).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Queries per search call.")] = 4096,
+    batch_size: Annotated[
+        int, typer.Option(help="Queries per search call and per committed part (a killed run redoes one).")
+    ] = 4096,
+    shards: Annotated[
+        int, typer.Option(help="Index id ranges, each held by its own workers (an index too big for one).")
+    ] = 1,
     address: Address = None,
     gpus_per_worker: GpusPerWorker = 0,
     cpus_per_worker: CpusPerWorker = 1.0,
@@ -520,7 +527,12 @@ def search(
 
     config = settings.build(SearchConfig, given)
     workers = settings.build(Workers, given)
-    summary = search_index(index, queries, out, config, storage.options_from_env(), workers=workers)
+    from pipeline.ray_runtime import every
+
+    progress = every(PROGRESS_S, lambda p: console.print(escape(p.line())))
+    summary = search_index(
+        index, queries, out, config, storage.options_from_env(), workers=workers, on_progress=progress
+    )
     _print_mapping(f"search → {storage.redact(out)}", summary)
 
 

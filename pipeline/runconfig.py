@@ -66,7 +66,9 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     k                shortlist length per query [100]
     nprobe           IVF cells visited [unset: the one chosen by the quality report]
     k_factor         refined shortlist size in multiples of k [unset: the stored one]
-    batch_size       queries per search call [4096]
+    batch_size       queries per search call and per committed part of search.parquet/ [4096]
+    shards           index id ranges, each searched by workers holding only it (README: shards or
+                     replicas) [1]
 
     [rerank]         RerankConfig, GlobalRerankConfig (pipeline.rerank); unset RerankConfig keys take the
                      stores' settings, chosen by the preset's local head (DELG heads: the reference's, shown
@@ -95,8 +97,9 @@ s3://...; relative paths in the file are relative to the config file's folder. D
     qe_k, qe_alpha   α-QE: neighbours averaged into the query, weight exponent [10, 3.0]
     dba_k, dba_alpha  DBA: neighbours averaged into each index vector (index/dba.parquet) [10, 3.0]
     sg_m, sg_k, sg_beta  SuperGlobal: shortlist entries refined, neighbours, neighbour weight [400, 9, 0.15]
-    gpus_per_worker, cpus_per_worker, min_workers, max_workers  Ray workers (RerankRun.workers; on ray_address
-                     when set; more than one worker or a GPU share: on Ray) [0, 1.0, 1, unset: min_workers]
+    gpus_per_worker, cpus_per_worker, min_workers, max_workers  Ray workers of DBA, search and re-ranking
+                     (RerankRun.workers; on ray_address when set; more than one worker or a GPU share: on
+                     Ray) [0, 1.0, 1, unset: min_workers]
     cache_dir        node-local folder caching the index images' local features [unset: none]
     queries_per_part  queries per committed part of reranked.parquet/ (resume unit) [256]
 

@@ -163,3 +163,92 @@ def test_two_ray_workers_with_one_killed_give_the_single_process_result(
     assert killed and rows == reference[1]
     counted = ("queries", "pairs_verified", "queries_without_features", "candidates_without_features")
     assert [getattr(summary, k) for k in counted] == [getattr(reference[0], k) for k in counted]
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+DISTINCT, COPIES, DIM = (
+    60,
+    3,
+    16,
+)  # every vector stored three times, far apart in id order: ties across shards
+
+
+def _search_store(url: str, ids: list[str], vectors: np.ndarray, shards: int = 1) -> None:
+    """A store of global descriptors only (their images have no local features)."""
+    none = np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    empty = LocalFeatures(*none, np.zeros((0, 128), np.float32))
+    for shard, rows in enumerate(np.array_split(np.arange(len(ids)), shards)):
+        store.write_shard(url, shard, [ids[r] for r in rows], vectors[rows], [empty] * len(rows))
+
+
+@pytest.fixture(scope="module", params=["IVF4,Flat", "IDMap2,Flat"])
+def tied_index(request, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An index whose images come in three identical copies (ids i, i + 60, i + 120) and a query store of
+    noisy copies of them: every query's best hits tie in threes, one in each of three id-range shards."""
+    from pipeline.index import BuildConfig, QualityConfig, build_index
+
+    tmp, rng = tmp_path_factory.mktemp("search"), np.random.default_rng(7)
+    base = rng.standard_normal((DISTINCT, DIM)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    vectors = np.tile(base, (COPIES, 1))
+    urls = {"db": str(tmp / "db"), "index": str(tmp / "index"), "q": str(tmp / "q")}
+    _search_store(urls["db"], [f"db{i:04d}" for i in range(len(vectors))], vectors, shards=3)
+    quality = QualityConfig(queries=20, max_nprobe=4, target=0.5, target_r1=0.5)
+    build_index(
+        urls["db"], urls["index"], factory=request.param, config=BuildConfig(tasks=2, quality=quality)
+    )
+    queries = base[:24] + 0.05 * rng.standard_normal((24, DIM)).astype(np.float32)
+    _search_store(urls["q"], [f"q{i:02d}" for i in range(24)], queries)
+    return urls
+
+
+def _search(urls: dict[str, str], out: Path, **kwargs) -> tuple[dict, pa.Table]:
+    from pipeline.index import SearchConfig, search
+
+    config = SearchConfig(**{"k": 4, "nprobe": 4, "batch_size": 5, **kwargs.pop("config", {})})
+    summary = search(urls["index"], urls["q"], str(out), config, **kwargs)
+    return summary, results.read_columns(str(out), results.RESULTS_SCHEMA.names)
+
+
+def test_search_resumes_after_a_driver_crash_and_redoes_only_unfinished_batches(tied_index, tmp_path) -> None:
+    _, reference = _search(tied_index, tmp_path / "reference")
+    out = tmp_path / "search.parquet"
+
+    def crash(progress) -> None:
+        if progress.done >= 10:
+            raise RuntimeError("injected driver crash")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        _search(tied_index, out, on_progress=crash)
+    assert sorted(results.read_part_commits(str(out))) == [0, 1]
+    (out / "part-00002.parquet").write_bytes(b"a data file whose marker was never written")
+    redone: list[int] = []
+    summary, table = _search(tied_index, out, on_progress=lambda p: redone.append(p.done))
+    assert summary["parts_resumed"] == 2 and redone == [15, 20, 24]  # parts 2, 3 and 4 (4 queries)
+    assert table.equals(reference) and table.num_rows == 24 * 4  # every query once, in (query, rank) order
+    assert results.read_rankings(str(out)).keys() == {f"q{i:02d}" for i in range(24)}
+    again, _ = _search(tied_index, out)
+    assert again["parts_resumed"] == 5
+    _, other = _search(tied_index, out, config={"k": 2})  # other settings: starts over
+    assert other.num_rows == 24 * 2
+
+
+def test_sharded_search_merges_exactly_with_ties_ordered_by_id(tied_index, tmp_path) -> None:
+    from pipeline.index import io
+    from pipeline.index.search import shard_ranges
+
+    id_keys, _ = io.read_id_map(tied_index["index"])
+    assert shard_ranges(id_keys, 3) == [(0, 60), (60, 120), (120, 180)]  # one copy of each vector per shard
+    for k in (2, 4):  # the cut inside the first tie group, then inside the second
+        _, single = _search(tied_index, tmp_path / f"single{k}", config={"k": k})
+        _, sharded = _search(tied_index, tmp_path / f"sharded{k}", config={"k": k, "shards": 3})
+        assert sharded.equals(single)
+        rows = single.to_pylist()
+        for query in range(24):
+            hits = [r["id"] for r in rows if r["query_id"] == f"q{query:02d}"]
+            copies = [f"db{query + c * DISTINCT:04d}" for c in range(COPIES)]  # tied: lowest id first
+            assert hits[:COPIES] == copies[:k]
+    with pytest.raises(ValueError, match="shards=999"):
+        shard_ranges(id_keys, 999)
