@@ -962,6 +962,10 @@ def reindex(
     min_extractors: MinExtractors = 1,
     max_extractors: MaxExtractors = None,
     extractor_wait_timeout: ExtractorWaitTimeout = 1800.0,
+    gpus_per_worker: GpusPerWorker = 0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    min_workers: MinWorkers = 1,
+    max_workers: MaxWorkers = None,
 ) -> None:
     """Incremental re-index: extract only new and changed images, update the live index without retraining
     (or retrain past the threshold), publish a new version atomically (LATEST), keep the last N versions.
