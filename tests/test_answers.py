@@ -3,6 +3,7 @@ resumed after a driver crash, completed after a worker is killed, identical ever
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -252,3 +253,58 @@ def test_sharded_search_merges_exactly_with_ties_ordered_by_id(tied_index, tmp_p
             assert hits[:COPIES] == copies[:k]
     with pytest.raises(ValueError, match="shards=999"):
         shard_ranges(id_keys, 999)
+
+
+TWO_NODE_DRIVER = """
+import sys
+from pipeline.execution import Workers
+from pipeline.index import SearchConfig, search
+from pipeline.index.dba import build_dba
+from pipeline.rerank import RerankRun, rerank
+from tests.test_answers import CONFIG
+
+address, index, queries, db, searched, rerank_search, rerank_q, rerank_i, reranked = sys.argv[1:]
+workers = Workers(address=address, min_workers=2)  # one CPU each: one on each node
+search(index, queries, searched, SearchConfig(k=4, nprobe=4, batch_size=5), workers=workers)
+build_dba(index, [db], 3, 3.0, workers=workers)
+rerank(rerank_search, rerank_q, rerank_i, reranked, CONFIG, run=RerankRun(workers, queries_per_part=1))
+"""
+
+
+@pytest.mark.parametrize("tied_index", ["IVF4,Flat"], indirect=True)
+def test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process(
+    tied_index: dict, inputs: dict, reference: tuple, tmp_path: Path
+) -> None:
+    """A real second node joins by `ray start`; the driver (a process of its own) runs the three stages with a
+    worker on each node: their outputs equal the single-process ones."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.index.dba import build_dba, read_dba
+    from tests.raynodes import RayNodes
+
+    here, there = (shutil.copytree(tied_index["index"], tmp_path / name) for name in ("here", "there"))
+    _, searched = _search(tied_index, tmp_path / "searched-here")
+    build_dba(str(here), [tied_index["db"]], 3, 3.0)
+    nodes = RayNodes()
+    try:
+        address = nodes.start_head("--num-cpus=1", "--num-gpus=0", "--include-dashboard=false")
+        nodes.add_node("--num-cpus=1", "--num-gpus=0")
+        paths = [str(there), tied_index["q"], tied_index["db"], str(tmp_path / "searched")]
+        paths += [inputs["search"], inputs["q"], inputs["i"], str(tmp_path / "reranked")]
+        driver = subprocess.run(
+            [sys.executable, "-c", TWO_NODE_DRIVER, address, *paths],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        )
+    finally:
+        nodes.stop()
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert results.read_columns(paths[3], results.RESULTS_SCHEMA.names).equals(searched)
+    ours, theirs = read_dba(str(here)), read_dba(str(there))
+    np.testing.assert_array_equal(theirs.neighbours, ours.neighbours)
+    np.testing.assert_array_equal(theirs.refined, ours.refined)
+    assert _rows(paths[-1]) == reference[1]
