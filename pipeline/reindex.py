@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, storage, store, versions
 from pipeline.config import get_preset
+from pipeline.errors import ConfigError
 from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, Progress, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
@@ -70,17 +71,17 @@ class ReindexConfig:
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises ValueError naming the available presets
         if self.keep < 1:
-            raise ValueError(f"keep={self.keep}; must keep ≥ 1 version (the live one)")
+            raise ConfigError(f"keep={self.keep}; must keep ≥ 1 version (the live one)")
         if self.retrain_threshold < 0:
-            raise ValueError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
+            raise ConfigError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
         if self.lease_seconds <= 0:
-            raise ValueError(f"lease_seconds={self.lease_seconds}; must be > 0")
+            raise ConfigError(f"lease_seconds={self.lease_seconds}; must be > 0")
         if self.dba_k < 1 or not self.dba_alpha >= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"dba_k={self.dba_k}, dba_alpha={self.dba_alpha}; need dba_k ≥ 1 and dba_alpha ≥ 0"
             )
         if self.factory is not None and self.memory_budget is not None:
-            raise ValueError("give factory or memory_budget, not both")
+            raise ConfigError("give factory or memory_budget, not both")
 
 
 @dataclass(frozen=True)
