@@ -265,7 +265,8 @@ from tests.test_answers import CONFIG
 
 address, index, queries, db, searched, rerank_search, rerank_q, rerank_i, reranked = sys.argv[1:]
 workers = Workers(address=address, min_workers=2)  # one CPU each: one on each node
-search(index, queries, searched, SearchConfig(k=4, nprobe=4, batch_size=5), workers=workers)
+sharded = SearchConfig(k=4, nprobe=4, batch_size=5, shards=2)  # one worker per shard: a shard on each node
+search(index, queries, searched, sharded, workers=Workers(address=address))
 build_dba(index, [db], 3, 3.0, workers=workers)
 rerank(rerank_search, rerank_q, rerank_i, reranked, CONFIG, run=RerankRun(workers, queries_per_part=1))
 """
@@ -276,7 +277,8 @@ def test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process(
     tied_index: dict, inputs: dict, reference: tuple, tmp_path: Path
 ) -> None:
     """A real second node joins by `ray start`; the driver (a process of its own) runs the three stages with a
-    worker on each node: their outputs equal the single-process ones."""
+    worker on each node (search: two shards, one on each node): their outputs equal the single-process
+    (unsharded) ones."""
     import shutil
     import subprocess
     import sys

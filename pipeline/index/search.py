@@ -29,6 +29,7 @@ from pipeline import storage, store
 from pipeline.errors import ConfigError, InputError
 from pipeline.execution import Progress, Workers, executor_for
 from pipeline.index import io, refine, whitening
+from pipeline.ray_runtime import ensure_ray
 from pipeline.results import PartsOutput, search_table
 from pipeline.storage import Options
 
@@ -264,6 +265,8 @@ def _run_shards(
     if len(ranges) == 1:
         executor_for(workers).run(SearchWork(*index, ranges[0]), todo, merge)
         return
+    if workers.on_ray:
+        ensure_ray(workers.address)  # once, here: the shards' executors would race to start it
     with ThreadPoolExecutor(len(ranges), thread_name_prefix="search-shard") as pool:
         runs = [
             pool.submit(executor_for(workers).run, SearchWork(*index, ids), todo, merge) for ids in ranges
