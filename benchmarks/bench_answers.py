@@ -7,7 +7,8 @@ reading). Reported, side by side in one run:
 
 1. bytes read ÷ bytes of the features used (ReadStats: stored bytes of the images asked for), cold and warm
    (node-local cache), and the same for a store in the old layout (64 images per row group, no local index);
-2. pairs/s of the re-ranking stage on 1 worker (in process) and 2 Ray workers (a local 2-CPU Ray);
+2. pairs/s of the re-ranking stage in process, then on 1 and on 2 Ray workers (a local Ray with the machine's
+   CPUs): the 1 → 2 speed-up compares the same code path;
 3. ``--s3``: the same store layout on the local S3 server (scripts/swift_s3.py): requests and bytes per query;
 4. the projection to GLDv2 (118k queries × top 100) in CPU-node-hours (from the measured pairs/s) and
    GPU-hours (from ``--gpu-ms-per-query``, the figure ``--gpu`` measures);
@@ -17,7 +18,12 @@ Distinct feature sets are generated for 64 images and reused (shifted keypoints)
 stored bytes per image are those of real-size images; generation stays minutes, not hours.
 
     .venv/bin/python benchmarks/bench_answers.py --images 50000 --queries 100 [--s3] [--root /tmp/bench-answers]
+    .venv/bin/python benchmarks/bench_answers.py --images 50000 --queries 5000 --root /data/bench-answers --keep
     .venv/bin/python benchmarks/bench_answers.py --gpu          # on a GPU machine
+
+The issue's full case (50,000 images × 5,000 queries × 100 candidates: 500k pairs per run, four runs) is hours on
+a 2-core machine: ``--root DIR --keep`` keeps the generated stores, and a rerun with the same sizes reuses them
+(``DIR/_bench.json`` records what was generated).
 """
 
 from __future__ import annotations
@@ -89,6 +95,16 @@ def shortlists(rng: np.random.Generator, url: str, queries: int, candidates: int
     pq.write_table(table, url)
 
 
+def generated(root: Path, args: argparse.Namespace) -> bool:
+    """Whether ``root`` holds the stores and shortlists of these sizes from an earlier ``--keep`` run."""
+    marker = root / "_bench.json"
+    return marker.exists() and json.loads(marker.read_text()) == sizes(args)
+
+
+def sizes(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("images", "features", "dtype", "queries", "candidates")}
+
+
 def run(root: Path, name: str, index: str, queries: str, config: RerankConfig, run: RerankRun, options=None):
     start = time.perf_counter()
     summary = rerank(
@@ -116,6 +132,12 @@ def describe(label: str, summary, seconds: float, queries: int, workers: int = 1
     }
     print(json.dumps(line), flush=True)
     return line
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 def gpu_ms_per_query(features: int, candidates: int, repeats: int) -> float:
@@ -154,6 +176,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--legacy-images", type=int, default=5000, help="images of the old-layout store")
     parser.add_argument("--root", default=None, help="scratch folder (default: a new one under /tmp)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep --root's stores for a rerun of the same sizes"
+    )
     parser.add_argument("--s3", action="store_true", help="also against the local S3 server (Swift + s3api)")
     parser.add_argument("--s3-images", type=int, default=5000)
     parser.add_argument("--gpu", action="store_true", help="only: ms/query on one GPU")
@@ -166,7 +191,8 @@ def main() -> None:
     try:
         measure(args, root)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def measure(args: argparse.Namespace, root: Path) -> None:
@@ -175,13 +201,20 @@ def measure(args: argparse.Namespace, root: Path) -> None:
     settings = StoreSettings(local_dtype=args.dtype)
     index, queries = str(root / "index"), str(root / "queries")
     start = time.perf_counter()
-    write_store(index, args.images, pool, settings)
-    write_store(queries, args.queries, pool, settings, prefix="q")
-    shortlists(rng, str(root / "search.parquet"), args.queries, args.candidates, args.images)
+    reused = generated(root, args)
+    if not reused:
+        for name in ("index", "queries", "search.parquet", "_bench.json"):
+            storage.remove(str(root / name), recursive=True)
+        write_store(index, args.images, pool, settings)
+        write_store(queries, args.queries, pool, settings, prefix="q")
+        shortlists(rng, str(root / "search.parquet"), args.queries, args.candidates, args.images)
+        (root / "_bench.json").write_text(json.dumps(sizes(args)))
+    for name in ("r1", "r1w", "rr1", "r2", "cache"):  # outputs of an earlier run: every run starts cold
+        storage.remove(str(root / name), recursive=True)
     size = sum(f.stat().st_size for f in (root / "index").rglob("*.parquet"))
     print(
         f"store: {args.images} images × {args.features} {args.dtype} features, {size / 1e9:.2f} GB, "
-        f"written in {time.perf_counter() - start:.0f} s",
+        f"{'reused' if reused else 'written'} in {time.perf_counter() - start:.0f} s",
         flush=True,
     )
     config = RerankConfig(top=args.candidates, trials=args.trials)
@@ -195,22 +228,27 @@ def measure(args: argparse.Namespace, root: Path) -> None:
         args.queries,
     )
     ensure_ray()  # Ray's own start is not the stage's: outside the timed run (actor start-up is inside)
-    two = describe(
-        "cold, 2 Ray workers",
-        *run(
-            root,
-            "r2",
-            index,
-            queries,
-            config,
-            RerankRun(workers=Workers(min_workers=2), queries_per_part=max(1, args.queries // 8)),
-        ),
-        args.queries,
-        workers=2,
-    )
+    address = ray_address()
+    on_ray = {}
+    for count in (1, 2):
+        workers = Workers(address=address, min_workers=count)
+        part = max(1, args.queries // 8)
+        on_ray[count] = describe(
+            f"cold, {count} Ray worker(s)",
+            *run(
+                root,
+                f"rr{count}" if count == 1 else "r2",
+                index,
+                queries,
+                config,
+                RerankRun(workers=workers, queries_per_part=part),
+            ),
+            args.queries,
+            workers=count,
+        )
     print(
-        f"speed-up 1 → 2 workers: {two['pairs/s'] / one['pairs/s']:.2f}× wall-clock, "
-        f"{two['busy pairs/s'] / one['busy pairs/s']:.2f}× busy"
+        f"speed-up 1 → 2 Ray workers: {on_ray[2]['pairs/s'] / on_ray[1]['pairs/s']:.2f}× wall-clock, "
+        f"{on_ray[2]['busy pairs/s'] / on_ray[1]['busy pairs/s']:.2f}× busy"
     )
     legacy = str(root / "legacy")
     write_store(legacy, args.legacy_images, pool, StoreSettings(local_dtype=args.dtype, row_group_size=64))

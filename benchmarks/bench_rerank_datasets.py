@@ -38,7 +38,7 @@ from bench_rerank_real import PAIR_OF, labels, load_store, mean_ap, shortlists
 
 from pipeline.rerank import RerankConfig, rerank_shortlist, verify_candidates
 from pipeline.rerank.score import config_scores, gate, rerank_order
-from pipeline.rerank.stage import null_sample
+from pipeline.rerank.shortlist import null_sample
 
 FETCHED = ("sceaux", "monstree", "boat")
 DATASETS = ("landmarks-mini", "landmarks-mini+coil", "coil", "pairs", *FETCHED)

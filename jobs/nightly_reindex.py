@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="The current manifest URL.")
     parser.add_argument("--root", required=True, help="Root URL of the versioned index.")
     settings.add_job_arguments(parser)
-    settings.add_arguments(parser, settings.settings_of(ReindexConfig))
+    settings.add_arguments(parser, settings.settings_of(ReindexConfig, {"Workers.address"}))  # --address
     return parser.parse_args(argv)
 
 

@@ -22,9 +22,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from pipeline.errors import ResourcesUnavailableError
+from pipeline.errors import ConfigError, ResourcesUnavailableError
 from pipeline.ray_runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ class Workers:
         for name in ("gpus_per_worker", "cpus_per_worker"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) = {value}; must be ≥ 0")
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) = {value}; must be ≥ 0")
         if self.min_workers < 1:
-            raise ValueError(f"min_workers (--min-workers) = {self.min_workers}; must be ≥ 1")
+            raise ConfigError(f"min_workers (--min-workers) = {self.min_workers}; must be ≥ 1")
         if self.max_workers is not None and self.max_workers < self.min_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"max_workers (--max-workers) = {self.max_workers}; must be ≥ min_workers ({self.min_workers})"
             )
 
@@ -307,3 +307,29 @@ class _Dispatch:
 def executor_for(workers: Workers) -> Executor:
     """On Ray when ``workers`` asks for it (Workers.on_ray), else in this process."""
     return RayExecutor(workers) if workers.on_ray else InProcessExecutor()
+
+
+@dataclass
+class Progress:
+    """A resumable batch run's progress over its queries, for the periodic lines and the summary."""
+
+    verb: ClassVar[str] = "done"  # what the line says was done to the queries
+
+    total: int  # queries
+    done: int  # queries committed, resumed parts included
+    started: float  # time.perf_counter() at the start
+    resumed_parts: int = 0  # committed by an earlier run
+    resumed_queries: int = 0  # their queries
+
+    def add_queries(self, queries: int) -> None:
+        self.done += queries
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
+
+    def eta_s(self) -> float:
+        """Seconds left at this run's pace (resumed queries did not cost this run anything)."""
+        return (self.total - self.done) * self.elapsed() / max(self.done - self.resumed_queries, 1)
+
+    def line(self) -> str:
+        return f"{self.verb} {self.done}/{self.total} queries, ETA {self.eta_s():.0f} s"

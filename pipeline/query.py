@@ -27,7 +27,7 @@ from pipeline.features import ImageFeatures, PreparedImage, build_extractor
 from pipeline.index import io as index_io
 from pipeline.index.search import OpenIndex, open_index
 from pipeline.rerank.config import RerankConfig, from_settings
-from pipeline.rerank.stage import nulls_for, read_null_sample, rerank_shortlist, stored_settings
+from pipeline.rerank.shortlist import nulls_for, read_null_sample, rerank_shortlist, stored_settings
 from pipeline.storage import Options
 
 SCORE_DECIMALS = 6

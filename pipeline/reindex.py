@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, storage, store, versions
 from pipeline.config import get_preset
+from pipeline.errors import ConfigError
+from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, Progress, run_extraction
 from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
 from pipeline.index import io as index_io
@@ -63,21 +65,23 @@ class ReindexConfig:
     image_root: str | None = None  # urls for id-only manifests (GLDv2 index.csv): ROOT/a/b/c/ID.jpg
     allow_local_outside_root: bool = False  # rows may read any local file (ExtractionJob's opt-in)
     extractors: Extractors = field(default_factory=Extractors)  # the extractor actor pool (not the output)
+    # the DBA neighbour search's workers, as `run` and `landmark-index dba` take them (not the output)
+    workers: Workers = field(default_factory=Workers)
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises ValueError naming the available presets
         if self.keep < 1:
-            raise ValueError(f"keep={self.keep}; must keep ≥ 1 version (the live one)")
+            raise ConfigError(f"keep={self.keep}; must keep ≥ 1 version (the live one)")
         if self.retrain_threshold < 0:
-            raise ValueError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
+            raise ConfigError(f"retrain_threshold={self.retrain_threshold}; must be ≥ 0")
         if self.lease_seconds <= 0:
-            raise ValueError(f"lease_seconds={self.lease_seconds}; must be > 0")
+            raise ConfigError(f"lease_seconds={self.lease_seconds}; must be > 0")
         if self.dba_k < 1 or not self.dba_alpha >= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"dba_k={self.dba_k}, dba_alpha={self.dba_alpha}; need dba_k ≥ 1 and dba_alpha ≥ 0"
             )
         if self.factory is not None and self.memory_budget is not None:
-            raise ValueError("give factory or memory_budget, not both")
+            raise ConfigError("give factory or memory_budget, not both")
 
 
 @dataclass(frozen=True)
@@ -210,15 +214,21 @@ def _copy_index(source: str, target: str, options: Options) -> None:
 
 
 def _update_in_place(
-    live_url: str, target: str, doomed: Sequence[str], run_store: str | None, options: Options
+    live_url: str,
+    target: str,
+    doomed: Sequence[str],
+    run_store: str | None,
+    options: Options,
+    workers: Workers,
 ) -> None:
-    """Copy of the live index → remove changed and deleted ids → add the run's shards (no retraining)."""
+    """Copy of the live index → remove changed and deleted ids → add the run's shards (no retraining); its DBA
+    vectors, if any, follow on ``workers``."""
     _copy_index(live_url, target, options)
     if doomed:
-        remove_ids(target, doomed, options)
+        remove_ids(target, doomed, options, workers=workers)
     shards = store.global_shard_urls(run_store, options) if run_store else []
     if shards:
-        add_shards(target, shards, options)
+        add_shards(target, shards, options, workers=workers)
 
 
 def compact_globals(
@@ -457,6 +467,7 @@ def _build_and_publish(run: _Run) -> ReindexReport:
     target = versions.version_url(run.root_url, name)
     doomed = sorted(live.indexed & {*plan.changed, *plan.deleted}) if live else []
     stores = [*(versions.read_stores(live.url, options) if live else []), *([run_store] if extracted else [])]
+    workers = replace(run.config.workers, address=run.ray_address)  # the run's Ray, as extraction's
     retrained, reason = _retrain_decision(
         live.name if live else None, live.params if live else {}, plan, run.config.retrain_threshold
     )
@@ -464,11 +475,11 @@ def _build_and_publish(run: _Run) -> ReindexReport:
         stores = _rebuild(target, stores, plan, run.config, options, run.ray_address)
     else:
         assert live is not None, "the first version is always trained"
-        _update_in_place(live.url, target, doomed, run_store if extracted else None, options)
+        _update_in_place(live.url, target, doomed, run_store if extracted else None, options, workers)
     if run.config.dba and not has_dba(
         target, options
     ):  # retrained, or DBA newly asked for; else kept in step
-        build_dba(target, stores, run.config.dba_k, run.config.dba_alpha, options)
+        build_dba(target, stores, run.config.dba_k, run.config.dba_alpha, options, workers=workers)
     run.reached("built")
 
     result = run.report(

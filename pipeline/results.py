@@ -15,8 +15,8 @@ Re-ranked results (``reranked.parquet``): the same columns re-ranked (rank and s
 The re-ranking settings are kept in the Parquet schema metadata: ``rerank_config`` (verification),
 ``rerank_method`` (what ran: verify, a global refinement, or both) and ``global_rerank_config``.
 
-Either form is one Parquet file or a parts folder, which resumable stages write batch by batch with the
-descriptor store's commit discipline::
+Either form is one Parquet file or a parts folder, which the resumable stages (``search``, ``rerank``) write
+batch by batch through :class:`PartsOutput`, with the descriptor store's commit discipline::
 
     OUT/_run.json                what the parts are of (settings, input digest): a rerun of the same resumes
     OUT/part-00000.parquet       one batch's rows (written atomically, first)
@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.storage import Options
 
 RESULTS_SCHEMA = pa.schema(
@@ -73,7 +74,7 @@ class Hit:
     global_score: float | None = None  # re-ranked results: the search score before re-ranking
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(InputError):
     """A results file that is not the search/re-ranked results format above (not Parquet, wrong columns)."""
 
 
@@ -196,6 +197,33 @@ def write_part(
     storage.write_text(_part_url(results_url, part, PARTS_COMMITS, ".json"), text, options)
 
 
+PartT = TypeVar("PartT")
+
+
+class PartsOutput:
+    """The parts folder a resumable stage writes: opened for one run (its settings and an input digest, which
+    a rerun must repeat to resume), then committed part by part as the executor's results come in."""
+
+    def __init__(self, url: str, run: Mapping[str, Any], options: Options = None) -> None:
+        self.url, self.options = url, options
+        self.resumed = open_parts(url, run, options)  # part → marker, committed by an earlier run
+
+    @property
+    def resumed_queries(self) -> int:
+        return sum(marker["queries"] for marker in self.resumed.values())
+
+    def todo(self, parts: Sequence[tuple[int, PartT]]) -> list[tuple[int, PartT]]:
+        """The (part number, batch) of ``parts`` not committed yet."""
+        return [(number, part) for number, part in parts if number not in self.resumed]
+
+    def commit(self, part: int, table: pa.Table, marker: Mapping[str, Any]) -> None:
+        write_part(self.url, part, table, marker, self.options)
+
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """Every committed part's marker (the resumed ones and this run's)."""
+        return read_part_commits(self.url, self.options)
+
+
 def _query_spans(query_ids: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of each query's rows in rows sorted by query."""
     starts = np.flatnonzero(query_ids[1:] != query_ids[:-1]) + 1
@@ -255,13 +283,6 @@ def search_table(
         },
         schema=RESULTS_SCHEMA,
     )
-
-
-def write_search_results(url: str, tables: list[pa.Table], options: Options = None) -> pa.Table:
-    """Concatenate search result tables (none: an empty file with the schema) and write them to ``url``."""
-    table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
-    storage.write_parquet(url, table, options, compression="zstd")
-    return table
 
 
 def flatten_matches(query_points: np.ndarray, cand_points: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ Outputs under the config's ``out``::
 
 A stage runs only when its marker is missing or its key changed. The key hashes the stage's parameters and
 its inputs' keys, so editing one section re-runs that stage and those after it, and re-running a finished
-run does nothing. A run killed halfway resumes: extraction from its shard commits, other stages from scratch.
+run does nothing. A run killed halfway resumes: extraction from its shard commits, search and re-ranking from their committed
+parts, other stages from scratch.
 """
 
 from __future__ import annotations
@@ -182,20 +183,34 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
 
     runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)
     global_config = config.rerank.global_rerank_config()
+    workers = config.rerank.rerank_run(config.ray_address).workers  # the answer side's: DBA, search, re-rank
     if _needs_dba(config):  # DBA vectors beside the index, for re-ranking
         runner.stage(
             "dba",
             [global_config.dba_k, global_config.dba_alpha],
             ["build-index"],
             lambda: build_dba(
-                paths.index, [paths.index_store], global_config.dba_k, global_config.dba_alpha, options
+                paths.index,
+                [paths.index_store],
+                global_config.dba_k,
+                global_config.dba_alpha,
+                options,
+                workers=workers,
             ),
         )
     runner.stage(
         "search",
         asdict(config.search),
         ["build-index", "extract-queries"],
-        lambda: search(paths.index, paths.query_store, paths.search, config.search.search_config(), options),
+        lambda: search(
+            paths.index,
+            paths.query_store,
+            paths.search,
+            config.search.search_config(),
+            options,
+            workers=workers,
+            on_progress=lambda p: runner.show(StageProgress("search", p.done, p.total, p.line())),
+        ),
     )
 
 
@@ -228,6 +243,7 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
                     global_config=global_config,
                     index_url=paths.index,
                     run=config.rerank.rerank_run(config.ray_address),
+                    on_progress=lambda p: runner.show(StageProgress("rerank", p.done, p.total, p.line())),
                 )
             ),
         )

@@ -116,7 +116,9 @@ HELP: dict[str, str] = {
     "k": "Results per query.",
     "nprobe": "IVF cells visited (default: the one stored by the quality report).",
     "k_factor": "Refined shortlist size in multiples of k (default: stored one).",
-    "SearchConfig.batch_size": "Queries per search call.",
+    "SearchConfig.batch_size": "Queries per search call and per committed part (a killed run redoes one).",
+    "shards": "Index id ranges, each held by its own workers (an index too big for one worker); results are "
+    "merged exactly.",
     "Workers.gpus_per_worker": _WORKER_GPUS,
     "Workers.cpus_per_worker": "CPUs each Ray worker asks for.",
     "min_workers": "Workers the run waits for; above 1 (or --address, --gpus-per-worker): on Ray.",

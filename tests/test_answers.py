@@ -3,6 +3,7 @@ resumed after a driver crash, completed after a worker is killed, identical ever
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -163,3 +164,149 @@ def test_two_ray_workers_with_one_killed_give_the_single_process_result(
     assert killed and rows == reference[1]
     counted = ("queries", "pairs_verified", "queries_without_features", "candidates_without_features")
     assert [getattr(summary, k) for k in counted] == [getattr(reference[0], k) for k in counted]
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+DISTINCT, COPIES, DIM = (
+    60,
+    3,
+    16,
+)  # every vector stored three times, far apart in id order: ties across shards
+
+
+def _search_store(url: str, ids: list[str], vectors: np.ndarray, shards: int = 1) -> None:
+    """A store of global descriptors only (their images have no local features)."""
+    none = np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    empty = LocalFeatures(*none, np.zeros((0, 128), np.float32))
+    for shard, rows in enumerate(np.array_split(np.arange(len(ids)), shards)):
+        store.write_shard(url, shard, [ids[r] for r in rows], vectors[rows], [empty] * len(rows))
+
+
+@pytest.fixture(scope="module", params=["IVF4,Flat", "IDMap2,Flat"])
+def tied_index(request, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An index whose images come in three identical copies (ids i, i + 60, i + 120) and a query store of
+    noisy copies of them: every query's best hits tie in threes, one in each of three id-range shards."""
+    from pipeline.index import BuildConfig, QualityConfig, build_index
+
+    tmp, rng = tmp_path_factory.mktemp("search"), np.random.default_rng(7)
+    base = rng.standard_normal((DISTINCT, DIM)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    vectors = np.tile(base, (COPIES, 1))
+    urls = {"db": str(tmp / "db"), "index": str(tmp / "index"), "q": str(tmp / "q")}
+    _search_store(urls["db"], [f"db{i:04d}" for i in range(len(vectors))], vectors, shards=3)
+    quality = QualityConfig(queries=20, max_nprobe=4, target=0.5, target_r1=0.5)
+    build_index(
+        urls["db"], urls["index"], factory=request.param, config=BuildConfig(tasks=2, quality=quality)
+    )
+    queries = base[:24] + 0.05 * rng.standard_normal((24, DIM)).astype(np.float32)
+    _search_store(urls["q"], [f"q{i:02d}" for i in range(24)], queries)
+    return urls
+
+
+def _search(urls: dict[str, str], out: Path, **kwargs) -> tuple[dict, pa.Table]:
+    from pipeline.index import SearchConfig, search
+
+    config = SearchConfig(**{"k": 4, "nprobe": 4, "batch_size": 5, **kwargs.pop("config", {})})
+    summary = search(urls["index"], urls["q"], str(out), config, **kwargs)
+    return summary, results.read_columns(str(out), results.RESULTS_SCHEMA.names)
+
+
+def test_search_resumes_after_a_driver_crash_and_redoes_only_unfinished_batches(tied_index, tmp_path) -> None:
+    _, reference = _search(tied_index, tmp_path / "reference")
+    out = tmp_path / "search.parquet"
+
+    def crash(progress) -> None:
+        if progress.done >= 10:
+            raise RuntimeError("injected driver crash")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        _search(tied_index, out, on_progress=crash)
+    assert sorted(results.read_part_commits(str(out))) == [0, 1]
+    (out / "part-00002.parquet").write_bytes(b"a data file whose marker was never written")
+    redone: list[int] = []
+    summary, table = _search(tied_index, out, on_progress=lambda p: redone.append(p.done))
+    assert summary["parts_resumed"] == 2 and redone == [15, 20, 24]  # parts 2, 3 and 4 (4 queries)
+    assert table.equals(reference) and table.num_rows == 24 * 4  # every query once, in (query, rank) order
+    assert results.read_rankings(str(out)).keys() == {f"q{i:02d}" for i in range(24)}
+    again, _ = _search(tied_index, out)
+    assert again["parts_resumed"] == 5
+    _, other = _search(tied_index, out, config={"k": 2})  # other settings: starts over
+    assert other.num_rows == 24 * 2
+
+
+def test_sharded_search_merges_exactly_with_ties_ordered_by_id(tied_index, tmp_path) -> None:
+    from pipeline.index import io
+    from pipeline.index.search import shard_ranges
+
+    id_keys, _ = io.read_id_map(tied_index["index"])
+    assert shard_ranges(id_keys, 3) == [(0, 60), (60, 120), (120, 180)]  # one copy of each vector per shard
+    for k in (2, 4):  # the cut inside the first tie group, then inside the second
+        _, single = _search(tied_index, tmp_path / f"single{k}", config={"k": k})
+        _, sharded = _search(tied_index, tmp_path / f"sharded{k}", config={"k": k, "shards": 3})
+        assert sharded.equals(single)
+        rows = single.to_pylist()
+        for query in range(24):
+            hits = [r["id"] for r in rows if r["query_id"] == f"q{query:02d}"]
+            copies = [f"db{query + c * DISTINCT:04d}" for c in range(COPIES)]  # tied: lowest id first
+            assert hits[:COPIES] == copies[:k]
+    with pytest.raises(ValueError, match="shards=999"):
+        shard_ranges(id_keys, 999)
+
+
+TWO_NODE_DRIVER = """
+import sys
+from pipeline.execution import Workers
+from pipeline.index import SearchConfig, search
+from pipeline.index.dba import build_dba
+from pipeline.rerank import RerankRun, rerank
+from tests.test_answers import CONFIG
+
+address, index, queries, db, searched, rerank_search, rerank_q, rerank_i, reranked = sys.argv[1:]
+workers = Workers(address=address, min_workers=2)  # one CPU each: one on each node
+sharded = SearchConfig(k=4, nprobe=4, batch_size=5, shards=2)  # one worker per shard: a shard on each node
+search(index, queries, searched, sharded, workers=Workers(address=address))
+build_dba(index, [db], 3, 3.0, workers=workers)
+rerank(rerank_search, rerank_q, rerank_i, reranked, CONFIG, run=RerankRun(workers, queries_per_part=1))
+"""
+
+
+@pytest.mark.parametrize("tied_index", ["IVF4,Flat"], indirect=True)
+def test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process(
+    tied_index: dict, inputs: dict, reference: tuple, tmp_path: Path
+) -> None:
+    """A real second node joins by `ray start`; the driver (a process of its own) runs the three stages with a
+    worker on each node (search: two shards, one on each node): their outputs equal the single-process
+    (unsharded) ones."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.index.dba import build_dba, read_dba
+    from tests.raynodes import RayNodes
+
+    here, there = (shutil.copytree(tied_index["index"], tmp_path / name) for name in ("here", "there"))
+    _, searched = _search(tied_index, tmp_path / "searched-here")
+    build_dba(str(here), [tied_index["db"]], 3, 3.0)
+    nodes = RayNodes()
+    try:
+        address = nodes.start_head("--num-cpus=1", "--num-gpus=0", "--include-dashboard=false")
+        nodes.add_node("--num-cpus=1", "--num-gpus=0")
+        paths = [str(there), tied_index["q"], tied_index["db"], str(tmp_path / "searched")]
+        paths += [inputs["search"], inputs["q"], inputs["i"], str(tmp_path / "reranked")]
+        driver = subprocess.run(
+            [sys.executable, "-c", TWO_NODE_DRIVER, address, *paths],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        )
+    finally:
+        nodes.stop()
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert results.read_columns(paths[3], results.RESULTS_SCHEMA.names).equals(searched)
+    ours, theirs = read_dba(str(here)), read_dba(str(there))
+    np.testing.assert_array_equal(theirs.neighbours, ours.neighbours)
+    np.testing.assert_array_equal(theirs.refined, ours.refined)
+    assert _rows(paths[-1]) == reference[1]

@@ -140,8 +140,12 @@ def reindex_weights(tmp_path_factory) -> str:
 def test_nightly_reindex_keeps_dba_equal_to_scratch(
     tmp_path: Path, ray_cluster: str, reindex_weights: str
 ) -> None:
-    """First build, an in-place update (add, change, delete) and a retrain: each version's DBA = from scratch."""
+    """First build, an in-place update (add, change, delete) and a retrain, the DBA neighbour search on the
+    run's Ray workers: each version's DBA = from scratch = what `run`'s DBA stage (build_dba) writes."""
+    import shutil
+
     from pipeline.index import io as index_io
+    from pipeline.index.dba import build_dba, dba_url
     from pipeline.reindex import ReindexConfig, reindex
     from pipeline.versions import read_stores, resolve_latest
     from tests.test_reindex import Catalogue, _newest_descriptors
@@ -152,13 +156,23 @@ def test_nightly_reindex_keeps_dba_equal_to_scratch(
         newest = _newest_descriptors(version)
         scratch = compute_dba(indexed, np.stack([newest[i] for i in indexed]), k=config.dba_k, alpha=3.0)
         assert_same(read_dba(version), scratch)
-        assert read_stores(version)
+        run_path = shutil.copytree(version, tmp_path / f"run-{Path(version).name}")
+        Path(dba_url(str(run_path))).unlink()
+        build_dba(str(run_path), read_stores(version), config.dba_k, 3.0, workers=config.workers)
+        assert_same(read_dba(version), read_dba(str(run_path)))
 
     root = str(tmp_path / "root")
     catalogue = Catalogue(tmp_path)
     for i in range(6):
         catalogue.put(f"img{i}", seed=i)
-    in_place = ReindexConfig(preset="cpu-small", weights_url=reindex_weights, shard_size=4, dba=True, dba_k=3)
+    in_place = ReindexConfig(
+        preset="cpu-small",
+        weights_url=reindex_weights,
+        shard_size=4,
+        dba=True,
+        dba_k=3,
+        workers=Workers(address=ray_cluster),  # each DBA step on one Ray worker
+    )
     in_place = dataclasses.replace(in_place, retrain_threshold=10.0)
     assert reindex(catalogue.write(), root, in_place, ray_address=ray_cluster).retrained  # first build
     check(in_place)

@@ -14,7 +14,7 @@ from pipeline import store
 from pipeline.rerank import RerankConfig, rerank, rerank_order, rerank_scores, rerank_shortlist
 from pipeline.rerank.explain import explain_query
 from pipeline.rerank.score import MIN_LOG_SPREAD, gate, null_counts, null_level
-from pipeline.rerank.stage import null_sample
+from pipeline.rerank.shortlist import null_sample
 from tests.test_cli import cli
 from tests.test_rerank import random_features, random_transform, sharing_features
 

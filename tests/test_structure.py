@@ -316,7 +316,7 @@ JOBS = {
         nightly_reindex,
         ["--manifest", "m", "--root", "r", "--preset", "p"],
         [ReindexConfig],
-        set(),
+        {"Workers.address"},
         {"manifest", "root", "address", "progress_interval"},
     ),
     "train": (

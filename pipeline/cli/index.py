@@ -7,10 +7,11 @@ from dataclasses import asdict
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pipeline import settings, storage
-from pipeline.cli.app import app
-from pipeline.cli.display import print_mapping
+from pipeline.cli.app import app, console
+from pipeline.cli.display import PROGRESS_S, print_mapping
 from pipeline.cli.options import Address, given, settings_command
 
 WORKERS = "pipeline.execution:Workers"  # the Ray workers of a distributed search / neighbour search
@@ -83,16 +84,22 @@ def search(
     ctx: typer.Context,
     index: Annotated[str, typer.Argument(help="Index URL (from build-index).")],
     queries: Annotated[str, typer.Argument(help="Descriptor store of the query images.")],
-    out: Annotated[str, typer.Argument(help="Results Parquet URL (query_id, rank, id, score).")],
+    out: Annotated[
+        str, typer.Argument(help="Results URL (query_id, rank, id, score): a folder of committed parts.")
+    ],
 ) -> None:
     """Batched k-NN search of every query descriptor; GPU when there is one; on Ray workers if asked."""
     from pipeline.execution import Workers
     from pipeline.index import SearchConfig
     from pipeline.index import search as search_index
+    from pipeline.ray_runtime import every
 
     values = given(ctx)
     config, workers = settings.build(SearchConfig, values), settings.build(Workers, values)
-    summary = search_index(index, queries, out, config, storage.options_from_env(), workers=workers)
+    progress = every(PROGRESS_S, lambda p: console.print(escape(p.line())))
+    summary = search_index(
+        index, queries, out, config, storage.options_from_env(), workers=workers, on_progress=progress
+    )
     print_mapping(f"search → {storage.redact(out)}", summary)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, store
+from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.execution import Workers, executor_for
 from pipeline.index import io, whitening
 from pipeline.storage import Options
@@ -100,14 +101,17 @@ def compute_dba(
 ) -> DbaTable:
     """DBA of every row from scratch; ``workers`` may spread the neighbour search over Ray workers."""
     if k < 1 or not alpha >= 0:
-        raise ValueError(f"DBA k={k}, alpha={alpha}: need k >= 1 and alpha >= 0")
+        raise ConfigError(f"DBA k={k}, alpha={alpha}: need k >= 1 and alpha >= 0")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     neighbours, sims, refined = _rows(vectors, np.arange(len(vectors)), k, alpha, workers)
     return DbaTable(np.asarray(ids, dtype=object), vectors, refined, neighbours, sims, k, alpha)
 
 
-def _refresh(table: DbaTable, vectors: np.ndarray, ids: np.ndarray, stale: np.ndarray) -> DbaTable:
-    """The table of rows ``ids``/``vectors``: ``stale`` rows (bool) recomputed, the others copied from ``table``."""
+def _refresh(
+    table: DbaTable, vectors: np.ndarray, ids: np.ndarray, stale: np.ndarray, workers: Workers
+) -> DbaTable:
+    """The table of rows ``ids``/``vectors``: ``stale`` rows (bool) recomputed on ``workers``, the others copied
+    from ``table``."""
     width = min(table.k, max(len(ids) - 1, 0))
     neighbours = np.zeros((len(ids), width), dtype=np.int64)
     sims = np.zeros((len(ids), width), dtype=np.float32)
@@ -123,30 +127,43 @@ def _refresh(table: DbaTable, vectors: np.ndarray, ids: np.ndarray, stale: np.nd
         refined[keep] = table.refined[rows]
     rows = np.flatnonzero(stale)
     if len(rows):
-        neighbours[rows], sims[rows], refined[rows] = _rows(vectors, rows, table.k, table.alpha)
+        neighbours[rows], sims[rows], refined[rows] = _rows(vectors, rows, table.k, table.alpha, workers)
     return DbaTable(ids, vectors, refined, neighbours, sims, table.k, table.alpha)
 
 
-def add_rows(table: DbaTable, ids: Sequence[str], vectors: np.ndarray) -> DbaTable:
+PRODUCT_ELEMENTS = 1 << 24  # similarities formed at once by _closest (64 MB of float32)
+
+
+def _closest(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """(N_old,) each old row's highest similarity to a ``new`` row (−inf without new rows), in row chunks:
+    never the whole (N_old, N_new) product at once."""
+    step = max(1, PRODUCT_ELEMENTS // max(len(new), 1))
+    chunks = [(old[s : s + step] @ new.T).max(axis=1, initial=-np.inf) for s in range(0, len(old), step)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def add_rows(
+    table: DbaTable, ids: Sequence[str], vectors: np.ndarray, workers: Workers = Workers()
+) -> DbaTable:
     """``table`` with new rows appended; old rows recomputed where a new row enters their top k."""
     new = np.ascontiguousarray(vectors, dtype=np.float32)
     all_vectors = np.concatenate([table.vectors, new]) if len(table.ids) else new
     all_ids = np.concatenate([table.ids, np.asarray(ids, dtype=object)])
-    closest_new = (table.vectors @ new.T).max(axis=1, initial=-np.inf)  # (N_old,)
+    closest_new = _closest(table.vectors, new)  # (N_old,)
     full = table.sims.shape[1] >= min(table.k, len(all_ids) - 1)
     kth = table.sims[:, -1] if table.sims.shape[1] else np.full(len(table.ids), -np.inf)
     stale_old = (closest_new > kth) | (not full) if len(new) else np.zeros(len(table.ids), dtype=bool)
     stale = np.concatenate([stale_old, np.ones(len(new), dtype=bool)])
-    return _refresh(table, all_vectors, all_ids, stale)
+    return _refresh(table, all_vectors, all_ids, stale, workers)
 
 
-def remove_rows(table: DbaTable, ids: Sequence[str]) -> DbaTable:
+def remove_rows(table: DbaTable, ids: Sequence[str], workers: Workers = Workers()) -> DbaTable:
     """``table`` without these rows; rows that had one of them as a neighbour recomputed."""
     doomed = np.isin(table.ids, np.asarray(list(ids), dtype=object))
     kept = ~doomed
     lost_neighbour = doomed[table.neighbours].any(axis=1)  # (N,)
     narrower = table.sims.shape[1] > min(table.k, kept.sum() - 1)  # fewer images than k + 1 left
-    return _refresh(table, table.vectors[kept], table.ids[kept], (lost_neighbour | narrower)[kept])
+    return _refresh(table, table.vectors[kept], table.ids[kept], (lost_neighbour | narrower)[kept], workers)
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -179,7 +196,7 @@ def read_dba(index_url: str, options: Options = None) -> DbaTable:
     """The DBA table beside an index; FileNotFoundError naming the command that writes it."""
     url = dba_url(index_url)
     if not storage.exists(url, options):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no DBA vectors at {storage.redact(url)}; write them with `landmark-index dba` (or build_dba)"
         )
     arrow = storage.read_parquet(url, options)
@@ -223,7 +240,7 @@ def _stored_vectors(image_ids: np.ndarray, stores: Sequence[str], options: Optio
                     out[row], found[row] = vector, True
     if not found.all():
         missing = image_ids[~found][:5].tolist()
-        raise ValueError(
+        raise InputError(
             f"{int((~found).sum())} indexed images have no global descriptor in the stores: {missing}"
         )
     return out if out is not None else np.zeros((0, 0), np.float32)
@@ -252,6 +269,8 @@ def update_dba(
     added: tuple[np.ndarray, np.ndarray] | None = None,  # (image ids, vectors in the index's space)
     removed: Sequence[str] = (),
     options: Options = None,
+    *,
+    workers: Workers = Workers(),
 ) -> None:
     """Keep an index's DBA vectors (if it has any) in step with added (ids, vectors) and removed ids.
 
@@ -264,9 +283,10 @@ def update_dba(
     present = set(table.ids.tolist())
     gone = [i for i in removed if i in present]
     if gone:
-        table = remove_rows(table, gone)
+        table = remove_rows(table, gone, workers)
     if added is not None:
         new = np.array([i not in present or i in gone for i in added[0]], dtype=bool)
         if new.any():
-            table = add_rows(table, np.asarray(added[0], dtype=object)[new], np.asarray(added[1])[new])
+            rows = np.asarray(added[0], dtype=object)[new], np.asarray(added[1])[new]
+            table = add_rows(table, *rows, workers)
     write_dba(index_url, table, options)

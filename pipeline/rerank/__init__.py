@@ -14,15 +14,8 @@ lazy_exports(
         "config": ("RerankConfig",),
         "match": ("Matches", "gather_points", "match", "pad"),
         "score": ("rerank_order", "rerank_scores"),
-        "stage": (
-            "RerankedShortlist",
-            "RerankRun",
-            "RerankSummary",
-            "config_from_stores",
-            "rerank",
-            "rerank_shortlist",
-            "verify_candidates",
-        ),
+        "shortlist": ("RerankedShortlist", "config_from_stores", "rerank_shortlist", "verify_candidates"),
+        "stage": ("RerankRun", "RerankSummary", "rerank"),
         "verify": ("Verification", "verify"),
     },
 )

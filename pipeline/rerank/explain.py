@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.stage import nulls_for, read_null_sample, rerank_shortlist
+from pipeline.rerank.shortlist import nulls_for, read_null_sample, rerank_shortlist
 from pipeline.results import read_rankings
 from pipeline.storage import Options, redact
 
