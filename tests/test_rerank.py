@@ -620,7 +620,6 @@ def test_graffiti_inliers_within_4_8_16_px_of_ground_truth() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
-    store = pytest.importorskip("pipeline.store")
     rng = np.random.default_rng(13)
     config = RerankConfig(top=5, trials=300, min_inliers=10, device=device, queries_per_batch=1)
     queries, index, rows = {}, {}, []
@@ -693,7 +692,6 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
 
 
 def test_rerank_rejects_search_results_without_columns(tmp_path: Path) -> None:
-    pytest.importorskip("pipeline.store")
     pq.write_table(pa.table({"query_id": ["a"], "id": ["b"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"lack columns \[.rank., .score.\]"):
         rerank(str(tmp_path / "bad.parquet"), str(tmp_path), str(tmp_path), str(tmp_path / "o.parquet"))
