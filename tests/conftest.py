@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,10 +12,18 @@ import pytest
 # Keep torch and BLAS to the machine's cores without oversubscribing Ray workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The local Rays that commands run by a test start (pipeline.ray_runtime) get a temp dir of this pytest
+# process, so concurrent xdist workers never share Ray's session files. Short: Ray's socket paths must fit
+# 107 bytes.
+os.environ["LANDMARK_INDEX_RAY_TMP"] = tempfile.mkdtemp(prefix="li-cmd-")
 
 pytest_plugins = ["tests.servers", "tests.demo_index"]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["LANDMARK_INDEX_RAY_TMP"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -278,7 +278,7 @@ def test_auto_params_tiny_and_impossible():
         choose_index(1_000_000, 2048, parse_size("1MB"))
     assert parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("512k") == 512_000 and parse_size(7) == 7
     for bad in ["", "12 parsecs", "-3GB", "0", 0]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"(size|memory budget) .*(expected a number|must be > 0)"):
             parse_size(bad)
 
 

@@ -35,6 +35,7 @@ from pipeline.rerank import (
 from pipeline.rerank.config import overrides_from, settings_of
 from pipeline.runconfig import RerankSection
 from tests.reference_verifier import reference_inliers, reference_matches
+from tests.tables import stored_matches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PAIRS = SHARED / "data" / "pairs"
@@ -619,7 +620,6 @@ def test_graffiti_inliers_within_4_8_16_px_of_ground_truth() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
-    store = pytest.importorskip("pipeline.store")
     rng = np.random.default_rng(13)
     config = RerankConfig(top=5, trials=300, min_inliers=10, device=device, queries_per_batch=1)
     queries, index, rows = {}, {}, []
@@ -685,13 +685,13 @@ def test_rerank_stage_end_to_end(tmp_path: Path, device: str) -> None:
         expected_pairs = np.concatenate([query_points, cand_points], axis=1).reshape(-1)
         assert len(part["matches"][0]) == 4 * part["inliers"][0]
         np.testing.assert_array_equal(np.asarray(part["matches"][0], np.float32), expected_pairs)
-        assert all(m is None for m, n in zip(part["matches"], part["inliers"], strict=True) if n <= 0)
+        stored, expected = stored_matches(part, config.keep_matches)
+        assert stored == expected and stored[f"q{qi}"][0] == (1, 4 * part["inliers"][0])
     assert out.to_pydict()["inliers"][-1] == -1  # candidate missing from the store stays last, unverified
     assert b"rerank_config" in out.schema.metadata
 
 
 def test_rerank_rejects_search_results_without_columns(tmp_path: Path) -> None:
-    pytest.importorskip("pipeline.store")
     pq.write_table(pa.table({"query_id": ["a"], "id": ["b"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"lack columns \[.rank., .score.\]"):
         rerank(str(tmp_path / "bad.parquet"), str(tmp_path), str(tmp_path), str(tmp_path / "o.parquet"))

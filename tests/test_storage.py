@@ -354,7 +354,10 @@ def test_credentials_in_a_row_url_never_reach_the_error(
     """botocore quotes the bucket name 'KEY:SECRET@host' of such a url without its scheme."""
     host = urlsplit(s3_bucket.options["endpoint_url"]).netloc
     url = f"s3://AKIAROWKEY:r0w-secret-9@{host}/{s3_bucket.url[5:]}/x.jpg"
-    with caplog.at_level(logging.DEBUG, logger="pipeline.storage"), pytest.raises(Exception) as failed:
+    with (
+        caplog.at_level(logging.DEBUG, logger="pipeline.storage"),
+        pytest.raises(storage.StorageError) as failed,
+    ):
         storage.read_bytes(url, s3_bucket.options)
     with pytest.raises(ImageError) as row_error:
         fetch_image_bytes(url, None, s3_bucket.options)
