@@ -117,7 +117,6 @@ HELP: dict[str, str] = {
     "nprobe": "IVF cells visited (default: the one stored by the quality report).",
     "k_factor": "Refined shortlist size in multiples of k (default: stored one).",
     "SearchConfig.batch_size": "Queries per search call and per committed part (a killed run redoes one).",
-    "in_process": "Run every step in this process, without Ray (small runs; the output is the same).",
     "shards": "Index id ranges, each held by its own workers (an index too big for one worker); results are "
     "merged exactly.",
     "Workers.gpus_per_worker": _WORKER_GPUS,

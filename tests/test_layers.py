@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "foundation",
-        "error types, lazy exports, shared choices, metrics, resource probes, setting metadata: import nothing",
+        "error types, lazy exports, shared choices, metrics, resource probes: import nothing",
         (
             "pipeline",
             "pipeline.errors",
@@ -26,7 +26,6 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
             "pipeline.choices",
             "pipeline.metrics",
             "pipeline.resources",
-            "pipeline.settings",
         ),
     ),
     ("storage", "the one module that talks to storage", ("pipeline.storage",)),
@@ -51,8 +50,15 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     ),
     (
         "config",
-        "presets and the settings dataclasses they are made of (no torch, no faiss)",
-        ("pipeline.config", "pipeline.model.catalog", "pipeline.rerank.config", "pipeline.index.params"),
+        "presets and the settings dataclasses they are made of (no torch, no faiss); every setting's spelling and help",
+        (
+            "pipeline.config",
+            "pipeline.model.catalog",
+            "pipeline.rerank.config",
+            "pipeline.index.params",
+            "pipeline.settings",
+            "pipeline.settings_help",
+        ),
     ),
     (
         "model",
@@ -82,8 +88,8 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     ),
     (
         "front ends",
-        "thin shells: CLI, query service, Ray jobs",
-        ("pipeline.boundary", "pipeline.cli", "pipeline.serve", "jobs"),
+        "thin shells: CLI, query service, Ray jobs, and the configuration reference generated from the CLI",
+        ("pipeline.boundary", "pipeline.cli", "pipeline.serve", "pipeline.settings_doc", "jobs"),
     ),
 ]
 
