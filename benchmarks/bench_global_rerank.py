@@ -47,6 +47,7 @@ from bench_real_data import (
 from pipeline import storage
 from pipeline.evaluate import evaluate
 from pipeline.rerank.global_rerank import GlobalRerankConfig
+from pipeline.results import RESULTS_SCHEMA, read_columns
 
 METHODS = (
     "verify",
@@ -171,7 +172,7 @@ def datasets(cache: str) -> list[Dataset]:
 
 def subset(d: Dataset, every: int, folder: str) -> Dataset:
     """``d`` restricted to every ``every``-th query (sorted ids): its search results and ground truth."""
-    table = storage.read_parquet(d.search)
+    table = read_columns(d.search, RESULTS_SCHEMA.names)  # search's parts folder
     queries = sorted(set(table.column("query_id").to_pylist()))[::every]
     search_url, truth_url = storage.join(folder, "search.parquet"), storage.join(folder, "ground_truth.csv")
     storage.write_parquet(search_url, table.filter(pc.is_in(table["query_id"], pa.array(queries))))
@@ -193,7 +194,7 @@ def run_methods(
 ) -> None:
     from pipeline.rerank import rerank
 
-    queries = len(set(storage.read_parquet(search_url, columns=["query_id"]).column("query_id").to_pylist()))
+    queries = len(set(read_columns(search_url, ["query_id"]).column("query_id").to_pylist()))
     print(
         f"| {d.name} ({queries} queries) | global | {score(search_url, d.ground_truth):.4f} | – |", flush=True
     )

@@ -116,7 +116,10 @@ def without_self_matches(results_url: str, out_url: str) -> tuple[str, int]:
 
     Returns (out_url, number of queries whose self-match was at rank 1).
     """
-    table = storage.read_parquet(results_url).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    columns, optional = ["query_id", "rank", "id", "score"], ("inliers", "global_score", "matches")
+    table = read_columns(
+        results_url, columns, optional=optional
+    )  # a file or a parts folder, (query, rank) order
     query_ids = np.asarray(table.column("query_id").to_pylist(), dtype=object)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     ranks = table.column("rank").to_numpy()
