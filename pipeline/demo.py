@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 from pipeline.runconfig import RunConfig, load_run_config
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def make_demo_dataset(
 ) -> DemoDataset:
     """Write images, manifests and ground truth under ``out_url``; deterministic for a seed."""
     if views < 1:
-        raise ValueError(f"views={views}; must be ≥ 1")
+        raise ConfigError(f"views={views}; must be ≥ 1")
     rng = np.random.default_rng(seed)
     index_rows: list[dict[str, str]] = []
     query_rows: list[dict[str, str]] = []
@@ -176,7 +177,7 @@ def write_demo(
 ) -> RunConfig:
     """Write the demo dataset and its run config (``out_dir/demo.toml``) to a local folder; return the config."""
     if not storage.is_local(out_dir):
-        raise ValueError(f"the demo writes to a local folder, got {storage.redact(out_dir)}")
+        raise ConfigError(f"the demo writes to a local folder, got {storage.redact(out_dir)}")
     if preset is None:
         preset, weights = default_demo_model()
     if not storage.exists(storage.join(out_dir, "data", "ground_truth.csv")):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import images, storage
+from pipeline.errors import ConfigError
 from pipeline.manifest import ManifestError
 
 SAMPLING = ("uniform", "balanced")
@@ -86,7 +87,7 @@ class SampleSequence:
 
     def __init__(self, labels: np.ndarray, sampling: str, images_per_class: int, seed: int) -> None:
         if sampling not in SAMPLING:
-            raise ValueError(f"sampling {sampling!r}; allowed: {list(SAMPLING)}")
+            raise ConfigError(f"sampling {sampling!r}; allowed: {list(SAMPLING)}")
         self.labels = labels
         self.sampling = sampling
         self.k = images_per_class if sampling == "balanced" else 1

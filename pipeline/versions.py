@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import InputError, MissingInputError
 from pipeline.storage import Options
 
 LATEST = "LATEST"
@@ -39,7 +40,7 @@ def version_name(number: int) -> str:
 
 def version_number(name: str) -> int:
     if len(name) != 7 or not name.startswith("v") or not name[1:].isdigit():
-        raise ValueError(f"version name {name!r}; expected 'v' and 6 digits, e.g. 'v000001'")
+        raise InputError(f"version name {name!r}; expected 'v' and 6 digits, e.g. 'v000001'")
     return int(name[1:])
 
 
@@ -61,7 +62,7 @@ def resolve_latest(root_url: str, options: Options = None) -> str:
     """The URL of the live, complete version (an index dir with state.parquet and stores.json)."""
     name = live_version(root_url, options)
     if name is None:
-        raise FileNotFoundError(f"no published version under {storage.redact(root_url)} (no {LATEST})")
+        raise MissingInputError(f"no published version under {storage.redact(root_url)} (no {LATEST})")
     return version_url(root_url, name)
 
 

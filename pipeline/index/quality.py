@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from pipeline import store
+from pipeline.errors import ConfigError
 from pipeline.index.refine import code_size, configure
 from pipeline.index.whitening import Space, identity
 from pipeline.storage import Options
@@ -41,11 +42,11 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if not (0 < self.target <= 1 and 0 < self.target_r1 <= 1):
-            raise ValueError(f"recall targets {self.target}, {self.target_r1}; must be in (0, 1]")
+            raise ConfigError(f"recall targets {self.target}, {self.target_r1}; must be in (0, 1]")
         if self.queries < 1 or self.target_k < 1:
-            raise ValueError(f"queries={self.queries}, target_k={self.target_k}; both must be ≥ 1")
+            raise ConfigError(f"queries={self.queries}, target_k={self.target_k}; both must be ≥ 1")
         if not self.k_factors or min(self.k_factors) < 1:
-            raise ValueError(f"k_factors={self.k_factors}; need at least one, each ≥ 1")
+            raise ConfigError(f"k_factors={self.k_factors}; need at least one, each ≥ 1")
 
 
 def drop_self(

@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from pipeline import storage
+from pipeline.errors import InputError
 from pipeline.index import io
 from pipeline.storage import Options
 
@@ -99,13 +100,13 @@ def _code_files(index_url: str, code_size: int, next_id: int, options: Options) 
     for first, url in files:
         size = storage.info(url, options)["size"]
         if first != expected or size % code_size:
-            raise ValueError(
+            raise InputError(
                 f"refinement codes under {storage.redact(index_url)} do not cover ids contiguously at "
                 f"{storage.redact(url)} (expected first id {expected}, size {size} B)"
             )
         expected += size // code_size
     if expected != next_id:
-        raise ValueError(f"refinement codes cover ids [0, {expected}), the index has ids up to {next_id}")
+        raise InputError(f"refinement codes cover ids [0, {expected}), the index has ids up to {next_id}")
     return files
 
 

@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from pipeline import images, settings, storage
+from pipeline.errors import ConfigError
 from pipeline.query import (
     Hit,
     IndexVersion,
@@ -410,7 +411,7 @@ def build(args: dict[str, str]) -> serve.Application:
     known = {s.key: s for s in settings.settings_of(ServeSettings)}
     unknown = sorted(set(args) - set(known))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {sorted(known)}")
     values = {key: settings.check_value(known[key], _literal(text), key) for key, text in args.items()}
     return build_app(settings.build(ServeSettings, values))
 
