@@ -22,6 +22,25 @@ pytest_plugins = ["tests.servers", "tests.demo_index"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+# Modules built on one costly session fixture (tests/demo_index.py: a reindex of the demo on Ray), run on one
+# xdist worker so that it is built once.
+SHARED_SESSION_BUILDS = {"tests/test_query.py": "demo_index", "tests/test_serve.py": "demo_index"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadscope` (pyproject's addopts), with the SHARED_SESSION_BUILDS modules as one scope."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedBuildScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_SESSION_BUILDS.get(scope, scope)
+
+    return SharedBuildScheduling(config, log)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["LANDMARK_INDEX_RAY_TMP"], ignore_errors=True)
 
