@@ -22,6 +22,35 @@ pytest_plugins = ["tests.servers", "tests.demo_index"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+# Modules built on one costly session fixture (tests/demo_index.py: a reindex of the demo on Ray), run on one
+# xdist worker so that it is built once.
+SHARED_SESSION_BUILDS = {"tests/test_query.py": "demo_index", "tests/test_serve.py": "demo_index"}
+# Scopes handed out first, so that no long one starts last: the demo index and its service (6.7 min for
+# test_serve.py alone on a loaded machine), TensorFlow conversions (3.9 min for test_convert.py).
+LONGEST_FIRST = ("demo_index", "tests/test_convert.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadscope` (pyproject's addopts), with the SHARED_SESSION_BUILDS modules as one scope and the
+    LONGEST_FIRST scopes handed out before the others."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedBuildScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_SESSION_BUILDS.get(scope, scope)
+
+        def _assign_work_unit(self, node: object) -> None:
+            for scope in reversed(LONGEST_FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return SharedBuildScheduling(config, log)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["LANDMARK_INDEX_RAY_TMP"], ignore_errors=True)
 

@@ -219,7 +219,7 @@ def test_internal_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch):
         cli_module.main()
 
 
-def test_vlad_stores_index_and_search_like_any_store(tmp_path):
+def test_vlad_stores_index_and_search_like_any_store(tmp_path, ray_cluster):
     """aggregate (codebook trained on the index store) → aggregate the queries with the index's codebook →
     build-index → search: a query that is an indexed image finds itself first."""
     rng = np.random.default_rng(5)
@@ -229,7 +229,7 @@ def test_vlad_stores_index_and_search_like_any_store(tmp_path):
     cli("aggregate", images, vlad, "--clusters", "4", "--sample-images", "16")
     cli("aggregate", images, queries, "--codebook", vlad)
     index, results = str(tmp_path / "index"), str(tmp_path / "results.parquet")
-    cli("build-index", vlad, index)
+    cli("build-index", vlad, index, "--address", ray_cluster)
     cli("search", index, queries, results, "--k", "3")
     table = pq.read_table(results).to_pylist()
     first = {r["query_id"]: r["id"] for r in table if r["rank"] == 1}

@@ -202,13 +202,15 @@ def test_global_rerank_works_in_the_index_space(tmp_path):
         ].tolist()
 
 
-def test_cli_and_run_config_take_the_option(tmp_path):
+def test_cli_and_run_config_take_the_option(tmp_path, ray_cluster):
     from pipeline.runconfig import parse_run_config
 
     store_url, _ = _store(tmp_path, 300, 1)
     out = str(tmp_path / "index")
     command = [sys.executable, "-m", "pipeline.cli", "build-index", store_url, out, "--whitening", "8"]
-    done = subprocess.run([*command, "--tasks", "1"], capture_output=True, text=True)
+    done = subprocess.run(
+        [*command, "--tasks", "1", "--address", ray_cluster], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "index" / io.PARAMS).read_text())["whitening"] == 8
     data = {"index": "i.parquet", "queries": "q.parquet"}
