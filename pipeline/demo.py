@@ -131,7 +131,7 @@ def make_demo_dataset(
 
 
 DEMO_CONFIG = """\
-# landmark-index run config for the embedded demo (every key: pipeline/runconfig.py, configs/example.toml)
+# landmark-index run config for the embedded demo (every key: docs/configuration.md, configs/example.toml)
 out = "."
 
 [data]

@@ -1,11 +1,13 @@
 """Settings declared once: a setting is a field of a library dataclass (or a keyword-only parameter of a stage
 function, such as build_index's ``factory``), and every front end reads it from there.
 
-The run config's sections (pipeline.runconfig), the jobs' arguments (jobs/) and the checks on the CLI's options
-(tests/test_structure.py) all list a dataclass's settings with ``settings_of``: its fields, a nested dataclass's
-fields in its place (``ExtractionJob.store`` → ``global_dtype``, ``local_dtype``, ...), each under the one
-spelling files and flags use (``SPELLINGS``). A new field is thereby a new run-config key and job argument, and
-a CLI command missing it fails the structure test. Unset is ``None`` everywhere.
+The run config's sections (pipeline.runconfig), the jobs' arguments (jobs/), the CLI's options
+(pipeline.cli.options) and docs/configuration.md (pipeline.settings_doc) all list a dataclass's settings with
+``settings_of``: its fields, a nested dataclass's fields in its place (``ExtractionJob.store`` →
+``global_dtype``, ``local_dtype``, ...), each under the one spelling files and flags use (``SPELLINGS``), with
+its one help text (pipeline.settings_help). A new field is thereby a new run-config key, job argument and CLI
+option (after ``python -m pipeline.cli.catalog``; tests/test_structure.py says when). Unset is ``None``
+everywhere.
 """
 
 from __future__ import annotations

@@ -131,14 +131,17 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
 HEAVY_MODULES = ("torch", "torchvision", "faiss", "ray", "tensorflow", "numpy", "pyarrow", "fsspec")
 
 
-@pytest.mark.parametrize("argument", ["--help", "--version"])
-def test_help_and_version_import_no_model_or_index_library(argument: str):
-    """`landmark-index --help/--version` must start fast: none of torch, faiss, Ray, TensorFlow (seconds each),
+@pytest.mark.parametrize(
+    "arguments", [["--help"], ["--version"], ["extract", "--help"], ["rerank", "--help"]]
+)
+def test_help_and_version_import_no_model_or_index_library(arguments: list[str]):
+    """`landmark-index --help/--version` and a command's --help (its options generated from the settings, read
+    from pipeline/cli/catalog.json) must start fast: none of torch, faiss, Ray, TensorFlow (seconds each),
     numpy, pyarrow or fsspec is imported; only the commands that use them do. (Start-up time itself is a
     benchmark: benchmarks/bench_startup.py.)"""
     probe = (
         "import sys\n"
-        f"sys.argv = ['landmark-index', {argument!r}]\n"
+        f"sys.argv = ['landmark-index', *{arguments!r}]\n"
         "from pipeline.cli import main\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
         f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"

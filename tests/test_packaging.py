@@ -41,6 +41,7 @@ def test_the_wheel_carries_the_licence_and_a_working_cli(tmp_path: Path) -> None
     assert "License-Expression: Apache-2.0" in fields and "License-File: LICENSE" in fields
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
     assert licence == (REPO / "LICENSE").read_text()
+    assert {"pipeline/cli/catalog.json", "pipeline/serve/page.html"} <= set(names)  # package data
     requires = [f.split(": ", 1)[1] for f in fields if f.startswith("Requires-Dist: ")]
     base = [r for r in requires if "extra ==" not in r]
     assert any(r.startswith("faiss-cpu") for r in base), "the CLI needs faiss without an extra"

@@ -23,7 +23,14 @@ def live_catalog() -> dict[str, list[dict[str, Any]]]:
 
 
 def render() -> str:
-    return json.dumps(live_catalog(), indent=1, ensure_ascii=False) + "\n"
+    """The catalog as JSON, one option a line (a changed setting is a one-line diff)."""
+    commands = [
+        f"{json.dumps(name)}: [\n"
+        + ",\n".join(f"  {json.dumps(e, ensure_ascii=False)}" for e in entries)
+        + "\n]"
+        for name, entries in live_catalog().items()
+    ]
+    return "{\n" + ",\n".join(commands) + "\n}\n"
 
 
 if __name__ == "__main__":
