@@ -30,6 +30,6 @@ class ResourcesUnavailableError(UserError):
     """The cluster did not provide what a run asked for within its deadline (e.g. GPUs no node has)."""
 
 
-# During the move to project types the built-ins still count as user errors; once every check raises a project
-# type, this becomes (UserError,) and a stray ValueError is a bug with its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, PermissionError)
+# What the boundary reports as one line and exit 2: only the project's own types, raised where input is checked.
+# A ValueError, KeyError or FileNotFoundError from inside the library is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import store
+from pipeline.errors import InputError
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.shortlist import nulls_for, read_null_sample, rerank_shortlist
 from pipeline.results import read_rankings
@@ -45,7 +46,7 @@ def explain_query(
     """Re-rank ``query_id``'s shortlist from ``search_results`` as the stage's "verify" method does."""
     rankings = read_rankings(search_results, options)
     if query_id not in rankings:
-        raise ValueError(
+        raise InputError(
             f"query {query_id!r} is not in {redact(search_results)} ({len(rankings)} queries); "
             "pass a query_id of the search results"
         )
