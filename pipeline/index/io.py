@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import InputError, MissingInputError
 from pipeline.storage import Options
 
 TRAINED = "trained.faiss"
@@ -25,7 +26,7 @@ QUALITY = "quality.json"
 ID_MAP_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.string())])
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(InputError):
     """A file of an index directory that is not what build-index writes (corrupt, truncated, wrong schema)."""
 
 
@@ -45,8 +46,8 @@ def _read_faiss(url: str, read: Callable[[], faiss.Index]) -> faiss.Index:
         ) from None
 
 
-def _missing(index_url: str, name: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing(index_url: str, name: str) -> MissingInputError:
+    return MissingInputError(
         f"no index at {storage.redact(index_url)}: {name} is missing (build-index writes it)"
     )
 
