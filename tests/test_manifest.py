@@ -193,7 +193,7 @@ def test_glob_and_folder_of_tar_shards_keep_file_order_and_find_duplicates(tmp_p
 
 def test_a_tar_that_is_not_one_is_reported(tmp_path) -> None:
     (tmp_path / "images_000.tar").write_bytes(b"<html>403 Forbidden</html>")
-    assert "images_000.tar: unreadable: ValueError" in manifest_errors(str(tmp_path / "images_000.tar"))
+    assert "images_000.tar: unreadable: InputError" in manifest_errors(str(tmp_path / "images_000.tar"))
 
 
 def test_tar_shard_on_s3_is_read_in_place(tmp_path, s3_bucket) -> None:

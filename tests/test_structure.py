@@ -93,9 +93,10 @@ COMMANDS = {
     ),
     # options: from the environment; ray_address = --address; config = the BuildConfig options; k_factors is
     # a list (run config [index] k_factors, jobs' --k-factors 1,2,4)
+    # in_process: a build without Ray, for small builds and tests (the command builds on Ray)
     "build-index": (
         [build_index, BuildConfig],
-        {"options", "ray_address", "config", "k_factors"},
+        {"options", "ray_address", "config", "k_factors", "in_process"},
         {"ray_address": "address"},
     ),
     "search": ([SearchConfig, Workers], set(), {}),
