@@ -220,4 +220,4 @@ def test_a_bad_extractor_pool_is_a_bad_input(job, place, flags, named, capsys, t
     argv = ["--manifest", str(tmp_path / "none.parquet"), *place, "--preset", "cpu-small", *flags]
     assert job.main(argv) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and named in error and "ValueError" in error
+    assert error.count("\n") == 1 and named in error and "ConfigError" in error
