@@ -188,6 +188,7 @@ SET_BY_RUN = {
     "build_index.options",  # storage options come from the environment
     "build_index.ray_address",  # ray_address
     "build_index.config",  # this section's BuildConfig keys
+    "build_index.in_process",  # a run builds its index on Ray (in process: small builds and tests)
     "Workers.address",  # ray_address
 }
 # Section → its own keys' class, the library sources of its other keys, the fields the run sets itself, and

@@ -95,9 +95,10 @@ COMMANDS = {
     ),
     # options: from the environment; ray_address = --address; config = the BuildConfig options; k_factors is
     # a list (run config [index] k_factors, jobs' --k-factors 1,2,4)
+    # in_process: a build without Ray, for small builds and tests (the command builds on Ray)
     "build-index": (
         [build_index, BuildConfig],
-        {"options", "ray_address", "config", "k_factors"},
+        {"options", "ray_address", "config", "k_factors", "in_process"},
         {"ray_address": "address"},
     ),
     "search": ([SearchConfig, Workers], set(), {}),
@@ -169,7 +170,7 @@ SECTION_SOURCES = {  # section → (library sources, fields the run sets itself,
         {"manifest_url", "out_url", "config", "image_root", "address", *GUARDS},
         {"preset"},
     ),
-    "index": ([build_index, BuildConfig], {"options", "ray_address", "config"}, set()),
+    "index": ([build_index, BuildConfig], {"options", "ray_address", "config", "in_process"}, set()),
     "search": ([SearchConfig], set(), set()),
     "rerank": ([RerankConfig, GlobalRerankConfig, RerankRun], {"Workers.address"}, {"enabled", "method"}),
     "report": ([ReportSettings], set(), {"enabled"}),
