@@ -38,10 +38,9 @@ SPELLINGS = {
 
 SCALARS = (str, int, float, bool)
 
-# No key, flag or job argument: untrusted-input guards (ExtractionJob, TrainJob) keep the library's values,
-# origin_manifest_url is what reindex sets on the subset manifests it writes, and in_process (build_index) is
-# how a caller without Ray runs a stage, not a setting of its output.
-GUARDS = {"allowed_schemes", "max_pixels", "origin_manifest_url", "in_process"}
+# No key, flag or job argument: untrusted-input guards (ExtractionJob, TrainJob) keep the library's values, and
+# origin_manifest_url is what reindex sets on the subset manifests it writes.
+GUARDS = {"allowed_schemes", "max_pixels", "origin_manifest_url"}
 
 
 @dataclass(frozen=True)
@@ -88,14 +87,14 @@ def default_of(f: dataclasses.Field) -> Any:
 
 def _declared(source: Any) -> list[tuple[str, Any, Mapping[str, Any]]]:
     """(name, default, metadata) of a dataclass's fields, or of a stage function's keyword-only parameters
-    but its progress hooks (``on_*``: the caller's display, not a setting) and GUARDS."""
+    but its progress hooks (``on_*``: the caller's display, not a setting)."""
     if dataclasses.is_dataclass(source):
         return [(f.name, default_of(f), f.metadata) for f in dataclasses.fields(source)]
     parameters = inspect.signature(source).parameters.values()
     return [
         (p.name, p.default, {})
         for p in parameters
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("on_") and p.name not in GUARDS
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("on_")
     ]
 
 

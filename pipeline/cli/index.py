@@ -23,8 +23,8 @@ WORKERS = "pipeline.execution:Workers"  # the Ray workers of a distributed searc
         "pipeline.index:build_index",
         "pipeline.index:BuildConfig",
         # options: from the environment; ray_address: --address; config: the BuildConfig options; k_factors
-        # is a list (run config [index] k_factors, jobs' --k-factors 1,2,4)
-        exclude={"options", "ray_address", "config", "k_factors"},
+        # is a list (run config [index] k_factors, jobs' --k-factors 1,2,4); in_process: small builds and tests
+        exclude={"options", "ray_address", "config", "k_factors", "in_process"},
     ),
 )
 def build_index_command(
