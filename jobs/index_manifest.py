@@ -66,9 +66,9 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         "descriptors": storage.redact(descriptors),
         "extraction": {**asdict(extraction), "images_per_s": extraction.images_per_s},
         "index": storage.redact(storage.join(args.out, "index")),
-        "factory": index["factory"],
-        "ntotal": index["ntotal"],
-        "nprobe": index["nprobe"],
+        "factory": index.choice.factory,
+        "ntotal": index.ntotal,
+        "nprobe": index.nprobe,
     }
 
 
