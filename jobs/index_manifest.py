@@ -24,8 +24,18 @@ from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, build_index
 from pipeline.ray_runtime import every
 
-# Library fields this job sets itself (from --manifest, --out, --preset, --address) or keeps (input guards).
-SET_HERE = {"manifest_url", "out_url", "config", "address", "options", "ray_address", *settings.GUARDS}
+# Library fields this job sets itself (from --manifest, --out, --preset, --address) or keeps (input guards;
+# in_process: the job builds its index on Ray).
+SET_HERE = {
+    "manifest_url",
+    "out_url",
+    "config",
+    "address",
+    "options",
+    "ray_address",
+    "in_process",
+    *settings.GUARDS,
+}
 EXTRACTION = settings.settings_of(ExtractionJob, SET_HERE) + settings.settings_of(ClusterOptions, SET_HERE)
 INDEX = settings.settings_of(build_index, SET_HERE) + settings.settings_of(BuildConfig, SET_HERE)
 

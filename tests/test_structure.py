@@ -310,7 +310,7 @@ JOBS = {
         index_manifest,
         ["--manifest", "m", "--out", "o", "--preset", "p"],
         [ExtractionJob, ClusterOptions, build_index, BuildConfig],
-        {"manifest_url", "out_url", "config", "address", "options", "ray_address", *GUARDS},
+        {"manifest_url", "out_url", "config", "address", "options", "ray_address", "in_process", *GUARDS},
         {"manifest", "out", "preset", "address", "progress_interval"},
     ),
     "nightly_reindex": (
