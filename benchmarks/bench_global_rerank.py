@@ -186,7 +186,7 @@ def subset(d: Dataset, every: int, folder: str) -> Dataset:
 
 def score(url: str, ground_truth: str) -> float:
     filtered, _ = without_self_matches(url, url.replace(".parquet", "-noself.parquet"))
-    return evaluate(filtered, ground_truth, "gldv2-retrieval")["all"]["mAP@100"]
+    return evaluate(filtered, ground_truth, "gldv2-retrieval").figures["all"]["mAP@100"]
 
 
 def run_methods(

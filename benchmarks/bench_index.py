@@ -231,7 +231,7 @@ def main() -> None:
     start = time.perf_counter()
     summary = build_index(
         store_url, str(root / "index"), factory=args.factory, memory_budget=budget, config=config
-    )
+    ).to_dict()
     dist_total = time.perf_counter() - start
     t = summary["timings"]
     dist_build = t["train_s"] + t["add_s"] + t["merge_s"]

@@ -136,7 +136,7 @@ def without_self_matches(results_url: str, out_url: str) -> tuple[str, int]:
 
 
 def mean_ap(results_url: str, data: RealData) -> float:
-    return evaluate(results_url, data.ground_truth, "gldv2-retrieval")["all"]["mAP@100"]
+    return evaluate(results_url, data.ground_truth, "gldv2-retrieval").figures["all"]["mAP@100"]
 
 
 def per_query_ap(results_url: str, data: RealData) -> dict[str, float]:

@@ -179,7 +179,7 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
             ray_address=config.ray_address,
             config=build_config,
             on_step=step,
-        )
+        ).to_dict()
 
     runner.stage("build-index", asdict(config.index), ["extract-index", "extract-queries"], build)
     global_config = config.rerank.global_rerank_config()
@@ -253,7 +253,7 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
         runner.stage("evaluate", asdict(config.data), upstream, lambda: _evaluate(config, paths, options))
     if config.report.enabled:
         upstream = [s for s in ("search", "rerank", "evaluate") if s in done]
-        runner.stage("report", asdict(config.report), upstream, lambda: report_run(config, options))
+        runner.stage("report", asdict(config.report), upstream, lambda: asdict(report_run(config, options)))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -270,7 +270,7 @@ def _evaluate(config: RunConfig, paths: RunPaths, options: storage.Options) -> d
             config.data.protocol,
             options,
             landmarks_url=config.data.landmarks,
-        )
+        ).to_dict()
         for name, url in results.items()
     }
     write_metrics(paths.metrics, metrics, options)

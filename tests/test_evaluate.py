@@ -119,7 +119,7 @@ def test_junk_removal_matches_independent_reference() -> None:
 def test_revisitop_settings_by_hand(tmp_path: Path, small_gnd: str) -> None:
     # q1 ranking d b a e c; q2 returns only d (a b c e follow in imlist order).
     results = write_results(str(tmp_path / "r.parquet"), {"q1": ["d", "b", "a", "e", "c"], "q2": ["d"]})
-    metrics = evaluate(results, small_gnd, "revisitop")
+    metrics = evaluate(results, small_gnd, "revisitop").figures
     # q1 medium: ok {a, c}, junk {b} -> d a e c: positives at 1, 3:
     #   (0/1 + 1/2)/2 = 1/4 and (1/3 + 2/4)/2 = 5/12, AP = (1/4 + 5/12)/2 = 1/3;
     #   P@1 = 0, P@5 = P@10 = P@min(k, 4) = 2/4 (4 = 1-based rank of the last positive)
@@ -145,13 +145,13 @@ def test_junk_removal_changes_ap_exactly(tmp_path: Path) -> None:
     without_junk = write_gnd(tmp_path / "n.pkl", ["q1"], [{"bbx": [], "easy": [0], "hard": [2], "junk": []}])
     # Medium with b kept as a negative: positives a, c at ranks 2, 4:
     #   (0/2 + 1/3)/2 = 1/6 and (1/4 + 2/5)/2 = 13/40 -> AP = (1/6 + 13/40)/2 = 59/240; with b removed: 1/3.
-    assert evaluate(results, without_junk, "revisitop")["medium"]["mAP"] == pytest.approx(59 / 240)
-    assert evaluate(results, with_junk, "revisitop")["medium"]["mAP"] == pytest.approx(1 / 3)
+    assert evaluate(results, without_junk, "revisitop").figures["medium"]["mAP"] == pytest.approx(59 / 240)
+    assert evaluate(results, with_junk, "revisitop").figures["medium"]["mAP"] == pytest.approx(1 / 3)
     # Easy treats the hard image c as junk: ranked c a ..., a counts as first (AP 1), not second (AP 1/4).
     hard_first = write_results(str(tmp_path / "h.parquet"), {"q1": ["c", "a", "b", "d", "e"]})
-    assert evaluate(hard_first, with_junk, "revisitop")["easy"]["mAP"] == 1.0
+    assert evaluate(hard_first, with_junk, "revisitop").figures["easy"]["mAP"] == 1.0
     assert (
-        evaluate(hard_first, without_junk, "revisitop")["easy"]["mAP"] == 1.0
+        evaluate(hard_first, without_junk, "revisitop").figures["easy"]["mAP"] == 1.0
     )  # hard is junk for Easy anyway
 
 
@@ -167,15 +167,17 @@ def test_ids_outside_imlist_are_distractors(tmp_path: Path, small_gnd: str) -> N
     # q2 hard: ok {d} behind two distractors -> rank 2: AP (0/2 + 1/3)/2 = 1/6 (no junk for q2).
     # q1 hard: a, then b c d e; junk {a, b} removed -> c first: AP 1.
     with_distractors = write_results(str(tmp_path / "r.parquet"), {"q1": ["a"], "q2": ["x1", "x2", "d"]})
-    assert evaluate(with_distractors, small_gnd, "revisitop")["hard"]["mAP"] == pytest.approx((1 + 1 / 6) / 2)
+    assert evaluate(with_distractors, small_gnd, "revisitop").figures["hard"]["mAP"] == pytest.approx(
+        (1 + 1 / 6) / 2
+    )
 
 
 def test_results_through_fsspec_url_and_json_output(tmp_path: Path, small_gnd: str, capsys) -> None:
     results = write_results("memory://eval-test/results.parquet", {"q1": ["a", "c"], "q2": ["d"]})
     out = str(tmp_path / "metrics.json")
     metrics = evaluate(results, small_gnd, "revisitop", out_url=out)
-    assert json.loads(Path(out).read_text()) == metrics
-    assert metrics["medium"]["mAP"] == 1.0
+    assert json.loads(Path(out).read_text()) == metrics.to_dict() == metrics.figures
+    assert metrics.protocol == "revisitop" and metrics.figures["medium"]["mAP"] == 1.0
     assert capsys.readouterr().out == ""  # the library does not print; the CLI presents
 
 
@@ -272,7 +274,9 @@ def test_gldv2_retrieval_map_at_100(tmp_path: Path) -> None:
         "q3": many[:120],  # 100 hits in the first 100, divided by min(150, 100) -> 1
         "q5": ["x"],  # Ignored: not scored, not an error
     }  # q4 has no results: AP 0
-    metrics = evaluate(write_results(str(tmp_path / "r.parquet"), rankings), str(solution), "gldv2-retrieval")
+    metrics = evaluate(
+        write_results(str(tmp_path / "r.parquet"), rankings), str(solution), "gldv2-retrieval"
+    ).figures
     assert metrics["all"] == pytest.approx({"mAP@100": (5 / 6 + 1 / 3 + 1 + 0) / 4, "queries": 4})
     assert metrics["public"] == pytest.approx({"mAP@100": (5 / 6 + 0) / 2, "queries": 2})
     assert metrics["private"] == pytest.approx({"mAP@100": (1 / 3 + 1) / 2, "queries": 2})
@@ -318,7 +322,7 @@ def test_gldv2_recognition_gap_by_hand(tmp_path: Path, recognition_case: tuple[s
         "private": {"GAP": 0.0, "accuracy": 0.0, "queries": 2},
     }
     for landmarks in (csv_map, parquet_map):
-        metrics = evaluate(results, str(solution), "gldv2-recognition", landmarks_url=str(landmarks))
+        metrics = evaluate(results, str(solution), "gldv2-recognition", landmarks_url=str(landmarks)).figures
         assert metrics.keys() == expected.keys()
         for subset, figures in expected.items():
             assert metrics[subset] == pytest.approx(figures)
@@ -374,7 +378,7 @@ def test_roxford_perfect_and_reversed(tmp_path: Path, roxford: tuple[str, dict])
     gnd_url, gnd = roxford
     perfect = evaluate(
         write_results(str(tmp_path / "p.parquet"), ranking_by_annotation(gnd, False)), gnd_url, "revisitop"
-    )
+    ).figures
     # 70 queries; two have no easy positives, so Easy averages over 68.
     assert {s: perfect[s]["queries"] for s in perfect} == {"easy": 68, "medium": 70, "hard": 70}
     for figures in perfect.values():
@@ -384,7 +388,7 @@ def test_roxford_perfect_and_reversed(tmp_path: Path, roxford: tuple[str, dict])
 
     reversed_ = evaluate(
         write_results(str(tmp_path / "r.parquet"), ranking_by_annotation(gnd, True)), gnd_url, "revisitop"
-    )
+    ).figures
     n = len(gnd["imlist"])
     medium = [reversed_ap(n, len(a["easy"]) + len(a["hard"]), len(a["junk"])) for a in gnd["gnd"]]
     hard = [reversed_ap(n, len(a["hard"]), len(a["junk"]) + len(a["easy"])) for a in gnd["gnd"]]

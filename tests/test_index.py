@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import faiss
@@ -126,15 +126,16 @@ def test_in_process_build_gives_the_ray_build_s_index(built, data, tmp_path):
     store_url, out, summary = built
     here = build_index(store_url, str(tmp_path / "here"), factory=FACTORY, config=FAST, in_process=True)
     assert invlist_contents(io.load_index(str(tmp_path / "here"))) == invlist_contents(io.load_index(out))
-    same = ("factory", "ntotal", "next_id", "train_points", "nprobe", "k_factor")
-    assert {k: here[k] for k in same} == {k: summary[k] for k in same}
+    assert here.choice.factory == summary.choice.factory
+    same = ("ntotal", "next_id", "train_points", "nprobe", "k_factor")
+    assert {k: getattr(here, k) for k in same} == {k: getattr(summary, k) for k in same}
 
 
 def test_distributed_build_equals_single_process(built, data):
     _, out, summary = built
     merged = io.load_index(out)
     reference = single_process(out, data)
-    assert summary["ntotal"] == merged.ntotal == N
+    assert summary.ntotal == merged.ntotal == N
     assert invlist_contents(merged) == invlist_contents(reference)
     for index in (merged, reference):
         io.set_search_params(index, 8)
@@ -178,7 +179,7 @@ def test_training_sample_is_random_across_shards(built, data):
 def test_build_trains_on_the_drawn_sample(built, data):
     """faiss training is deterministic, so the stored trained index pins down which rows it saw."""
     _, out, summary = built
-    rows, _ = draw_samples(N, summary["train_points"], 100, seed=0)
+    rows, _ = draw_samples(N, summary.train_points, 100, seed=0)
     sample = data[rows[: len(rows) // 2]]  # a different sample must give a different trained index
     expected = io.index_to_bytes(train(FACTORY, data[rows], DIM))
     assert Path(out, io.TRAINED).read_bytes() == expected != io.index_to_bytes(train(FACTORY, sample, DIM))
@@ -190,9 +191,9 @@ def test_training_as_a_ray_task_equals_training_in_process(tmp_path, built):
     store_url, out, summary = built
     urls = store.global_shard_urls(store_url)
     choice = resolve_choice(FACTORY, None, N, DIM, FAST.refine)
-    assert choice.refine == summary["refine"] != "none"
+    assert choice.refine == summary.choice.refine != "none"
     n_train, _ = train_step(choice, urls, shard_rows(urls), str(tmp_path), FAST, None)
-    assert n_train == summary["train_points"] > 0
+    assert n_train == summary.train_points > 0
     for name in (io.TRAINED, refine.QUANTIZER):
         assert Path(tmp_path, name).read_bytes() == Path(out, name).read_bytes(), name
 
@@ -286,7 +287,11 @@ def test_flat_index_reports_perfect_recall(tmp_path):
     vectors = clustered(300, 32, seed=3).astype(np.float16).astype(np.float32)
     write_store(str(tmp_path / "s"), vectors, image_names(300), 2)
     summary = build_index(str(tmp_path / "s"), str(tmp_path / "i"), config=FAST, in_process=True)
-    assert summary["factory"] == "IDMap2,Flat" and "exact" in summary["reason"] and summary["nprobe"] is None
+    assert (
+        summary.choice.factory == "IDMap2,Flat"
+        and "exact" in summary.choice.reason
+        and summary.nprobe is None
+    )
     [row] = json.loads((tmp_path / "i" / io.QUALITY).read_text())["rows"]
     assert row["1-recall@1"] == row["10-recall@10"] == row["100-recall@100"] == 1.0
 
@@ -395,7 +400,7 @@ def test_on_disk_merge_searches_like_the_in_ram_index(tmp_path, data, built):
         trained_url=os.path.join(built[1], io.TRAINED),
         quality=QualityConfig(queries=20, max_nprobe=4),
     )
-    assert build_index(built[0], out, factory=FACTORY, config=config, in_process=True)["on_disk"]
+    assert build_index(built[0], out, factory=FACTORY, config=config, in_process=True).on_disk
     on_disk, in_ram = io.load_index(out), io.load_index(built[1])
     assert invlist_contents(on_disk) == invlist_contents(in_ram)
     for index in (on_disk, in_ram):
@@ -462,13 +467,13 @@ def test_refinement_lifts_recall_capped_by_pq(built, data):
     base = [r for r in quality["rows"] if r["k_factor"] is None]
     # even probing every list, the PQ order misses the true first neighbour for ≥ 10 % of the queries
     assert max(r["1-recall@1"] for r in base) <= 0.9 and max(r["10-recall@10"] for r in base) < 0.5, base
-    assert summary["refine"] == "fp16" and summary["k_factor"] is not None
+    assert summary.choice.refine == "fp16" and summary.k_factor is not None
     assert (quality["target"], quality["target_r1"]) == (0.98, 0.99)
     met = [r for r in quality["rows"] if r["100-recall@100"] >= 0.98 and r["1-recall@1"] >= 0.99]
-    [chosen] = [r for r in met if (r["nprobe"], r["k_factor"]) == (summary["nprobe"], summary["k_factor"])]
+    [chosen] = [r for r in met if (r["nprobe"], r["k_factor"]) == (summary.nprobe, summary.k_factor)]
     assert chosen["cost_bytes"] == min(r["cost_bytes"] for r in met)
     _, query_rows = draw_samples(N, N, 100, seed=0)
-    found = refined_index(out, summary["nprobe"], summary["k_factor"]).search(data[query_rows], 101)[1]
+    found = refined_index(out, summary.nprobe, summary.k_factor).search(data[query_rows], 101)[1]
     ids = leave_one_out(found, query_rows, 100)
     exact = leave_one_out(exact_top(data, data[query_rows], 101)[1], query_rows, 100)
     assert recall_at(ids, exact, 100) == pytest.approx(chosen["100-recall@100"], abs=1e-9)
@@ -506,9 +511,9 @@ def test_float16_refinement_of_the_whole_shortlist_is_exact(tmp_path, built, dat
     gives exact search."""
     out = str(tmp_path / kind)
     assert (
-        build_index(built[0], out, factory=FACTORY, config=reuse_trained(built, kind), in_process=True)[
-            "refine"
-        ]
+        build_index(
+            built[0], out, factory=FACTORY, config=reuse_trained(built, kind), in_process=True
+        ).choice.refine
         == kind
     )
     scores, ids = refined_index(out, 64, N / 10).search(data[:50], 10)  # k · k_factor = N candidates
@@ -596,11 +601,9 @@ def test_quality_on_a_query_store_agrees_with_recall_measured_outside(tmp_path, 
     assert not quality["leave_one_out"] and quality["query_set"] == f"query store {query_store}"
     assert quality["queries"] == 200
     picked = np.sort(np.random.default_rng(0).choice(300, 200, replace=False))
-    _, ids = refined_index(out, summary["nprobe"], summary["k_factor"]).search(queries[picked], 100)
+    _, ids = refined_index(out, summary.nprobe, summary.k_factor).search(queries[picked], 100)
     exact = exact_top(data, queries[picked], 100)[1]
-    [row] = [
-        r for r in quality["rows"] if (r["nprobe"], r["k_factor"]) == (summary["nprobe"], summary["k_factor"])
-    ]
+    [row] = [r for r in quality["rows"] if (r["nprobe"], r["k_factor"]) == (summary.nprobe, summary.k_factor)]
     for k in (1, 10, 100):
         assert abs(row[f"{k}-recall@{k}"] - recall_at(ids, exact, k)) <= 0.01
     assert row["100-recall@100"] >= 0.98 and row["1-recall@1"] >= 0.99
@@ -628,7 +631,10 @@ def test_a_finished_build_keeps_only_what_search_needs(tmp_path, built):
     )
     names = sorted(p.name for p in Path(out).iterdir())
     assert io.PARTS not in names and io.TRAINED not in names and io.INDEX in names
-    assert summary["index_bytes"] == sum(Path(out, n).stat().st_size for n in names) == io.index_bytes(out)
+    assert summary.index_bytes == sum(Path(out, n).stat().st_size for n in names) == io.index_bytes(out)
+    params = io.read_params(out)
+    assert params == summary.params() and summary.to_dict() == {**params, "index_bytes": summary.index_bytes}
+    assert list(summary.to_dict())[:7] == [*asdict(summary.choice), "dim"]  # printed in the choice's order
     assert sorted(p.name for p in Path(built[1]).iterdir() if p.name in (io.PARTS, io.TRAINED)) == [
         io.PARTS,
         io.TRAINED,

@@ -3,6 +3,8 @@
 Every import counts, at module level or inside a function, except those under ``if TYPE_CHECKING:`` (they
 never run). A function-level import may load a heavy package late (torch, faiss, ray: a comment says why);
 it may not reach up a layer to dodge an import cycle.
+
+Rooms stay small: a module under pipeline/ over MAX_LINES lines says why in its docstring.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 450
+LONG_REASON = f"Longer than {MAX_LINES} lines because"  # a docstring line starting so states the reason
 
 # Lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
@@ -181,3 +185,41 @@ def test_an_upward_import_is_caught() -> None:
     assert layer_of("pipeline.index.io") < layer_of("pipeline.index.build")  # a format inside a stage package
     with pytest.raises(KeyError, match="no layer"):
         layer_of("elsewhere.module")
+
+
+def too_long(path: Path) -> bool:
+    """Over MAX_LINES lines without a docstring line starting with LONG_REASON."""
+    text = path.read_text()
+    if len(text.splitlines()) <= MAX_LINES:
+        return False
+    docstring = ast.get_docstring(ast.parse(text, str(path))) or ""
+    return not any(line.strip().startswith(LONG_REASON) for line in docstring.splitlines())
+
+
+def test_no_module_is_longer_than_the_limit_without_a_reason() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {len(path.read_text().splitlines())} lines"
+        for path in (ROOT / "pipeline").rglob("*.py")
+        if too_long(path)
+    ]
+    assert not long, (
+        f"split these along their ideas, or start a docstring line {LONG_REASON!r}:\n" + "\n".join(long)
+    )
+
+
+def test_the_length_check_can_fail(tmp_path: Path) -> None:
+    body = "x = 1\n" * MAX_LINES
+    cases = {
+        "at_limit": '"""A module."""\n' + "x = 1\n" * (MAX_LINES - 1),
+        "over": '"""A module."""\n' + body,
+        "reasoned": f'"""A module.\n\n{LONG_REASON} its one idea is long."""\n' + body,
+        "reason_in_code": f'"""A module."""\n# {LONG_REASON} a comment is not the docstring.\n' + body,
+    }
+    for name, text in cases.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    assert {name: too_long(tmp_path / f"{name}.py") for name in cases} == {
+        "at_limit": False,
+        "over": True,
+        "reasoned": False,
+        "reason_in_code": True,
+    }

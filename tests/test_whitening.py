@@ -105,7 +105,7 @@ def test_exact_index_searches_the_whitened_space(tmp_path):
     store_url, vectors = _store(tmp_path, 2000, 3)  # < 9984: an exact flat index
     out = str(tmp_path / "index")
     summary = build_index(store_url, out, config=FAST)
-    assert (summary["dim"], summary["input_dim"], summary["whitening"]) == (WHITENED, DIM, WHITENED)
+    assert (summary.dim, summary.input_dim, summary.whitening) == (WHITENED, DIM, WHITENED)
     fitted = whitening.load(out)
     reference = whitening.fit(vectors, WHITENED)  # the sample is every row here: the same fit
     np.testing.assert_allclose(np.abs(fitted.projection), np.abs(reference.projection), rtol=1e-3, atol=1e-5)

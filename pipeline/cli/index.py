@@ -49,7 +49,7 @@ def build_index_command(
         ray_address=address,
         config=settings.build(BuildConfig, values),
     )
-    print_mapping(f"index → {storage.redact(out)}", summary)
+    print_mapping(f"index → {storage.redact(out)}", summary.to_dict())
 
 
 @app.command("index-add")

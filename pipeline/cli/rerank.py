@@ -102,4 +102,4 @@ def evaluate(
 
     options, chosen = storage.options_from_env(), settings.keyword_arguments(evaluate_results, given(ctx))
     metrics = evaluate_results(results, ground_truth, protocol, options, **chosen)
-    stdout.print(metrics_table(metrics, f"{protocol}: {storage.redact(results)} (%)"))
+    stdout.print(metrics_table(metrics.figures, f"{protocol}: {storage.redact(results)} (%)"))

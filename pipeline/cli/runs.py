@@ -43,7 +43,7 @@ def report(
 
     options = storage.options_from_env()
     summary = report_run(load_run_config(config, options), options, out)
-    stdout.print(f"report: {summary['report']} ({summary['queries_shown']} queries shown)")
+    stdout.print(f"report: {summary.report} ({summary.queries_shown} queries shown)")
 
 
 @app.command()

@@ -46,6 +46,7 @@ from pipeline.evaluate.revisitop import (
 )
 from pipeline.evaluate.stage import (
     Labeler,
+    Metrics,
     evaluate,
     query_aps,
     read_metrics,
@@ -61,6 +62,7 @@ __all__ = [
     "REVISITOP_SETTINGS",
     "Gldv2Solution",
     "Labeler",
+    "Metrics",
     "RevisitopGroundTruth",
     "evaluate",
     "evaluate_gldv2_recognition",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
@@ -31,6 +32,19 @@ from pipeline.storage import Options
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Metrics:
+    """One results file's figures under one protocol: setting → figure → value (fractions in [0, 1];
+    ``queries`` a count). Settings: revisitop's easy / medium / hard, GLDv2's all / public / private."""
+
+    protocol: str
+    figures: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """The figures as the metrics file and the CLI's table hold them."""
+        return {setting: dict(values) for setting, values in self.figures.items()}
+
+
 def evaluate(
     results_url: str,
     ground_truth_url: str,
@@ -39,19 +53,19 @@ def evaluate(
     *,
     landmarks_url: str | None = None,
     out_url: str | None = None,
-) -> dict[str, dict]:
+) -> Metrics:
     """Score a results file (pipeline.results) against ground truth; figures are fractions in [0, 1].
 
     With ``out_url``, the figures are also written there as JSON.
 
-    - ``revisitop``: ``ground_truth_url`` is a ``gnd_*.pkl``; returns ``{"easy"|"medium"|"hard": {"mAP",
+    - ``revisitop``: ``ground_truth_url`` is a ``gnd_*.pkl``; figures ``{"easy"|"medium"|"hard": {"mAP",
       "mP@1", "mP@5", "mP@10", "queries"}}``. Result ids and query ids are imlist / qimlist names (result ids
       outside imlist count as distractors); images a query's results do not return are ranked after all
       returned ones (in imlist order).
-    - ``gldv2-retrieval``: a solution CSV ``id,images,Usage``; returns ``{"all"|"public"|"private":
+    - ``gldv2-retrieval``: a solution CSV ``id,images,Usage``; figures ``{"all"|"public"|"private":
       {"mAP@100", "queries"}}``.
     - ``gldv2-recognition``: a solution CSV ``id,landmarks,Usage`` and ``landmarks_url``, a CSV or Parquet
-      mapping index ``id`` to ``landmark_id``; returns ``{"all"|"public"|"private": {"GAP", "accuracy",
+      mapping index ``id`` to ``landmark_id``; figures ``{"all"|"public"|"private": {"GAP", "accuracy",
       "queries"}}``.
     """
     if protocol not in PROTOCOLS:
@@ -72,7 +86,7 @@ def evaluate(
         metrics = evaluate_gldv2_recognition(rankings, solution, read_landmarks(landmarks_url, options))
     if out_url is not None:
         write_metrics(out_url, metrics, options)
-    return metrics
+    return Metrics(protocol, metrics)
 
 
 def write_metrics(url: str, metrics: Mapping[str, Any], options: Options = None) -> None:

@@ -29,7 +29,7 @@ from pipeline.lazy import lazy_exports
 lazy_exports(
     __name__,
     {
-        "build": ("BuildConfig", "build_index"),
+        "build": ("BuildConfig", "IndexBuildSummary", "build_index"),
         "params": ("IndexChoice", "choose_index", "parse_size"),
         "quality": ("QualityConfig", "quality_report", "recall_at"),
         "search": ("SearchConfig", "search"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipeline import metrics, storage
@@ -141,6 +141,38 @@ def _build_steps(
     return n_train, ntotal, on_disk, quality, timings | step_timings, memory.peak
 
 
+@dataclass(frozen=True)
+class IndexBuildSummary:
+    """What :func:`build_index` built: ``OUT/params.json`` (:meth:`params`) and the index folder's size."""
+
+    choice: IndexChoice  # factory, nlist, code bytes, refinement and why
+    dim: int  # of the indexed vectors (the whitening's output dimension when whitened)
+    input_dim: int  # of the store's global descriptors
+    whitening: int  # PCA-whitening output dimension (0: none)
+    metric: str  # "inner_product"
+    ntotal: int  # vectors in the index
+    next_id: int  # the id the next added vector gets
+    train_points: int
+    trained_from: str | None  # a reused trained index's URL
+    shards: list[str]  # the store's shards it holds (redacted URLs)
+    on_disk: bool  # inverted lists memory-mapped from disk
+    nprobe: int  # chosen by the recall measurement
+    k_factor: int
+    nprobe_reason: str
+    timings: dict[str, float]  # seconds per step
+    peak_memory_bytes: int
+    index_bytes: int  # the index folder's bytes (io.index_bytes)
+
+    def params(self) -> dict[str, Any]:
+        """``OUT/params.json``: the choice's fields, then the build's (without the folder's size)."""
+        built = {k: v for k, v in asdict(self).items() if k not in ("choice", "index_bytes")}
+        return {**asdict(self.choice), **built}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary the CLI prints and a run's marker records: params.json's fields and ``index_bytes``."""
+        return {**self.params(), "index_bytes": self.index_bytes}
+
+
 def build_index(
     descriptors_url: str,
     out_url: str,
@@ -152,10 +184,11 @@ def build_index(
     config: BuildConfig = BuildConfig(),
     on_step: Callable[[str, int, int], None] = lambda step, done, total: None,
     in_process: bool = False,
-) -> dict[str, Any]:
+) -> IndexBuildSummary:
     """Build the index of a descriptor store's committed global descriptors under ``out_url``.
 
-    Returns the summary written to ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory).
+    Returns what was built: ``OUT/params.json`` (choice, nprobe, k_factor, timings, peak memory) and the
+    folder's size.
     ``on_step(step, done, total)`` hears each of BUILD_STEPS start, then "done". ``in_process``: every step
     in this process, without Ray (small builds, tests): the same steps through the execution seam's
     in-process executor, the same index.
@@ -173,27 +206,29 @@ def build_index(
     if not config.keep_intermediate:
         io.remove_intermediate(out_url, options)
 
-    summary = {
-        **asdict(choice),
-        "dim": config.whitening or dim,
-        "input_dim": dim,
-        "whitening": config.whitening,
-        "metric": "inner_product",
-        "ntotal": ntotal,
-        "next_id": total,
-        "train_points": n_train,
-        "trained_from": config.trained_url,
-        "shards": [storage.redact(u) for u in shard_urls],
-        "on_disk": on_disk,
-        "nprobe": quality["nprobe"],
-        "k_factor": quality["k_factor"],
-        "nprobe_reason": quality["nprobe_reason"],
-        "timings": timings,
-        "peak_memory_bytes": peak,
-    }
-    io.write_json(storage.join(out_url, io.PARAMS), summary, options)
+    summary = IndexBuildSummary(
+        choice=choice,
+        dim=config.whitening or dim,
+        input_dim=dim,
+        whitening=config.whitening,
+        metric="inner_product",
+        ntotal=ntotal,
+        next_id=total,
+        train_points=n_train,
+        trained_from=config.trained_url,
+        shards=[storage.redact(u) for u in shard_urls],
+        on_disk=on_disk,
+        nprobe=quality["nprobe"],
+        k_factor=quality["k_factor"],
+        nprobe_reason=quality["nprobe_reason"],
+        timings=timings,
+        peak_memory_bytes=peak,
+        index_bytes=0,
+    )
+    io.write_json(storage.join(out_url, io.PARAMS), summary.params(), options)
     step("done")
-    return {**summary, "index_bytes": io.index_bytes(out_url, options)}
+    # measured once params.json is written: the folder's size counts it
+    return replace(summary, index_bytes=io.index_bytes(out_url, options))
 
 
 __all__ = [
@@ -202,6 +237,7 @@ __all__ = [
     "STEP_BASE_MEMORY",
     "STEP_MEMORY_FACTOR",
     "BuildConfig",
+    "IndexBuildSummary",
     "add_in_parallel",
     "add_shards_to",
     "build_index",

@@ -43,6 +43,7 @@ lazy_exports(
         "gather": (
             "ERROR_EXAMPLES",
             "WORST_QUERIES",
+            "ReportSummary",
             "RunReport",
             "error_groups",
             "gather_run",

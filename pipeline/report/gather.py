@@ -147,13 +147,21 @@ def render_run(report: RunReport) -> str:
     return render_page(replace(report.page, sections=sections))
 
 
-def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReportSummary:
+    """What :func:`report_run` wrote."""
+
+    queries_shown: int
+    report: str  # the page's URL, redacted
+
+
+def report_run(config: RunConfig, options: Options = None, out_url: str | None = None) -> ReportSummary:
     """Render the report of ``config``'s run from its outputs alone and write it (default: the run's
     report.html)."""
     report = gather_run(config, options)
     out_url = out_url or RunPaths(config.out).report
     storage.write_text(out_url, render_run(report), options)
-    return {"queries_shown": len(report.page.queries), "report": storage.redact(out_url)}
+    return ReportSummary(len(report.page.queries), storage.redact(out_url))
 
 
 def _query_aps(config: RunConfig, options: Options) -> tuple[str, dict[str, dict[str, float]]]:

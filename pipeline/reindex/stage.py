@@ -1,46 +1,30 @@
-"""The re-index stage: bring a versioned index (layout: pipeline.versions) up to date with the current manifest.
-
-A run diffs the manifest against the live version's state, extracts only new + changed rows into
-``ROOT/descriptors/<run-name>/`` (with the rows' ``_manifest.parquet``), then builds the next version: a copy of
-the live index with changed and deleted ids removed and the new shards added, or, when the new vectors pass
-``retrain_threshold`` of the live count (or nothing is live yet), a fresh build on the compacted global
-descriptors. The version is written completely before LATEST moves, so readers of
-:func:`pipeline.versions.resolve_latest` never see a half-built index.
-
-Crash safety: the run's name derives from (live version, manifest, rows to extract, model), so a re-run
-resumes the same extraction (committed shards are kept) and rebuilds the same version number. Two runs are
-kept apart by the lease of pipeline.lease.
-"""
+"""The re-index stage: its settings, its report, and one run under the lock: plan, extract, build, write the
+version whole, publish."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import manifest, storage, store, versions
 from pipeline.config import get_preset
 from pipeline.errors import ConfigError
 from pipeline.execution import Workers
 from pipeline.extraction import ClusterOptions, ExtractionJob, Extractors, Progress, run_extraction
-from pipeline.index import BuildConfig, add_shards, build_index, remove_ids
+from pipeline.index import BuildConfig
 from pipeline.index import io as index_io
 from pipeline.index.dba import build_dba, has_dba
 from pipeline.lease import Lease
+from pipeline.reindex.build import rebuild, update_in_place
+from pipeline.reindex.plan import Live, Plan, load_live, plan_changes, resumable_run_name, retrain_decision
 from pipeline.storage import Options
 from pipeline.store import StoreSettings
 
 log = logging.getLogger(__name__)
 
-COMPACT = "_compact"  # the retrain path's global-only store, removed once the index is built
 SUBSET_MANIFEST = "_manifest.parquet"
 MAX_REPORTED_ERRORS = 1000  # error records copied into a report; counts by reason are always complete
 
@@ -109,74 +93,6 @@ class ReindexReport:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------------------ versions
-
-
-# ------------------------------------------------------------------------------------------ lock
-
-
-# ------------------------------------------------------------------------------------------ state and diff
-
-
-def _run_name(live: str | None, fingerprint: str, todo: pa.Table, extraction: dict[str, Any]) -> str:
-    """Deterministic: the same live version, manifest and model always name the same run (so it resumes)."""
-    digest = hashlib.sha256(fingerprint.encode())
-    digest.update(manifest.manifest_fingerprint(todo).encode())
-    digest.update(json.dumps(extraction, sort_keys=True).encode())
-    return f"{live or versions.version_name(0)}-{digest.hexdigest()[:16]}"
-
-
-@dataclass(frozen=True)
-class _Plan:
-    table: pa.Table  # the current manifest
-    todo: pa.Table  # its rows to extract (new + changed)
-    added: tuple[str, ...]
-    changed: tuple[str, ...]
-    deleted: tuple[str, ...]
-    model_changed: bool
-
-
-def _plan(table: pa.Table, live_state: pa.Table, model_changed: bool) -> _Plan:
-    current = versions.state_table(table)
-    diff = manifest.diff_manifests(live_state, current)
-    if model_changed:  # descriptors of another model cannot share an index: every row is extracted again
-        new = set(diff.added)
-        kept = tuple(i for i in current.column("id").to_pylist() if i not in new)
-        return _Plan(table, table, diff.added, kept, diff.deleted, True)
-    todo_ids = pa.array([*diff.added, *diff.changed], pa.string())
-    todo = table.filter(pc.is_in(table.column("id"), value_set=todo_ids))
-    return _Plan(table, todo, diff.added, diff.changed, diff.deleted, False)
-
-
-def _retrain_decision(
-    live: str | None, live_params: dict[str, Any], plan: _Plan, threshold: float
-) -> tuple[bool, str]:
-    """Whether to train a new index from scratch, and why (recorded in the report)."""
-    if live is None:
-        return True, "no live version: first build"
-    if plan.model_changed:
-        return True, "the extraction preset or weights changed: every image was extracted again"
-    if live_params.get("on_disk"):
-        return True, f"{live} has on-disk inverted lists, which cannot be updated in place"
-    ntotal = int(live_params["ntotal"])
-    new = len(plan.added) + len(plan.changed)
-    if ntotal == 0:
-        return True, f"{live} holds no vectors"
-    share = new / ntotal
-    if share > threshold:
-        return (
-            True,
-            f"{new} new + changed = {share:.1%} of {ntotal} live vectors > retrain_threshold {threshold:.1%}",
-        )
-    return False, (
-        f"{new} new + changed = {share:.1%} of {ntotal} live vectors ≤ retrain_threshold {threshold:.1%}: "
-        "updated in place with the live quantizer"
-    )
-
-
-# ------------------------------------------------------------------------------------------ building a version
-
-
 def _extract(run: _Run, run_store: str) -> bool:
     """Extract the plan's rows into ``run_store`` (resuming a crashed run); False when there is nothing to do."""
     plan, config, options = run.plan, run.config, run.options
@@ -202,119 +118,6 @@ def _extract(run: _Run, run_store: str) -> bool:
         "extracted %d rows (%d ok, %d errors) into %s", summary.rows, summary.ok, summary.errors, run_store
     )
     return True
-
-
-def _copy_index(source: str, target: str, options: Options) -> None:
-    """The index files of a version dir (not its state, stores or report) copied into a fresh ``target``."""
-    storage.remove(target, options, recursive=True)
-    for url in storage.list_files(source, options):
-        name = url.rsplit("/", 1)[-1]
-        if name not in versions.VERSION_FILES:
-            storage.copy(url, storage.join(target, name), options)
-
-
-def _update_in_place(
-    live_url: str,
-    target: str,
-    doomed: Sequence[str],
-    run_store: str | None,
-    options: Options,
-    workers: Workers,
-) -> None:
-    """Copy of the live index → remove changed and deleted ids → add the run's shards (no retraining); its DBA
-    vectors, if any, follow on ``workers``."""
-    _copy_index(live_url, target, options)
-    if doomed:
-        remove_ids(target, doomed, options, workers=workers)
-    shards = store.global_shard_urls(run_store, options) if run_store else []
-    if shards:
-        add_shards(target, shards, options, workers=workers)
-
-
-def compact_globals(
-    stores: Sequence[str], wanted: set[str], out_url: str, options: Options = None
-) -> list[str]:
-    """Write the global descriptors of ``wanted`` ids into one global-only store, the newest store winning.
-
-    Returns the stores that supplied at least one descriptor, in their original order (the others hold only
-    superseded or deleted images).
-    """
-    storage.remove(out_url, options, recursive=True)
-    taken: set[str] = set()
-    used: list[str] = []
-    shard = 0
-    for store_url in reversed(stores):
-        supplied = False
-        for ids, vectors in store.iter_global(store_url, options):  # (n,), (n, D)
-            keep = np.fromiter((i in wanted and i not in taken for i in ids), dtype=bool, count=len(ids))
-            if keep.any():
-                store.write_global_only_shard(out_url, shard, ids[keep], vectors[keep], options)
-                taken.update(ids[keep].tolist())
-                shard += 1
-                supplied = True
-        if supplied:
-            used.append(store_url)
-    return used[::-1]
-
-
-def _rebuild(
-    target: str,
-    stores: list[str],
-    plan: _Plan,
-    config: ReindexConfig,
-    options: Options,
-    ray_address: str | None,
-) -> list[str]:
-    """A freshly trained index of the current rows' descriptors under ``target``; returns the stores it uses."""
-    storage.remove(target, options, recursive=True)
-    compacted = plan.todo.num_rows < plan.table.num_rows  # else this run extracted every row: use its store
-    if compacted:
-        source = storage.join(target, COMPACT)
-        stores = compact_globals(stores, set(plan.table.column("id").to_pylist()), source, options)
-    else:
-        source, stores = stores[-1], stores[-1:]
-    build_index(
-        source,
-        target,
-        factory=config.factory,
-        memory_budget=config.memory_budget,
-        options=options,
-        ray_address=ray_address,
-        config=config.build,
-    )
-    if compacted:
-        storage.remove(source, options, recursive=True)
-    return stores
-
-
-# ------------------------------------------------------------------------------------------ the stage
-
-
-@dataclass(frozen=True)
-class _Live:
-    """What a run needs to know of the live version."""
-
-    name: str
-    url: str
-    state: pa.Table
-    extraction: dict[str, Any]
-    params: dict[str, Any]
-    indexed: set[str]  # image ids in its index (failed rows are in its state but not here)
-
-
-def _load_live(root_url: str, options: Options) -> _Live | None:
-    name = versions.live_version(root_url, options)
-    if name is None:
-        return None
-    url = versions.version_url(root_url, name)
-    return _Live(
-        name=name,
-        url=url,
-        state=versions.read_state(url, options),
-        extraction=versions.read_report(url, options)["extraction"],
-        params=index_io.read_params(url, options),
-        indexed=set(index_io.read_id_map(url, options)[1].tolist()),
-    )
 
 
 def _run_errors(run_store: str | None, options: Options) -> dict[str, Any]:
@@ -378,8 +181,8 @@ def _reindex_locked(
         "preset": config.preset,
         "weights": storage.redact(config.weights_url) if config.weights_url else None,
     }
-    live = _load_live(root_url, options)
-    plan = _plan(
+    live = load_live(root_url, options)
+    plan = plan_changes(
         table,
         live.state if live else versions.empty_state(),
         model_changed=live is not None and live.extraction != extraction,
@@ -425,8 +228,8 @@ class _Run:
     ray_address: str | None
     on_stage: Callable[[str], None]
     lease: Lease
-    live: _Live | None
-    plan: _Plan
+    live: Live | None
+    plan: Plan
     extraction: dict[str, Any]
     fingerprint: str  # of the manifest
     started: float  # time.monotonic() when the run began
@@ -458,7 +261,7 @@ class _Run:
 def _build_and_publish(run: _Run) -> ReindexReport:
     """Extract the plan's rows, build the next version beside the live one, write it whole, then publish it."""
     live, plan, options = run.live, run.plan, run.options
-    run_name = _run_name(live.name if live else None, run.fingerprint, plan.todo, run.extraction)
+    run_name = resumable_run_name(live.name if live else None, run.fingerprint, plan.todo, run.extraction)
     run_store = storage.join(run.root_url, versions.DESCRIPTORS, run_name)
     extracted = _extract(run, run_store)
     run.reached("extracted")
@@ -468,14 +271,23 @@ def _build_and_publish(run: _Run) -> ReindexReport:
     doomed = sorted(live.indexed & {*plan.changed, *plan.deleted}) if live else []
     stores = [*(versions.read_stores(live.url, options) if live else []), *([run_store] if extracted else [])]
     workers = replace(run.config.workers, address=run.ray_address)  # the run's Ray, as extraction's
-    retrained, reason = _retrain_decision(
+    retrained, reason = retrain_decision(
         live.name if live else None, live.params if live else {}, plan, run.config.retrain_threshold
     )
     if retrained:
-        stores = _rebuild(target, stores, plan, run.config, options, run.ray_address)
+        stores = rebuild(
+            target,
+            stores,
+            plan,
+            options,
+            run.ray_address,
+            factory=run.config.factory,
+            memory_budget=run.config.memory_budget,
+            config=run.config.build,
+        )
     else:
         assert live is not None, "the first version is always trained"
-        _update_in_place(live.url, target, doomed, run_store if extracted else None, options, workers)
+        update_in_place(live.url, target, doomed, run_store if extracted else None, options, workers)
     if run.config.dba and not has_dba(
         target, options
     ):  # retrained, or DBA newly asked for; else kept in step
