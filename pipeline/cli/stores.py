@@ -183,9 +183,11 @@ def convert_weights_command(
     2. landmark-index convert-weights SAVED_MODEL delg-r50.pt --verify photo.jpg: the preset follows the
     file's layout (tf-slim resnet_v1_50 → delg-r50-gldv2, resnet_v1_101 → delg-r101-gldv2). --verify runs
     the SavedModel's own graph and the converted extractor on the image and exits 1 when their features
-    differ beyond tolerance; --detect tries the head variants and reports the one that matches.
+    differ beyond tolerance; --detect tries the head variants and reports the one that matches. The head
+    variant (the preset's, or the one detected) is recorded beside the weights (delg-r50.pt.model.json).
 
-    3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt
+    3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt: extraction
+    applies the recorded head variant and the file's learned GeM exponent, and records both in _run.json.
 
     Needs TensorFlow: pip install 'landmark-index\\[convert]'.
     """
