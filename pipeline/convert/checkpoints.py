@@ -119,10 +119,11 @@ def convert_weights(
     torch.save(state_dict, buffer)
     data = buffer.getvalue()
     storage.write_bytes(out, data, options)
-    write_model_settings(out, config, detected=False, options=options)
+    checksum = sha256_hex(data)
+    write_model_settings(out, config, detected=False, options=options, weights_sha256=checksum)
     return Conversion(
         storage.redact(out),
-        sha256_hex(data),
+        checksum,
         len(state_dict),
         f"{layout[0]} ResNet-{layout[1]}",
         ignored,

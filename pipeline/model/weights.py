@@ -169,14 +169,18 @@ def model_settings_url(weights_url: str) -> str:
 
 
 def write_model_settings(
-    weights_url: str, config: ExtractionConfig, detected: bool, options: storage.Options = None
+    weights_url: str,
+    config: ExtractionConfig,
+    detected: bool,
+    options: storage.Options = None,
+    weights_sha256: str | None = None,
 ) -> str:
     """Record ``config``'s VARIANT_SETTINGS beside the weights at ``weights_url`` (with their sha256, so a
-    replaced weights file does not inherit them); ``detected``: chosen by convert-weights --detect.
-    Returns the sidecar's URL."""
+    replaced weights file does not inherit them; read from the file unless given); ``detected``: chosen by
+    convert-weights --detect. Returns the sidecar's URL."""
     url = model_settings_url(weights_url)
     record = {
-        "weights_sha256": weights_checksum(weights_url, options),
+        "weights_sha256": weights_sha256 or weights_checksum(weights_url, options),
         "detected": detected,
         "settings": {name: getattr(config, name) for name in VARIANT_SETTINGS},
     }
