@@ -258,6 +258,11 @@ def trained_preset(name: str) -> str:
     return variants[0]
 
 
+def preset_name(config: ExtractionConfig) -> str:
+    """The name of the preset ``config`` is ("custom": none)."""
+    return next((name for name, preset in PRESETS.items() if preset == config), "custom")
+
+
 def get_preset(name: str) -> ExtractionConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")

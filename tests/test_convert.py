@@ -6,6 +6,7 @@ files' variable names and shapes (the full R50), a small TF2 export of the refer
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+from pipeline import store
 from pipeline.config import PRESETS, ExtractionConfig
 from pipeline.convert import (
     SLIM_SCALARS,
@@ -24,10 +26,18 @@ from pipeline.convert import (
     tf_to_state_dict,
     verify_conversion,
 )
+from pipeline.errors import InputError
+from pipeline.extraction import ExtractionJob, run_extraction
 from pipeline.features import ImageFeatures, build_extractor
 from pipeline.model import BACKBONES, Delg
 from pipeline.model.backbones import reference_backbone, slim_backbone
 from pipeline.model.catalog import BACKBONE_CHANNELS
+from pipeline.model.weights import (
+    config_for_weights,
+    model_settings_url,
+    weights_checksum,
+    write_model_settings,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RELEASED_VARIABLES = SHARED / "delg" / "r50delg_gldv2clean_20200914.variables.tsv"
@@ -323,8 +333,45 @@ def test_convert_weights_cli_verifies_and_detects_the_variant(
         config, attention_input="reconstruction", autoencoder_activation="relu"
     )
     assert [c.passes() for c in comparisons.values()] == [False, False, False, True]
+    recorded = json.loads(Path(model_settings_url(out)).read_text())
+    assert recorded["detected"] and recorded["settings"] == {
+        "attention_input": "reconstruction",
+        "autoencoder_activation": "relu",
+    }
+    assert f"--preset tiny-slim --weights {out}" in result.output  # the command that applies it
+    # Extraction with the preset and these weights applies the detected heads and the file's learned GeM
+    # exponent, and records them: the recorded config (what the query service loads) reproduces the file.
+    manifest = Path(photo).parent / "m.csv"  # local rows are read under the manifest's folder
+    manifest.write_text(f"id,url\nphoto,{photo}\n")
+    run_extraction(ExtractionJob(str(manifest), str(tmp_path / "store"), config, out), in_process=True)
+    info = store.read_run_info(str(tmp_path / "store"))
+    learned = float(torch.load(out)["gem_power"])
+    assert learned != config.gem_p and info["preset"] == "tiny-slim"
+    assert info["config"] == dataclasses.replace(found, gem_p=learned).to_dict()
+    assert verify_conversion(variant_model, out, photo, ExtractionConfig.from_dict(info["config"])).passes()
     result = CliRunner().invoke(cli.app, ["convert-weights", variant_model + "/variables", out, *command[3:]])
     assert result.exit_code != 0 and "not a SavedModel directory" in str(result.exception)
+
+
+def test_model_settings_beside_weights_apply_only_to_those_weights(tmp_path: Path) -> None:
+    config = tiny_config(TINY_SLIM, gem_learned=True)
+    model = Delg.from_config(config)
+    torch.nn.init.constant_(model.gem_power, 2.5)
+    weights = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), weights)
+    assert config_for_weights(config, weights) == dataclasses.replace(config, gem_p=2.5)  # no sidecar
+    variant = dataclasses.replace(config, attention_input="reconstruction")
+    write_model_settings(weights, variant, detected=True)
+    assert config_for_weights(config, weights) == dataclasses.replace(variant, gem_p=2.5)
+    assert config_for_weights(dataclasses.replace(config, gem_learned=False), weights).gem_p == 3.0
+    torch.nn.init.constant_(model.gem_power, 2.0)
+    torch.save(model.state_dict(), weights)  # other weights under the same name: the sidecar is stale
+    with pytest.raises(InputError, match="describes other weights"):
+        config_for_weights(config, weights)
+    bad = {"weights_sha256": weights_checksum(weights), "settings": {"attention_input": "block9"}}
+    Path(model_settings_url(weights)).write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="block9"):
+        config_for_weights(config, weights)
 
 
 def test_the_dev_lock_installs_tensorflow_for_these_tests() -> None:

@@ -183,21 +183,25 @@ def convert_weights_command(
     2. landmark-index convert-weights SAVED_MODEL delg-r50.pt --verify photo.jpg: the preset follows the
     file's layout (tf-slim resnet_v1_50 → delg-r50-gldv2, resnet_v1_101 → delg-r101-gldv2). --verify runs
     the SavedModel's own graph and the converted extractor on the image and exits 1 when their features
-    differ beyond tolerance; --detect tries the head variants and reports the one that matches.
+    differ beyond tolerance; --detect tries the head variants and reports the one that matches. The head
+    variant (the preset's, or the one detected) is recorded beside the weights (delg-r50.pt.model.json).
 
-    3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt
+    3. landmark-index extract MANIFEST OUT --preset delg-r50-gldv2 --weights delg-r50.pt: extraction
+    applies the recorded head variant and the file's learned GeM exponent, and records both in _run.json.
 
     Needs TensorFlow: pip install 'landmark-index\\[convert]'.
     """
-    from pipeline.config import get_preset
+    from pipeline.config import get_preset, preset_name
     from pipeline.convert import convert_weights, detect_variant, variant_label, verify_conversion
+    from pipeline.model.weights import model_settings_url
 
     if detect and verify is None:
         raise ConfigError("--detect needs --verify IMAGE: the variants are judged on that image")
     options = storage.options_from_env()
     conversion = convert_weights(src, out, get_preset(preset) if preset else None, options)
     summary = {k: v for k, v in asdict(conversion).items() if k != "config"}
-    print_mapping(f"{src} → {conversion.out}", summary | {"ignored": len(conversion.ignored)})
+    recorded = {"ignored": len(conversion.ignored), "model settings": model_settings_url(conversion.out)}
+    print_mapping(f"{src} → {conversion.out}", summary | recorded)
     if verify is None:
         return
     config = conversion.config
@@ -209,6 +213,11 @@ def convert_weights_command(
             console.print("[bold red]no variant reproduces the SavedModel[/]")
             raise SystemExit(1)
         stdout.print(f"detected: {variant_label(found)}" + ("" if found == config else " (not the preset's)"))
+        stdout.print(
+            f"recorded in {model_settings_url(conversion.out)}; extraction with these weights applies it:\n"
+            f"  landmark-index extract MANIFEST OUT --preset {preset_name(config)} --weights {conversion.out}\n"
+            f"  (run config: [extract] preset = {preset_name(config)!r}, weights = {conversion.out!r})"
+        )
         return
     comparison = verify_conversion(src, out, verify, config, options)
     print_mapping(f"SavedModel vs converted on {verify}", asdict(comparison))

@@ -23,7 +23,7 @@ from pipeline.convert.layout import (
 )
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.model.delg import Delg
-from pipeline.model.weights import sha256_hex
+from pipeline.model.weights import sha256_hex, write_model_settings
 
 # --- TensorFlow side -----------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def convert_weights(
 ) -> Conversion:
     """Convert the DELG checkpoint behind ``src`` (a SavedModel, its variables/, or a checkpoint prefix)
     into a state dict for ``config``'s model (None: the preset of the file's layout), written to ``out``
-    (any storage URL)."""
+    (any storage URL), with ``config``'s head variant recorded beside it (write_model_settings)."""
     variables = read_checkpoint(src)
     layout = tf_layout([name for name in variables if not IGNORED.search(name)])
     if config is None:
@@ -119,9 +119,11 @@ def convert_weights(
     torch.save(state_dict, buffer)
     data = buffer.getvalue()
     storage.write_bytes(out, data, options)
+    checksum = sha256_hex(data)
+    write_model_settings(out, config, detected=False, options=options, weights_sha256=checksum)
     return Conversion(
         storage.redact(out),
-        sha256_hex(data),
+        checksum,
         len(state_dict),
         f"{layout[0]} ResNet-{layout[1]}",
         ignored,

@@ -17,6 +17,7 @@ from pipeline.config import ATTENTION_INPUTS, AUTOENCODER_ACTIVATIONS, Extractio
 from pipeline.convert.checkpoints import _tensorflow
 from pipeline.errors import MissingInputError
 from pipeline.features import ImageFeatures, build_extractor
+from pipeline.model.weights import VARIANT_SETTINGS, write_model_settings
 
 # The reference extractor's end-points for TF1 graphs (extractor.py: model.prune(feeds, fetches)), in order.
 FEEDS = ("input_image", "input_scales", "input_abs_thres", "input_max_feature_num", "input_global_scales_ind")
@@ -144,11 +145,6 @@ def verify_conversion(
     return compare_features(reference, _converted_features(pixels, weights, config, options))
 
 
-# Head details a variable list cannot settle, tried by detect_variant: what the attention scores, and the
-# activation of the autoencoder's code (the PyTorch model's parameters are the same in every variant).
-VARIANT_SETTINGS = ("attention_input", "autoencoder_activation")
-
-
 def variants(config: ExtractionConfig) -> list[ExtractionConfig]:
     """``config`` first, then every other combination of the VARIANT_SETTINGS values."""
     combos = [
@@ -167,7 +163,8 @@ def detect_variant(
     saved_model: str, weights: str, image_url: str, config: ExtractionConfig, options: storage.Options = None
 ) -> tuple[ExtractionConfig | None, dict[str, Comparison]]:
     """Try every variant of ``config`` (variants) against the SavedModel's own graph on one image; returns
-    the first that reproduces it (None: none does) and every variant's comparison, by variant_label."""
+    the first that reproduces it (None: none does) and every variant's comparison, by variant_label. The
+    one found is recorded beside the weights (write_model_settings): extraction with them applies it."""
     pixels = _read_rgb(image_url, options)
     reference = reference_features(saved_model, pixels, config)
     found, comparisons = None, {}
@@ -176,4 +173,6 @@ def detect_variant(
         comparisons[variant_label(variant)] = comparison
         if found is None and comparison.passes():
             found = variant
+    if found is not None:
+        write_model_settings(weights, found, detected=True, options=options)
     return found, comparisons

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import pyarrow as pa
 
 import pipeline
 from pipeline import manifest, metrics, storage, store
-from pipeline.config import PRESETS, rerank_settings
+from pipeline.config import preset_name, rerank_settings
 from pipeline.errors import InputError
 from pipeline.execution import InProcessExecutor
 from pipeline.extraction.chunks import ShardWork
 from pipeline.extraction.dispatch import extract_on_ray
 from pipeline.extraction.progress import Progress
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob, ExtractionSummary
-from pipeline.model.weights import weights_checksum  # torch: loaded with the extractor's model code anyway
+
+# torch: loaded with the extractor's model code anyway
+from pipeline.model.weights import config_for_weights, weights_checksum
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
@@ -40,8 +42,10 @@ class NothingExtractedError(InputError):
     """Every row of a run failed: the manifest, its roots or the storage access is wrong (a user error)."""
 
 
-def run_info(job: ExtractionJob, fingerprint: str, rows: int, options: Options) -> dict[str, Any]:
-    preset = next((name for name, config in PRESETS.items() if config == job.config), "custom")
+def run_info(
+    job: ExtractionJob, preset: str, fingerprint: str, rows: int, options: Options
+) -> dict[str, Any]:
+    """What the store is of: ``job``'s settings as extraction applies them (config_for_weights)."""
     return {
         "package_version": pipeline.__version__,
         "preset": preset,
@@ -95,7 +99,9 @@ def run_extraction(
 
     started = time.monotonic()
     table = manifest.read_manifest(job.manifest_url, options, job.image_root)
-    info = run_info(job, manifest.manifest_fingerprint(table), table.num_rows, options)
+    preset = preset_name(job.config)
+    job = replace(job, config=config_for_weights(job.config, job.weights_url, options))
+    info = run_info(job, preset, manifest.manifest_fingerprint(table), table.num_rows, options)
     existing = store.read_run_info(job.out_url, options)
     if existing is None:
         store.write_run_info(job.out_url, info, options)

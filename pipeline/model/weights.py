@@ -1,9 +1,12 @@
-"""Weight loading: state dicts from any fsspec URL, strictly checked; ImageNet init via torchvision."""
+"""Weight loading: state dicts from any fsspec URL, strictly checked; ImageNet init via torchvision; the
+model settings a weights file was converted for (its sidecar ``WEIGHTS.model.json``, owned here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Mapping
 
@@ -12,12 +15,18 @@ from torch import nn
 from torchvision import models
 
 from pipeline import storage
+from pipeline.config import ExtractionConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.model.delg import Delg
 
 log = logging.getLogger(__name__)
 
 IMAGENET = "imagenet"  # pseudo-URL: the backbone's torchvision ImageNet weights
+
+# Head details a state dict cannot tell (the parameters are the same in every variant): what the attention
+# scores, and the activation of the autoencoder's code. convert-weights records them beside the weights.
+VARIANT_SETTINGS = ("attention_input", "autoencoder_activation")
+MODEL_SETTINGS_SUFFIX = ".model.json"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -150,3 +159,69 @@ def _imagenet_state_dict(model: Delg) -> dict[str, torch.Tensor]:
             f"could not download ImageNet weights for {spec.name} ({spec.imagenet_weights}; offline?): {exc}. "
             "Pass a weights URL instead (backbone weights: load_backbone_weights, full DELG: load_weights)."
         ) from None
+
+
+# --- the model settings recorded beside converted weights ---------------------------------------------
+
+
+def model_settings_url(weights_url: str) -> str:
+    return weights_url + MODEL_SETTINGS_SUFFIX
+
+
+def write_model_settings(
+    weights_url: str,
+    config: ExtractionConfig,
+    detected: bool,
+    options: storage.Options = None,
+    weights_sha256: str | None = None,
+) -> str:
+    """Record ``config``'s VARIANT_SETTINGS beside the weights at ``weights_url`` (with their sha256, so a
+    replaced weights file does not inherit them; read from the file unless given); ``detected``: chosen by
+    convert-weights --detect. Returns the sidecar's URL."""
+    url = model_settings_url(weights_url)
+    record = {
+        "weights_sha256": weights_sha256 or weights_checksum(weights_url, options),
+        "detected": detected,
+        "settings": {name: getattr(config, name) for name in VARIANT_SETTINGS},
+    }
+    storage.write_text(url, json.dumps(record, indent=2, sort_keys=True) + "\n", options)
+    return url
+
+
+def _recorded_settings(weights_url: str, checksum: str, options: storage.Options) -> dict[str, str]:
+    """The VARIANT_SETTINGS recorded beside the weights ({} without a sidecar)."""
+    url = model_settings_url(weights_url)
+    try:
+        record = json.loads(storage.read_text(url, options))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise InputError(f"{storage.redact(url)} is not valid JSON: {exc}") from None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(settings, dict) or set(settings) - set(VARIANT_SETTINGS):
+        raise InputError(f"{storage.redact(url)} must hold settings of {list(VARIANT_SETTINGS)}")
+    if record.get("weights_sha256") != checksum:
+        raise InputError(
+            f"{storage.redact(url)} describes other weights than {storage.redact(weights_url)} (sha256 "
+            "differs): convert the weights again, or remove the stale sidecar"
+        )
+    return settings
+
+
+def config_for_weights(
+    config: ExtractionConfig, weights_url: str | None, options: storage.Options = None
+) -> ExtractionConfig:
+    """``config`` as the weights at ``weights_url`` make it: the head variant recorded beside them
+    (write_model_settings), and with ``gem_learned`` the GeM exponent the file holds (``gem_power``), so
+    that run metadata records what extraction computes."""
+    if weights_url is None or weights_url == IMAGENET:
+        return config
+    state_dict, checksum = read_state_dict(weights_url, options)
+    settings: dict[str, object] = dict(_recorded_settings(weights_url, checksum, options))
+    power = state_dict.get("gem_power")
+    if config.gem_learned and power is not None and power.numel() == 1:
+        settings["gem_p"] = float(power)
+    try:
+        return dataclasses.replace(config, **settings)
+    except ConfigError as exc:
+        raise InputError(f"{storage.redact(model_settings_url(weights_url))}: {exc}") from None
