@@ -24,8 +24,8 @@ from pipeline.extraction import ClusterOptions, ExtractionJob, run_extraction
 from pipeline.index import BuildConfig, build_index
 from pipeline.ray_runtime import every
 
-# Library fields this job sets itself (from --manifest, --out, --preset, --address; it builds on Ray, never
-# in_process) or keeps (input guards).
+# Library fields this job sets itself (from --manifest, --out, --preset, --address) or keeps (input guards;
+# in_process: the job builds its index on Ray).
 SET_HERE = {
     "manifest_url",
     "out_url",
@@ -76,9 +76,9 @@ def index_manifest(args: argparse.Namespace) -> dict[str, Any]:
         "descriptors": storage.redact(descriptors),
         "extraction": {**asdict(extraction), "images_per_s": extraction.images_per_s},
         "index": storage.redact(storage.join(args.out, "index")),
-        "factory": index["factory"],
-        "ntotal": index["ntotal"],
-        "nprobe": index["nprobe"],
+        "factory": index.choice.factory,
+        "ntotal": index.ntotal,
+        "nprobe": index.nprobe,
     }
 
 
