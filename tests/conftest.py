@@ -26,8 +26,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 # xdist worker so that it is built once.
 SHARED_SESSION_BUILDS = {"tests/test_query.py": "demo_index", "tests/test_serve.py": "demo_index"}
 # Scopes handed out first, so that no long one starts last: the demo index and its service (6.7 min for
-# test_serve.py alone on a loaded machine), TensorFlow conversions (3.9 min for test_convert.py).
-LONGEST_FIRST = ("demo_index", "tests/test_convert.py")
+# test_serve.py alone on a loaded machine), Ray Train runs (2.5 min), TensorFlow conversions (3.9 min for
+# test_convert.py). test_train.py also starts on a fresh worker's Ray: its 2-worker = 1-worker check failed
+# (same figure twice) only after other modules had run on that worker's Ray, and passes on a fresh one —
+# an open finding, not yet explained.
+LONGEST_FIRST = ("demo_index", "tests/test_train.py", "tests/test_convert.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
