@@ -191,8 +191,8 @@ def convert_weights_command(
 
     Needs TensorFlow: pip install 'landmark-index\\[convert]'.
     """
-    from pipeline.config import get_preset, preset_name
-    from pipeline.convert import convert_weights, detect_variant, variant_label, verify_conversion
+    from pipeline.config import get_preset
+    from pipeline.convert import convert_weights
     from pipeline.model.weights import model_settings_url
 
     if detect and verify is None:
@@ -204,23 +204,42 @@ def convert_weights_command(
     print_mapping(f"{src} → {conversion.out}", summary | recorded)
     if verify is None:
         return
-    config = conversion.config
     if detect:
-        found, comparisons = detect_variant(src, out, verify, config, options)
-        for label, comparison in comparisons.items():
-            print_mapping(f"SavedModel vs converted ({label}) on {verify}", asdict(comparison))
-        if found is None:
-            console.print("[bold red]no variant reproduces the SavedModel[/]")
-            raise SystemExit(1)
-        stdout.print(f"detected: {variant_label(found)}" + ("" if found == config else " (not the preset's)"))
-        stdout.print(
-            f"recorded in {model_settings_url(conversion.out)}; extraction with these weights applies it:\n"
-            f"  landmark-index extract MANIFEST OUT --preset {preset_name(config)} --weights {conversion.out}\n"
-            f"  (run config: [extract] preset = {preset_name(config)!r}, weights = {conversion.out!r})"
-        )
-        return
-    comparison = verify_conversion(src, out, verify, config, options)
-    print_mapping(f"SavedModel vs converted on {verify}", asdict(comparison))
+        _detect_or_exit(src, out, conversion, verify, options)
+    else:
+        _verify_or_exit(src, out, conversion, verify, min_matched, options)
+
+
+def _detect_or_exit(src: str, out: str, conversion, image: str, options: storage.Options) -> None:
+    """--detect: every head variant against the SavedModel on ``image``; print the one that reproduces it
+    (recorded beside the weights) and how to extract with it, or exit 1."""
+    from pipeline.config import preset_name
+    from pipeline.convert import detect_variant, variant_label
+    from pipeline.model.weights import model_settings_url
+
+    config = conversion.config
+    found, comparisons = detect_variant(src, out, image, config, options)
+    for label, comparison in comparisons.items():
+        print_mapping(f"SavedModel vs converted ({label}) on {image}", asdict(comparison))
+    if found is None:
+        console.print("[bold red]no variant reproduces the SavedModel[/]")
+        raise SystemExit(1)
+    stdout.print(f"detected: {variant_label(found)}" + ("" if found == config else " (not the preset's)"))
+    stdout.print(
+        f"recorded in {model_settings_url(conversion.out)}; extraction with these weights applies it:\n"
+        f"  landmark-index extract MANIFEST OUT --preset {preset_name(config)} --weights {conversion.out}\n"
+        f"  (run config: [extract] preset = {preset_name(config)!r}, weights = {conversion.out!r})"
+    )
+
+
+def _verify_or_exit(
+    src: str, out: str, conversion, image: str, min_matched: float, options: storage.Options
+) -> None:
+    """--verify: the SavedModel and the converted weights on ``image``; exit 1 beyond tolerance."""
+    from pipeline.convert import verify_conversion
+
+    comparison = verify_conversion(src, out, image, conversion.config, options)
+    print_mapping(f"SavedModel vs converted on {image}", asdict(comparison))
     if not comparison.passes(min_matched=min_matched):
         console.print(
             "[bold red]verification failed:[/] the converted model's features differ beyond tolerance"
