@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LOCK = "_lock.json"
 HEARTBEAT_S = 30.0  # how often the holder rewrites heartbeat_at
 STALE_HEARTBEATS = 4  # a heartbeat this many periods old marks a dead holder
+CLAIM_ATTEMPTS = 3  # creates of a takeover claim that other runs keep creating and dropping in between
 
 
 class LockHeldError(RuntimeError):
@@ -102,9 +103,10 @@ class Lease:
         self._heartbeat: threading.Thread | None = None
         self._lost: LockHeldError | None = None
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self, url: str | None = None) -> dict[str, Any] | None:
+        """The lock's record (or the record at ``url``, a takeover claim); None when there is none."""
         try:
-            return json.loads(storage.read_text(self.url, self.options))
+            return json.loads(storage.read_text(url or self.url, self.options))
         except FileNotFoundError:
             return None
 
@@ -155,17 +157,19 @@ class Lease:
         """Become the one run that replaces ``dead_owner``'s lock, or raise LockHeldError. The claim holds
         our lock record, so a claim whose own taker died is itself taken over by the same rules."""
         claim = takeover_claim_url(self.url, dead_owner)
-        if not storage.write_if_absent(claim, self._record(), self.options):
-            taker = json.loads(storage.read_text(claim, self.options))
+        for _ in range(CLAIM_ATTEMPTS):
+            if storage.write_if_absent(claim, self._record(), self.options):
+                break
+            taker = self._read(claim)
+            if taker is None:  # its creator dropped it between our create and our read: create again
+                continue
             if takeover_reason(taker, time.time()) is None:
                 raise LockHeldError(
                     f"{taker['owner']} is taking over {storage.redact(self.url)} from {dead_owner}"
                 )
-            storage.remove(claim, self.options)
-            if not storage.write_if_absent(claim, self._record(), self.options):
-                raise LockHeldError(
-                    f"another run is taking over {storage.redact(self.url)} from {dead_owner}"
-                )
+            storage.remove(claim, self.options)  # its taker died mid-takeover: the claim is taken over too
+        else:
+            raise LockHeldError(f"another run is taking over {storage.redact(self.url)} from {dead_owner}")
         current = self._read()
         if current is not None and current.get("owner") != dead_owner:  # replaced before our claim
             storage.remove(claim, self.options)

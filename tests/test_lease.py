@@ -225,3 +225,25 @@ def test_a_taker_that_loses_the_lock_after_claiming_leaves_no_claim(tmp_path, mo
     assert root.held()["owner"] == other.owner
     other.release()
     assert storage.list_files(root.url) == [], "neither the lock nor a takeover claim is left behind"
+
+
+def test_a_claim_dropped_between_our_create_and_our_read_is_created_again(tmp_path, monkeypatch):
+    """The other interleaving of a takeover race: B holds the claim when A's create fails, and drops it (B lost,
+    or B finished) before A reads it. A must create the claim again, not fail on the missing file."""
+    root = Root(str(tmp_path / "root"), None)
+    root.put(owner="dead", expires_at=time.time() - 1)
+    claim = takeover_claim_url(root.lock, "dead")
+    storage.write_text(claim, json.dumps({"owner": "B"}))
+    read_text = storage.read_text
+
+    def b_drops_its_claim_first(url, options=None):
+        if url == claim and storage.exists(claim):
+            storage.remove(claim)
+        return read_text(url, options)
+
+    monkeypatch.setattr(storage, "read_text", b_drops_its_claim_first)
+    lease = Lease(root.url, 60)
+    lease.acquire()
+    assert root.held()["owner"] == lease.owner
+    lease.release()
+    assert storage.list_files(root.url) == [], "neither the lock nor a takeover claim is left behind"
