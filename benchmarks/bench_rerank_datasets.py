@@ -7,7 +7,7 @@ Monstree, Oxford boat), e.g.
 
     landmark-index extract lm.csv STORES/store-lm --preset delg-mobilenetv2-imagenet \\
         --weights ../shared/weights/mobilenetv2_imagenet_features.pt --allow-local-files
-    OMP_NUM_THREADS=1 python benchmarks/bench_rerank_datasets.py --stores STORES --mv MV
+    OMP_NUM_THREADS=1 python benchmarks/bench_rerank_datasets.py --stores STORES --mv MV --cache CACHE
 
 Datasets (shortlist = exact global top 100, the query itself left out; mAP@100, GLDv2 AP): landmarks-mini
 all-vs-all (positives: same landmark), the same queries with the COIL images as distractors, COIL objects
@@ -15,12 +15,15 @@ all-vs-all (positives: same landmark), the same queries with the COIL images as 
 fetched set's photos as queries against the fetched sets plus landmarks-mini (positives: the same set).
 
 Each query is verified once per matching/verification setting against its shortlist and the null sample the
-stage would give it (``null_sample``: a fixed random sample of the index, less the shortlist and the query);
-scores are then computed from the cached counts with the library's own functions (``null_counts``,
-``null_level``, ``rerank_scores``), for every scoring setting of the grid. Leave-one-dataset-out: for each
-dataset, the gate setting with the best worst-case change over the OTHER datasets (ties: best mean) is applied
-to it. ``--check`` re-ranks every dataset with ``rerank_shortlist`` itself at the chosen defaults and asserts
-the same orders as the cached-count path.
+stage would give it (``null_sample``: a fixed random sample of the index, less the shortlist and the query;
+``--cache CACHE`` keeps these counts, so a rerun that changes only the scoring verifies nothing); scores are
+then computed from the cached counts with the library's own functions (``gate``, ``rerank_scores``), for
+every scoring setting of the grid, with the false promotions per query it lets through (shortlist candidates
+of another label above the level: what ``false_alarms`` bounds). Leave-one-dataset-out: for each dataset,
+``false_alarms`` (at the default null size: a cost choice, not selected) with the best worst-case change over
+the OTHER datasets (ties: best mean, then the smaller ``false_alarms``) is applied to it. ``--check``
+re-ranks every dataset with ``rerank_shortlist`` itself at the defaults and asserts the same orders as the
+cached-count path.
 """
 
 from __future__ import annotations
