@@ -272,7 +272,11 @@ def main() -> None:
     print("|---|---|---|")
     groups = set(group_of.values())
     for name in data:
-        chosen = choose(changes, fixed, groups - {group_of[name]}, group_of)
+        others = groups - {group_of[name]}
+        if not others:  # a --datasets run of one group: nothing to choose on
+            print(f"| {name} | (no other datasets) | |")
+            continue
+        chosen = choose(changes, fixed, others, group_of)
         print(f"| {name} | {label(chosen)} | {changes[chosen][name]:+.4f} |")
     best = choose(changes, fixed, groups, group_of)
     print(f"\nchosen on all datasets: {label(best)}; changes {json.dumps(changes[best])}")
