@@ -71,9 +71,8 @@ def test_gate_scores_hand_computed() -> None:
 def test_gate_level_never_below_the_minimal_sample() -> None:
     config = RerankConfig(score="gate", null_size=60, false_alarms=0.01)
     null, level = gate(np.zeros(60, np.int64), np.array([0, 0, 3]), config)
-    assert (
-        null.tolist() == [0] * 60 and level == 3.0
-    )  # expm1(0.25 (z + margin)) < 3: three matches always fit
+    # expm1(0.25 · (z + margin)) < 3: three matches always fit
+    assert null.tolist() == [0] * 60 and level == 3.0
     homography = RerankConfig(score="gate", model="homography", null_size=60, false_alarms=0.01)
     assert gate(np.zeros(60), np.zeros(3), homography)[1] == 4.0
 
