@@ -21,14 +21,26 @@ from tests.test_rerank import random_features, random_transform, sharing_feature
 Z_95 = 1.6448536269514722  # Φ⁻¹(0.95)
 
 
+def bound(spread: float, n: int) -> float:
+    """The 95% confidence margin of the level's log, z = Φ⁻¹(0.95): standard errors of the median (π/2) and of
+    1.4826 · MAD (0.5 / 0.3675), in σ² / n."""
+    return Z_95 * spread * np.sqrt((np.pi / 2 + 0.5 / 0.3675 * Z_95**2) / n)
+
+
 def test_null_level_hand_computed() -> None:
     # log(1 + counts) = log 10 (×2), log 20 (×3), log 30, log 40: median log 20; absolute deviations 0 (×3),
     # log 1.5, log 2 (×3) → MAD log 1.5. 10 candidates at 0.5 false alarms: α = 0.05, z = Φ⁻¹(0.95)
     counts = np.array([9, 19, 19, 9, 29, 39, 19, -1])  # −1 (unverified) is left out
-    expected = 20 * np.exp(Z_95 * 1.4826 * np.log(1.5)) - 1
+    spread = 1.4826 * np.log(1.5)
+    assert null_level(counts, 10, 0.5, confidence=0.5) == pytest.approx(20 * np.exp(Z_95 * spread) - 1)
+    expected = 20 * np.exp(Z_95 * spread + bound(spread, 7)) - 1
     assert null_level(counts, 10, 0.5) == pytest.approx(expected)
+    # the same distribution measured on 4× the images: the margin shrinks by 2 (the estimate is surer)
+    more = np.tile(counts[:-1], 4)
+    assert null_level(more, 10, 0.5) == pytest.approx(20 * np.exp(Z_95 * spread + bound(spread, 28)) - 1)
     # identical counts: the spread's floor; fewer than 5 counts: no null, nothing may move
-    assert null_level(np.full(6, 5), 10, 0.5) == pytest.approx(6 * np.exp(Z_95 * MIN_LOG_SPREAD) - 1)
+    floor = 6 * np.exp(Z_95 * MIN_LOG_SPREAD + bound(MIN_LOG_SPREAD, 6)) - 1
+    assert null_level(np.full(6, 5), 10, 0.5) == pytest.approx(floor)
     assert null_level(np.array([9, 19, 29, 39, -1]), 10, 0.5) == np.inf
     # more candidates tested or fewer false alarms allowed: a higher level
     assert null_level(counts, 100, 0.5) > null_level(counts, 10, 0.5) > null_level(counts, 10, 5.0)
@@ -57,10 +69,12 @@ def test_gate_scores_hand_computed() -> None:
 
 
 def test_gate_level_never_below_the_minimal_sample() -> None:
-    config = RerankConfig(score="gate", null_size=6)
-    null, level = gate(np.zeros(6, np.int64), np.array([0, 0, 3]), config)
-    assert null.tolist() == [0] * 6 and level == 3.0  # expm1(z · 0.25) < 3: three matches always fit
-    assert gate(np.zeros(6), np.zeros(3), RerankConfig(score="gate", model="homography"))[1] == 4.0
+    config = RerankConfig(score="gate", null_size=60, false_alarms=0.01)
+    null, level = gate(np.zeros(60, np.int64), np.array([0, 0, 3]), config)
+    # expm1(0.25 · (z + margin)) < 3: three matches always fit
+    assert null.tolist() == [0] * 60 and level == 3.0
+    homography = RerankConfig(score="gate", model="homography", null_size=60, false_alarms=0.01)
+    assert gate(np.zeros(60), np.zeros(3), homography)[1] == 4.0
 
 
 def test_null_sample_fixed_and_prefix_consistent() -> None:

@@ -16,15 +16,28 @@ global ranking): untrained local features give false pairs an inlier level that 
 the next, while each query's own false pairs measure it directly. False-pair counts are right-skewed, roughly
 log-normal, so the null is μ, σ = median and 1.4826 · MAD of log(1 + count) (robust to the few true matches a
 random sample of a small database holds; σ at least ``MIN_LOG_SPREAD``). Testing C candidates, each at level
-α = ``false_alarms`` / C, bounds the expected number of false promotions per query (the number of false
-alarms, NFA) by ``false_alarms``: the null level is expm1(μ + Φ⁻¹(1 − α) · σ). A candidate above it is
-promoted, ahead of every candidate that is not; promoted candidates keep their global order among themselves
-(the test says "a match", and the global similarity ranks matches as well as inlier counts do, without
-letting a strong false pair overtake a true one), and so does the rest. With fewer than ``MIN_NULL`` null
-counts nothing is promoted: the global order stands; the level is never below RANSAC's minimal sample.
-Images surely not matching are also less similar to the query than the false pairs of its shortlist, which
-get somewhat more inliers (similar-looking buildings give more chance matches): the null runs low, and a
-small ``false_alarms`` and a 40-image null are the margin that absorbs it (benchmarks/RESULTS.md, issue 28).
+α = ε / C (ε = ``false_alarms``), bounds the expected number of false promotions per query (the number of
+false alarms, NFA) by ε.
+
+The level is an upper confidence bound on the null's (1 − α) quantile, not its point estimate: log(1 + level)
+= μ̂ + z_α σ̂ + z_γ · σ̂ √((π/2 + 1.3605 z_α²) / n), the last term z_γ standard errors of the estimated
+quantile (the asymptotic variances of the median and of the MAD from n counts, uncorrelated), γ =
+``LEVEL_CONFIDENCE`` (a one-sided tolerance bound). A null of a few counts cannot pin down a quantile this far
+out (at n = 10 its standard error is 1.4 σ): with the bound its error makes the gate stricter, never looser, so
+the null's size is a cost and power choice (40 images: 40 % more pairs at top 100, a margin of 1.2 σ against
+2.3 σ at 10 and 0.8 σ at 80), not a setting whose wrong value promotes false pairs. ε is an expected count of
+false promotions: the conventional levels are 0.01–0.1 (as a per-query error rate) and 1 (the a-contrario
+"meaningful" threshold); the default, 0.01, is the one chosen leave-one-dataset-out among them
+(benchmarks/RESULTS.md, issue 28).
+
+A candidate above the level is promoted, ahead of every candidate that is not; promoted candidates keep their
+global order among themselves (the test says "a match", and the global similarity ranks matches as well as
+inlier counts do, without letting a strong false pair overtake a true one), and so does the rest. With fewer
+than ``MIN_NULL`` null counts nothing is promoted: the global order stands; the level is never below RANSAC's
+minimal sample. What the bound does not cover: images surely not matching are less similar to the query than
+the false pairs of its shortlist, which get more inliers (similar-looking buildings give more chance matches;
+a 128-px distractor with 30 features gives fewer than a 1,024-px photo with 1,000): measured on real sets, the
+false promotions per query exceed ε, and the small ε is the margin that keeps them from costing mAP.
 """
 
 from __future__ import annotations
@@ -42,6 +55,13 @@ MIN_NULL = 5  # fewer null counts than this say nothing about the false pairs' l
 # floor of the null's spread in log(1 + count): identical null counts (e.g. all 0 with trained features)
 # still ask a candidate for a clear margin (× e^(z · 0.25) ≈ 2.2 at z = 3.1) over them
 MIN_LOG_SPREAD = 0.25
+# one-sided confidence that the level is at or above the null's true quantile (a tolerance bound): the null's
+# centre and spread are estimates from a few tens of counts, and a level estimated too low promotes false pairs
+LEVEL_CONFIDENCE = 0.95
+# asymptotic variances, in units of σ² / n, of the median and of 1.4826 · MAD for normal data (their
+# efficiencies 2/π and 0.3675 relative to the mean and the standard deviation); the two are uncorrelated
+MEDIAN_VARIANCE = np.pi / 2
+MAD_VARIANCE = 0.5 / 0.3675
 
 
 def _unit(global_scores: np.ndarray) -> np.ndarray:
@@ -70,9 +90,12 @@ def null_counts(sample_inliers: np.ndarray, shortlist_inliers: np.ndarray, size:
     return np.concatenate([sample, far[len(far) - min(size - len(sample), len(far)) :]])
 
 
-def null_level(null_inliers: np.ndarray, candidates: int, false_alarms: float) -> float:
-    """The inlier count that a false pair exceeds with probability ``false_alarms / candidates``, from the
-    query's (N,) null counts (see the module docstring); inf when there are fewer than ``MIN_NULL``."""
+def null_level(
+    null_inliers: np.ndarray, candidates: int, false_alarms: float, confidence: float = LEVEL_CONFIDENCE
+) -> float:
+    """The inlier count that a false pair exceeds with probability at most ``false_alarms / candidates``, at
+    ``confidence``, from the query's (N,) null counts (see the module docstring); inf when there are fewer
+    than ``MIN_NULL``."""
     counts = np.asarray(null_inliers, dtype=np.float64)
     counts = counts[counts >= 0]
     if len(counts) < MIN_NULL or candidates < 1:
@@ -81,7 +104,9 @@ def null_level(null_inliers: np.ndarray, candidates: int, false_alarms: float) -
     centre = float(np.median(logs))
     spread = max(MAD_TO_SIGMA * float(np.median(np.abs(logs - centre))), MIN_LOG_SPREAD)
     z = NormalDist().inv_cdf(1 - min(false_alarms / candidates, 0.5))
-    return float(np.expm1(centre + z * spread))
+    # standard error of the estimated quantile centre + z · spread, for the one-sided confidence bound
+    error = spread * np.sqrt((MEDIAN_VARIANCE + MAD_VARIANCE * z**2) / len(counts))
+    return float(np.expm1(centre + z * spread + NormalDist().inv_cdf(confidence) * error))
 
 
 def gate(
