@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline import report, versions
+from pipeline import report, storage, versions
 from pipeline.config import get_preset
 from pipeline.query import Hit, IndexVersion, Shortlist, query_photos
 from pipeline.rerank import RerankConfig
@@ -268,3 +268,16 @@ def test_the_page_shows_the_hits_images_reading_only_their_row_groups_of_the_sta
     assert page == expected
     assert page.count("<img ") == 1 + 4  # the photo and the four hits with an image; "gone" has none
     assert sources.state.rows_read == 3 * 16  # the groups of img007, img123 and img150 of 13
+
+
+def test_state_lookups_read_only_their_row_groups_on_s3(s3_bucket, monkeypatch):
+    """On object storage (each read one range request, no read-ahead) a lookup finds the same urls."""
+    monkeypatch.setattr(versions, "STATE_GROUP_ROWS", 16)
+    ids = [f"img{i:03d}" for i in range(100)]
+    urls = [f"s3://images/{i}.jpg" for i in ids]
+    table = pa.table({"id": ids[::-1], "url": urls[::-1], "image": pa.nulls(len(ids), pa.binary())})
+    version = storage.join(s3_bucket.url, "versions", "v000001")
+    versions.write_version_files(version, table, [], {}, s3_bucket.options)
+    state = versions.StateUrls(version, s3_bucket.options)
+    assert state.urls(["img042", "img099", "other"]) == {"img042": urls[42], "img099": urls[99]}
+    assert state.rows_read == 16 + 4  # rows 32-47 and 96-99 (the last group) of 100
