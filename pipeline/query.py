@@ -28,11 +28,11 @@ from pipeline.index import io as index_io
 from pipeline.index.search import OpenIndex, open_index
 from pipeline.rerank.config import RerankConfig, from_settings
 from pipeline.rerank.shortlist import nulls_for, read_null_sample, rerank_shortlist, stored_settings
+from pipeline.runpaths import RunPaths
 from pipeline.storage import Options
 
 SCORE_DECIMALS = 6
 MAX_K = 1000  # results per query a caller may ask for
-RUN_LAYOUT_STORE = "index-descriptors"  # the index store beside a `run`'s index/ (pipeline.run.RunPaths)
 
 
 @dataclass(frozen=True)
@@ -59,34 +59,39 @@ class IndexVersion:
         )
 
 
+def _locate(path: str, options: Options) -> tuple[str, str, list[str]]:
+    """(version name, index URL, its default stores) of a versioned root, a `run` folder or an index folder."""
+    live = versions.live_version(path, options)
+    if live is not None:
+        index_url = versions.version_url(path, live)
+        return live, index_url, versions.read_stores(index_url, options)
+    index_folder = (path, RunPaths(path.rstrip("/").rsplit("/", 1)[0]))  # a run's index/: the store beside it
+    run_folder = (RunPaths(path).index, RunPaths(path))
+    for index_url, run in (index_folder, run_folder):
+        params_url = storage.join(index_url, index_io.PARAMS)
+        if storage.exists(params_url, options):
+            digest = hashlib.sha256(storage.read_text(params_url, options).encode()).hexdigest()
+            return f"index-{digest[:12]}", index_url, [run.index_store]
+    raise MissingInputError(
+        f"{storage.redact(path)} is neither a versioned root (no {versions.LATEST}), a run folder (no "
+        f"index/{index_io.PARAMS}) nor an index folder (no {index_io.PARAMS})"
+    )
+
+
 def resolve_version(
     root_or_index: str,
     options: Options = None,
     stores: Sequence[str] | None = None,
     weights_url: str | None = None,
 ) -> IndexVersion:
-    """The live version of a versioned root (its LATEST), or the index folder itself.
+    """The live version of a versioned root (its LATEST), the index of a `run` folder, or an index folder.
 
     ``stores``: the index images' descriptor stores; default: the version's stores.json, or the
-    ``index-descriptors`` store beside a `run`'s ``index/``. ``weights_url``: where to load the recorded
-    weights from when the recorded path is not reachable here; its checksum must match the recorded one.
+    ``index-descriptors`` store of the run (beside its ``index/``). ``weights_url``: where to load the
+    recorded weights from when the recorded path is not reachable here; its checksum must match the recorded
+    one.
     """
-    live = versions.live_version(root_or_index, options)
-    if live is not None:
-        index_url = versions.version_url(root_or_index, live)
-        found = versions.read_stores(index_url, options)
-        name = live
-    else:
-        index_url = root_or_index
-        params_url = storage.join(index_url, index_io.PARAMS)
-        if not storage.exists(params_url, options):
-            raise MissingInputError(
-                f"{storage.redact(root_or_index)} is neither a versioned root (no {versions.LATEST}) nor an "
-                f"index folder (no {index_io.PARAMS})"
-            )
-        params_text = storage.read_text(params_url, options)
-        found = [storage.join(index_url.rstrip("/").rsplit("/", 1)[0], RUN_LAYOUT_STORE)]
-        name = "index-" + hashlib.sha256(params_text.encode()).hexdigest()[:12]
+    name, index_url, found = _locate(root_or_index, options)
     stores = list(stores or found)
     for url in stores:
         store.require_store(url, options)

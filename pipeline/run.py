@@ -189,27 +189,31 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
             "dba",
             [global_config.dba_k, global_config.dba_alpha],
             ["build-index"],
-            lambda: build_dba(
-                paths.index,
-                [paths.index_store],
-                global_config.dba_k,
-                global_config.dba_alpha,
-                options,
-                workers=workers,
+            lambda: asdict(
+                build_dba(
+                    paths.index,
+                    [paths.index_store],
+                    global_config.dba_k,
+                    global_config.dba_alpha,
+                    options,
+                    workers=workers,
+                )
             ),
         )
     runner.stage(
         "search",
         asdict(config.search),
         ["build-index", "extract-queries"],
-        lambda: search(
-            paths.index,
-            paths.query_store,
-            paths.search,
-            config.search.search_config(),
-            options,
-            workers=workers,
-            on_progress=lambda p: runner.show(StageProgress("search", p.done, p.total, p.line())),
+        lambda: asdict(
+            search(
+                paths.index,
+                paths.query_store,
+                paths.search,
+                config.search.search_config(),
+                options,
+                workers=workers,
+                on_progress=lambda p: runner.show(StageProgress("search", p.done, p.total, p.line())),
+            )
         ),
     )
 

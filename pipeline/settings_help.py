@@ -184,7 +184,7 @@ HELP: dict[str, str] = {
     "jpeg_quality": "JPEG quality of the embedded images.",
     "map_points": "Descriptors sampled for the embedding map (exact t-SNE); 0: no map.",
     # query service: ServeSettings
-    "index": "Versioned root (LATEST is followed as it moves) or an index folder.",
+    "index": "Versioned root (LATEST is followed as it moves), a `run` folder, or an index folder.",
     "poll_s": "Seconds between checks for a new LATEST.",
     "max_upload_bytes": "Largest request body (413 above).",
     "max_pixels": "Largest image in pixels (413 above).",

@@ -4,7 +4,8 @@ Layout under a root URL ``ROOT``::
 
     ROOT/LATEST                      the live version's name ("v000003"), moved by one small atomic write
     ROOT/versions/v000003/           a complete index dir (see pipeline.index) plus
-        state.parquet                the manifest rows this version indexes: id, url, image (sha256), etag, size
+        state.parquet                the manifest rows this version indexes: id, url, image (sha256), etag, size;
+                                     sorted by id in row groups of STATE_GROUP_ROWS (StateUrls reads a few)
         stores.json                  ordered descriptor stores (newest last, relative to ROOT): read_stores()
                                      gives the URLs for LocalReader(stores)
         report.json                  the run report that published this version
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError, MissingInputError
@@ -32,6 +34,7 @@ STATE = "state.parquet"
 STORES = "stores.json"
 REPORT = "report.json"
 VERSION_FILES = (STATE, STORES, REPORT)  # ours; the rest of a version dir is the index
+STATE_GROUP_ROWS = 4096  # rows per row group of state.parquet: what a lookup of one id reads (~0.3 MB)
 
 
 def version_name(number: int) -> str:
@@ -134,8 +137,10 @@ def prune(root_url: str, live_number: int, keep: int, options: Options) -> None:
 def write_version_files(
     target: str, table: pa.Table, stores: Sequence[str], report: dict[str, Any], options: Options = None
 ) -> None:
-    """A version's own files beside its index: the manifest rows' state, its stores, the run report."""
-    storage.write_parquet(storage.join(target, STATE), state_table(table), options)
+    """A version's own files beside its index: the manifest rows' state (sorted by id: a row group's id
+    statistics then bound a lookup, StateUrls), its stores, the run report."""
+    state = state_table(table).sort_by("id")
+    storage.write_parquet(storage.join(target, STATE), state, options, row_group_size=STATE_GROUP_ROWS)
     storage.write_text(storage.join(target, STORES), json.dumps(store_names(stores), indent=2), options)
     text = storage.redact_text(json.dumps(report, indent=2))  # error records quote library messages
     storage.write_text(storage.join(target, REPORT), text, options)
@@ -143,6 +148,47 @@ def write_version_files(
 
 def read_state(version: str, options: Options = None) -> pa.Table:
     return storage.read_parquet(storage.join(version, STATE), options)
+
+
+class StateUrls:
+    """A version's image urls by id, from its state.parquet without loading it (GLDv2: 762k rows): the footer
+    is read once, then a lookup reads only the row groups whose id statistics (min, max) can hold a wanted
+    id. A state sorted by id (write_version_files) gives each id one group; an older, unsorted one is read
+    right, only less selectively."""
+
+    def __init__(self, version: str, options: Options = None) -> None:
+        self.url, self.options = storage.join(version, STATE), options
+        with storage.open_input(self.url, options, read_ahead=False) as f:
+            self.metadata = pq.ParquetFile(f).metadata
+        column = self.metadata.schema.names.index("id")
+        self.bounds = [
+            _min_max(self.metadata.row_group(g).column(column).statistics)
+            for g in range(self.metadata.num_row_groups)
+        ]
+        self.rows_read = 0  # rows of the row groups read by lookups so far: their cost
+
+    def urls(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """The url of each of ``ids`` that the state holds (None: an inline image)."""
+        wanted = set(ids)
+        groups = [
+            g
+            for g, bounds in enumerate(self.bounds)
+            if bounds is None or any(bounds[0] <= i <= bounds[1] for i in wanted)
+        ]
+        if not groups:
+            return {}
+        with storage.open_input(self.url, self.options, read_ahead=False) as f:
+            rows = pq.ParquetFile(f, metadata=self.metadata).read_row_groups(groups, columns=["id", "url"])
+        self.rows_read += rows.num_rows
+        found = zip(rows.column("id").to_pylist(), rows.column("url").to_pylist(), strict=True)
+        return {image_id: url for image_id, url in found if image_id in wanted}
+
+
+def _min_max(statistics: pq.Statistics | None) -> tuple[str, str] | None:
+    """A row group's (min, max) id; None when it was written without statistics (then it is always read)."""
+    if statistics is None or not statistics.has_min_max:
+        return None
+    return statistics.min, statistics.max
 
 
 def read_report(version: str, options: Options = None) -> dict[str, Any]:

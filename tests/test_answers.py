@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -17,6 +18,9 @@ from pipeline import results, store
 from pipeline.execution import InProcessExecutor, RayExecutor, Workers, executor_for
 from pipeline.rerank import RerankConfig, RerankRun, rerank
 from pipeline.store import LocalFeatures
+
+if TYPE_CHECKING:
+    from pipeline.index import SearchSummary
 
 CONFIG = RerankConfig(top=5, trials=64, queries_per_batch=2)
 QUERIES, CANDIDATES, FEATURES = 6, 5, 60
@@ -205,7 +209,7 @@ def tied_index(request, ray_cluster: str, tmp_path_factory: pytest.TempPathFacto
     return urls
 
 
-def _search(urls: dict[str, str], out: Path, **kwargs) -> tuple[dict, pa.Table]:
+def _search(urls: dict[str, str], out: Path, **kwargs) -> tuple[SearchSummary, pa.Table]:
     from pipeline.index import SearchConfig, search
 
     config = SearchConfig(**{"k": 4, "nprobe": 4, "batch_size": 5, **kwargs.pop("config", {})})
@@ -227,11 +231,11 @@ def test_search_resumes_after_a_driver_crash_and_redoes_only_unfinished_batches(
     (out / "part-00002.parquet").write_bytes(b"a data file whose marker was never written")
     redone: list[int] = []
     summary, table = _search(tied_index, out, on_progress=lambda p: redone.append(p.done))
-    assert summary["parts_resumed"] == 2 and redone == [15, 20, 24]  # parts 2, 3 and 4 (4 queries)
+    assert summary.parts_resumed == 2 and redone == [15, 20, 24]  # parts 2, 3 and 4 (4 queries)
     assert table.equals(reference) and table.num_rows == 24 * 4  # every query once, in (query, rank) order
     assert results.read_rankings(str(out)).keys() == {f"q{i:02d}" for i in range(24)}
     again, _ = _search(tied_index, out)
-    assert again["parts_resumed"] == 5
+    assert again.parts_resumed == 5
     _, other = _search(tied_index, out, config={"k": 2})  # other settings: starts over
     assert other.num_rows == 24 * 2
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ import pytest
 from pipeline import cli as cli_module
 from pipeline import store
 from pipeline.config import rerank_settings
+from pipeline.index import SearchSummary
+from pipeline.index.dba import read_dba
+from pipeline.index.io import read_id_map
 from pipeline.results import read_metadata
 from tests.stores import write_clustered_store
 from tests.tables import table_rows
@@ -89,7 +93,14 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
     assert table_rows(built.stdout)["factory"] == "IDMap2,Flat"  # 40 vectors: too few for IVF-PQ
     quality = json.loads((tmp_path / "index" / "quality.json").read_text())
     assert quality["query_set"] == f"query store {query_store}" and quality["queries"] == 4
-    cli("search", index, query_store, results, "--k", "10")
+    searched = table_rows(cli("search", index, query_store, results, "--k", "10").stdout)
+    assert list(searched) == [f.name for f in fields(SearchSummary)]  # the summary, field by field
+    assert (searched["queries"], searched["rows"], searched["k"], searched["out"]) == (
+        "4",
+        "40",
+        "10",
+        results,
+    )
     table = pq.read_table(results)
     assert table.num_rows == 40 and sorted(set(table.column("rank").to_pylist())) == list(range(1, 11))
     # Query q000 is near centre 0: its top 10 are the 10 index images of centre 0.
@@ -121,11 +132,19 @@ def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
 
     doomed = tmp_path / "doomed.txt"
     doomed.write_text("img000\nimg004\n")
-    assert table_rows(cli("index-remove", index, str(doomed)).stdout)["ntotal"] == "38"
+    refined = table_rows(cli("dba", index, index_store, "--k", "3").stdout)  # index-add/-remove keep it
+    assert refined == {
+        "images": "40",
+        "k": "3",
+        "alpha": "3.0",
+        "out": str(tmp_path / "index" / "dba.parquet"),
+    }
+    assert table_rows(cli("index-remove", index, str(doomed)).stdout) == {"removed": "2", "ntotal": "38"}
     extra = str(tmp_path / "extra")
     write_clustered_store(extra, "new", 3, rng, centres)
     added = cli("index-add", index, extra)
-    assert table_rows(added.stdout)["ntotal"] == "41"  # after adding 3 to 38
+    assert table_rows(added.stdout) == {"added": "3", "ntotal": "41"}  # after adding 3 to 38
+    assert sorted(read_dba(index).ids) == sorted(read_id_map(index)[1])
 
 
 HEAVY_MODULES = ("torch", "torchvision", "faiss", "ray", "tensorflow", "numpy", "pyarrow", "fsspec")

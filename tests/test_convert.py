@@ -6,6 +6,7 @@ files' variable names and shapes (the full R50), a small TF2 export of the refer
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -359,11 +360,16 @@ def test_model_settings_beside_weights_apply_only_to_those_weights(tmp_path: Pat
     torch.nn.init.constant_(model.gem_power, 2.5)
     weights = str(tmp_path / "w.pt")
     torch.save(model.state_dict(), weights)
-    assert config_for_weights(config, weights) == dataclasses.replace(config, gem_p=2.5)  # no sidecar
+    checksum = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    assert config_for_weights(config, weights) == (
+        dataclasses.replace(config, gem_p=2.5),
+        checksum,
+    )  # no sidecar
     variant = dataclasses.replace(config, attention_input="reconstruction")
     write_model_settings(weights, variant, detected=True)
-    assert config_for_weights(config, weights) == dataclasses.replace(variant, gem_p=2.5)
-    assert config_for_weights(dataclasses.replace(config, gem_learned=False), weights).gem_p == 3.0
+    assert config_for_weights(config, weights) == (dataclasses.replace(variant, gem_p=2.5), checksum)
+    assert config_for_weights(dataclasses.replace(config, gem_learned=False), weights)[0].gem_p == 3.0
+    assert config_for_weights(config, "imagenet") == (config, None)
     torch.nn.init.constant_(model.gem_power, 2.0)
     torch.save(model.state_dict(), weights)  # other weights under the same name: the sidecar is stale
     with pytest.raises(InputError, match="describes other weights"):

@@ -150,7 +150,24 @@ def test_every_row_accounted_and_equal_to_direct_extraction(tmp_path, ray_cluste
         np.testing.assert_allclose(in_process[image_id], vector, atol=1e-5)
 
 
-def test_resume_redoes_only_uncommitted_shards(tmp_path, weights):
+def _opens_of(path: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The modes ``path`` is opened in from now on through pipeline.storage (fsspec's local filesystem, which
+    every read of a local file goes through)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    opened: list[str] = []
+    real_open = LocalFileSystem._open
+
+    def counted(self, name, mode="rb", *args, **kwargs):
+        if Path(name).resolve() == Path(path).resolve():
+            opened.append(mode)
+        return real_open(self, name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", counted)
+    return opened
+
+
+def test_resume_redoes_only_uncommitted_shards(tmp_path, weights, monkeypatch):
     rows, bad = _dataset(tmp_path, good=8)
     job = ExtractionJob(
         _manifest(tmp_path / "m.parquet", rows), str(tmp_path / "out"), CONFIG, weights, EXACT, 4
@@ -168,8 +185,10 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, weights):
     assert before.keys() == after.keys()
     for image_id in before:
         np.testing.assert_allclose(before[image_id], after[image_id], atol=1e-5)
-    # A finished run re-run does nothing.
+    # A finished run re-run does nothing, and downloads the weights once (their settings and checksum).
+    weights_opened = _opens_of(weights, monkeypatch)
     assert run_extraction(job, cluster, in_process=True).rows_this_run == 0
+    assert weights_opened == ["rb"]
 
 
 def test_resume_refuses_a_different_run(tmp_path, weights):

@@ -205,7 +205,7 @@ def stage_inputs(tmp_path: Path) -> dict:
         tmp_path / "search.parquet",
     )
     write_dba(str(tmp_path / "index"), compute_dba(index_ids, index.astype(np.float32), k=2))
-    io.write_json(str(tmp_path / "index" / io.PARAMS), {"dim": 6})  # an index without whitening
+    io.write_params(str(tmp_path / "index"), {"dim": 6})  # an index without whitening
     return {"tmp": tmp_path, "queries": queries, "index": index, "ids": index_ids, "rows": rows}
 
 

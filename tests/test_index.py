@@ -18,6 +18,8 @@ from pipeline import store
 from pipeline.execution import Workers
 from pipeline.index import (
     BuildConfig,
+    IndexAddSummary,
+    IndexRemoveSummary,
     QualityConfig,
     SearchConfig,
     add_shards,
@@ -336,7 +338,7 @@ def test_incremental_add_equals_building_with_all(tmp_path, data, built):
     build_index(str(tmp_path / "old"), str(tmp_path / "inc"), factory=FACTORY, config=config, in_process=True)
     new = store.global_shard_urls(str(tmp_path / "new"))
     assert new_shards(str(tmp_path / "inc"), str(tmp_path / "new")) == new
-    assert add_shards(str(tmp_path / "inc"), new)["added"] == N - cut
+    assert add_shards(str(tmp_path / "inc"), new) == IndexAddSummary(added=N - cut, ntotal=N)
     assert new_shards(str(tmp_path / "inc"), str(tmp_path / "new")) == []
     incremental, full = io.load_index(str(tmp_path / "inc")), io.load_index(built[1])
     assert invlist_contents(incremental) == invlist_contents(full)
@@ -362,7 +364,7 @@ def test_remove_ids_removes_exactly_those(tmp_path, data, built):
     )
     before = invlist_contents(io.load_index(out))
     gone = ["img000007", "img002500", "img004999"]
-    assert remove_ids(out, gone) == {"removed": 3, "ntotal": N - 3}
+    assert remove_ids(out, gone) == IndexRemoveSummary(removed=3, ntotal=N - 3)
     after = invlist_contents(io.load_index(out))
     assert after == {i: v for i, v in before.items() if i not in (7, 2500, 4999)}
     id_keys, image_ids = io.read_id_map(out)
@@ -380,7 +382,7 @@ def test_search_writes_ranked_results_and_handles_k_above_n(tmp_path):
     out = str(tmp_path / "results.parquet")
     summary = search(str(tmp_path / "i"), str(tmp_path / "q"), out, SearchConfig(k=500))
     table = pq.read_table(out)
-    assert table.schema == RESULTS_SCHEMA and summary["rows"] == table.num_rows == 3 * 300
+    assert table.schema == RESULTS_SCHEMA and summary.rows == table.num_rows == 3 * 300
     rows = table.to_pylist()
     for query, row in (("q5", 5), ("q123", 123), ("q299", 299)):
         hits = [r for r in rows if r["query_id"] == query]
@@ -648,4 +650,4 @@ def test_search_on_two_ray_workers_equals_one_process(tmp_path, data, built):
     here, there = str(tmp_path / "here.parquet"), str(tmp_path / "there.parquet")
     search(index_url, str(tmp_path / "q"), here, config)
     summary = search(index_url, str(tmp_path / "q"), there, config, workers=Workers(min_workers=2))
-    assert summary["queries"] == 40 and pq.read_table(there).equals(pq.read_table(here))
+    assert summary.queries == 40 and pq.read_table(there).equals(pq.read_table(here))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +75,63 @@ def test_cli_json_is_the_library_answer_and_a_bad_photo_is_one_line(demo_root, t
     printed = [json.loads(line) for line in done.stdout.splitlines()]
     assert printed[0] == query_photos([photo], demo_root.root, k=5)[0]
     assert printed[1]["error"] == "not_an_image" and "Traceback" not in done.stderr
+
+
+def _run_layouts(demo_root, tmp_path) -> tuple[str, str, list[str]]:
+    """The live version copied into a `run` folder (index/ and index-descriptors/ beside it) and into a bare
+    index folder: (run folder, bare index folder, the version's stores)."""
+    live = versions.resolve_latest(demo_root.root)
+    stores = versions.read_stores(live)
+    assert len(stores) == 1  # v000001 is one reindex run's store
+    run = tmp_path / "run"
+    shutil.copytree(live, run / "index")
+    shutil.copytree(stores[0], run / "index-descriptors")
+    shutil.copytree(live, tmp_path / "bare")
+    return str(run), str(tmp_path / "bare"), stores
+
+
+def test_index_takes_every_documented_layout(demo_root, tmp_path):
+    """--index: a versioned root (its LATEST), a `run` folder, a run's index folder (the run's store found
+    beside it) and an index folder with --stores."""
+    run, bare, stores = _run_layouts(demo_root, tmp_path)
+    root = resolve_version(demo_root.root)
+    layouts = [
+        resolve_version(run),
+        resolve_version(os.path.join(run, "index")),
+        resolve_version(bare, stores=stores),
+    ]
+    assert [(v.index_url, v.stores) for v in layouts] == [
+        (os.path.join(run, "index"), (os.path.join(run, "index-descriptors"),)),
+        (os.path.join(run, "index"), (os.path.join(run, "index-descriptors"),)),
+        (bare, tuple(stores)),
+    ]
+    params = (
+        Path(run) / "index" / "params.json"
+    ).read_bytes()  # one index: one name, the model is the root's
+    assert {v.name for v in layouts} == {"index-" + hashlib.sha256(params).hexdigest()[:12]}
+    assert {(v.extraction, v.weights_sha256, v.rerank) for v in layouts} == {
+        (root.extraction, root.weights_sha256, root.rerank)
+    }
+    with pytest.raises(FileNotFoundError, match=r"no descriptor store at .*index-descriptors"):
+        resolve_version(bare)  # no run's store beside it and none given
+
+
+def test_cli_table_shows_rank_id_score_inliers_of_the_answer(demo_root, tmp_path):
+    run, _, _ = _run_layouts(demo_root, tmp_path)
+    photo = str(demo_root.photo("query-coffee"))
+    done = _cli(photo, "--index", run, "--k", "4")
+    assert done.returncode == 0, done.stderr
+    expected = query_photos([photo], demo_root.root, k=4)[0]["results"]
+    rows = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in done.stdout.splitlines()
+        if line.startswith("│")
+    ]
+    assert rows == [
+        [str(rank), r["id"], f"{r['score']:.4f}", "" if r["inliers"] is None else str(r["inliers"])]
+        for rank, r in enumerate(expected, 1)
+    ]
+    assert any(r["inliers"] for r in expected)  # re-ranked: the inliers column is filled
+    header = next(line for line in done.stdout.splitlines() if line.startswith("┃"))
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == ["rank", "id", "score", "inliers"]
+    assert "index-" in done.stdout  # the title names the version answered from

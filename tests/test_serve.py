@@ -11,11 +11,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import requests
+from PIL import Image
 
-from pipeline import versions
-from pipeline.query import query_photos
+from pipeline import report, storage, versions
+from pipeline.config import get_preset
+from pipeline.query import Hit, IndexVersion, Shortlist, query_photos
+from pipeline.rerank import RerankConfig
+from pipeline.serve.page import ImageSources, results_html
 
 PHOTOS = ("query-astronaut", "query-coffee", "query-retina")
 
@@ -212,3 +219,65 @@ def test_the_page_shows_results_for_an_uploaded_photo_in_chromium(service):
     assert "chelsea" in first  # the re-ranked ranking's first hit shows the same photo
     assert lines > 0 and thumbs > 0
     assert outside == []  # no external assets
+
+
+def test_the_page_shows_the_hits_images_reading_only_their_row_groups_of_the_state(tmp_path, monkeypatch):
+    """The page's thumbnails are the state's images of the ids shown, as a lookup in the whole id → url map
+    draws them; the lookup reads the row groups holding those ids (state.parquet is sorted by id), not every
+    row (GLDv2: 762k)."""
+    monkeypatch.setattr(versions, "STATE_GROUP_ROWS", 16)
+    ids = [f"img{i:03d}" for i in range(200)]
+    urls = {image_id: str(tmp_path / f"{image_id}.jpg") for image_id in ids}  # only those shown exist
+    shown = {"img007": (200, 40, 40), "img123": (40, 200, 40), "img150": (40, 40, 200)}
+    for image_id, colour in shown.items():
+        Image.new("RGB", (64, 48), colour).save(urls[image_id])
+    order = np.random.default_rng(0).permutation(len(ids))  # manifests come in any order
+    manifest = pa.table(
+        {
+            "id": [ids[i] for i in order],
+            "url": [urls[ids[i]] for i in order],
+            "image": pa.nulls(len(ids), pa.binary()),
+        }
+    )
+    version_url = str(tmp_path / "v000001")
+    versions.write_version_files(version_url, manifest, [], {})
+    state = pq.ParquetFile(tmp_path / "v000001" / versions.STATE)
+    assert state.metadata.num_row_groups == 13 and state.read().column("id").to_pylist() == ids
+
+    version = IndexVersion(
+        "v000001", version_url, (), get_preset("cpu-small"), None, None, False, RerankConfig()
+    )
+    sources = ImageSources(version)
+    photo = Path(urls["img123"]).read_bytes()
+    shortlist = Shortlist(np.array(["img150", "gone", "img007"], dtype=object), np.float32([0.9, 0.8, 0.7]))
+    hits = [Hit("img123", 41.0, 40), Hit("img150", 0.9, None)]
+    page = results_html("q.jpg", photo, shortlist, hits, sources, k=3)
+
+    def hit(image_id: str, score: float, inliers: int | None = None) -> report.Hit:
+        return report.Hit(image_id, score, urls.get(image_id) if image_id in shown else None, inliers)
+
+    scores = [float(s) for s in shortlist.scores]
+    expected = report.query_section(
+        report.QueryView(
+            "q.jpg",
+            photo,
+            [hit("img150", scores[0]), hit("gone", scores[1]), hit("img007", scores[2])],
+            [hit("img123", 41.0, 40), hit("img150", 0.9)],
+        )
+    )
+    assert page == expected
+    assert page.count("<img ") == 1 + 4  # the photo and the four hits with an image; "gone" has none
+    assert sources.state.rows_read == 3 * 16  # the groups of img007, img123 and img150 of 13
+
+
+def test_state_lookups_read_only_their_row_groups_on_s3(s3_bucket, monkeypatch):
+    """On object storage (each read one range request, no read-ahead) a lookup finds the same urls."""
+    monkeypatch.setattr(versions, "STATE_GROUP_ROWS", 16)
+    ids = [f"img{i:03d}" for i in range(100)]
+    urls = [f"s3://images/{i}.jpg" for i in ids]
+    table = pa.table({"id": ids[::-1], "url": urls[::-1], "image": pa.nulls(len(ids), pa.binary())})
+    version = storage.join(s3_bucket.url, "versions", "v000001")
+    versions.write_version_files(version, table, [], {}, s3_bucket.options)
+    state = versions.StateUrls(version, s3_bucket.options)
+    assert state.urls(["img042", "img099", "other"]) == {"img042": urls[42], "img099": urls[99]}
+    assert state.rows_read == 16 + 4  # rows 32-47 and 96-99 (the last group) of 100

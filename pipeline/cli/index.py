@@ -62,7 +62,7 @@ def index_add(
 
     options = storage.options_from_env()
     summary = add_shards(index, new_shards(index, descriptors, options), options)
-    print_mapping(f"index-add → {storage.redact(index)}", summary)
+    print_mapping(f"index-add → {storage.redact(index)}", asdict(summary))
 
 
 @app.command("index-remove")
@@ -76,7 +76,7 @@ def index_remove(
     options = storage.options_from_env()
     ids = [line.strip() for line in storage.read_text(ids_file, options).splitlines() if line.strip()]
     summary = remove_ids(index, ids, options)
-    print_mapping(f"index-remove → {storage.redact(index)}", summary)
+    print_mapping(f"index-remove → {storage.redact(index)}", asdict(summary))
 
 
 @app.command(cls=settings_command("pipeline.index:SearchConfig", WORKERS))
@@ -100,7 +100,7 @@ def search(
     summary = search_index(
         index, queries, out, config, storage.options_from_env(), workers=workers, on_progress=progress
     )
-    print_mapping(f"search → {storage.redact(out)}", summary)
+    print_mapping(f"search → {storage.redact(out)}", asdict(summary))
 
 
 @app.command(cls=settings_command(WORKERS))
@@ -120,7 +120,7 @@ def dba(
 
     workers = settings.build(Workers, given(ctx))
     summary = build_dba(index, descriptors, k, alpha, storage.options_from_env(), workers=workers)
-    print_mapping(f"dba → {storage.redact(index)}", summary)
+    print_mapping(f"dba → {storage.redact(index)}", asdict(summary))
 
 
 @app.command(cls=settings_command("pipeline.aggregate:AggregateConfig"))

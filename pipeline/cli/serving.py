@@ -20,7 +20,10 @@ from pipeline.cli.options import Address, given, settings_command
 def query(
     photos: Annotated[list[str], typer.Argument(help="Photos: local files or URLs (http(s), s3, gs, ...).")],
     index: Annotated[
-        str, typer.Option("--index", help="Versioned root (its LATEST is read) or an index folder.")
+        str,
+        typer.Option(
+            "--index", help="Versioned root (its LATEST is read), a `run` folder, or an index folder."
+        ),
     ],
     k: Annotated[int, typer.Option("--k", help="Results per photo.")] = 10,
     rerank: Annotated[bool, typer.Option(help="Verify the shortlist geometrically.")] = True,
@@ -45,12 +48,11 @@ def query(
         elif "error" in found:
             console.print(f"[bold red]{escape(found['photo'])}:[/] {escape(found['message'])}")
         else:
-            table = Table(
-                "rank", "id", "score", "inliers", title=f"{found['photo']} ({found['index_version']})"
-            )
+            title = escape(f"{found['photo']} ({found['index_version']})")  # names are text, not markup
+            table = Table("rank", "id", "score", "inliers", title=title)
             for rank, hit in enumerate(found["results"], 1):
                 inliers = "" if hit["inliers"] is None else str(hit["inliers"])
-                table.add_row(str(rank), hit["id"], f"{hit['score']:.4f}", inliers)
+                table.add_row(str(rank), escape(hit["id"]), f"{hit['score']:.4f}", inliers)
             stdout.print(table)
     if any("error" in found for found in answers):
         raise SystemExit(EXIT_USER_ERROR)

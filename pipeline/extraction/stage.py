@@ -21,7 +21,7 @@ from pipeline.extraction.progress import Progress
 from pipeline.extraction.settings import ClusterOptions, ExtractionJob, ExtractionSummary
 
 # torch: loaded with the extractor's model code anyway
-from pipeline.model.weights import config_for_weights, weights_checksum
+from pipeline.model.weights import config_for_weights
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import Options
 
@@ -43,17 +43,16 @@ class NothingExtractedError(InputError):
 
 
 def run_info(
-    job: ExtractionJob, preset: str, fingerprint: str, rows: int, options: Options
+    job: ExtractionJob, preset: str, fingerprint: str, rows: int, weights_sha256: str | None
 ) -> dict[str, Any]:
-    """What the store is of: ``job``'s settings as extraction applies them (config_for_weights)."""
+    """What the store is of: ``job``'s settings as extraction applies them, and the sha256 of its weights
+    file (both from config_for_weights)."""
     return {
         "package_version": pipeline.__version__,
         "preset": preset,
         "config": job.config.to_dict(),
         "weights": storage.redact(job.weights_url) if job.weights_url else None,
-        "weights_sha256": (
-            weights_checksum(job.weights_url, options) if job.weights_url not in (None, "imagenet") else None
-        ),
+        "weights_sha256": weights_sha256,
         "manifest": storage.redact(job.manifest_url),
         "manifest_fingerprint": fingerprint,
         "manifest_rows": rows,
@@ -100,8 +99,9 @@ def run_extraction(
     started = time.monotonic()
     table = manifest.read_manifest(job.manifest_url, options, job.image_root)
     preset = preset_name(job.config)
-    job = replace(job, config=config_for_weights(job.config, job.weights_url, options))
-    info = run_info(job, preset, manifest.manifest_fingerprint(table), table.num_rows, options)
+    config, weights_sha256 = config_for_weights(job.config, job.weights_url, options)
+    job = replace(job, config=config)
+    info = run_info(job, preset, manifest.manifest_fingerprint(table), table.num_rows, weights_sha256)
     existing = store.read_run_info(job.out_url, options)
     if existing is None:
         store.write_run_info(job.out_url, info, options)

@@ -32,7 +32,7 @@ lazy_exports(
         "build": ("BuildConfig", "IndexBuildSummary", "build_index"),
         "params": ("IndexChoice", "choose_index", "parse_size"),
         "quality": ("QualityConfig", "quality_report", "recall_at"),
-        "search": ("SearchConfig", "search"),
-        "update": ("add_shards", "new_shards", "remove_ids"),
+        "search": ("SearchConfig", "SearchSummary", "search"),
+        "update": ("IndexAddSummary", "IndexRemoveSummary", "add_shards", "new_shards", "remove_ids"),
     },
 )

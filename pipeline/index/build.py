@@ -225,7 +225,7 @@ def build_index(
         peak_memory_bytes=peak,
         index_bytes=0,
     )
-    io.write_json(storage.join(out_url, io.PARAMS), summary.params(), options)
+    io.write_params(out_url, summary.params(), options)
     step("done")
     # measured once params.json is written: the folder's size counts it
     return replace(summary, index_bytes=io.index_bytes(out_url, options))

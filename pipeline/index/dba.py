@@ -246,6 +246,16 @@ def _stored_vectors(image_ids: np.ndarray, stores: Sequence[str], options: Optio
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
+@dataclass(frozen=True)
+class DbaSummary:
+    """What :func:`build_dba` wrote."""
+
+    images: int  # indexed images, each with a DBA vector
+    k: int
+    alpha: float
+    out: str  # dba.parquet's URL, redacted
+
+
 def build_dba(
     index_url: str,
     stores: Sequence[str],
@@ -254,14 +264,14 @@ def build_dba(
     options: Options = None,
     *,
     workers: Workers = Workers(),
-) -> dict[str, Any]:
+) -> DbaSummary:
     """DBA vectors of every image in the index (descriptors read from ``stores``, in the index's space: whitened
     when it whitens), written beside it; the neighbour search batched on ``workers``."""
     _, image_ids = io.read_id_map(index_url, options)
     space = whitening.space(index_url, io.read_params(index_url, options), options)
     table = compute_dba(image_ids, space(_stored_vectors(image_ids, stores, options)), k, alpha, workers)
     write_dba(index_url, table, options)
-    return {"images": len(image_ids), "k": k, "alpha": alpha, "out": storage.redact(dba_url(index_url))}
+    return DbaSummary(len(image_ids), k, alpha, storage.redact(dba_url(index_url)))
 
 
 def update_dba(

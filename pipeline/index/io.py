@@ -119,8 +119,19 @@ def read_id_map(index_url: str, options: Options = None) -> tuple[np.ndarray, np
     return ids[order], image_ids[order]
 
 
-def write_json(url: str, value: dict[str, Any], options: Options = None) -> None:
+def _write_json(url: str, value: dict[str, Any], options: Options = None) -> None:
     storage.write_text(url, storage.redact_text(json.dumps(value, indent=2, sort_keys=True)), options)
+
+
+def write_params(index_url: str, params: dict[str, Any], options: Options = None) -> None:
+    """The one writer of params.json: the build writes it last, an update rewrites it last (its ``ntotal``
+    says which state of the index is complete)."""
+    _write_json(storage.join(index_url, PARAMS), params, options)
+
+
+def write_quality(index_url: str, quality: dict[str, Any], options: Options = None) -> None:
+    """The one writer of quality.json (the build's recall report, pipeline.index.quality)."""
+    _write_json(storage.join(index_url, QUALITY), quality, options)
 
 
 def read_params(index_url: str, options: Options = None) -> dict[str, Any]:

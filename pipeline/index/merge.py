@@ -128,7 +128,7 @@ def quality_step(
     quality = quality_report(
         index, queries, exact_ids, choice.nlist, config.quality, refined, exclude, query_set
     )
-    io.write_json(storage.join(out_url, io.QUALITY), quality, options)
+    io.write_quality(out_url, quality, options)
     return quality
 
 

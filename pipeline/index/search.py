@@ -236,6 +236,21 @@ class SearchProgress(Progress):
     verb = "searched"
 
 
+@dataclass(frozen=True)
+class SearchSummary:
+    """What :func:`search` wrote: counts over every committed part (a resumed run's too), this run's seconds."""
+
+    queries: int
+    rows: int  # result rows (query, hit) written
+    k: int
+    nprobe: int | None  # in use: the given one, else the one stored with the index
+    k_factor: float | None  # in use, likewise (None: the PQ order, no refinement)
+    shards: int
+    parts_resumed: int  # parts an earlier, killed run had committed
+    seconds: float
+    out: str  # the results URL, redacted
+
+
 class _Merge:
     """Per batch, the hits of every shard: once all are in, merged and committed (thread-safe: one thread per
     shard delivers them)."""
@@ -284,7 +299,7 @@ def search(
     *,
     workers: Workers = Workers(),
     on_progress: Callable[[Progress], None] | None = None,
-) -> dict[str, Any]:
+) -> SearchSummary:
     """Top-``config.k`` of every committed query descriptor in ``query_store_url``, written to ``out_url`` as
     a parts folder (pipeline.results), one part per batch of ``config.batch_size`` queries; a rerun with the
     same index, queries and settings redoes only the parts not committed. ``workers`` may run the batches on
@@ -319,14 +334,14 @@ def search(
         _Merge(len(ranges), config.k, commit),
     )
     params = io.read_params(index_url, options)
-    return {
-        "queries": total,
-        "rows": sum(m["rows"] for m in output.markers().values()),
-        "k": config.k,
-        "nprobe": config.nprobe if config.nprobe is not None else params.get("nprobe"),
-        "k_factor": config.k_factor if config.k_factor is not None else params.get("k_factor"),
-        "shards": config.shards,
-        "parts_resumed": len(output.resumed),
-        "seconds": round(time.perf_counter() - start, 3),
-        "out": storage.redact(out_url),
-    }
+    return SearchSummary(
+        queries=total,
+        rows=sum(m["rows"] for m in output.markers().values()),
+        k=config.k,
+        nprobe=config.nprobe if config.nprobe is not None else params.get("nprobe"),
+        k_factor=config.k_factor if config.k_factor is not None else params.get("k_factor"),
+        shards=config.shards,
+        parts_resumed=len(output.resumed),
+        seconds=round(time.perf_counter() - start, 3),
+        out=storage.redact(out_url),
+    )

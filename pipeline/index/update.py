@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -33,12 +34,28 @@ def _save(
     assert index.ntotal == id_map.num_rows, (index.ntotal, id_map.num_rows)
     io.write_index(index, storage.join(index_url, io.INDEX), options)
     io.write_id_map(index_url, id_map, options)
-    io.write_json(storage.join(index_url, io.PARAMS), {**params, "ntotal": int(index.ntotal)}, options)
+    io.write_params(index_url, {**params, "ntotal": int(index.ntotal)}, options)
+
+
+@dataclass(frozen=True)
+class IndexAddSummary:
+    """What :func:`add_shards` did."""
+
+    added: int  # vectors added
+    ntotal: int  # vectors in the index after it
+
+
+@dataclass(frozen=True)
+class IndexRemoveSummary:
+    """What :func:`remove_ids` did."""
+
+    removed: int  # vectors removed
+    ntotal: int  # vectors in the index after it
 
 
 def add_shards(
     index_url: str, shard_urls: Sequence[str], options: Options = None, *, workers: Workers = Workers()
-) -> dict[str, Any]:
+) -> IndexAddSummary:
     """Add global descriptor shard files to the index with the trained quantizer; ids continue from next_id.
     A refined index gets the new vectors' refinement codes too (written before params.json commits them);
     DBA vectors beside it are brought up to date on ``workers``.
@@ -68,7 +85,7 @@ def add_shards(
         added_rows = (np.concatenate([i for i, _ in shards]), space(np.concatenate([v for _, v in shards])))
         dba.update_dba(index_url, added_rows, (), options, workers=workers)
     _save(index_url, params, index, pa.concat_tables([old, added]), options)
-    return {"added": added.num_rows, "ntotal": int(index.ntotal)}
+    return IndexAddSummary(added.num_rows, int(index.ntotal))
 
 
 def new_shards(index_url: str, store_url: str, options: Options = None) -> list[str]:
@@ -79,7 +96,7 @@ def new_shards(index_url: str, store_url: str, options: Options = None) -> list[
 
 def remove_ids(
     index_url: str, image_ids: Sequence[str], options: Options = None, *, workers: Workers = Workers()
-) -> dict[str, Any]:
+) -> IndexRemoveSummary:
     """Remove these images from the index and its id map (DBA vectors beside it updated on ``workers``);
     unknown image ids raise InputError naming them."""
     params, index = _load_for_update(index_url, options)
@@ -96,4 +113,4 @@ def remove_ids(
         index_url, None, list(image_ids), options, workers=workers
     )  # DBA vectors beside the index follow it
     _save(index_url, params, index, table.filter(pa.array(~doomed)), options)
-    return {"removed": int(removed), "ntotal": int(index.ntotal)}
+    return IndexRemoveSummary(int(removed), int(index.ntotal))

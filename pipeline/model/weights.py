@@ -210,18 +210,19 @@ def _recorded_settings(weights_url: str, checksum: str, options: storage.Options
 
 def config_for_weights(
     config: ExtractionConfig, weights_url: str | None, options: storage.Options = None
-) -> ExtractionConfig:
+) -> tuple[ExtractionConfig, str | None]:
     """``config`` as the weights at ``weights_url`` make it: the head variant recorded beside them
     (write_model_settings), and with ``gem_learned`` the GeM exponent the file holds (``gem_power``), so
-    that run metadata records what extraction computes."""
+    that run metadata records what extraction computes; and the sha256 of the file (None without one). The
+    file is read once: on object storage it is the run's largest download before any image."""
     if weights_url is None or weights_url == IMAGENET:
-        return config
+        return config, None
     state_dict, checksum = read_state_dict(weights_url, options)
     settings: dict[str, object] = dict(_recorded_settings(weights_url, checksum, options))
     power = state_dict.get("gem_power")
     if config.gem_learned and power is not None and power.numel() == 1:
         settings["gem_p"] = float(power)
     try:
-        return dataclasses.replace(config, **settings)
+        return dataclasses.replace(config, **settings), checksum
     except ConfigError as exc:
         raise InputError(f"{storage.redact(model_settings_url(weights_url))}: {exc}") from None

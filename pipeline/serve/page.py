@@ -19,20 +19,20 @@ def page_html() -> str:
 
 
 class ImageSources:
-    """Where a version's index images are, by id: its state.parquet's urls (versioned roots). The index's own
-    images only, never a path a request names; read through pipeline.storage with the server's credentials."""
+    """Where a version's index images are, by id: its state.parquet's urls (versioned roots; an index folder
+    has none), looked up per response for the ids it shows (versions.StateUrls: a replica never holds the
+    whole table). The index's own images only, never a path a request names; read through pipeline.storage
+    with the server's credentials."""
 
     def __init__(self, version: IndexVersion, options: storage.Options = None) -> None:
         state_url = storage.join(version.index_url, versions.STATE)
-        self.urls: dict[str, str] = {}
-        if storage.exists(state_url, options):
-            table = versions.read_state(version.index_url, options)
-            self.urls = dict(
-                zip(table.column("id").to_pylist(), table.column("url").to_pylist(), strict=True)
-            )
+        self.state = (
+            versions.StateUrls(version.index_url, options) if storage.exists(state_url, options) else None
+        )
 
-    def get(self, image_id: str) -> str | None:
-        return self.urls.get(image_id)
+    def urls(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """The urls of those ``ids`` whose image the version knows."""
+        return self.state.urls(ids) if self.state is not None else {}
 
 
 def results_html(
@@ -45,11 +45,12 @@ def results_html(
     options: storage.Options = None,
 ) -> str:
     """The report's section for one query: the global ranking, the re-ranked one (``hits``), inlier lines."""
+    shown = [str(i) for i in shortlist.ids[:k]]
+    urls = sources.urls([*shown, *(h.id for h in hits or ())])
     global_ranking = [
-        report.Hit(str(i), float(s), sources.get(str(i)))
-        for i, s in zip(shortlist.ids[:k], shortlist.scores[:k], strict=True)
+        report.Hit(i, float(s), urls.get(i)) for i, s in zip(shown, shortlist.scores[:k], strict=True)
     ]
-    reranked = [report.Hit(h.id, h.score, sources.get(h.id), h.inliers) for h in hits or ()]
+    reranked = [report.Hit(h.id, h.score, urls.get(h.id), h.inliers) for h in hits or ()]
     matches = {
         h.id: (np.asarray(h.matches[0]), np.asarray(h.matches[1]))
         for h in hits or ()

@@ -13,7 +13,7 @@ class ServeSettings:
     """What ``landmark-index serve`` runs. Replica counts autoscale between min and max on the requests each
     replica has in flight (``target_ongoing_requests``: a few in flight per replica keeps batches full)."""
 
-    index: str  # versioned root (LATEST is followed) or one index folder
+    index: str  # versioned root (LATEST is followed), a `run` folder, or one index folder
     poll_s: float = 10.0  # how often replicas look for a new LATEST
     max_upload_bytes: int = 20 * 2**20  # a request body above this is refused (413)
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # decompression-bomb guard on uploads (413)

@@ -138,10 +138,13 @@ def remove(url: str, options: Options = None, recursive: bool = False) -> None:
 
 
 @contextmanager
-def open_input(url: str, options: Options = None) -> Iterator[IO[bytes]]:
-    """A seekable binary file for random-access readers (pyarrow reads Parquet footers and row groups)."""
+def open_input(url: str, options: Options = None, read_ahead: bool = True) -> Iterator[IO[bytes]]:
+    """A seekable binary file for random-access readers (pyarrow reads Parquet footers and row groups).
+    ``read_ahead=False``: each read fetches only its bytes (on object stores one range request; fsspec would
+    otherwise fetch a whole block, MBs, around a small read)."""
     fs, path = filesystem(url, options)
-    f = with_retries(lambda: fs.open(path, "rb"), what=f"open {redact(url)}")
+    kwargs = {} if read_ahead else {"cache_type": "none"}
+    f = with_retries(lambda: fs.open(path, "rb", **kwargs), what=f"open {redact(url)}")
     try:
         yield f
     finally:
