@@ -14,10 +14,10 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.index import io, refine, whitening
 from pipeline.index.build_config import BuildConfig
 from pipeline.index.params import (
-    DEFAULT_REFINE,
     MIN_POINTS_PER_LIST,
     IndexChoice,
     choose_index,
+    default_refine,
     parse_size,
 )
 from pipeline.storage import Options
@@ -131,7 +131,7 @@ def resolve_choice(
         raise ConfigError(
             f"factory {factory!r} is not a faiss index_factory string for d={dim}: {exc}"
         ) from exc
-    kind = (DEFAULT_REFINE if nlist else "none") if refine_kind == "auto" else refine_kind
+    kind = (default_refine(dim) if nlist else "none") if refine_kind == "auto" else refine_kind
     return IndexChoice(factory, "factory given by the user", nlist, 0, 0, kind)
 
 
