@@ -161,7 +161,7 @@ def packed_in_blocks(index: faiss.Index) -> bool:
     """True for a fast-scan IVF index (``PQ…x4fs``): its inverted lists pack 32 codes per block, which on-disk
     lists, GPU copies and per-entry list copies do not handle."""
     try:
-        return isinstance(faiss.extract_index_ivf(index), faiss.IndexIVFFastScan)
+        return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
     except RuntimeError:  # not an IVF index
         return False
 
