@@ -47,7 +47,7 @@ from pipeline.index.build import (
     train_size,
     train_step,
 )
-from pipeline.index.params import HNSW_QUANTIZER_FROM, MIN_POINTS_PER_LIST, SQ8_FROM_DIM, choose_nlist
+from pipeline.index.params import HNSW_QUANTIZER_FROM, MIN_POINTS_PER_LIST, choose_nlist
 from pipeline.index.quality import drop_self, exact_knn
 from pipeline.index.search import keep_ids
 from pipeline.results import RESULTS_SCHEMA
@@ -250,25 +250,17 @@ def test_auto_params_honour_the_budget(budget):
 
 
 @pytest.mark.parametrize(
-    ("dim", "budget", "refine_kind", "pq"),
-    [
-        (2048, "8GB", "sq8", 64),
-        (2048, "3GB", "sq8", 64),
-        (2048, "1GiB", "store", 256),
-        (512, "2GB", "fp16", 64),
-        (512, "1GB", "sq8", 64),
-    ],
+    ("budget", "refine_kind", "pq"), [("8GB", "fp16", 64), ("3GB", "sq8", 64), ("1GiB", "store", 256)]
 )
-def test_refinement_tier_follows_the_budget(dim, budget, refine_kind, pq):
-    """1M vectors: from SQ8_FROM_DIM dims SQ8 is the default (2048-d: 2.1 GB with 10 % slack), never fp16; below
-    that the vectors stay on disk. At 512-d fp16 (exact scores) is the default, SQ8 the next tier."""
-    choice = choose_index(1_000_000, dim, parse_size(budget))
+def test_refinement_tier_follows_the_budget(budget, refine_kind, pq):
+    """1M × 2048: fp16 codes take 4.1 GB, SQ8 2.1 GB (+10 % slack); below that the vectors stay on disk."""
+    choice = choose_index(1_000_000, 2048, parse_size(budget))
     assert (choice.refine, choice.code_bytes) == (
         refine_kind,
         pq,
     ) and f"refine={refine_kind}" in choice.reason
-    assert choose_index(1_000_000, dim).refine == ("sq8" if dim >= SQ8_FROM_DIM else "fp16")  # no budget
-    assert choose_index(1_000_000, dim, refine="none").refine == "none"
+    assert choose_index(1_000_000, 2048).refine == "fp16"  # no budget: the default
+    assert choose_index(1_000_000, 2048, refine="none").refine == "none"
 
 
 def test_auto_nlist_keeps_39_points_per_list_below_the_sqrt_range():

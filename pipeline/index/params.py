@@ -27,12 +27,10 @@ ID_BYTES = 8  # int64 id stored beside each code in the inverted lists
 OVERHEAD = 1.1  # inverted-list slack (vector growth), per-list headers
 REFINE_KINDS = ("none", "sq8", "fp16", "store")  # see pipeline.index.refine
 IN_RAM_REFINE = ("fp16", "sq8")  # most exact first: fp16 holds the store's own values
-# SQ8 rounds each dimension to 1/255 of its range; a score's error is the query-weighted sum of those roundings,
-# so it shrinks as the vector's energy spreads over more dimensions. From this many dims SQ8 (half fp16's RAM,
-# fewer bytes per re-scored candidate) is the default; below it, fp16 (exact scores): measured leave-one-out,
-# SQ8's 1-recall@1 stops at 0.96 on 5k × 64-d (tests), while at 2048-d it meets 0.98 / 0.99 (issue 31,
-# benchmarks/RESULTS.md).
-SQ8_FROM_DIM = 1024
+# Without a budget: exact scores. SQ8's error (1 byte per dimension) is below most neighbour gaps, not all:
+# measured on independent queries, its 1-recall@1 stops at 0.96 (5k × 64-d tests) and 0.987 (50k × 2048-d with
+# separate clusters, issue 31, benchmarks/RESULTS.md), below the 0.99 target.
+DEFAULT_REFINE = "fp16"
 REFINE_WHY = {
     "none": "the PQ order is final (recall capped by the PQ code)",
     "sq8": "shortlist re-scored with 8-bit scalar codes in RAM (D B/vector)",
@@ -99,11 +97,6 @@ def choose_nlist(n: int) -> int:
     return max(trainable) if trainable else 2 ** int(math.log2(n // MIN_POINTS_PER_LIST))
 
 
-def default_refine(dim: int) -> str:
-    """The refinement of an IVF index of ``dim`` dims when neither the user nor a budget chooses one."""
-    return "sq8" if dim >= SQ8_FROM_DIM else "fp16"
-
-
 def refine_ram_bytes(kind: str, dim: int) -> int:
     """RAM per indexed vector of the refinement codes (the store tier keeps them on disk)."""
     return {"sq8": dim, "fp16": 2 * dim}.get(kind, 0)
@@ -116,8 +109,8 @@ def quantizer_bytes(nlist: int, dim: int) -> int:
 
 def ivf_pq_bytes(n: int, nlist: int, code_bytes: int, dim: int, in_dim: int) -> int:
     """Codes and ids of n vectors (+ a padded block per list), the coarse quantizer, and a PCA from ``in_dim``
-    (faiss keeps the full in_dim × in_dim eigenvector matrix beside the in_dim × dim projection)."""
-    pca = (in_dim * in_dim + dim * in_dim) * 4 if dim < in_dim else 0
+    (its in_dim × dim projection: training drops the full eigenvector matrix)."""
+    pca = dim * in_dim * 4 if dim < in_dim else 0
     padding = nlist * FAST_SCAN_BLOCK * code_bytes
     return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + padding + quantizer_bytes(nlist, dim) + pca
 
@@ -151,18 +144,16 @@ def _pq_and_refine(
     """(PQ bytes, refinement kind, why).
 
     Rule: the PQ code only has to build the shortlist, the refinement codes set the final order. Without a
-    budget: 64-byte codes + the default refinement in RAM (:func:`default_refine`; ``refine`` overrides the
-    kind). With one: 64-byte codes + the default refinement if it fits, else + SQ8 (below SQ8_FROM_DIM dims,
-    where fp16 is the default), else the largest code that fits with the float16 vectors left on disk (store
-    tier, no RAM).
+    budget: 64-byte codes + fp16 codes in RAM (``refine`` overrides the kind). With one: 64-byte codes + fp16
+    codes in RAM (exact scores) if they fit, else + SQ8, else the largest code that fits with the float16
+    vectors left on disk (store tier, no RAM).
     """
     sizes = [m for m in PQ_SIZES if 2 * m <= dim] or [max(1, dim // 2)]
     default = min(DEFAULT_PQ_BYTES, max(sizes))
     if memory_budget is None:
-        kind = default_refine(dim) if refine == "auto" else refine
+        kind = DEFAULT_REFINE if refine == "auto" else refine
         return default, kind, "default code size without a budget"
-    in_ram = IN_RAM_REFINE[IN_RAM_REFINE.index(default_refine(dim)) :]
-    tiers = [(kind, [default]) for kind in in_ram] + [("store", sizes)]
+    tiers = [(kind, [default]) for kind in IN_RAM_REFINE] + [("store", sizes)]
     if refine != "auto":
         tiers = [(refine, sizes if refine in ("store", "none") else [default])]
     for kind, candidates in tiers:
