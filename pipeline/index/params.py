@@ -17,9 +17,10 @@ MIN_IVF_PQ_VECTORS = MIN_POINTS_PER_LIST * 256
 PQ_SIZES = (256, 128, 96, 64, 48, 32, 16, 8)  # bytes per code, largest (most accurate) first
 DEFAULT_PQ_BYTES = 64  # without a budget: the usual size at 1M-100M (GUIDE §2)
 # Codes are 4-bit fast-scan PQ (faiss "PQ{2·bytes}x4fsr": two sub-quantizers of 16 centroids per byte, residual
-# to the list centroid): lists are scanned 32 codes at a time in SIMD registers. Measured against 8-bit PQ of the
-# same bytes (50k × 2048, independent queries, SQ8 refinement, issue 31): same recall at the same nprobe and
-# k_factor, 2.3× the queries/s (benchmarks/bench_index_settings.py, benchmarks/RESULTS.md).
+# to the list centroid): lists are scanned 32 codes at a time in SIMD registers. Measured against 8-bit PQ64 of
+# the same bytes (50k × 2048, independent queries, fp16 refinement, one thread, issue 31): the same nprobe and
+# k_factor meet the target, at 1.7× the queries/s on separate clusters and 4.0× on overlapping ones
+# (benchmarks/bench_index_settings.py, benchmarks/RESULTS.md).
 FAST_SCAN_BLOCK = 32  # codes per block of a fast-scan list (the last block of each list is padded)
 HNSW_QUANTIZER_FROM = 2**16  # a flat coarse quantizer costs O(nlist) per query; HNSW is sublinear
 HNSW_M = 32
