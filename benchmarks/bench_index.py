@@ -17,7 +17,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -42,32 +44,49 @@ from pipeline.resources import PeakMemory
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)  # efSearch values tried on the autofaiss-default index
 
 
-def write_synthetic_store(
-    url: str, n: int, dim: int, shards: int, seed: int, draws: int | None = None, prefix: str = "img"
-) -> None:
-    """L2-normalised vectors with a low intrinsic dimension, as real descriptors have: 1000 clusters in a 64-d
-    latent space mapped into ``dim`` dims by a random orthonormal basis, plus small isotropic noise.
-    Generated and written shard by shard; rows are in random cluster order. ``seed`` fixes the clusters and
-    the basis, ``draws`` (default: ``seed``) the rows: another ``draws`` gives independent queries from the
-    same distribution."""
+def synthetic_shards(
+    n: int, dim: int, shards: int, seed: int, draws: int | None = None, spread: float = 0.5
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, vectors (rows, dim) float32) per shard: L2-normalised vectors with a low intrinsic dimension, as
+    real descriptors have: 1000 clusters (centres of std 1) in a 64-d latent space, each point its centre plus
+    ``spread`` × standard normal there (0.5: separate clusters; 1.0: clusters overlap, neighbours spread over
+    many IVF lists: harder), mapped into ``dim`` dims by a random orthonormal basis, plus small isotropic
+    noise. Rows are in random cluster order. ``seed`` fixes the clusters and the basis, ``draws`` (default:
+    ``seed``) the rows: another ``draws`` gives independent queries from the same distribution."""
     rng = np.random.default_rng(seed)
     latent = 64
     basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T.astype(np.float32)  # (64, dim)
     centres = rng.standard_normal((1000, latent)).astype(np.float32)
     if draws is not None:
         rng = np.random.default_rng(draws)
+    for rows in np.array_split(np.arange(n), shards):
+        z = centres[rng.integers(0, 1000, len(rows))] + spread * rng.standard_normal(
+            (len(rows), latent), np.float32
+        )
+        x = z @ basis + 0.05 * rng.standard_normal((len(rows), dim), np.float32)  # (rows, dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield rows, x
+
+
+def write_synthetic_store(
+    url: str,
+    n: int,
+    dim: int,
+    shards: int,
+    seed: int,
+    draws: int | None = None,
+    prefix: str = "img",
+    spread: float = 0.5,
+) -> None:
+    """:func:`synthetic_shards` written as a descriptor store, shard by shard (never all in RAM)."""
     empty = store.LocalFeatures(
         np.zeros((0, 2), np.float32),
         np.zeros(0, np.float32),
         np.zeros(0, np.float32),
         np.zeros((0, 128), np.float32),
     )
-    for shard, rows in enumerate(np.array_split(np.arange(n), shards)):
-        z = centres[rng.integers(0, 1000, len(rows))] + 0.5 * rng.standard_normal(
-            (len(rows), latent), np.float32
-        )
-        x = z @ basis + 0.05 * rng.standard_normal((len(rows), dim), np.float32)  # (rows, dim)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    batches = synthetic_shards(n, dim, shards, seed, draws, spread)
+    for shard, (rows, x) in enumerate(batches):
         store.write_shard(url, shard, [f"{prefix}{r:09d}" for r in rows], x, [empty] * len(rows))
 
 
@@ -152,6 +171,16 @@ def cheapest(rows: list[dict], target: float, target_r1: float) -> dict | None:
     return max(met, key=lambda r: r["qps"]) if met else None
 
 
+def fastest(
+    index: Any, queries: np.ndarray, exact_ids: np.ndarray, nprobe: int | None, k_factor: int | None = None
+) -> dict:
+    """:func:`measure`'s row with the highest queries/s of 3 identical searches (recall does not change):
+    other processes' load slows single runs at random."""
+    return max(
+        (measure(index, queries, exact_ids, nprobe, k_factor) for _ in range(3)), key=lambda r: r["qps"]
+    )
+
+
 def side_by_side(
     index_dir: Path, summary: dict, urls: list[str], queries: np.ndarray, config: BuildConfig
 ) -> None:
@@ -159,7 +188,7 @@ def side_by_side(
     truth, one after the other in this process: recall, queries/s, index RAM and build time/memory."""
     _, exact_ids = exact_knn(queries, urls, id_bases(shard_rows(urls)), 100)
     ours = refine.attach(io.load_index(str(index_dir)), str(index_dir), io.read_params(str(index_dir)))
-    row = measure(ours, queries, exact_ids, summary["nprobe"], summary["k_factor"])
+    row = fastest(ours, queries, exact_ids, summary["nprobe"], summary["k_factor"])
     ram = (index_dir / io.INDEX).stat().st_size
     if summary["refine"] in ("sq8", "fp16"):
         ram += sum(p.stat().st_size for p in index_dir.glob("refine-*.codes"))
@@ -169,11 +198,12 @@ def side_by_side(
     hnsw_rows = []
     for ef in HNSW_EF:
         hnsw.hnsw.efSearch = ef
-        hnsw_rows.append({**measure(hnsw, queries, exact_ids, None), "efSearch": ef})
+        hnsw_rows.append({**fastest(hnsw, queries, exact_ids, None), "efSearch": ef})
     target, target_r1 = config.quality.target, config.quality.target_r1
     best = cheapest(hnsw_rows, target, target_r1) or max(hnsw_rows, key=lambda r: r["100-recall@100"])
     print(
-        f"side by side, {len(queries)} independent queries, exact truth, threads {faiss.omp_get_max_threads()}:"
+        f"side by side, {len(queries)} independent queries, exact truth, threads {faiss.omp_get_max_threads()}, "
+        f"queries/s the best of 3 runs, load average {os.getloadavg()[0]:.1f}:"
     )
     for r in hnsw_rows:
         print(
@@ -208,15 +238,21 @@ def main() -> None:
     parser.add_argument("--refine", default="auto", help="auto, none, sq8, fp16 or store")
     parser.add_argument("--memory-budget", default=None, help="e.g. 600MB: steers factory and refinement")
     parser.add_argument("--skip-single", action="store_true", help="no single-process faiss build")
+    parser.add_argument(
+        "--spread", type=float, default=0.5, help="latent within-cluster std: 0.5 separate, 1.0 overlapping"
+    )
     args = parser.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
     store_url, query_url = str(root / "store"), str(root / "queries")
     start = time.perf_counter()
-    if not (root / "store").exists() or not store.global_shard_urls(store_url):  # a re-run reuses it
-        write_synthetic_store(store_url, args.n, args.dim, args.shards, seed=0)
+    # a re-run reuses the store and queries: give each --n/--spread its own --workdir
+    if not (root / "store").exists() or not store.global_shard_urls(store_url):
+        write_synthetic_store(store_url, args.n, args.dim, args.shards, seed=0, spread=args.spread)
     if not (root / "queries").exists() or not store.global_shard_urls(query_url):
-        write_synthetic_store(query_url, args.queries, args.dim, 1, seed=0, draws=1, prefix="q")
+        write_synthetic_store(
+            query_url, args.queries, args.dim, 1, seed=0, draws=1, prefix="q", spread=args.spread
+        )
     print(
         f"store: {args.n} × {args.dim} float16 in {args.shards} shards at {root}, {args.queries} independent "
         f"queries ({time.perf_counter() - start:.0f} s)"

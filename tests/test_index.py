@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import store
+from pipeline.errors import ConfigError
 from pipeline.execution import Workers
 from pipeline.index import (
     BuildConfig,
@@ -50,6 +51,7 @@ from pipeline.index.build import (
 )
 from pipeline.index.params import HNSW_QUANTIZER_FROM, MIN_POINTS_PER_LIST, choose_nlist
 from pipeline.index.quality import drop_self, exact_knn
+from pipeline.index.search import keep_ids
 from pipeline.results import RESULTS_SCHEMA
 
 N, DIM, SHARDS = 5000, 64, 4
@@ -651,3 +653,37 @@ def test_search_on_two_ray_workers_equals_one_process(tmp_path, data, built):
     search(index_url, str(tmp_path / "q"), here, config)
     summary = search(index_url, str(tmp_path / "q"), there, config, workers=Workers(min_workers=2))
     assert summary.queries == 40 and pq.read_table(there).equals(pq.read_table(here))
+
+
+def test_fast_scan_lists_merge_in_ram_split_into_shards_and_lose_removed_ids(tmp_path, built, data):
+    """Fast-scan codes (PQ…x4fs) pack 32 vectors per block: the parts merge in RAM (never on disk: refused up
+    front) into the single-process index, a shard copy keeps exactly its id range, removals take effect."""
+    factory = "IVF64,PQ32x4fsr"
+    with pytest.raises(ConfigError, match="fast-scan"):
+        config = replace(FAST, merge="disk")
+        build_index(built[0], str(tmp_path / "disk"), factory=factory, config=config, in_process=True)
+    out = str(tmp_path / "fs")
+    summary = build_index(
+        built[0], out, factory=factory, config=replace(FAST, refine="none"), in_process=True
+    )
+    assert not summary.on_disk and summary.choice.refine == "none"
+    merged, single = io.load_index(out), single_process(out, data)
+    assert io.packed_in_blocks(merged) and not io.packed_in_blocks(io.load_index(built[1]))
+    for index in (merged, single):
+        io.set_search_params(index, 16)
+    (merged_scores, merged_ids), (single_scores, single_ids) = (
+        merged.search(data[:50], 10),
+        single.search(data[:50], 10),
+    )
+    np.testing.assert_array_equal(merged_scores, single_scores)
+    assert (merged_ids == single_ids).mean() > 0.99  # equal scores may tie in another list order
+    part = keep_ids(merged, 1000, 3000)
+    assert part.ntotal == 2000 and set(invlist_ids(part)) == set(range(1000, 3000))
+    assert asdict(remove_ids(out, ["img000007", "img002500"])) == {"removed": 2, "ntotal": N - 2}
+    assert not {7, 2500} & set(invlist_ids(io.load_index(out)))
+
+
+def invlist_ids(index: faiss.Index) -> list[int]:
+    ivf = faiss.extract_index_ivf(index)
+    sizes = [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+    return [int(i) for lst, n in enumerate(sizes) for i in faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n)]

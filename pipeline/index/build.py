@@ -23,6 +23,7 @@ from pipeline.index import io
 from pipeline.index.add import add_in_parallel, add_shards_to, part_urls
 from pipeline.index.build_config import BuildConfig
 from pipeline.index.merge import (
+    check_disk_merge,
     check_disk_output,
     choose_merge,
     merge_and_measure,
@@ -196,6 +197,8 @@ def build_index(
     shard_urls, counts, dim = checked_inputs(descriptors_url, out_url, config, options)
     total = sum(counts)
     choice = resolve_choice(factory, memory_budget, total, config.whitening or dim, config.refine)
+    if config.merge == "disk":
+        check_disk_merge(choice.factory, config.whitening or dim)
     log.info("index %s, refine %s: %s", choice.factory, choice.refine, choice.reason)
     if not in_process:
         ensure_ray(ray_address)
@@ -241,6 +244,7 @@ __all__ = [
     "add_in_parallel",
     "add_shards_to",
     "build_index",
+    "check_disk_merge",
     "check_disk_output",
     "checked_inputs",
     "choose_merge",

@@ -168,6 +168,15 @@ def read_quality(index_url: str, options: Options = None) -> dict[str, Any] | No
     return json.loads(storage.read_text(url, options)) if storage.exists(url, options) else None
 
 
+def packed_in_blocks(index: faiss.Index) -> bool:
+    """True for a fast-scan IVF index (``PQ…x4fs``): its inverted lists pack 32 codes per block, which on-disk
+    lists, GPU copies and per-entry list copies do not handle."""
+    try:
+        return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+    except RuntimeError:  # not an IVF index
+        return False
+
+
 def set_search_params(index: faiss.Index, nprobe: int | None) -> None:
     """Set nprobe (and a wide enough HNSW coarse-quantizer beam); a no-op for exact indexes."""
     if nprobe is None:

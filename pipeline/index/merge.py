@@ -53,9 +53,22 @@ def check_disk_output(out_url: str) -> None:
         )
 
 
-def choose_merge(config: BuildConfig, parts: Sequence[str], out_url: str, options: Options) -> bool:
+def check_disk_merge(factory: str, dim: int) -> None:
+    """ConfigError for merge='disk' with a fast-scan factory: faiss keeps only per-entry lists on disk."""
+    if io.packed_in_blocks(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)):
+        raise ConfigError(
+            f"on-disk merge cannot hold the fast-scan lists of {factory!r} (codes packed in blocks); "
+            "use merge='ram' or 'auto' (its codes take a few dozen bytes per vector)"
+        )
+
+
+def choose_merge(
+    config: BuildConfig, parts: Sequence[str], out_url: str, options: Options, packed: bool = False
+) -> bool:
     """True to merge on disk: asked for, or (auto) the parts would take too much of the memory this container
-    may still use (its cgroup limit, not the host's RAM)."""
+    may still use (its cgroup limit, not the host's RAM). Never for ``packed`` (fast-scan) lists."""
+    if packed:
+        return False
     if config.merge == "auto":
         on_disk = parts_bytes(parts, options) > config.ram_fraction * available_memory_bytes()
     else:
@@ -72,12 +85,13 @@ def merge_parts(out_url: str, tasks: int, config: BuildConfig, options: Options)
     """
     trained_url = storage.join(out_url, io.TRAINED)
     index_urls, id_urls = zip(*(part_urls(out_url, t) for t in range(tasks)), strict=True)
-    on_disk = choose_merge(config, index_urls, out_url, options)
+    trained = io.read_index(trained_url, options)
+    on_disk = choose_merge(config, index_urls, out_url, options, io.packed_in_blocks(trained))
     if on_disk:
-        index = merge_on_disk(io.read_index(trained_url, options), index_urls, out_url)
+        index = merge_on_disk(trained, index_urls, out_url)
         faiss.write_index(index, storage.join(out_url, io.INDEX))
     else:
-        index = merge_in_ram(io.read_index(trained_url, options), index_urls, options)
+        index = merge_in_ram(trained, index_urls, options)
         io.write_index(index, storage.join(out_url, io.INDEX), options)
     id_map = pa.concat_tables(storage.read_parquet(u, options) for u in id_urls)
     io.write_id_map(out_url, id_map, options)

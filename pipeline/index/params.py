@@ -16,6 +16,12 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means warns below this many training points 
 MIN_IVF_PQ_VECTORS = MIN_POINTS_PER_LIST * 256
 PQ_SIZES = (256, 128, 96, 64, 48, 32, 16, 8)  # bytes per code, largest (most accurate) first
 DEFAULT_PQ_BYTES = 64  # without a budget: the usual size at 1M-100M (GUIDE §2)
+# Codes are 4-bit fast-scan PQ (faiss "PQ{2·bytes}x4fsr": two sub-quantizers of 16 centroids per byte, residual
+# to the list centroid): lists are scanned 32 codes at a time in SIMD registers. Measured against 8-bit PQ64 of
+# the same bytes (50k × 2048, independent queries, fp16 refinement, one thread, issue 31): the same nprobe and
+# k_factor meet the target, at 1.7× the queries/s on separate clusters and 4.0× on overlapping ones
+# (benchmarks/bench_index_settings.py, benchmarks/RESULTS.md).
+FAST_SCAN_BLOCK = 32  # codes per block of a fast-scan list (the last block of each list is padded)
 HNSW_QUANTIZER_FROM = 2**16  # a flat coarse quantizer costs O(nlist) per query; HNSW is sublinear
 HNSW_M = 32
 ID_BYTES = 8  # int64 id stored beside each code in the inverted lists
@@ -23,7 +29,8 @@ OVERHEAD = 1.1  # inverted-list slack (vector growth), per-list headers
 REFINE_KINDS = ("none", "sq8", "fp16", "store")  # see pipeline.index.refine
 IN_RAM_REFINE = ("fp16", "sq8")  # most exact first: fp16 holds the store's own values
 # Without a budget: exact scores. SQ8's error (1 byte per dimension) is below most neighbour gaps, not all:
-# measured leave-one-out, its 1-recall@1 stops at 0.96 (5k × 64-d tests) and 0.98 (200k × 2048-d, issue 31).
+# measured on independent queries, its 1-recall@1 stops at 0.96 (5k × 64-d tests) and 0.987 (50k × 2048-d with
+# separate clusters, issue 31, benchmarks/RESULTS.md), below the 0.99 target.
 DEFAULT_REFINE = "fp16"
 REFINE_WHY = {
     "none": "the PQ order is final (recall capped by the PQ code)",
@@ -102,24 +109,24 @@ def quantizer_bytes(nlist: int, dim: int) -> int:
 
 
 def ivf_pq_bytes(n: int, nlist: int, code_bytes: int, dim: int, in_dim: int) -> int:
-    """Codes and ids of n vectors, the coarse quantizer, and a PCA from ``in_dim`` (faiss keeps the full
-    in_dim × in_dim eigenvector matrix beside the in_dim × dim projection)."""
-    pca = (in_dim * in_dim + dim * in_dim) * 4 if dim < in_dim else 0
-    return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + quantizer_bytes(nlist, dim) + pca
+    """Codes and ids of n vectors (+ a padded block per list), the coarse quantizer, and a PCA from ``in_dim``
+    (its in_dim × dim projection: training drops the full eigenvector matrix)."""
+    pca = dim * in_dim * 4 if dim < in_dim else 0
+    padding = nlist * FAST_SCAN_BLOCK * code_bytes
+    return int(n * (code_bytes + ID_BYTES) * OVERHEAD) + padding + quantizer_bytes(nlist, dim) + pca
 
 
 def _pq_dim(dim: int, m: int) -> int:
-    """The dimension PQ sees: ≤ 4 dims per sub-quantizer byte (finer splits waste the 8 bits), a multiple of m."""
-    return min(dim, 4 * m) // m * m
+    """The dimension PQ sees for ``m`` code bytes: ≤ 4 dims per byte (2 per 4-bit sub-quantizer: finer splits
+    waste the bits), a multiple of the 2·m sub-quantizers."""
+    return min(dim, 4 * m) // (2 * m) * (2 * m)
 
 
 def _factory(nlist: int, m: int, dim: int) -> str:
     pq_dim = _pq_dim(dim, m)
     transform = f"PCAR{pq_dim}," if pq_dim < dim else ""
     quantizer = f"IVF{nlist}_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
-    # "np": no polysemous training, a slow annealing (25 s for PQ8 on 5k × 64-d here) that only
-    # Hamming-filtered search uses, which this pipeline does not
-    return f"{transform}{quantizer},PQ{m}np"
+    return f"{transform}{quantizer},PQ{2 * m}x4fsr"
 
 
 def _nlist_reason(n: int, nlist: int) -> str:
@@ -138,11 +145,11 @@ def _pq_and_refine(
     """(PQ bytes, refinement kind, why).
 
     Rule: the PQ code only has to build the shortlist, the refinement codes set the final order. Without a
-    budget: PQ64 + fp16 codes in RAM (``refine`` overrides the kind). With one: PQ64 + fp16 codes in RAM
-    (exact scores) if they fit, else PQ64 + SQ8, else the largest PQ code that fits with the float16 vectors
-    left on disk (store tier, no RAM).
+    budget: 64-byte codes + fp16 codes in RAM (``refine`` overrides the kind). With one: 64-byte codes + fp16
+    codes in RAM (exact scores) if they fit, else + SQ8, else the largest code that fits with the float16
+    vectors left on disk (store tier, no RAM).
     """
-    sizes = [m for m in PQ_SIZES if m <= dim]
+    sizes = [m for m in PQ_SIZES if 2 * m <= dim] or [max(1, dim // 2)]
     default = min(DEFAULT_PQ_BYTES, max(sizes))
     if memory_budget is None:
         kind = DEFAULT_REFINE if refine == "auto" else refine
@@ -158,7 +165,7 @@ def _pq_and_refine(
     need = ivf_pq_bytes(n, nlist, PQ_SIZES[-1], _pq_dim(dim, PQ_SIZES[-1]), dim)
     raise ConfigError(
         f"memory budget {memory_budget} B < {need} B needed by the smallest IVF-PQ index "
-        f"(PQ{PQ_SIZES[-1]}) of {n} vectors with refinement {refine!r}"
+        f"({PQ_SIZES[-1]} B codes) of {n} vectors with refinement {refine!r}"
     )
 
 
@@ -187,9 +194,15 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None, refine: str
     m, kind, pq_why = _pq_and_refine(n, nlist, dim, memory_budget, refine)
     pq_dim = _pq_dim(dim, m)
     estimated = ivf_pq_bytes(n, nlist, m, pq_dim, dim) + int(n * refine_ram_bytes(kind, dim) * OVERHEAD)
-    reasons = [_nlist_reason(n, nlist), f"PQ{m}: {pq_why} (estimated {estimated} B in RAM)"]
+    reasons = [
+        _nlist_reason(n, nlist),
+        f"PQ{2 * m}x4fsr: {m} B fast-scan codes (4-bit sub-quantizers, SIMD list scans), {pq_why} "
+        f"(estimated {estimated} B in RAM)",
+    ]
     if pq_dim < dim:
-        reasons.append(f"PCAR{pq_dim}: reduce {dim} → {pq_dim} dims (≤ 4 dims per PQ byte, divisible by {m})")
+        reasons.append(
+            f"PCAR{pq_dim}: reduce {dim} → {pq_dim} dims (≤ 4 dims per code byte, divisible by {2 * m})"
+        )
     reasons.append(
         f"{'HNSW' if nlist >= HNSW_QUANTIZER_FROM else 'flat'} coarse quantizer for nlist={nlist} "
         f"({'≥' if nlist >= HNSW_QUANTIZER_FROM else '<'} {HNSW_QUANTIZER_FROM})"

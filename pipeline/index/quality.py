@@ -20,12 +20,17 @@ import numpy as np
 
 from pipeline import store
 from pipeline.errors import ConfigError
+from pipeline.index.io import packed_in_blocks
 from pipeline.index.refine import code_size, configure
 from pipeline.index.whitening import Space, identity
 from pipeline.storage import Options
 
 RECALL_KS = (1, 10, 100)
 PLATEAU = 0.001  # recall gains below this are not worth more probes
+# A byte of 4-bit fast-scan codes costs this much of a byte of 8-bit PQ codes or refinement codes: lists are
+# scanned 32 codes at a time in SIMD registers. Measured single-threaded on 50k × 2048 (issue 31,
+# benchmarks/bench_index_settings.py): 8-bit PQ ≈ 1.9 ns per scanned byte, fast-scan ≈ 0.28, SQ8 refinement ≈ 1.3.
+FAST_SCAN_BYTE_COST = 0.15
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class Target:
     key: str  # e.g. "100-recall@100"
     recall: float
     recall_at_1: float
-    probe_bytes: float  # PQ bytes scanned per probed list: ntotal / nlist · code size
+    probe_bytes: float  # PQ bytes scanned per probed list: ntotal / nlist · code size (fast-scan: weighted)
     candidate_bytes: float  # refinement bytes per re-scored candidate: k · code size
 
     def met(self, row: dict[str, Any]) -> bool:
@@ -178,6 +183,14 @@ def pick(rows: Sequence[dict[str, Any]], target: Target) -> tuple[dict[str, Any]
     )
 
 
+def probe_bytes(index: faiss.Index, nlist: int) -> float:
+    """The cost of probing one list: its codes' bytes, fast-scan ones at FAST_SCAN_BYTE_COST (0 for exact)."""
+    if not nlist:
+        return 0.0
+    weight = FAST_SCAN_BYTE_COST if packed_in_blocks(index) else 1.0
+    return index.ntotal / nlist * faiss.extract_index_ivf(index).code_size * weight
+
+
 def quality_report(
     index: faiss.Index,
     queries: np.ndarray,
@@ -197,7 +210,7 @@ def quality_report(
         f"{target_k}-recall@{target_k}",
         config.target,
         config.target_r1,
-        index.ntotal / nlist * faiss.extract_index_ivf(index).code_size if nlist else 0.0,
+        probe_bytes(index, nlist),
         target_k * code_size(refined) if refined is not None else 0.0,
     )
     nprobes = nprobe_values(nlist, config.max_nprobe)
@@ -210,7 +223,8 @@ def quality_report(
         "definition": "queries: see query_set (leave-one-out: each query's own id excluded from its truth and "
         "its results); truth: exact inner-product top-k over all indexed vectors; k-recall@k = |approx top-k ∩ "
         "exact top-k| / k; k_factor: refined shortlist of k · k_factor PQ candidates (null: PQ order, no "
-        "refinement); cost: PQ + refinement bytes read per query",
+        "refinement); cost: PQ + refinement bytes read per query (fast-scan PQ bytes weighted by "
+        f"{FAST_SCAN_BYTE_COST}: scanned in SIMD)",
         "query_set": query_set,
         "leave_one_out": exclude is not None,
         "queries": len(queries),

@@ -39,8 +39,9 @@ Hits = tuple[np.ndarray, np.ndarray]  # (q, k) float32 scores, (q, k) int64 fais
 
 
 def to_device(index: faiss.Index) -> faiss.Index:
-    """The index on all GPUs when faiss sees any (an on-disk index stays on CPU), else unchanged."""
-    if faiss.get_num_gpus() == 0:
+    """The index on all GPUs when faiss sees any (an on-disk index stays on CPU), else unchanged; fast-scan
+    codes (no GPU kernels in faiss) stay on the CPU, where they are fast."""
+    if faiss.get_num_gpus() == 0 or io.packed_in_blocks(index):
         return index
     return faiss.index_cpu_to_all_gpus(index)
 
@@ -96,7 +97,9 @@ def keep_ids(index: faiss.Index, first: int, end: int) -> faiss.Index:
     inverted lists are copied (into RAM: an on-disk index's lists are read, never loaded whole)."""
     try:
         ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # flat (IDMap2): a copy without the other ids
+    except RuntimeError:  # flat (IDMap2)
+        ivf = None
+    if ivf is None or io.packed_in_blocks(index):  # flat or fast-scan blocks: a copy without the other ids
         part = faiss.clone_index(index)
         part.remove_ids(faiss.IDSelectorNot(faiss.IDSelectorRange(first, end)))
         return part

@@ -112,7 +112,18 @@ def train(factory: str, sample: np.ndarray, dim: int) -> faiss.Index:
     index.train(sample)
     if ivf is not None:
         ivf.clustering_index = None
+    drop_pca_basis(index)
     return index
+
+
+def drop_pca_basis(index: faiss.Index) -> None:
+    """Free a trained PCA's full d_in × d_in eigenvector matrix: search applies only its d_out × d_in projection,
+    and the full one (16.8 MB at 2048-d, 84 B per vector of a 200k index) would be stored in every copy."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for step in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(step))
+            if isinstance(transform, faiss.PCAMatrix):
+                transform.PCAMat.clear()
 
 
 def resolve_choice(
