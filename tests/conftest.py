@@ -41,7 +41,7 @@ OWN_SCOPES = (
 # out longest first so that none starts last and both workers end together. Unlisted scopes are short and
 # follow, most tests first (xdist's own order).
 SCOPE_SECONDS = {
-    "tests/test_extraction.py": 300,
+    "tests/test_extraction.py": 150,
     "tests/test_train.py": 330,
     "tests/test_faults.py": 240,
     "demo_index": 230,
@@ -49,7 +49,7 @@ SCOPE_SECONDS = {
     "tests/test_jobs.py": 145,
     "tests/test_reindex.py": 125,
     "tests/test_cli.py": 115,
-    OWN_SCOPES[0]: 125,
+    OWN_SCOPES[0]: 130,
     OWN_SCOPES[1]: 97,
     "tests/test_dba.py": 85,
     "tests/test_whitening.py": 75,
