@@ -37,23 +37,25 @@ OWN_SCOPES = (
     "tests/test_extraction.py::test_gpu_extractors_wait_for_gpu_nodes_and_the_pool_grows_as_they_join",
     "tests/test_answers.py::test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process",
 )
-# Seconds of the long scopes (their tests' setup + call + teardown summed, in a full run under load), handed
-# out longest first so that none starts last and both workers end together. Unlisted scopes are short and
-# follow, most tests first (xdist's own order).
+# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine
+# under load, 2026-12-07), handed out longest first so that none starts last and both workers end together.
+# Unlisted scopes are short and follow, most tests first (xdist's own order).
 SCOPE_SECONDS = {
-    "tests/test_extraction.py": 150,
-    "tests/test_train.py": 330,
-    "tests/test_faults.py": 240,
-    "demo_index": 230,
-    "tests/test_convert.py": 150,
-    "tests/test_jobs.py": 145,
-    "tests/test_reindex.py": 125,
-    "tests/test_cli.py": 115,
-    OWN_SCOPES[0]: 130,
-    OWN_SCOPES[1]: 97,
-    "tests/test_dba.py": 85,
-    "tests/test_whitening.py": 75,
-    "tests/test_answers.py": 40,
+    "tests/test_train.py": 362,
+    "tests/test_faults.py": 243,
+    "demo_index": 181,
+    "tests/test_extraction.py": 164,
+    "tests/test_jobs.py": 119,
+    "tests/test_convert.py": 95,
+    OWN_SCOPES[0]: 94,
+    "tests/test_index.py": 83,
+    OWN_SCOPES[1]: 66,
+    "tests/test_dba.py": 65,
+    "tests/test_extract.py": 62,
+    "tests/test_reindex.py": 62,
+    "tests/test_cli.py": 60,
+    "tests/test_whitening.py": 48,
+    "tests/test_run.py": 46,
 }
 
 
