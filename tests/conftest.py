@@ -12,6 +12,12 @@ import pytest
 # Keep torch and BLAS to the machine's cores without oversubscribing Ray workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray the tests start (the session's, those of commands and of tests/raynodes.py) keeps up to 8 workers
+# instead of its CPU count (2): a run's decode and writer tasks (0.25 CPU each) then reuse warm workers rather
+# than start new ones (each importing torch) while the idle ones beyond the limit are killed after 1 s. The
+# SIGKILL extraction test took 93 s with the default and 40 s with this (loaded machine); an idle worker that
+# has imported torch holds a few hundred MB.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 # The local Rays that commands run by a test start (pipeline.ray_runtime) get a temp dir of this pytest
 # process, so concurrent xdist workers never share Ray's session files. Short: Ray's socket paths must fit
 # 107 bytes.
@@ -25,33 +31,56 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 # Modules built on one costly session fixture (tests/demo_index.py: a reindex of the demo on Ray), run on one
 # xdist worker so that it is built once.
 SHARED_SESSION_BUILDS = {"tests/test_query.py": "demo_index", "tests/test_serve.py": "demo_index"}
-# Scopes handed out first, so that no long one starts last: the demo index and its service (6.7 min for
-# test_serve.py alone on a loaded machine), Ray Train runs (2.5 min), TensorFlow conversions (3.9 min for
-# test_convert.py). test_train.py also starts on a fresh worker's Ray: its 2-worker = 1-worker check failed
-# (same figure twice) only after other modules had run on that worker's Ray, and passes on a fresh one —
-# an open finding, not yet explained.
-LONGEST_FIRST = ("demo_index", "tests/test_train.py", "tests/test_convert.py")
+# Tests that are a scope of their own: each starts a Ray cluster of its own and alone takes about a minute, so
+# its module would otherwise be one long scope that no other worker can share.
+OWN_SCOPES = (
+    "tests/test_extraction.py::test_gpu_extractors_wait_for_gpu_nodes_and_the_pool_grows_as_they_join",
+    "tests/test_answers.py::test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process",
+)
+# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine
+# under load, 2026-12-07), handed out longest first so that none starts last and both workers end together.
+# Unlisted scopes are short and follow, most tests first (xdist's own order).
+SCOPE_SECONDS = {
+    "tests/test_train.py": 362,
+    "tests/test_faults.py": 243,
+    "demo_index": 181,
+    "tests/test_extraction.py": 164,
+    "tests/test_jobs.py": 119,
+    "tests/test_convert.py": 95,
+    OWN_SCOPES[0]: 94,
+    "tests/test_index.py": 83,
+    OWN_SCOPES[1]: 66,
+    "tests/test_dba.py": 65,
+    "tests/test_extract.py": 62,
+    "tests/test_reindex.py": 62,
+    "tests/test_cli.py": 60,
+    "tests/test_whitening.py": 48,
+    "tests/test_run.py": 46,
+}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """`--dist loadscope` (pyproject's addopts), with the SHARED_SESSION_BUILDS modules as one scope and the
-    LONGEST_FIRST scopes handed out before the others."""
+    """`--dist loadscope` (pyproject's addopts) with the scopes above: SHARED_SESSION_BUILDS modules as one,
+    OWN_SCOPES tests each alone, handed out longest first (SCOPE_SECONDS)."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class SharedBuildScheduling(LoadScopeScheduling):
+    class LongestFirstScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
+            own = next((test for test in OWN_SCOPES if nodeid.startswith(test)), None)
+            if own is not None:
+                return own
             scope = super()._split_scope(nodeid)
             return SHARED_SESSION_BUILDS.get(scope, scope)
 
         def _assign_work_unit(self, node: object) -> None:
-            for scope in reversed(LONGEST_FIRST):
-                if scope in self.workqueue:
-                    self.workqueue.move_to_end(scope, last=False)
+            # sorted() is stable: unlisted scopes keep xdist's order behind the listed ones
+            for scope in sorted(self.workqueue, key=lambda scope: -SCOPE_SECONDS.get(scope, 0)):
+                self.workqueue.move_to_end(scope)
             super()._assign_work_unit(node)
 
-    return SharedBuildScheduling(config, log)
+    return LongestFirstScheduling(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +17,7 @@ from pipeline import results, store
 from pipeline.execution import InProcessExecutor, RayExecutor, Workers, executor_for
 from pipeline.rerank import RerankConfig, RerankRun, rerank
 from pipeline.store import LocalFeatures
+from tests.raynodes import own_ray_workers
 
 if TYPE_CHECKING:
     from pipeline.index import SearchSummary
@@ -156,9 +156,7 @@ def test_two_ray_workers_with_one_killed_give_the_single_process_result(
     def kill_a_worker(progress) -> None:
         if killed:
             return
-        workers = [
-            p for p in psutil.Process().children(recursive=True) if "_WorkerActor" in " ".join(p.cmdline())
-        ]
+        workers = own_ray_workers("_WorkerActor")
         assert workers and progress.done < progress.total  # batches are still to come
         workers[0].send_signal(signal.SIGKILL)
         killed.append(workers[0].pid)

@@ -43,7 +43,7 @@ from pipeline.model.delg import Delg
 from pipeline.ray_runtime import every
 from pipeline.store import StoreSettings
 from tests.models import calibrated_weights
-from tests.raynodes import RayNodes
+from tests.raynodes import RayNodes, own_ray_workers
 from tests.servers import Fault
 from tests.tables import table_rows
 
@@ -204,16 +204,6 @@ def test_resume_refuses_a_different_run(tmp_path, weights):
         run_extraction(replace(job, decode_draft=True), in_process=True)
 
 
-def _actor_pids() -> list[int]:
-    import psutil
-
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("ExtractorActor" in part for part in (p.info["cmdline"] or []))
-    ]
-
-
 def test_sigkill_of_an_extractor_actor_loses_no_row(tmp_path, ray_cluster, weights):
     rows, bad = _dataset(tmp_path, good=20)
     job = ExtractionJob(
@@ -221,21 +211,20 @@ def test_sigkill_of_an_extractor_actor_loses_no_row(tmp_path, ray_cluster, weigh
     )
     killed: list[int] = []
 
-    def kill_once_mid_run() -> None:
-        commits = tmp_path / "out/_commits"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            pids = _actor_pids()
-            if pids and commits.is_dir() and any(commits.iterdir()):
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.05)
+    def kill_at_the_first_commit(progress: Progress) -> None:
+        """In the driver's loop, as soon as a shard is committed while chunks are still to extract."""
+        if killed or not progress.shards_committed:
+            return
+        assert progress.done_rows < progress.total_rows, "nothing left to extract: a kill would prove nothing"
+        actors = own_ray_workers("ExtractorActor")
+        assert actors, "no extractor actor to kill"
+        for actor in actors:
+            actor.send_signal(signal.SIGKILL)
+        killed.extend(actor.pid for actor in actors)
 
-    killer = threading.Thread(target=kill_once_mid_run)
-    killer.start()
-    summary = run_extraction(job, ClusterOptions(address=ray_cluster, chunk_size=2))
-    killer.join()
-    assert killed, "the actor was never seen, so never killed"
+    cluster = ClusterOptions(address=ray_cluster, chunk_size=2)
+    summary = run_extraction(job, cluster, on_progress=kill_at_the_first_commit)
+    assert killed, "no shard was committed before the end, so nothing was killed"
     assert summary.rows == len(rows)
     _assert_accounted(job.out_url, rows, bad)
 
@@ -281,6 +270,11 @@ def test_killed_driver_resumes_to_the_same_result(tmp_path, ray_cluster, weights
         ray_cluster,
         "--global-dtype",
         "float32",
+        # Decode and write tasks one at a time beside the extractor on the session's 2 CPUs: the command is a
+        # Ray job of its own, whose every new worker imports torch (seconds on 2 busy cores), and these tiny
+        # images need no parallel decoding. Cluster settings change no output.
+        "--decode-cpus",
+        "1",
     ]
     # stderr to a file, not a pipe: an unread pipe that fills up would stall the driver before any commit.
     log = tmp_path / "driver.stderr"

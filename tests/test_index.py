@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline import store
 from pipeline.errors import ConfigError
@@ -35,6 +36,7 @@ from pipeline.index import (
     remove_ids,
     search,
 )
+from pipeline.index.add import faiss_threads
 from pipeline.index.build import (
     draw_samples,
     memory_request,
@@ -128,7 +130,11 @@ def test_in_process_build_gives_the_ray_build_s_index(built, data, tmp_path):
     """The same steps without Ray (the execution seam's in-process executor): the same trained index, the
     same inverted lists, the same search setting."""
     store_url, out, summary = built
-    here = build_index(store_url, str(tmp_path / "here"), factory=FACTORY, config=FAST, in_process=True)
+    with faiss_threads(2):  # conftest.py's OMP_NUM_THREADS, whatever ran before; the add tasks use 1
+        here = build_index(store_url, str(tmp_path / "here"), factory=FACTORY, config=FAST, in_process=True)
+        # The build leaves this process's OpenMP threads as they were, torch's included (one runtime): it once
+        # left 1, and a later test's torch (test_train's calibrated weights) then summed in another order.
+        assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == (2, 2)
     assert invlist_contents(io.load_index(str(tmp_path / "here"))) == invlist_contents(io.load_index(out))
     assert here.choice.factory == summary.choice.factory
     same = ("ntotal", "next_id", "train_points", "nprobe", "k_factor")

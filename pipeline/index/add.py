@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -15,6 +16,19 @@ from pipeline.execution import Executor, RayExecutor, Workers
 from pipeline.index import io, refine, whitening
 from pipeline.index.build_config import BuildConfig
 from pipeline.storage import Options
+
+
+@contextmanager
+def faiss_threads(threads: int) -> Iterator[None]:
+    """faiss's OpenMP threads for the block, then as they were. The setting belongs to the whole process, and
+    torch shares its OpenMP runtime: left behind, it would change torch's threads (hence its float sums) in the
+    caller's process after an in-process build, or in a Ray worker that runs other tasks later."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def part_urls(out_url: str, task: int) -> tuple[str, str]:
@@ -62,11 +76,14 @@ class AddWork:
     whitened: bool
 
     def setup(self) -> None:
-        faiss.omp_set_num_threads(self.threads)
+        """Nothing to load once: each batch reads the trained index afresh (its own copy to add to)."""
 
     def __call__(self, batch: tuple[int, list[str], list[int]]) -> int:
         """``batch``: (task number, its shards' URLs, their id bases)."""
-        task, shard_urls, bases = batch
+        with faiss_threads(self.threads):
+            return self._add(*batch)
+
+    def _add(self, task: int, shard_urls: list[str], bases: list[int]) -> int:
         index = io.read_index(storage.join(self.out_url, io.TRAINED), self.options)
         codes = refine.code_writer(self.out_url, self.options)
         space = _space(self.out_url, self.whitened, self.options)

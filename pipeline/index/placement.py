@@ -7,10 +7,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import faiss
 import numpy as np
 
-from pipeline.index.add import part_urls
+from pipeline.index.add import faiss_threads, part_urls
 from pipeline.index.build_config import BuildConfig
 from pipeline.index.merge import merge_and_measure, parts_bytes
 from pipeline.index.params import (
@@ -62,8 +61,8 @@ def memory_request(estimate: int) -> int:
 
 
 def _threaded(step: Callable[..., T], threads: int, *args: Any) -> T:
-    faiss.omp_set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; be explicit as the adds are
-    return step(*args)
+    with faiss_threads(threads):  # Ray sets OMP_NUM_THREADS from num_cpus; be explicit as the adds are
+        return step(*args)
 
 
 def _train_task(
