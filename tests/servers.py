@@ -139,11 +139,12 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
             self.server.in_flight += 1
             self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
         try:
-            if self.apply_fault():
-                super().do_GET()
-        finally:
+            serve = self.apply_fault()
+        finally:  # before the file is written: a client holding its answer may already send its next request
             with self.server.lock:
                 self.server.in_flight -= 1
+        if serve:
+            super().do_GET()
 
     def do_HEAD(self) -> None:
         if self.apply_fault():
