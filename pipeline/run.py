@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any
 
 from pipeline import storage
@@ -92,9 +92,9 @@ class _Runner:
         self.show = show
         self.results: dict[str, StageResult] = {}
 
-    def stage(
-        self, name: str, params: Any, upstream: list[str], work: Callable[[], Mapping[str, Any]]
-    ) -> None:
+    def stage(self, name: str, params: Any, upstream: list[str], work: Callable[[], Any]) -> None:
+        """Run ``work`` unless its marker holds the same key; its result (a stage's summary dataclass, or a
+        mapping) is the marker's summary."""
         key = _key(name, params, [self.results[u].key for u in upstream])
         marker = self.paths.marker(name)
         if storage.exists(marker, self.options):
@@ -106,7 +106,8 @@ class _Runner:
         self.say(f"{name}: running")
         self.show(StageProgress(name))
         start = time.monotonic()
-        summary = dict(work())
+        outcome = work()
+        summary = asdict(outcome) if is_dataclass(outcome) else dict(outcome)
         self.show(StageProgress(name, finished=True))
         result = StageResult(name, key, time.monotonic() - start, summary, reused=False)
         record = {"key": key, "seconds": result.seconds, "summary": summary}
@@ -142,7 +143,7 @@ def _extract_stages(config: RunConfig, runner: _Runner) -> None:
         def show(progress: Progress) -> None:
             runner.show(extraction_progress(stage, progress))
 
-        return lambda: asdict(run_extraction(job, cluster, runner.options, show))
+        return lambda: run_extraction(job, cluster, runner.options, show)
 
     params, paths, data = config.extract.output_values(), runner.paths, config.data
     runner.stage(
@@ -189,31 +190,27 @@ def _index_stages(config: RunConfig, runner: _Runner) -> None:
             "dba",
             [global_config.dba_k, global_config.dba_alpha],
             ["build-index"],
-            lambda: asdict(
-                build_dba(
-                    paths.index,
-                    [paths.index_store],
-                    global_config.dba_k,
-                    global_config.dba_alpha,
-                    options,
-                    workers=workers,
-                )
+            lambda: build_dba(
+                paths.index,
+                [paths.index_store],
+                global_config.dba_k,
+                global_config.dba_alpha,
+                options,
+                workers=workers,
             ),
         )
     runner.stage(
         "search",
         asdict(config.search),
         ["build-index", "extract-queries"],
-        lambda: asdict(
-            search(
-                paths.index,
-                paths.query_store,
-                paths.search,
-                config.search.search_config(),
-                options,
-                workers=workers,
-                on_progress=lambda p: runner.show(StageProgress("search", p.done, p.total, p.line())),
-            )
+        lambda: search(
+            paths.index,
+            paths.query_store,
+            paths.search,
+            config.search.search_config(),
+            options,
+            workers=workers,
+            on_progress=lambda p: runner.show(StageProgress("search", p.done, p.total, p.line())),
         ),
     )
 
@@ -235,20 +232,18 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
             "rerank",
             [asdict(rerank_config), config.rerank.method, asdict(global_config)],
             ["search", *(["dba"] if _needs_dba(config) else [])],
-            lambda: asdict(
-                rerank(
-                    paths.search,
-                    paths.query_store,
-                    paths.index_store,
-                    paths.reranked,
-                    rerank_config,
-                    options=options,
-                    method=config.rerank.method,
-                    global_config=global_config,
-                    index_url=paths.index,
-                    run=config.rerank.rerank_run(config.ray_address),
-                    on_progress=lambda p: runner.show(StageProgress("rerank", p.done, p.total, p.line())),
-                )
+            lambda: rerank(
+                paths.search,
+                paths.query_store,
+                paths.index_store,
+                paths.reranked,
+                rerank_config,
+                options=options,
+                method=config.rerank.method,
+                global_config=global_config,
+                index_url=paths.index,
+                run=config.rerank.rerank_run(config.ray_address),
+                on_progress=lambda p: runner.show(StageProgress("rerank", p.done, p.total, p.line())),
             ),
         )
     done = runner.results
@@ -257,7 +252,7 @@ def _verify_and_report_stages(config: RunConfig, runner: _Runner) -> None:
         runner.stage("evaluate", asdict(config.data), upstream, lambda: _evaluate(config, paths, options))
     if config.report.enabled:
         upstream = [s for s in ("search", "rerank", "evaluate") if s in done]
-        runner.stage("report", asdict(config.report), upstream, lambda: asdict(report_run(config, options)))
+        runner.stage("report", asdict(config.report), upstream, lambda: report_run(config, options))
 
 
 # ---------------------------------------------------------------- evaluation
