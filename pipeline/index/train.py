@@ -47,14 +47,18 @@ def id_bases(counts: Sequence[int], start: int = 0) -> np.ndarray:
 def sample_rows(
     urls: Sequence[str], counts: Sequence[int], rows: np.ndarray, options: Options = None
 ) -> np.ndarray:
-    """Vectors (len(rows), D) float32 at global positions ``rows`` (sorted), reading one shard at a time."""
-    bases = id_bases(counts)
-    parts = []
-    for url, base, count in zip(urls, bases, counts, strict=True):
+    """Vectors (len(rows), D) float32 at global positions ``rows`` (sorted), reading one shard at a time into
+    one preallocated array: collecting per-shard parts and concatenating them held the sample twice (16 GB at
+    a 1M × 2048 sample)."""
+    sample = np.empty((len(rows), shard_dim(urls[0], options)), np.float32)
+    filled = 0
+    for url, base, count in zip(urls, id_bases(counts), counts, strict=True):
         local = rows[(rows >= base) & (rows < base + count)] - base
         if len(local):
-            parts.append(store.read_global_shard(url, options)[1][local])
-    return np.concatenate(parts) if parts else np.zeros((0, shard_dim(urls[0], options)), np.float32)
+            sample[filled : filled + len(local)] = store.read_global_shard(url, options)[1][local]
+            filled += len(local)
+    assert filled == len(rows), "rows outside the shards"
+    return sample
 
 
 def draw_samples(total: int, train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
