@@ -18,6 +18,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # SIGKILL extraction test took 93 s with the default and 40 s with this (loaded machine); an idle worker that
 # has imported torch holds a few hundred MB.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# Ray Train's controller looks at its workers every 2 s by default, so each state change of a run (started,
+# finished, failed) waits up to 2 s; the test runs train for seconds. Its preemption watcher, an extra actor
+# process per run, watches for node drains, which no test makes. Both are read by the controller, a worker of
+# the session's Ray, which inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The local Rays that commands run by a test start (pipeline.ray_runtime) get a temp dir of this pytest
 # process, so concurrent xdist workers never share Ray's session files. Short: Ray's socket paths must fit
 # 107 bytes.
