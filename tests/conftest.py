@@ -43,25 +43,25 @@ OWN_SCOPES = (
     "tests/test_extraction.py::test_gpu_extractors_wait_for_gpu_nodes_and_the_pool_grows_as_they_join",
     "tests/test_answers.py::test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process",
 )
-# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine
-# under load, 2026-12-07), handed out longest first so that none starts last and both workers end together.
-# Unlisted scopes are short and follow, most tests first (xdist's own order).
+# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine,
+# quiet at its start, 2026-12-07: 1144 worker-s, 594 s wall), handed out longest first so that none starts last
+# and both workers end together. Unlisted scopes are short and follow, most tests first (xdist's own order).
 SCOPE_SECONDS = {
-    "tests/test_train.py": 362,
-    "tests/test_faults.py": 243,
-    "demo_index": 181,
-    "tests/test_extraction.py": 164,
-    "tests/test_jobs.py": 119,
-    "tests/test_convert.py": 95,
-    OWN_SCOPES[0]: 94,
-    "tests/test_index.py": 83,
-    OWN_SCOPES[1]: 66,
-    "tests/test_dba.py": 65,
-    "tests/test_extract.py": 62,
-    "tests/test_reindex.py": 62,
-    "tests/test_cli.py": 60,
-    "tests/test_whitening.py": 48,
-    "tests/test_run.py": 46,
+    "tests/test_train.py": 202,
+    "tests/test_faults.py": 128,
+    "demo_index": 121,
+    "tests/test_extraction.py": 74,
+    "tests/test_jobs.py": 71,
+    "tests/test_convert.py": 69,
+    OWN_SCOPES[0]: 66,
+    "tests/test_dba.py": 54,
+    OWN_SCOPES[1]: 46,
+    "tests/test_run.py": 41,
+    "tests/test_reindex.py": 34,
+    "tests/test_ray_runtime.py": 33,
+    "tests/test_whitening.py": 31,
+    "tests/test_gpu_check.py": 23,
+    "tests/test_index.py": 19,
 }
 
 
