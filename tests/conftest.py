@@ -18,6 +18,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # SIGKILL extraction test took 93 s with the default and 40 s with this (loaded machine); an idle worker that
 # has imported torch holds a few hundred MB.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# Ray Train's controller looks at its workers every 2 s by default, so each state change of a run (started,
+# finished, failed) waits up to 2 s; the test runs train for seconds. Its preemption watcher, an extra actor
+# process per run, watches for node drains, which no test makes. Both are read by the controller, a worker of
+# the session's Ray, which inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The local Rays that commands run by a test start (pipeline.ray_runtime) get a temp dir of this pytest
 # process, so concurrent xdist workers never share Ray's session files. Short: Ray's socket paths must fit
 # 107 bytes.
@@ -37,25 +43,25 @@ OWN_SCOPES = (
     "tests/test_extraction.py::test_gpu_extractors_wait_for_gpu_nodes_and_the_pool_grows_as_they_join",
     "tests/test_answers.py::test_search_dba_and_rerank_on_a_two_node_cluster_equal_one_process",
 )
-# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine
-# under load, 2026-12-07), handed out longest first so that none starts last and both workers end together.
-# Unlisted scopes are short and follow, most tests first (xdist's own order).
+# Seconds of the long scopes (their tests' setup + call + teardown summed, from a full run on the 2-core machine,
+# quiet at its start, 2026-12-07: 1144 worker-s, 594 s wall), handed out longest first so that none starts last
+# and both workers end together. Unlisted scopes are short and follow, most tests first (xdist's own order).
 SCOPE_SECONDS = {
-    "tests/test_train.py": 362,
-    "tests/test_faults.py": 243,
-    "demo_index": 181,
-    "tests/test_extraction.py": 164,
-    "tests/test_jobs.py": 119,
-    "tests/test_convert.py": 95,
-    OWN_SCOPES[0]: 94,
-    "tests/test_index.py": 83,
-    OWN_SCOPES[1]: 66,
-    "tests/test_dba.py": 65,
-    "tests/test_extract.py": 62,
-    "tests/test_reindex.py": 62,
-    "tests/test_cli.py": 60,
-    "tests/test_whitening.py": 48,
-    "tests/test_run.py": 46,
+    "tests/test_train.py": 202,
+    "tests/test_faults.py": 128,
+    "demo_index": 121,
+    "tests/test_extraction.py": 74,
+    "tests/test_jobs.py": 71,
+    "tests/test_convert.py": 69,
+    OWN_SCOPES[0]: 66,
+    "tests/test_dba.py": 54,
+    OWN_SCOPES[1]: 46,
+    "tests/test_run.py": 41,
+    "tests/test_reindex.py": 34,
+    "tests/test_ray_runtime.py": 33,
+    "tests/test_whitening.py": 31,
+    "tests/test_gpu_check.py": 23,
+    "tests/test_index.py": 19,
 }
 
 

@@ -21,6 +21,7 @@ from pipeline.index import SearchSummary
 from pipeline.index.dba import read_dba
 from pipeline.index.io import read_id_map
 from pipeline.results import read_metadata
+from tests.inprocess import Ran, run_cli
 from tests.stores import write_clustered_store
 from tests.tables import table_rows
 
@@ -49,8 +50,9 @@ COMMANDS = (
 )
 
 
-def cli(*args: str, check: bool = True, columns: int | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI; ``columns`` widens rich's output so that no choice list is wrapped mid-word."""
+def command(*args: str, check: bool = True, columns: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a command of its own; ``columns`` widens rich's output so that no choice list is
+    wrapped mid-word."""
     env = {**os.environ, "COLUMNS": str(columns)} if columns else None
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300, env=env
@@ -60,11 +62,20 @@ def cli(*args: str, check: bool = True, columns: int | None = None) -> subproces
     return result
 
 
+def cli(*args: str, check: bool = True) -> Ran:
+    """Run the CLI's entry point in this process (the stage commands: no interpreter start-up and imports
+    per command, and the session's warm Ray workers)."""
+    result = run_cli(*args)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
 def test_help_lists_every_command():
-    panel = cli("--help").stdout.split("Commands")[1].splitlines()[1:]
+    panel = command("--help").stdout.split("Commands")[1].splitlines()[1:]
     listed = [line[2:].split()[0] for line in panel if line.startswith("│ ") and line[2] != " "]
     assert sorted(listed) == sorted(COMMANDS)  # continuation lines of long descriptions start with spaces
-    assert "delg-r50-gldv2" in table_rows(cli("presets").stdout)
+    assert "delg-r50-gldv2" in table_rows(command("presets").stdout)
 
 
 def test_stage_commands_chain(tmp_path: Path, ray_cluster: str):
@@ -210,10 +221,11 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path):
 
 
 def test_version_and_choices_are_shown_and_checked(tmp_path: Path):
-    assert cli("--version").stdout.split() == ["landmark-index", importlib.metadata.version("landmark-index")]
-    shown = cli("rerank", "--help", columns=300).stdout
+    version = command("--version").stdout.split()
+    assert version == ["landmark-index", importlib.metadata.version("landmark-index")]
+    shown = command("rerank", "--help", columns=300).stdout
     assert "superglobal+verify" in shown and "saturate" in shown and "homography" in shown
-    bad = cli("evaluate", "r.parquet", "gt.csv", "--protocol", "trec", check=False)
+    bad = command("evaluate", "r.parquet", "gt.csv", "--protocol", "trec", check=False)
     assert bad.returncode == 2 and "gldv2-recognition" in bad.stderr and "Traceback" not in bad.stderr
 
 

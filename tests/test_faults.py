@@ -495,11 +495,15 @@ REFUSED_FIX = "pass --image-root with the folder they are under, or --allow-loca
 
 
 @pytest.mark.parametrize("command", ["extract", "reindex"])
-def test_a_run_whose_every_row_fails_exits_2_naming_the_fix(command, world: World, ray_cluster, tmp_path):
+def test_a_run_whose_every_row_fails_exits_2_naming_the_fix(
+    command, world: World, ray_cluster, tmp_path, monkeypatch, capsys
+):
+    """In this process on the session's Ray (a command of its own would start a new Ray job, whose workers
+    import torch anew): the same entry point and error boundary."""
     manifest = _outside_manifest(world, tmp_path)
     out = tmp_path / "out"
     args = [str(manifest), str(out), "--preset", "cpu-small", "--address", ray_cluster]
-    outcome = finish(run_command([*PYTHON, command, *args]))
+    outcome = run_in_process(monkeypatch, capsys, [command, *args])
     line = check_one_error_line(outcome, 2, f"none of the {len(list(world.images.glob('*.jpg')))} rows")
     assert "local_file_refused: 3" in line and REFUSED_FIX in line
     assert "committed shards but no descriptors" not in outcome.stderr

@@ -52,6 +52,7 @@ from pipeline.train_data import (
     random_crop_box,
     training_rows,
 )
+from tests.inprocess import run_cli
 from tests.models import calibrated_weights
 
 PRESET = "cpu-small"  # MobileNetV2 with a learned local head: small enough for CPU tests
@@ -283,10 +284,11 @@ def test_task_decoding_gives_the_thread_decoded_batches(tmp_path, ray_cluster):
 @pytest.fixture(scope="module")
 def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) -> Path:
     """8 steps with 2 CPU workers through the CLI, connected to the test's Ray cluster, decoding in Ray
-    tasks (the library's runs decode in threads, the CPU default)."""
+    tasks (the library's runs decode in threads, the CPU default). The CLI runs in this process: its Ray
+    Train run is the same, and the decode tasks reuse the session's warm workers."""
     out = tmp_path_factory.mktemp("train-2w") / "out"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RAY_RUN.items()]
-    command = [sys.executable, "-m", "pipeline.cli", "train", manifest, str(out), "--preset", PRESET, *args]
+    command = ["train", manifest, str(out), "--preset", PRESET, *args]
     command += ["--weights", initial_weights]
     command += [
         "--workers",
@@ -300,7 +302,7 @@ def two_workers_cli(manifest, initial_weights, ray_cluster, tmp_path_factory) ->
         "--address",
         ray_cluster,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = run_cli(*command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final loss" in done.stdout and f"--preset {PRESET}" in done.stdout  # what to extract with
     return out
