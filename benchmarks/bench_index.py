@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,24 +222,31 @@ def fastest(
     )
 
 
-def baseline(
-    urls: list[str], dim: int, workdir: Path, autofaiss: tuple[str, str] | None
-) -> tuple[faiss.Index, int, str, str | None, float, str]:
-    """The index autofaiss builds by default: by autofaiss itself when ``autofaiss`` = (python, memory) is
-    given, else HNSW32 flat built here. Returns it, its serialized bytes (from its file: serializing into
-    memory would hold it twice, 17 GB at 1M), its label, autofaiss's own search setting (None when not run),
-    build seconds and a line on its build's peak memory."""
+@dataclass(frozen=True)
+class Baseline:
+    """The index autofaiss builds by default, as measured beside ours."""
+
+    index: faiss.Index
+    bytes: int  # serialized, from its file: serializing into memory would hold it twice (17 GB at 1M)
+    label: str
+    own_setting: str | None  # autofaiss's tuned search setting (None when autofaiss did not run)
+    build_s: float
+    memory: str  # its build's peak memory, and whose
+
+
+def baseline(urls: list[str], dim: int, workdir: Path, autofaiss: tuple[str, str] | None) -> Baseline:
+    """Built by autofaiss itself when ``autofaiss`` = (python, memory) is given, else HNSW32 flat built here."""
     if autofaiss is None:
         index, seconds, peak = hnsw_default(urls, dim)
         faiss.write_index(index, str(workdir / "hnsw32.index"))
         size = (workdir / "hnsw32.index").stat().st_size
         memory = f"peak {peak / 1e9:.2f} GB (this process)"
-        return index, size, "HNSW32 flat (faiss, as autofaiss picks)", None, seconds, memory
+        return Baseline(index, size, "HNSW32 flat (faiss, as autofaiss picks)", None, seconds, memory)
     python, available = autofaiss
     index, infos, seconds, peak = autofaiss_default(python, urls, workdir, available)
     size = Path(infos["index_path"]).stat().st_size
     memory = f"peak {peak / 1e9:.2f} GB (autofaiss's process)"
-    return index, size, f"autofaiss {infos['index_key']}", infos["index_param"], seconds, memory
+    return Baseline(index, size, f"autofaiss {infos['index_key']}", infos["index_param"], seconds, memory)
 
 
 def side_by_side(
@@ -258,13 +266,12 @@ def side_by_side(
     if summary["refine"] in ("sq8", "fp16"):
         ram += sum(p.stat().st_size for p in index_dir.glob("refine-*.codes"))
     del ours
-    other, other_ram, label, own, other_s, other_peak = baseline(
-        urls, queries.shape[1], index_dir.parent, autofaiss
-    )
+    other = baseline(urls, queries.shape[1], index_dir.parent, autofaiss)
+    label, own = other.label, other.own_setting
     space, other_rows = faiss.ParameterSpace(), []
     for setting in [f"efSearch={ef}" for ef in HNSW_EF] + ([own] if own else []):
-        space.set_index_parameters(other, setting)
-        other_rows.append({**fastest(other, queries, exact_ids, None), "setting": setting})
+        space.set_index_parameters(other.index, setting)
+        other_rows.append({**fastest(other.index, queries, exact_ids, None), "setting": setting})
     target, target_r1 = config.quality.target, config.quality.target_r1
     best = cheapest(other_rows, target, target_r1)
     which = "fastest setting meeting the target"
@@ -291,10 +298,10 @@ def side_by_side(
     )
     print(
         f"  {label} at its {which} ({best['setting']}): 1-R@1 {best['1-recall@1']:.3f}"
-        f"  100-R@100 {best['100-recall@100']:.3f}  QPS {best['qps']:.0f}  RAM {other_ram / 1e9:.3f} GB  build "
-        f"{other_s:.0f} s, {other_peak}"
+        f"  100-R@100 {best['100-recall@100']:.3f}  QPS {best['qps']:.0f}  RAM {other.bytes / 1e9:.3f} GB  build "
+        f"{other.build_s:.0f} s, {other.memory}"
     )
-    print(f"  ratio this/{label}: QPS {row['qps'] / best['qps']:.1f}×, RAM {ram / other_ram:.2f}×")
+    print(f"  ratio this/{label}: QPS {row['qps'] / best['qps']:.1f}×, RAM {ram / other.bytes:.2f}×")
 
 
 def main() -> None:
